@@ -1,0 +1,2 @@
+//! The `mixnn` command.
+fn main() {}
