@@ -1,0 +1,562 @@
+//! Hop side: peel one onion layer, learn one routing block, forward the rest.
+//!
+//! * [`peel_init`] uses the hop's X25519 [`OnionSecret`] (one DH and one
+//!   scalar multiplication) and yields a [`HopSession`].
+//! * [`HopSession::peel`] (or [`SessionTable::peel`]) handles every later
+//!   packet with symmetric crypto only.
+//!
+//! Both check the MAC γ over the whole header and the notes before parsing
+//! anything, and both reject replays.
+
+use std::collections::HashMap;
+
+use rand_core::{CryptoRng, RngCore};
+use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::Zeroizing;
+
+use crate::block::{BlockPlaintext, HopAddr, HopTag, Next, Op, ReplyId, RoutingBlock, SessionId};
+use crate::constants::{CTR_FIELD_LEN, ID_LEN, PREFIX_LEN};
+use crate::crypto::{self, HopKeys, SessionRoot};
+use crate::error::WireError;
+use crate::header::{Header, Notes, Onion};
+use crate::layered;
+use crate::notes;
+use crate::replay::{InitReplayCache, ReplayWindow};
+
+/// A node's published X25519 onion key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OnionPublic(pub [u8; 32]);
+
+impl std::fmt::Debug for OnionPublic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OnionPublic(")?;
+        for b in &self.0[..4] {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, "…)")
+    }
+}
+
+/// A node's X25519 onion secret key (zeroized on drop, never printed).
+pub struct OnionSecret(StaticSecret);
+
+impl OnionSecret {
+    /// A fresh key from the injected RNG.
+    pub fn generate<R: RngCore + CryptoRng>(rng: &mut R) -> Self {
+        Self(StaticSecret::random_from_rng(rng))
+    }
+
+    /// Loads a stored key.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(StaticSecret::from(bytes))
+    }
+
+    /// The key bytes, for storing (zeroized when dropped).
+    pub fn to_bytes(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.0.to_bytes())
+    }
+
+    /// The public key to publish.
+    pub fn public(&self) -> OnionPublic {
+        OnionPublic(PublicKey::from(&self.0).to_bytes())
+    }
+}
+
+impl std::fmt::Debug for OnionSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnionSecret(..)")
+    }
+}
+
+/// A peeled packet to pass on to the next hop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// What to do.
+    pub op: Op,
+    /// Per-hop tag.
+    pub tag: HopTag,
+    /// This hop's note.
+    pub note: Vec<u8>,
+    /// The next hop.
+    pub next: HopAddr,
+    /// Header and notes to send to `next` (same sizes as received).
+    pub onion: Onion,
+}
+
+/// A peeled packet whose result goes back to the designer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deliver {
+    /// What to do.
+    pub op: Op,
+    /// Per-hop tag.
+    pub tag: HopTag,
+    /// This hop's note.
+    pub note: Vec<u8>,
+    /// The designer's address.
+    pub addr: HopAddr,
+    /// To echo back to the designer.
+    pub reply_id: ReplyId,
+}
+
+/// The result of peeling one onion layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peeled {
+    /// Pass the result on to another hop.
+    Forward(Forward),
+    /// Send the result to the designer.
+    Deliver(Deliver),
+}
+
+impl Peeled {
+    /// The routing block this hop learned, exactly as the designer wrote it.
+    pub fn block(&self) -> RoutingBlock {
+        match self {
+            Peeled::Forward(f) => RoutingBlock {
+                op: f.op,
+                tag: f.tag,
+                next: Next::Hop(f.next),
+            },
+            Peeled::Deliver(d) => RoutingBlock {
+                op: d.op,
+                tag: d.tag,
+                next: Next::Deliver {
+                    addr: d.addr,
+                    reply_id: d.reply_id,
+                },
+            },
+        }
+    }
+
+    /// The op.
+    pub fn op(&self) -> Op {
+        match self {
+            Peeled::Forward(f) => f.op,
+            Peeled::Deliver(d) => d.op,
+        }
+    }
+
+    /// The per-hop tag.
+    pub fn tag(&self) -> HopTag {
+        match self {
+            Peeled::Forward(f) => f.tag,
+            Peeled::Deliver(d) => d.tag,
+        }
+    }
+
+    /// This hop's note.
+    pub fn note(&self) -> &[u8] {
+        match self {
+            Peeled::Forward(f) => &f.note,
+            Peeled::Deliver(d) => &d.note,
+        }
+    }
+}
+
+/// Verified and decrypted, but not yet given the next prefix.
+struct Raw {
+    plain: BlockPlaintext,
+    header: Header,
+    notes: Notes,
+    note: Vec<u8>,
+}
+
+fn peel_raw(keys: &HopKeys, header: &Header, notes: &Notes) -> Result<Raw, WireError> {
+    keys.verify(
+        &header.prefix(),
+        header.beta(),
+        notes.as_bytes(),
+        header.mac(),
+    )?;
+    let mut next = Header::zeroed();
+    let block = layered::peel_area(header.beta(), next.beta_mut(), keys.beta_stream(), |_| {
+        Ok(crate::constants::BLOCK_LEN)
+    })?;
+    let block: [u8; crate::constants::BLOCK_LEN] =
+        block.try_into().map_err(|_| WireError::Malformed {
+            what: "routing block",
+            reason: "wrong length",
+        })?;
+    let plain = BlockPlaintext::decode(&block)?;
+    let (note, next_notes) = notes::peel(keys, notes)?;
+    Ok(Raw {
+        plain,
+        header: next,
+        notes: next_notes,
+        note,
+    })
+}
+
+fn finish(raw: Raw, next_prefix: impl FnOnce(&BlockPlaintext) -> [u8; PREFIX_LEN]) -> Peeled {
+    let RoutingBlock { op, next, tag } = raw.plain.block;
+    match next {
+        Next::Hop(addr) => {
+            let mut header = raw.header;
+            header.set_prefix(&next_prefix(&raw.plain));
+            header.set_mac(&raw.plain.next_mac);
+            Peeled::Forward(Forward {
+                op,
+                tag,
+                note: raw.note,
+                next: addr,
+                onion: Onion {
+                    header,
+                    notes: raw.notes,
+                },
+            })
+        }
+        Next::Deliver { addr, reply_id } => Peeled::Deliver(Deliver {
+            op,
+            tag,
+            note: raw.note,
+            addr,
+            reply_id,
+        }),
+    }
+}
+
+/// Peels an init onion: X25519 with the hop's onion key, MAC, replay check.
+///
+/// Returns what the hop must do and the [`HopSession`] to keep for the
+/// session packets that follow.
+pub fn peel_init(
+    secret: &OnionSecret,
+    seen: &mut InitReplayCache,
+    header: &Header,
+    notes: &Notes,
+) -> Result<(Peeled, HopSession), WireError> {
+    let alpha = header.prefix();
+    let shared = Zeroizing::new(secret.0.diffie_hellman(&PublicKey::from(alpha)).to_bytes());
+    crypto::check_contributory(&shared)?;
+    let keys = HopKeys::init(&shared);
+    let raw = peel_raw(&keys, header, notes)?;
+    let tag = crypto::init_replay_tag(&shared);
+    seen.check(&tag)?;
+    let op = raw.plain.block.op;
+    if op != Op::Init {
+        return Err(WireError::OpMismatch {
+            op,
+            context: "an init message",
+        });
+    }
+    let Some(id) = raw.plain.new_session else {
+        return Err(WireError::Malformed {
+            what: "routing block",
+            reason: "init block without a session id",
+        });
+    };
+    seen.insert(tag);
+    let session = HopSession {
+        id,
+        root: SessionRoot::from_shared(&shared),
+        window: ReplayWindow::new(),
+    };
+    let b = crypto::blinding(&alpha, &shared);
+    let peeled = finish(raw, |_| crypto::blind(&alpha, &b));
+    Ok((peeled, session))
+}
+
+/// A hop's state for one cascade: session id, session secret, replay window.
+pub struct HopSession {
+    id: SessionId,
+    root: SessionRoot,
+    window: ReplayWindow,
+}
+
+impl std::fmt::Debug for HopSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HopSession")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HopSession {
+    /// The session id (the first 16 bytes of this hop's session headers).
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// Peels a session onion: symmetric crypto only.
+    pub fn peel(&mut self, header: &Header, notes: &Notes) -> Result<Peeled, WireError> {
+        if header.session_id() != self.id.0 {
+            return Err(WireError::UnknownSession);
+        }
+        let mut field = [0u8; CTR_FIELD_LEN];
+        field.copy_from_slice(&header.prefix()[ID_LEN..]);
+        let counter = self.root.open_counter(&field)?;
+        self.window.check(counter)?;
+        let keys = HopKeys::session(&self.root, counter);
+        let raw = peel_raw(&keys, header, notes)?;
+        let op = raw.plain.block.op;
+        if op == Op::Init {
+            return Err(WireError::OpMismatch {
+                op,
+                context: "a session message",
+            });
+        }
+        if raw.plain.new_session.is_some() {
+            return Err(WireError::Malformed {
+                what: "routing block",
+                reason: "session id in a session block",
+            });
+        }
+        self.window.mark(counter);
+        Ok(finish(raw, |plain| plain.next_prefix))
+    }
+
+    /// A session straight from a shared secret (fuzzing and tests).
+    pub(crate) fn from_shared(id: SessionId, shared: &[u8; 32]) -> Self {
+        Self {
+            id,
+            root: SessionRoot::from_shared(shared),
+            window: ReplayWindow::new(),
+        }
+    }
+}
+
+/// A hop's sessions, by session id.
+#[derive(Debug, Default)]
+pub struct SessionTable {
+    sessions: HashMap<SessionId, HopSession>,
+}
+
+impl SessionTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a session from [`peel_init`]; refuses to replace an existing id.
+    pub fn insert(&mut self, session: HopSession) -> Result<(), WireError> {
+        match self.sessions.entry(session.id) {
+            std::collections::hash_map::Entry::Occupied(_) => Err(WireError::DuplicateSession),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(session);
+                Ok(())
+            }
+        }
+    }
+
+    /// Drops a session (its secret is zeroized).
+    pub fn remove(&mut self, id: &SessionId) -> Option<HopSession> {
+        self.sessions.remove(id)
+    }
+
+    /// Number of sessions.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// No sessions.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Finds the session named in the header and peels with it.
+    pub fn peel(&mut self, header: &Header, notes: &Notes) -> Result<Peeled, WireError> {
+        let id = SessionId(header.session_id());
+        self.sessions
+            .get_mut(&id)
+            .ok_or(WireError::UnknownSession)?
+            .peel(header, notes)
+    }
+}
+
+/// Peels a session onion with the matching session of `table`.
+pub fn peel_session(
+    table: &mut SessionTable,
+    header: &Header,
+    notes: &Notes,
+) -> Result<Peeled, WireError> {
+    table.peel(header, notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use rand_core::SeedableRng;
+
+    use super::*;
+    use crate::wrap::{wrap_init, DesignerSession, HopLayer};
+
+    type Rng = rand_chacha::ChaCha20Rng;
+
+    fn addr(i: usize) -> HopAddr {
+        HopAddr(format!("10.0.0.{i}:{}", 7000 + i).parse().unwrap())
+    }
+
+    fn blocks(op: Op, n: usize) -> Vec<RoutingBlock> {
+        (0..n)
+            .map(|i| RoutingBlock {
+                op,
+                next: if i + 1 < n {
+                    Next::Hop(addr(i + 1))
+                } else {
+                    Next::Deliver {
+                        addr: addr(99),
+                        reply_id: ReplyId([0xaa; ID_LEN]),
+                    }
+                },
+                tag: HopTag([i as u8; ID_LEN]),
+            })
+            .collect()
+    }
+
+    struct Cascade {
+        secrets: Vec<OnionSecret>,
+        tables: Vec<SessionTable>,
+        designer: DesignerSession,
+    }
+
+    fn setup(n: usize, rng: &mut Rng) -> Cascade {
+        let secrets: Vec<OnionSecret> = (0..n).map(|_| OnionSecret::generate(rng)).collect();
+        let publics: Vec<OnionPublic> = secrets.iter().map(OnionSecret::public).collect();
+        let bl = blocks(Op::Init, n);
+        let layers: Vec<HopLayer<'_>> = bl
+            .iter()
+            .map(|&block| HopLayer {
+                block,
+                note: b"spec",
+            })
+            .collect();
+        let (mut onion, designer) = wrap_init(&publics, &layers, rng).unwrap();
+        let mut tables = Vec::new();
+        for (i, secret) in secrets.iter().enumerate() {
+            let mut seen = InitReplayCache::default();
+            let (peeled, session) =
+                peel_init(secret, &mut seen, &onion.header, &onion.notes).unwrap();
+            assert_eq!(peeled.block(), bl[i]);
+            assert_eq!(peeled.note(), b"spec");
+            assert_eq!(Some(session.id()), designer.session_id(i));
+            let mut table = SessionTable::new();
+            table.insert(session).unwrap();
+            tables.push(table);
+            if let Peeled::Forward(f) = peeled {
+                onion = f.onion;
+            }
+        }
+        Cascade {
+            secrets,
+            tables,
+            designer,
+        }
+    }
+
+    #[test]
+    fn session_peel_follows_the_forward_path() {
+        let mut rng = Rng::seed_from_u64(1);
+        let mut c = setup(3, &mut rng);
+        let bl = blocks(Op::Forward, 3);
+        let layers: Vec<HopLayer<'_>> = bl
+            .iter()
+            .map(|&block| HopLayer { block, note: &[] })
+            .collect();
+        let mut onion = c.designer.wrap(&[0, 1, 2], &layers, &mut rng).unwrap();
+        for i in 0..3 {
+            match peel_session(&mut c.tables[i], &onion.header, &onion.notes).unwrap() {
+                Peeled::Forward(f) => {
+                    assert_eq!(f.next, addr(i + 1));
+                    onion = f.onion;
+                }
+                Peeled::Deliver(d) => {
+                    assert_eq!(i, 2);
+                    assert_eq!(d.reply_id, ReplyId([0xaa; ID_LEN]));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn peel_rejects_replayed_session_packet() {
+        let mut rng = Rng::seed_from_u64(2);
+        let mut c = setup(1, &mut rng);
+        let bl = blocks(Op::Backward, 1);
+        let layers = [HopLayer {
+            block: bl[0],
+            note: &[],
+        }];
+        let onion = c.designer.wrap(&[0], &layers, &mut rng).unwrap();
+        peel_session(&mut c.tables[0], &onion.header, &onion.notes).unwrap();
+        assert_eq!(
+            peel_session(&mut c.tables[0], &onion.header, &onion.notes),
+            Err(WireError::Replay)
+        );
+    }
+
+    #[test]
+    fn peel_rejects_replayed_init() {
+        let mut rng = Rng::seed_from_u64(3);
+        let secret = OnionSecret::generate(&mut rng);
+        let bl = blocks(Op::Init, 1);
+        let layers = [HopLayer {
+            block: bl[0],
+            note: &[],
+        }];
+        let (onion, _) = wrap_init(&[secret.public()], &layers, &mut rng).unwrap();
+        let mut seen = InitReplayCache::default();
+        peel_init(&secret, &mut seen, &onion.header, &onion.notes).unwrap();
+        assert_eq!(
+            peel_init(&secret, &mut seen, &onion.header, &onion.notes).unwrap_err(),
+            WireError::Replay
+        );
+    }
+
+    #[test]
+    fn peel_rejects_tampered_header() {
+        let mut rng = Rng::seed_from_u64(4);
+        let c = setup(2, &mut rng);
+        let bl = blocks(Op::Init, 2);
+        let layers: Vec<HopLayer<'_>> = bl
+            .iter()
+            .map(|&block| HopLayer { block, note: &[] })
+            .collect();
+        let publics: Vec<OnionPublic> = c.secrets.iter().map(OnionSecret::public).collect();
+        let (onion, _) = wrap_init(&publics, &layers, &mut rng).unwrap();
+        for byte in [0, 31, 40, HEADER_LEN_FOR_TEST - 1] {
+            let mut raw = onion.header.as_bytes().to_vec();
+            raw[byte] ^= 0x80;
+            let header = Header::from_bytes(&raw).unwrap();
+            let r = peel_init(
+                &c.secrets[0],
+                &mut InitReplayCache::default(),
+                &header,
+                &onion.notes,
+            );
+            assert!(r.is_err(), "flip at byte {byte} accepted");
+        }
+    }
+
+    const HEADER_LEN_FOR_TEST: usize = crate::constants::HEADER_LEN;
+
+    #[test]
+    fn session_table_refuses_duplicate_ids() {
+        let mut t = SessionTable::new();
+        let id = SessionId([1; ID_LEN]);
+        t.insert(HopSession::from_shared(id, &[1; 32])).unwrap();
+        assert_eq!(
+            t.insert(HopSession::from_shared(id, &[2; 32])),
+            Err(WireError::DuplicateSession)
+        );
+    }
+
+    #[test]
+    fn wrong_session_key_is_rejected() {
+        let mut rng = Rng::seed_from_u64(5);
+        let mut c = setup(1, &mut rng);
+        let id = c.designer.session_id(0).unwrap();
+        let bl = blocks(Op::Forward, 1);
+        let onion = c
+            .designer
+            .wrap(
+                &[0],
+                &[HopLayer {
+                    block: bl[0],
+                    note: &[],
+                }],
+                &mut rng,
+            )
+            .unwrap();
+        let mut impostor = HopSession::from_shared(id, &[9; 32]);
+        assert!(impostor.peel(&onion.header, &onion.notes).is_err());
+        assert!(c.tables[0].peel(&onion.header, &onion.notes).is_ok());
+    }
+}
