@@ -38,7 +38,9 @@ pub enum NetError {
         source: io::Error,
     },
     /// A key file has the wrong size: it is corrupt or not a key file.
-    #[error("key file {path} is {actual} bytes, expected {expected}; refusing to use or replace it")]
+    #[error(
+        "key file {path} is {actual} bytes, expected {expected}; refusing to use or replace it"
+    )]
     KeyFileLength {
         /// The key file.
         path: PathBuf,

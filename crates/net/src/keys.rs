@@ -192,7 +192,9 @@ impl NodeKeys {
     pub fn public(&self) -> NodePublicKeys {
         NodePublicKeys {
             identity: PublicIdentityKey::from_bytes(self.identity.verifying_key().to_bytes()),
-            onion: PublicOnionKey::from_bytes(x25519_dalek::PublicKey::from(&self.onion).to_bytes()),
+            onion: PublicOnionKey::from_bytes(
+                x25519_dalek::PublicKey::from(&self.onion).to_bytes(),
+            ),
             link: self.link.public(),
         }
     }

@@ -278,12 +278,11 @@ async fn handshake(
         our_turn = !our_turn;
     }
 
-    let remote_key = check_remote(&hs, peer, expected_remote)?.ok_or_else(|| {
-        NetError::Handshake {
+    let remote_key =
+        check_remote(&hs, peer, expected_remote)?.ok_or_else(|| NetError::Handshake {
             peer,
             reason: "peer sent no static key".to_owned(),
-        }
-    })?;
+        })?;
     let transport = hs.into_stateless_transport_mode().map_err(noise_err)?;
     let (reader, writer) = crate::transport::split(stream, transport, peer, config.cell_size());
     Ok(Link {

@@ -144,7 +144,7 @@ impl LinkReader {
     /// Reads `out.len() / cell_size` cells into `out` (a non-zero multiple
     /// of the cell size).
     pub async fn recv_cells(&mut self, out: &mut [u8]) -> Result<(), NetError> {
-        if out.is_empty() || out.len() % self.cell_size != 0 {
+        if out.is_empty() || !out.len().is_multiple_of(self.cell_size) {
             return Err(NetError::CellBufferLength {
                 len: out.len(),
                 cell_size: self.cell_size,
@@ -194,7 +194,7 @@ impl LinkWriter {
     /// The bytes have been handed to the kernel when this returns.
     pub async fn send_cells(&mut self, cells: &[u8]) -> Result<(), NetError> {
         let cell_size = self.cell_size;
-        if cells.is_empty() || cells.len() % cell_size != 0 {
+        if cells.is_empty() || !cells.len().is_multiple_of(cell_size) {
             return Err(NetError::CellBufferLength {
                 len: cells.len(),
                 cell_size,
@@ -221,7 +221,10 @@ impl LinkWriter {
                 .zip(out.chunks_exact_mut(frame_len))
             {
                 frame[..LEN_PREFIX].copy_from_slice(&prefix);
-                match self.noise.write_message(self.nonce, cell, &mut frame[LEN_PREFIX..]) {
+                match self
+                    .noise
+                    .write_message(self.nonce, cell, &mut frame[LEN_PREFIX..])
+                {
                     Ok(n) if n == cell_size + TAG_LEN => {}
                     // Only nonce exhaustion (2^64 - 1 messages) gets here.
                     _ => return Err(NetError::Broken { peer: self.peer }),

@@ -5,9 +5,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use mixnn_net::{
-    Created, NetError, NodeKeys, IDENTITY_KEY_FILE, LINK_KEY_FILE, ONION_KEY_FILE,
-};
+use mixnn_net::{Created, NetError, NodeKeys, IDENTITY_KEY_FILE, LINK_KEY_FILE, ONION_KEY_FILE};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -18,7 +16,10 @@ fn mode(path: &Path) -> u32 {
 }
 
 fn snapshot(dir: &Path) -> Vec<Vec<u8>> {
-    ALL_FILES.iter().map(|f| fs::read(dir.join(f)).unwrap()).collect()
+    ALL_FILES
+        .iter()
+        .map(|f| fs::read(dir.join(f)).unwrap())
+        .collect()
 }
 
 #[test]
@@ -34,7 +35,11 @@ fn keys_are_created_once_private_and_reloaded_byte_identical() {
         assert_eq!(mode(&path), 0o600, "{file}");
         assert_eq!(fs::metadata(&path).unwrap().len(), 32, "{file}");
     }
-    assert_eq!(fs::read_dir(&dir).unwrap().count(), 3, "no stray temp files");
+    assert_eq!(
+        fs::read_dir(&dir).unwrap().count(),
+        3,
+        "no stray temp files"
+    );
     let before = snapshot(&dir);
 
     // A different RNG on restart must not matter: nothing is regenerated.

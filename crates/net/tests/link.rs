@@ -123,7 +123,9 @@ async fn cells_round_trip_both_directions_with_concurrent_halves() {
 async fn shutdown_delivers_pending_cells_then_closed() {
     let server_key = keypair(3);
     let (addr, mut accepted) = serve(server_key, config()).await;
-    let mut client = Link::connect(addr, &keypair(4), None, config()).await.unwrap();
+    let mut client = Link::connect(addr, &keypair(4), None, config())
+        .await
+        .unwrap();
     let (mut server_rx, _server_tx) = accepted.recv().await.unwrap().unwrap().into_split();
     client.send_cells(&[5u8; 2 * CELL]).await.unwrap();
     let (_client_rx, mut client_tx) = client.into_split();
@@ -196,14 +198,18 @@ async fn silent_client_times_out() {
 async fn cell_size_mismatch_fails_the_handshake() {
     let (addr, mut accepted) = serve(keypair(11), config()).await;
     let other = LinkConfig::new(CELL * 2).unwrap();
-    assert!(Link::connect(addr, &keypair(12), None, other).await.is_err());
+    assert!(Link::connect(addr, &keypair(12), None, other)
+        .await
+        .is_err());
     assert!(accepted.recv().await.unwrap().is_err());
 }
 
 #[tokio::test]
 async fn wrong_buffer_length_is_a_caller_error() {
     let (addr, _accepted) = serve(keypair(13), config()).await;
-    let mut link = Link::connect(addr, &keypair(14), None, config()).await.unwrap();
+    let mut link = Link::connect(addr, &keypair(14), None, config())
+        .await
+        .unwrap();
     for len in [0, CELL - 1, CELL + 1] {
         let err = link.send_cells(&vec![0u8; len]).await.unwrap_err();
         assert!(matches!(err, NetError::CellBufferLength { .. }), "{err:?}");
@@ -254,7 +260,9 @@ const CLIENT_HANDSHAKE_BYTES: usize = 34 + 66;
 async fn relay_scenario(offset: usize) -> NetError {
     let (addr, mut accepted) = serve(keypair(15), config()).await;
     let relay = corrupting_relay(addr, offset, 0x20).await;
-    let mut client = Link::connect(relay, &keypair(16), None, config()).await.unwrap();
+    let mut client = Link::connect(relay, &keypair(16), None, config())
+        .await
+        .unwrap();
     let mut server = accepted.recv().await.unwrap().unwrap();
     let mut cell = vec![0u8; CELL];
     client.send_cells(&[3u8; 3 * CELL]).await.unwrap();
