@@ -81,19 +81,24 @@ mod tests {
             CELL_SIZE,
             PREAMBLE_LEN + HEADER_LEN + NOTES_LEN + FIRST_CELL_BODY
         );
-        assert!(CELL_SIZE.is_power_of_two());
-        assert!(FIRST_CELL_BODY >= MIN_FIRST_BODY);
+        const { assert!(CELL_SIZE.is_power_of_two()) };
+        const { assert!(FIRST_CELL_BODY >= MIN_FIRST_BODY) };
         assert_eq!(PREFIX_LEN, ID_LEN + CTR_FIELD_LEN);
         assert_eq!(CTR_FIELD_LEN, 16, "one AES block");
-        assert!(MAX_NOTE_LEN <= u16::MAX as usize);
-        assert!(MAX_BODY_LEN <= u32::MAX as usize);
-        assert!(FIRST_CELL_BODY + (MAX_CELLS - 1) * CELL_SIZE >= MAX_BODY_LEN);
+        const { assert!(MAX_NOTE_LEN <= u16::MAX as usize) };
+        const { assert!(MAX_BODY_LEN <= u32::MAX as usize) };
+        const { assert!(FIRST_CELL_BODY + (MAX_CELLS - 1) * CELL_SIZE >= MAX_BODY_LEN) };
     }
 
     #[test]
     fn format_meets_the_issue_bounds() {
-        assert!(MAX_HOPS >= 32, "issue 3: at least 32 hops");
-        assert!((8 << 10..=16 << 10).contains(&CELL_SIZE), "8–16 KiB cells");
+        const { assert!(MAX_HOPS >= 32, "issue 3: at least 32 hops") };
+        const {
+            assert!(
+                CELL_SIZE >= 8 << 10 && CELL_SIZE <= 16 << 10,
+                "8–16 KiB cells"
+            )
+        };
         assert_eq!(CELL_SIZE, 16384);
         assert_eq!(HEADER_LEN, 4144);
     }

@@ -180,7 +180,7 @@ pub(crate) fn blinding(alpha: &[u8; PREFIX_LEN], shared: &[u8; 32]) -> Scalar {
 
 /// `α' = b·α`: the group element the next hop receives.
 pub(crate) fn blind(alpha: &[u8; PREFIX_LEN], b: &Scalar) -> [u8; PREFIX_LEN] {
-    (&MontgomeryPoint(*alpha) * b).to_bytes()
+    (MontgomeryPoint(*alpha) * b).to_bytes()
 }
 
 /// A random non-zero scalar (the designer's per-init ephemeral secret).

@@ -59,14 +59,12 @@ pub(crate) fn innermost<R: rand_core::RngCore + rand_core::CryptoRng>(
     out
 }
 
-/// One more onion layer: `(chunk ‖ inner[.. A - L]) ⊕ ks[.. A]`.
-pub(crate) fn wrap_layer(chunk: &[u8], inner: &[u8], ks: &[u8]) -> Vec<u8> {
-    let area = inner.len();
-    let mut out = Vec::with_capacity(area);
-    out.extend_from_slice(chunk);
-    out.extend_from_slice(&inner[..area - chunk.len()]);
-    xor_into(&mut out, &ks[..area]);
-    out
+/// One more onion layer, in place: `area ← (chunk ‖ area[.. A - L]) ⊕ ks[.. A]`.
+pub(crate) fn wrap_layer(chunk: &[u8], area: &mut [u8], ks: &[u8]) {
+    let len = area.len();
+    area.copy_within(..len - chunk.len(), chunk.len());
+    area[..chunk.len()].copy_from_slice(chunk);
+    xor_into(area, &ks[..len]);
 }
 
 /// The keystream `ks` of a hop, `len` bytes from position 0.
@@ -127,7 +125,7 @@ mod tests {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
         let mut c = innermost(area, &chunks[n - 1], &streams[n - 1], &phi, &mut rng);
         for i in (0..n - 1).rev() {
-            c = wrap_layer(&chunks[i], &c, &streams[i]);
+            wrap_layer(&chunks[i], &mut c, &streams[i]);
         }
         for (i, chunk) in chunks.iter().enumerate() {
             let mut next = vec![0u8; area];

@@ -53,7 +53,7 @@ pub(crate) fn build<'k, R: rand_core::RngCore + rand_core::CryptoRng>(
     let mut inner = layered::innermost(NOTES_LEN, &frames[n - 1], &streams[n - 1], &phi, rng);
     out[n - 1].0.copy_from_slice(&inner);
     for i in (0..n - 1).rev() {
-        inner = layered::wrap_layer(&frames[i], &inner, &streams[i]);
+        layered::wrap_layer(&frames[i], &mut inner, &streams[i]);
         out[i].0.copy_from_slice(&inner);
     }
     out

@@ -102,11 +102,11 @@ fn build<R: RngCore + CryptoRng>(plans: &[Plan], layers: &[HopLayer<'_>], rng: &
             new_session: plans[i].new_session,
         }
         .encode();
-        beta = if inner {
-            layered::wrap_layer(&block, &beta, &streams[i])
+        if inner {
+            layered::wrap_layer(&block, &mut beta, &streams[i]);
         } else {
-            layered::innermost(BETA_LEN, &block, &streams[i], &phi, rng)
-        };
+            beta = layered::innermost(BETA_LEN, &block, &streams[i], &phi, rng);
+        }
         mac = plans[i]
             .keys
             .mac(&plans[i].prefix, &beta, notes_c[i].as_bytes());
@@ -161,7 +161,7 @@ pub fn wrap_init<R: RngCore + CryptoRng>(
     let mut hops = Vec::with_capacity(path.len());
     for public in path {
         let alpha = MontgomeryPoint::mul_base(&x).to_bytes();
-        let mut shared = (&MontgomeryPoint(public.0) * &x).to_bytes();
+        let mut shared = (MontgomeryPoint(public.0) * x).to_bytes();
         if let Err(e) = crypto::check_contributory(&shared) {
             x.zeroize();
             return Err(e);

@@ -1,5 +1,5 @@
 //! Shared helpers for the integration tests (a cascade of in-memory hops).
-#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code, missing_docs)]
 
 use mixnn_wire::*;
 use rand_core::SeedableRng;
@@ -11,7 +11,7 @@ pub fn rng(seed: u64) -> Rng {
 }
 
 pub fn addr(i: usize) -> HopAddr {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         HopAddr(
             format!("10.0.{}.{}:{}", i / 250, i % 250, 7000 + i)
                 .parse()
