@@ -1,2 +1,36 @@
-//! MixNN model description, stage engine, IDX data and the deterministic
-//! single-process trainer. Pure: no sockets.
+//! MixNN's model side, pure (no sockets): the model description, the stage
+//! engine every node runs, IDX data, and the deterministic single-process
+//! trainer that every cascade run is compared with bit for bit.
+//!
+//! - [`spec`]: a model is a list of stages, a stage a list of ops (TOML).
+//! - [`stage`]: forward/backward of one stage on burn's Flex CPU backend,
+//!   with explicit per-op gradients and PyTorch's SGD rule.
+//! - [`tensor_bytes`]: the only form in which activations and gradients
+//!   cross a stage boundary (shape + little-endian bytes).
+//! - [`data`]: IDX files and the seeded batch order.
+//! - [`trainer`]: the training loop shared by local and cascade runs.
+//! - [`weights`]: safetensors export named by stage and op.
+//!
+//! ```
+//! use mixnn_model::{spec::ModelSpec, stage::Sgd, trainer::{LocalModel, Batch}};
+//! let model = ModelSpec::parse(
+//!     "input = 4\n[[stage]]\nops = [{ op = \"linear\", in = 4, out = 3 }]\n\
+//!      [[stage]]\nops = [{ op = \"log_softmax\" }, { op = \"nll_loss\" }]\n",
+//!     "example",
+//! ).unwrap();
+//! let mut local = LocalModel::new(&model, 42, Sgd::default());
+//! let batch = Batch { pixels: vec![0, 64, 128, 255, 255, 128, 64, 0], labels: vec![0, 2], rows: 2 };
+//! let loss = local.train_step(&batch).unwrap();
+//! assert!(loss > 0.0);
+//! ```
+
+pub mod data;
+pub mod error;
+pub mod init;
+pub mod spec;
+pub mod stage;
+pub mod tensor_bytes;
+pub mod trainer;
+pub mod weights;
+
+pub use error::{ModelError, Result};

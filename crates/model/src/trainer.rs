@@ -1,0 +1,321 @@
+//! The training loop shared by the local trainer and the cascade designer,
+//! and the in-memory [`LocalModel`].
+//!
+//! The loop owns everything that must be equal between a single-process run
+//! and a cascade run: which images form each batch, in which order, and how
+//! loss and accuracy are averaged. What runs a step is a [`StepRunner`].
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::{epoch_order, Dataset};
+use crate::error::{ModelError, Result};
+use crate::spec::ModelSpec;
+use crate::stage::{Sgd, Stage, StageCache};
+use crate::tensor_bytes::pixel_to_f32;
+use crate::weights::{self, StageParams};
+use burn::tensor::{Tensor, TensorData};
+
+/// Settings of a training run (the paper's protocol by default).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Epochs to train.
+    pub epochs: u32,
+    /// Images per batch.
+    pub batch: usize,
+    /// Optimiser settings.
+    pub sgd: Sgd,
+    /// Seed for initialisation and shuffling.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 3,
+            batch: 64,
+            sgd: Sgd::default(),
+            seed: 1,
+        }
+    }
+}
+
+/// One batch: raw pixels (decoded as `p / 255`) and labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// `rows × features` pixels.
+    pub pixels: Vec<u8>,
+    /// One label per row.
+    pub labels: Vec<u32>,
+    /// Number of images.
+    pub rows: usize,
+}
+
+/// Splits `indices` of `data` into batches of at most `size` (the last may
+/// be smaller, as PyTorch's `DataLoader` without `drop_last`).
+pub fn batches(data: &Dataset, indices: &[u32], size: usize) -> Vec<Batch> {
+    indices
+        .chunks(size.max(1))
+        .map(|chunk| Batch {
+            pixels: data.gather_pixels(chunk),
+            labels: data.gather_labels(chunk),
+            rows: chunk.len(),
+        })
+        .collect()
+}
+
+/// Per-epoch figures written to the metrics file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// 1-based epoch number.
+    pub epoch: u32,
+    /// Wall-clock seconds of the training steps (test phase excluded).
+    pub train_s: f64,
+    /// Mean of the batch losses of the epoch.
+    pub loss: f64,
+    /// Fraction of test images classified correctly after the epoch.
+    pub test_acc: f64,
+}
+
+/// What a run reports: one entry per epoch and the hash of the final weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunMetrics {
+    /// Per-epoch figures.
+    pub epochs: Vec<EpochMetrics>,
+    /// SHA-256 (hex) of the final weights file's bytes.
+    pub weights_sha256: String,
+}
+
+/// Something that can run training steps and predictions: the in-memory
+/// model, or a cascade of remote stages.
+pub trait StepRunner {
+    /// The runner's error type.
+    type Error: From<ModelError>;
+
+    /// Runs one training step per batch, in order, calling `on_step` with
+    /// each batch's loss as it completes. Returns the losses.
+    fn train_batches(
+        &mut self,
+        batches: &[Batch],
+        on_step: &mut dyn FnMut(f32),
+    ) -> std::result::Result<Vec<f32>, Self::Error>;
+
+    /// Predicted class per image, for every batch (no parameter change).
+    fn predict_batches(
+        &mut self,
+        batches: &[Batch],
+        on_batch: &mut dyn FnMut(),
+    ) -> std::result::Result<Vec<u32>, Self::Error>;
+
+    /// The parameters of every stage, in cascade order.
+    fn params(&mut self) -> std::result::Result<Vec<StageParams>, Self::Error>;
+}
+
+/// Progress callbacks of [`run_training`] (progress bars live in the CLI).
+pub trait Observer {
+    /// A phase begins: `what` is `"train"` or `"test"`, `steps` its length.
+    fn phase(&mut self, epoch: u32, what: &str, steps: usize);
+    /// One step of the current phase is done (`loss` for training steps).
+    fn tick(&mut self, loss: Option<f32>);
+    /// An epoch is done.
+    fn epoch_done(&mut self, metrics: &EpochMetrics);
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+
+impl Observer for Quiet {
+    fn phase(&mut self, _: u32, _: &str, _: usize) {}
+    fn tick(&mut self, _: Option<f32>) {}
+    fn epoch_done(&mut self, _: &EpochMetrics) {}
+}
+
+/// Trains for `cfg.epochs` epochs on `train`, testing on `test` after each,
+/// and returns the metrics with the final weights (safetensors bytes).
+pub fn run_training<R: StepRunner>(
+    runner: &mut R,
+    model: &ModelSpec,
+    train: &Dataset,
+    test: &Dataset,
+    cfg: &TrainConfig,
+    observer: &mut dyn Observer,
+) -> std::result::Result<(RunMetrics, Vec<u8>), R::Error> {
+    let test_indices: Vec<u32> = (0..test.len() as u32).collect();
+    let test_batches = batches(test, &test_indices, cfg.batch);
+    let mut epochs = Vec::with_capacity(cfg.epochs as usize);
+    for epoch in 0..cfg.epochs {
+        let order = epoch_order(cfg.seed, epoch, train.len());
+        let train_batches = batches(train, &order, cfg.batch);
+        observer.phase(epoch + 1, "train", train_batches.len());
+        let start = Instant::now();
+        let losses = runner.train_batches(&train_batches, &mut |l| observer.tick(Some(l)))?;
+        let train_s = start.elapsed().as_secs_f64();
+        observer.phase(epoch + 1, "test", test_batches.len());
+        let predicted = runner.predict_batches(&test_batches, &mut || observer.tick(None))?;
+        let correct = predicted
+            .iter()
+            .zip(&test.labels)
+            .filter(|(p, l)| **p == u32::from(**l))
+            .count();
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            train_s,
+            loss: losses.iter().map(|l| f64::from(*l)).sum::<f64>() / losses.len().max(1) as f64,
+            test_acc: correct as f64 / test.len().max(1) as f64,
+        };
+        observer.epoch_done(&m);
+        epochs.push(m);
+    }
+    let params = runner.params()?;
+    let file = weights::to_safetensors(model, &params).map_err(R::Error::from)?;
+    Ok((
+        RunMetrics {
+            epochs,
+            weights_sha256: weights::sha256_hex(&file),
+        },
+        file,
+    ))
+}
+
+/// All stages of a model in one process, chained in memory.
+pub struct LocalModel {
+    stages: Vec<Stage>,
+}
+
+/// The per-stage seed the designer hands stage `index` (0-based).
+pub fn stage_seed(seed: u64, index: usize) -> u64 {
+    crate::init::derive_seed(seed, 0x5354_4147_0000_0000 | index as u64)
+}
+
+impl LocalModel {
+    /// Builds every stage of `model` from `seed`.
+    pub fn new(model: &ModelSpec, seed: u64, sgd: Sgd) -> Self {
+        let stages = model
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Stage::new(s, stage_seed(seed, i), sgd))
+            .collect();
+        LocalModel { stages }
+    }
+
+    /// The stages, in order.
+    pub fn stages(&self) -> &[Stage] {
+        &self.stages
+    }
+
+    fn input(&self, batch: &Batch) -> Result<Tensor<2>> {
+        let first = self
+            .stages
+            .first()
+            .ok_or_else(|| ModelError::Misuse("model without stages".into()))?;
+        let features = first.spec().input;
+        if batch.pixels.len() != batch.rows * features {
+            return Err(ModelError::Shape {
+                context: "batch",
+                expected: format!("{} × {features} pixels", batch.rows),
+                actual: format!("{} pixels", batch.pixels.len()),
+            });
+        }
+        let values: Vec<f32> = batch.pixels.iter().copied().map(pixel_to_f32).collect();
+        Ok(Tensor::from_data(
+            TensorData::new(values, [batch.rows, features]),
+            first.device(),
+        ))
+    }
+
+    /// One forward and backward pass through all stages; returns the loss.
+    pub fn train_step(&mut self, batch: &Batch) -> Result<f32> {
+        let mut h = self.input(batch)?;
+        let mut caches: Vec<StageCache> = Vec::with_capacity(self.stages.len());
+        for stage in &self.stages {
+            let labels = stage.spec().is_loss().then_some(batch.labels.as_slice());
+            let (out, cache) = stage.forward_train(h, labels)?;
+            caches.push(cache);
+            h = out;
+        }
+        let loss: f32 = h.into_scalar();
+        let mut g = None;
+        for (i, (stage, cache)) in self.stages.iter_mut().zip(caches).enumerate().rev() {
+            g = stage.backward(cache, g, i > 0)?;
+        }
+        Ok(loss)
+    }
+
+    /// Predicted classes of a batch (argmax of the last non-loss output).
+    pub fn predict(&self, batch: &Batch) -> Result<Vec<u32>> {
+        let mut h = self.input(batch)?;
+        for stage in &self.stages {
+            h = stage.forward_eval(h)?;
+        }
+        argmax_rows(&h)
+    }
+
+    /// The parameters of every stage.
+    pub fn stage_params(&self) -> Vec<StageParams> {
+        self.stages.iter().map(Stage::params).collect()
+    }
+}
+
+/// Argmax over the feature axis of a `[batch, classes]` tensor (first
+/// maximum wins, as `torch.argmax`).
+pub fn argmax_rows(t: &Tensor<2>) -> Result<Vec<u32>> {
+    let [rows, cols] = t.dims();
+    let data = t.to_data();
+    let v = data
+        .as_slice::<f32>()
+        .map_err(|e| ModelError::TensorBytes(format!("{e:?}")))?;
+    Ok(argmax_slice(v, rows, cols))
+}
+
+/// Argmax per row of a row-major `rows × cols` slice.
+pub fn argmax_slice(v: &[f32], rows: usize, cols: usize) -> Vec<u32> {
+    (0..rows)
+        .map(|r| {
+            let row = &v[r * cols..(r + 1) * cols];
+            let mut best = 0;
+            for (i, x) in row.iter().enumerate() {
+                if *x > row[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        })
+        .collect()
+}
+
+impl StepRunner for LocalModel {
+    type Error = ModelError;
+
+    fn train_batches(
+        &mut self,
+        batches: &[Batch],
+        on_step: &mut dyn FnMut(f32),
+    ) -> Result<Vec<f32>> {
+        let mut losses = Vec::with_capacity(batches.len());
+        for b in batches {
+            let l = self.train_step(b)?;
+            on_step(l);
+            losses.push(l);
+        }
+        Ok(losses)
+    }
+
+    fn predict_batches(
+        &mut self,
+        batches: &[Batch],
+        on_batch: &mut dyn FnMut(),
+    ) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        for b in batches {
+            out.extend(self.predict(b)?);
+            on_batch();
+        }
+        Ok(out)
+    }
+
+    fn params(&mut self) -> Result<Vec<StageParams>> {
+        Ok(self.stage_params())
+    }
+}
