@@ -1,7 +1,11 @@
 //! Cells: every message on a MixNN link is 1..k cells of [`CELL_SIZE`] bytes.
 //!
 //! ```text
-//! first cell    kind (1) ‖ body_len (u32 LE) ‖ header ‖ notes ‖ body[..FIRST_CELL_BODY]
+//! first cell    kind (1) ‖ cells (u16 LE) ‖ body_len (u32 LE) ‖ header ‖ notes ‖ body[..FIRST_CELL_BODY]
+//!
+//! `cells` lets a receiver that does not know the sender's policy yet (a
+//! node before init) read the whole message; it checks the count against
+//! the session's policy after peeling ([`PaddingPolicy::check`]).
 //! next cells    body bytes
 //! last cell     … ‖ random padding up to the cell count the policy gives
 //! ```
@@ -89,6 +93,19 @@ impl PaddingPolicy {
         }
     }
 
+    /// Checks that a message of `cells` cells carrying `len` body bytes
+    /// follows this policy.
+    pub fn check(&self, cells: usize, len: usize) -> Result<(), WireError> {
+        let want = self.cells_for(len)?;
+        if cells != want {
+            return Err(WireError::CellCount {
+                expected: want,
+                actual: cells,
+            });
+        }
+        Ok(())
+    }
+
     /// The number of cells a body of `len` bytes is padded to.
     pub fn cells_for(&self, len: usize) -> Result<usize, WireError> {
         if let PaddingPolicy::Uniform { max_body } = *self {
@@ -125,6 +142,8 @@ pub fn encode_cells<R: RngCore + CryptoRng>(
     })?;
     let mut out = Vec::with_capacity(cells * CELL_SIZE);
     out.push(kind as u8);
+    // cells ≤ MAX_CELLS ≤ u16::MAX (constants test).
+    out.extend_from_slice(&(cells as u16).to_le_bytes());
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(onion.header.as_bytes());
     out.extend_from_slice(onion.notes.as_bytes());
@@ -146,7 +165,8 @@ pub fn encode_cover<R: RngCore + CryptoRng>(
     rng.fill_bytes(&mut out);
     out[0] = CellKind::Cover as u8;
     // body_len ≤ MAX_BODY_LEN ≤ u32::MAX (checked by cells_for).
-    out[1..PREAMBLE_LEN].copy_from_slice(&(body_len as u32).to_le_bytes());
+    out[1..3].copy_from_slice(&(cells as u16).to_le_bytes());
+    out[3..PREAMBLE_LEN].copy_from_slice(&(body_len as u32).to_le_bytes());
     Ok(out)
 }
 
@@ -159,6 +179,8 @@ pub struct Message {
     pub onion: Onion,
     /// The body, padding removed.
     pub body: Vec<u8>,
+    /// How many cells carried it.
+    pub cells: usize,
 }
 
 /// Reassembles one message: give it the first cell, then
@@ -188,10 +210,32 @@ fn cell_len(cell: &[u8]) -> Result<(), WireError> {
 impl CellReader {
     /// Parses the first cell; fails if its length field breaks `policy`.
     pub fn new(first: &[u8], policy: &PaddingPolicy) -> Result<Self, WireError> {
+        let reader = Self::any_policy(first)?;
+        policy.check(reader.expected, reader.body_len)?;
+        Ok(reader)
+    }
+
+    /// Parses the first cell without knowing the sender's policy: trusts
+    /// the announced cell count as far as it can hold the announced body
+    /// (and at most [`MAX_CELLS`]). Check the count against the session's
+    /// policy with [`PaddingPolicy::check`] before acting on the message.
+    pub fn any_policy(first: &[u8]) -> Result<Self, WireError> {
         cell_len(first)?;
         let kind = CellKind::try_from(first[0])?;
-        let body_len = u32::from_le_bytes([first[1], first[2], first[3], first[4]]) as usize;
-        let expected = policy.cells_for(body_len)?;
+        let expected = usize::from(u16::from_le_bytes([first[1], first[2]]));
+        let body_len = u32::from_le_bytes([first[3], first[4], first[5], first[6]]) as usize;
+        if body_len > MAX_BODY_LEN {
+            return Err(WireError::BodyTooLong {
+                len: body_len,
+                max: MAX_BODY_LEN,
+            });
+        }
+        if expected < raw_cells(body_len) || expected > MAX_CELLS {
+            return Err(WireError::CellCount {
+                expected: raw_cells(body_len),
+                actual: expected,
+            });
+        }
         let h = PREAMBLE_LEN;
         let n = h + HEADER_LEN;
         let b = n + NOTES_LEN;
@@ -249,6 +293,7 @@ impl CellReader {
             kind: self.kind,
             onion: self.onion,
             body: self.body,
+            cells: self.expected,
         })
     }
 }
@@ -344,12 +389,35 @@ mod tests {
         let policy = PaddingPolicy::Uniform { max_body: 100 };
         let mut first = vec![0u8; CELL_SIZE];
         first[0] = CellKind::Session as u8;
-        first[1..5].copy_from_slice(&101u32.to_le_bytes());
+        first[1..3].copy_from_slice(&1u16.to_le_bytes());
+        first[3..7].copy_from_slice(&101u32.to_le_bytes());
         assert_eq!(
             CellReader::new(&first, &policy).unwrap_err(),
             WireError::BodyTooLong { len: 101, max: 100 }
         );
-        first[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        // A count that cannot hold the body, or more than MAX_CELLS.
+        first[3..7].copy_from_slice(&(FIRST_CELL_BODY as u32 + 1).to_le_bytes());
+        assert!(matches!(
+            CellReader::any_policy(&first),
+            Err(WireError::CellCount { .. })
+        ));
+        first[1..3].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert!(matches!(
+            CellReader::any_policy(&first),
+            Err(WireError::CellCount { .. })
+        ));
+        // A count the policy would not produce.
+        first[1..3].copy_from_slice(&3u16.to_le_bytes());
+        first[3..7].copy_from_slice(&10u32.to_le_bytes());
+        assert!(CellReader::any_policy(&first).is_ok());
+        assert!(matches!(
+            CellReader::new(&first, &policy),
+            Err(WireError::CellCount {
+                expected: 1,
+                actual: 3
+            })
+        ));
+        first[3..7].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             CellReader::new(&first, &PaddingPolicy::Classes),
             Err(WireError::BodyTooLong { .. })

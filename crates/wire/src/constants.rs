@@ -49,7 +49,7 @@ pub const NOTE_LEN_PREFIX: usize = 2;
 pub const MAX_NOTE_LEN: usize = NOTES_LEN - NOTE_LEN_PREFIX;
 
 /// Bytes in front of the header in a first cell: kind (1) ‖ body length (u32 LE).
-pub const PREAMBLE_LEN: usize = 1 + 4;
+pub const PREAMBLE_LEN: usize = 1 + 2 + 4;
 
 /// Body bytes the first cell must have room for, at least.
 pub const MIN_FIRST_BODY: usize = 4096;
@@ -86,6 +86,12 @@ mod tests {
         assert_eq!(PREFIX_LEN, ID_LEN + CTR_FIELD_LEN);
         assert_eq!(CTR_FIELD_LEN, 16, "one AES block");
         const { assert!(MAX_NOTE_LEN <= u16::MAX as usize) };
+        const {
+            assert!(
+                MAX_CELLS <= u16::MAX as usize,
+                "cell count fits the preamble"
+            )
+        };
         const { assert!(MAX_BODY_LEN <= u32::MAX as usize) };
         const { assert!(FIRST_CELL_BODY + (MAX_CELLS - 1) * CELL_SIZE >= MAX_BODY_LEN) };
     }

@@ -24,8 +24,8 @@ const FWD_MAC: &str = "c5e62d8e7252cd70977844ea5d9655c9";
 const FWD_HEADER_B3: &str = "5f084cabfea3b2e68bc58adf0e24ed31da4495003fa8b41280948c634556cfeb";
 const FWD_NOTES_B3: &str = "b3b28102c9d5376ea4fcd47a6857eaf479ddb390e378bb39dbfb58ac9d616d1f";
 const CELLS_LEN: usize = 32768;
-const CELLS_HEAD: &str = "020a0000009191ab66d3f08cb081c83476cd02747fb9a7551efd0a2085b6c659e4a68fc7f4f524423eb906209dfe8ad0";
-const CELLS_B3: &str = "0bd6fce070da84e5f2d7d2342408875c96d9b248d4fada375b5f029e1d312558";
+const CELLS_HEAD: &str = "0202000a0000009191ab66d3f08cb081c83476cd02747fb9a7551efd0a2085b6c659e4a68fc7f4f524423eb906209dfe";
+const CELLS_B3: &str = "9f217cac67a8d5a57fa868e2df81db66a3b10a3c6273e2644220b5498321df11";
 
 fn b3(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()
