@@ -177,6 +177,14 @@ pub enum NetError {
         /// The peer.
         peer: SocketAddr,
     },
+    /// The cells of a message do not form a valid MixNN message.
+    #[error("malformed message from {peer}: {source}")]
+    Message {
+        /// The peer.
+        peer: SocketAddr,
+        /// What the wire format says is wrong.
+        source: mixnn_wire::WireError,
+    },
 }
 
 /// A short, log-safe fingerprint of a public key: its first 8 bytes in hex.

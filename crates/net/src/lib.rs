@@ -66,6 +66,7 @@ mod error;
 mod keyfile;
 mod keys;
 mod link;
+mod message;
 mod pubkey;
 mod transport;
 
@@ -75,6 +76,7 @@ pub use keys::{Created, LinkKeypair, NodeKeys, IDENTITY_KEY_FILE, LINK_KEY_FILE,
 pub use link::{
     Link, LinkConfig, LinkListener, PendingLink, DEFAULT_HANDSHAKE_TIMEOUT, NOISE_PROTOCOL,
 };
+pub use message::recv_message;
 pub use pubkey::{
     NodePublicKeys, PublicIdentityKey, PublicLinkKey, PublicOnionKey, PUBLIC_KEY_LEN,
 };

@@ -1,0 +1,715 @@
+//! [`CascadeRunner`]: the designer side of a training run over a cascade.
+//!
+//! Per step the designer builds two onions: a forward onion for the remote
+//! hops in order (the last delivers the loss to the designer) and a
+//! backward onion in reverse order (the first remote hop tells the designer
+//! the step is done). It sends the backward onion to the last hop right
+//! away, so the loss stage starts backward as soon as its forward is done,
+//! and keeps up to `window` steps in flight: hops act on a step only after
+//! applying the one before, so pipelining changes timing, never results.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mixnn_model::spec::ModelSpec;
+use mixnn_model::stage::{Stage, StageCache};
+use mixnn_model::tensor_bytes::TensorBytes;
+use mixnn_model::trainer::{argmax_slice, stage_seed, Batch, StepRunner, TrainConfig};
+use mixnn_model::weights::StageParams;
+use mixnn_net::{recv_message, Link, LinkKeypair, LinkListener, LinkWriter, PublicLinkKey};
+use mixnn_proto::{decode_params, InitNote, ParamChunk, StepNote};
+use mixnn_wire::{
+    encode_cells, wrap_init, CellKind, DesignerSession, HopAddr, HopLayer, HopTag, Next,
+    OnionPublic, Op, PaddingPolicy, ReplyId, RoutingBlock, CELL_SIZE,
+};
+use rand_chacha::ChaCha20Rng;
+use rand_core::{RngCore, SeedableRng};
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
+
+use crate::cascade::HopInfo;
+use crate::error::DesignerError;
+
+/// How the designer runs a cascade.
+#[derive(Debug, Clone)]
+pub struct CascadeOptions {
+    /// Run the first stage in the designer process (paper §5.2).
+    pub keep_first: bool,
+    /// Run the last stage in the designer process (paper §5.1).
+    pub keep_last: bool,
+    /// Training steps in flight at once.
+    pub window: usize,
+    /// Time bound T on any answer from the cascade.
+    pub timeout: Duration,
+    /// Pad every message to the cascade's largest (true, the paper's
+    /// rule) or to power-of-two size classes (false).
+    pub uniform_padding: bool,
+    /// Address the designer listens on for deliveries.
+    pub listen: SocketAddr,
+}
+
+impl Default for CascadeOptions {
+    fn default() -> Self {
+        CascadeOptions {
+            keep_first: false,
+            keep_last: false,
+            window: 4,
+            timeout: Duration::from_secs(10),
+            uniform_padding: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Await {
+    Init,
+    Output(u64),
+    Done(u64),
+    Test(usize),
+    Chunk,
+}
+
+/// Drives a cascade of remote stages (and optionally kept local ones).
+pub struct CascadeRunner {
+    rt: Runtime,
+    hops: Vec<HopInfo>,
+    me: HopAddr,
+    session: DesignerSession,
+    first_link: LinkWriter,
+    last_link: LinkWriter,
+    replies: mpsc::UnboundedReceiver<([u8; 16], Vec<u8>)>,
+    pending: HashMap<[u8; 16], Await>,
+    policy: PaddingPolicy,
+    rng: ChaCha20Rng,
+    step: u64,
+    local_first: Option<Stage>,
+    local_last: Option<Stage>,
+    remote_has_loss: bool,
+    remote_has_params: Vec<bool>,
+    input_features: usize,
+    tags: HashMap<u64, Vec<HopTag>>,
+    opts: CascadeOptions,
+}
+
+fn link_err(addr: SocketAddr) -> impl Fn(mixnn_net::NetError) -> DesignerError {
+    move |source| DesignerError::Link { addr, source }
+}
+
+impl CascadeRunner {
+    /// Connects to the hops, initialises their stages and returns a runner.
+    /// `hops` must have one entry per remote stage of `model`.
+    pub fn connect(
+        model: &ModelSpec,
+        hops: Vec<HopInfo>,
+        cfg: &TrainConfig,
+        opts: CascadeOptions,
+    ) -> Result<Self, DesignerError> {
+        let n = model.stages.len();
+        let lo = usize::from(opts.keep_first);
+        let hi = n - usize::from(opts.keep_last);
+        if lo >= hi {
+            return Err(DesignerError::Config {
+                message: "no stage left to run remotely".into(),
+            });
+        }
+        let remote: Vec<(usize, &mixnn_model::spec::StageSpec)> =
+            model.stages.iter().enumerate().take(hi).skip(lo).collect();
+        if hops.len() != remote.len() {
+            return Err(DesignerError::Config {
+                message: format!(
+                    "{} remote stages but the cascade lists {} hops",
+                    remote.len(),
+                    hops.len()
+                ),
+            });
+        }
+        if let Some(c) = model.classes() {
+            if c > usize::from(u16::MAX) {
+                return Err(DesignerError::Config {
+                    message: format!("{c} classes do not fit the label encoding"),
+                });
+            }
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| DesignerError::Config {
+                message: format!("cannot start the runtime: {e}"),
+            })?;
+        let mut rng = ChaCha20Rng::from_seed({
+            let mut s = [0u8; 32];
+            rand_core::OsRng.fill_bytes(&mut s);
+            s
+        });
+        let key = LinkKeypair::generate(&mut rng);
+        let my_link = *key.public().as_bytes();
+        let config = mixnn_node::link_config().map_err(|e| DesignerError::Config {
+            message: e.to_string(),
+        })?;
+
+        // Largest body of the cascade: inputs, activations, gradients.
+        let b = cfg.batch;
+        let tensor = |features: usize| 2 + 8 + b * features * 4;
+        let first_remote = remote[0].1;
+        let mut max_body = if opts.keep_first {
+            tensor(first_remote.input)
+        } else {
+            2 + 8 + b * first_remote.input
+        };
+        for (i, s) in &remote {
+            max_body = max_body.max(tensor(s.output()));
+            if *i > 0 {
+                max_body = max_body.max(tensor(s.input));
+            }
+        }
+        let policy = if opts.uniform_padding {
+            PaddingPolicy::Uniform { max_body }
+        } else {
+            PaddingPolicy::Classes
+        };
+
+        let (reply_tx, replies) = mpsc::unbounded_channel();
+        let (listener, me) = rt.block_on(async {
+            let l = LinkListener::bind(opts.listen, key.clone(), config)
+                .await
+                .map_err(DesignerError::Listen)?;
+            let addr = l.local_addr().map_err(DesignerError::Listen)?;
+            Ok::<_, DesignerError>((l, addr))
+        })?;
+        let allowed: Vec<[u8; 32]> = hops
+            .iter()
+            .map(HopInfo::link_key)
+            .collect::<Result<_, _>>()?;
+        rt.spawn(accept_loop(listener, reply_tx, allowed));
+
+        let first_addr = hops[0].addr;
+        let last_addr = hops[hops.len() - 1].addr;
+        let (first_link, last_link) = rt.block_on(async {
+            let a = Link::connect(
+                first_addr,
+                &key,
+                Some(PublicLinkKey::from_bytes(hops[0].link_key()?)),
+                config,
+            )
+            .await
+            .map_err(link_err(first_addr))?;
+            let z = Link::connect(
+                last_addr,
+                &key,
+                Some(PublicLinkKey::from_bytes(hops[hops.len() - 1].link_key()?)),
+                config,
+            )
+            .await
+            .map_err(link_err(last_addr))?;
+            Ok::<_, DesignerError>((a.into_split().1, z.into_split().1))
+        })?;
+
+        // Init: one onion through every hop and back to the designer.
+        let publics: Vec<OnionPublic> = hops
+            .iter()
+            .map(|h| h.onion_key().map(OnionPublic))
+            .collect::<Result<_, _>>()?;
+        let links: Vec<[u8; 32]> = hops
+            .iter()
+            .map(HopInfo::link_key)
+            .collect::<Result<_, _>>()?;
+        let notes: Vec<Vec<u8>> = remote
+            .iter()
+            .enumerate()
+            .map(|(k, (i, spec))| {
+                InitNote {
+                    stage: (*spec).clone(),
+                    sgd: cfg.sgd,
+                    seed: stage_seed(cfg.seed, *i),
+                    max_body: match policy {
+                        PaddingPolicy::Uniform { max_body } => max_body as u32,
+                        _ => 0,
+                    },
+                    prev_link: if k == 0 { my_link } else { links[k - 1] },
+                    next_link: links.get(k + 1).copied().unwrap_or(my_link),
+                    designer_link: my_link,
+                }
+                .encode()
+            })
+            .collect();
+        let me = HopAddr(me);
+        let rid = ReplyId::random(&mut rng);
+        let blocks: Vec<RoutingBlock> = (0..hops.len())
+            .map(|k| RoutingBlock {
+                op: Op::Init,
+                next: match hops.get(k + 1) {
+                    Some(h) => Next::Hop(HopAddr(h.addr)),
+                    None => Next::Deliver {
+                        addr: me,
+                        reply_id: rid,
+                    },
+                },
+                tag: HopTag::random(&mut rng),
+            })
+            .collect();
+        let layers: Vec<HopLayer<'_>> = blocks
+            .iter()
+            .zip(&notes)
+            .map(|(block, note)| HopLayer {
+                block: *block,
+                note,
+            })
+            .collect();
+        let (onion, session) = wrap_init(&publics, &layers, &mut rng)?;
+        let cells = encode_cells(CellKind::Init, &onion, &[], &policy, &mut rng)?;
+
+        let local_first = opts
+            .keep_first
+            .then(|| Stage::new(&model.stages[0], stage_seed(cfg.seed, 0), cfg.sgd));
+        let local_last = opts
+            .keep_last
+            .then(|| Stage::new(&model.stages[n - 1], stage_seed(cfg.seed, n - 1), cfg.sgd));
+        let mut runner = CascadeRunner {
+            rt,
+            me,
+            session,
+            first_link,
+            last_link,
+            replies,
+            pending: HashMap::from([(rid.0, Await::Init)]),
+            policy,
+            rng,
+            step: 0,
+            local_first,
+            local_last,
+            remote_has_loss: remote.last().is_some_and(|(_, s)| s.is_loss()),
+            remote_has_params: remote.iter().map(|(_, s)| s.has_params()).collect(),
+            input_features: model.input,
+            tags: HashMap::new(),
+            hops,
+            opts,
+        };
+        runner.send_first(&cells)?;
+        let (kind, _) = runner.wait(Await::Init, 0)?;
+        debug_assert_eq!(kind, Await::Init);
+        tracing::info!(hops = runner.hops.len(), "cascade initialised");
+        Ok(runner)
+    }
+
+    /// The address the designer listens on.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.me.0
+    }
+
+    /// The padding policy in force.
+    pub fn policy(&self) -> PaddingPolicy {
+        self.policy
+    }
+
+    fn send_first(&mut self, cells: &[u8]) -> Result<(), DesignerError> {
+        let addr = self.hops[0].addr;
+        self.rt
+            .block_on(self.first_link.send_cells(cells))
+            .map_err(link_err(addr))
+    }
+
+    fn send_last(&mut self, cells: &[u8]) -> Result<(), DesignerError> {
+        let addr = self.hops[self.hops.len() - 1].addr;
+        self.rt
+            .block_on(self.last_link.send_cells(cells))
+            .map_err(link_err(addr))
+    }
+
+    /// Waits for the next reply; returns what it answers and its body.
+    fn wait(&mut self, what: Await, step: u64) -> Result<(Await, Vec<u8>), DesignerError> {
+        let timeout = self.opts.timeout;
+        loop {
+            let got = self
+                .rt
+                .block_on(async { tokio::time::timeout(timeout, self.replies.recv()).await });
+            let (rid, body) = match got {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    return Err(DesignerError::Reply("its links closed".into()));
+                }
+                Err(_) => {
+                    return Err(DesignerError::Timeout {
+                        what: match what {
+                            Await::Init => "the init loop",
+                            Await::Output(_) => "the loss",
+                            Await::Done(_) => "the end of backward",
+                            Await::Test(_) => "a test output",
+                            Await::Chunk => "the parameters",
+                        },
+                        step,
+                        secs: timeout.as_secs_f64(),
+                    })
+                }
+            };
+            match self.pending.remove(&rid) {
+                Some(kind) => return Ok((kind, body)),
+                None => tracing::warn!("reply with an unknown id dropped"),
+            }
+        }
+    }
+
+    fn block(
+        &mut self,
+        op: Op,
+        k: usize,
+        last: usize,
+        reply: ReplyId,
+        reverse: bool,
+    ) -> RoutingBlock {
+        let next = if k == last {
+            Next::Deliver {
+                addr: self.me,
+                reply_id: reply,
+            }
+        } else if reverse {
+            Next::Hop(HopAddr(self.hops[self.hops.len() - 2 - k].addr))
+        } else {
+            Next::Hop(HopAddr(self.hops[k + 1].addr))
+        };
+        RoutingBlock {
+            op,
+            next,
+            tag: HopTag::random(&mut self.rng),
+        }
+    }
+
+    /// Sends the forward (and, without a kept last stage, the backward)
+    /// onion of `step`.
+    fn send_step(&mut self, batch: &Batch, step: u64) -> Result<Option<StageCache>, DesignerError> {
+        let n = self.hops.len();
+        let (body, cache) = match &self.local_first {
+            Some(first) => {
+                let x =
+                    TensorBytes::encode_pixels(&[batch.rows, self.input_features], &batch.pixels);
+                let (y, c) = first.forward_bytes(&x, None)?;
+                (y, Some(c))
+            }
+            None => (
+                TensorBytes::encode_pixels(&[batch.rows, self.input_features], &batch.pixels),
+                None,
+            ),
+        };
+        let out_id = ReplyId::random(&mut self.rng);
+        let tags: Vec<HopTag> = (0..n).map(|_| HopTag::random(&mut self.rng)).collect();
+        let mut fwd_blocks = Vec::with_capacity(n);
+        for k in 0..n {
+            let mut b = self.block(Op::Forward, k, n - 1, out_id, false);
+            b.tag = tags[k];
+            fwd_blocks.push(b);
+        }
+        let plain = StepNote::at(step).encode();
+        let with_labels = StepNote {
+            labels: batch.labels.clone(),
+            ..StepNote::at(step)
+        }
+        .encode();
+        let fwd_notes: Vec<&[u8]> = (0..n)
+            .map(|k| {
+                if k == n - 1 && self.remote_has_loss {
+                    with_labels.as_slice()
+                } else {
+                    plain.as_slice()
+                }
+            })
+            .collect();
+        let layers: Vec<HopLayer<'_>> = fwd_blocks
+            .iter()
+            .zip(&fwd_notes)
+            .map(|(b, note)| HopLayer { block: *b, note })
+            .collect();
+        let path: Vec<usize> = (0..n).collect();
+        let onion = self.session.wrap(&path, &layers, &mut self.rng)?;
+        let cells = encode_cells(
+            CellKind::Session,
+            &onion,
+            &body,
+            &self.policy,
+            &mut self.rng,
+        )?;
+        self.pending.insert(out_id.0, Await::Output(step));
+        self.send_first(&cells)?;
+        // Tags are per hop and shared by a step's forward and backward.
+        self.tags.insert(step, tags);
+        if self.local_last.is_none() {
+            self.send_backward(step, &[])?;
+        }
+        Ok(cache)
+    }
+
+    fn send_backward(&mut self, step: u64, grad: &[u8]) -> Result<(), DesignerError> {
+        let n = self.hops.len();
+        let tags = self
+            .tags
+            .remove(&step)
+            .ok_or_else(|| DesignerError::Reply(format!("no tags for step {step}")))?;
+        let done_id = ReplyId::random(&mut self.rng);
+        let mut blocks = Vec::with_capacity(n);
+        let mut notes = Vec::with_capacity(n);
+        for k in 0..n {
+            // k-th hop visited in reverse order is hop n-1-k.
+            let mut b = self.block(Op::Backward, k, n - 1, done_id, true);
+            b.tag = tags[n - 1 - k];
+            blocks.push(b);
+            notes.push(
+                StepNote {
+                    need_input_grad: k < n - 1 || self.local_first.is_some(),
+                    ..StepNote::at(step)
+                }
+                .encode(),
+            );
+        }
+        let layers: Vec<HopLayer<'_>> = blocks
+            .iter()
+            .zip(&notes)
+            .map(|(b, note)| HopLayer { block: *b, note })
+            .collect();
+        let path: Vec<usize> = (0..n).rev().collect();
+        let onion = self.session.wrap(&path, &layers, &mut self.rng)?;
+        let cells = encode_cells(CellKind::Session, &onion, grad, &self.policy, &mut self.rng)?;
+        self.pending.insert(done_id.0, Await::Done(step));
+        self.send_last(&cells)
+    }
+}
+
+impl CascadeRunner {
+    fn output_to_classes(&self, body: &[u8]) -> Result<Vec<u32>, DesignerError> {
+        let mut out = TensorBytes::decode(body)?;
+        if let Some(last) = &self.local_last {
+            let t = out.into_tensor(last.device())?;
+            let y = last.forward_eval(t)?;
+            out = TensorBytes::decode(&TensorBytes::encode_tensor(&y)?)?;
+        }
+        match out.shape.as_slice() {
+            [rows, cols] => Ok(argmax_slice(&out.values, *rows, *cols)),
+            other => Err(DesignerError::Reply(format!(
+                "test output of shape {other:?}"
+            ))),
+        }
+    }
+
+    fn fetch_stage(&mut self, j: usize) -> Result<StageParams, DesignerError> {
+        let mut bytes = Vec::new();
+        let mut chunk = 0u32;
+        loop {
+            let rid = ReplyId::random(&mut self.rng);
+            let mut blocks = Vec::with_capacity(j + 1);
+            let mut notes = Vec::with_capacity(j + 1);
+            for k in 0..=j {
+                let op = if k == j { Op::Fetch } else { Op::Loop };
+                blocks.push(self.block(op, k, j, rid, false));
+                notes.push(
+                    StepNote {
+                        chunk,
+                        ..StepNote::at(self.step)
+                    }
+                    .encode(),
+                );
+            }
+            let layers: Vec<HopLayer<'_>> = blocks
+                .iter()
+                .zip(&notes)
+                .map(|(b, note)| HopLayer { block: *b, note })
+                .collect();
+            let path: Vec<usize> = (0..=j).collect();
+            let onion = self.session.wrap(&path, &layers, &mut self.rng)?;
+            let cells = encode_cells(CellKind::Session, &onion, &[], &self.policy, &mut self.rng)?;
+            self.pending.insert(rid.0, Await::Chunk);
+            self.send_first(&cells)?;
+            let (_, body) = self.wait(Await::Chunk, self.step)?;
+            let c = ParamChunk::decode(&body)?;
+            if c.bytes.is_empty() && (bytes.len() as u32) < c.total {
+                return Err(DesignerError::Reply("an empty parameter chunk".into()));
+            }
+            bytes.extend_from_slice(&c.bytes);
+            if bytes.len() as u32 >= c.total {
+                break;
+            }
+            chunk += 1;
+        }
+        Ok(decode_params(&bytes)?)
+    }
+}
+
+impl StepRunner for CascadeRunner {
+    type Error = DesignerError;
+
+    fn train_batches(
+        &mut self,
+        batches: &[Batch],
+        on_step: &mut dyn FnMut(f32),
+    ) -> Result<Vec<f32>, DesignerError> {
+        let len = batches.len();
+        let window = if self.local_first.is_some() {
+            1
+        } else {
+            self.opts.window.max(1)
+        };
+        let base = self.step;
+        let mut losses: Vec<Option<f32>> = vec![None; len];
+        let mut done = vec![false; len];
+        let mut first_caches: HashMap<u64, StageCache> = HashMap::new();
+        let (mut next, mut completed) = (0usize, 0usize);
+        while completed < len {
+            while next < len && next - completed < window {
+                let step = base + next as u64;
+                if let Some(c) = self.send_step(&batches[next], step)? {
+                    first_caches.insert(step, c);
+                }
+                next += 1;
+            }
+            let waiting = base + completed as u64;
+            let (kind, body) = self.wait(Await::Output(waiting), waiting)?;
+            match kind {
+                Await::Output(s) => {
+                    let i = (s - base) as usize;
+                    let loss = match self.local_last.as_mut() {
+                        Some(last) => {
+                            let (l, c) = last.forward_bytes(&body, Some(&batches[i].labels))?;
+                            let g = last.backward_bytes(c, None, true)?.unwrap_or_default();
+                            self.send_backward(s, &g)?;
+                            TensorBytes::decode(&l)?.values.first().copied()
+                        }
+                        None => TensorBytes::decode(&body)?.values.first().copied(),
+                    };
+                    losses[i] =
+                        Some(loss.ok_or_else(|| DesignerError::Reply("an empty loss".into()))?);
+                }
+                Await::Done(s) => {
+                    if let Some(first) = self.local_first.as_mut() {
+                        let c = first_caches.remove(&s).ok_or_else(|| {
+                            DesignerError::Reply(format!("done for unknown step {s}"))
+                        })?;
+                        first.backward_bytes(c, Some(&body), false)?;
+                    }
+                    done[(s - base) as usize] = true;
+                }
+                other => return Err(DesignerError::Reply(format!("an unexpected {other:?}"))),
+            }
+            while completed < len && done[completed] {
+                let Some(l) = losses[completed] else { break };
+                on_step(l);
+                completed += 1;
+            }
+        }
+        self.step = base + len as u64;
+        Ok(losses.into_iter().flatten().collect())
+    }
+
+    fn predict_batches(
+        &mut self,
+        batches: &[Batch],
+        on_batch: &mut dyn FnMut(),
+    ) -> Result<Vec<u32>, DesignerError> {
+        let n = self.hops.len();
+        let window = self.opts.window.max(1) * 4;
+        let mut outputs: Vec<Option<Vec<u32>>> = vec![None; batches.len()];
+        let (mut next, mut received) = (0usize, 0usize);
+        while received < batches.len() {
+            while next < batches.len() && next - received < window {
+                let batch = &batches[next];
+                let x =
+                    TensorBytes::encode_pixels(&[batch.rows, self.input_features], &batch.pixels);
+                let body = match &self.local_first {
+                    Some(first) => first.eval_bytes(&x)?,
+                    None => x,
+                };
+                let rid = ReplyId::random(&mut self.rng);
+                let blocks: Vec<RoutingBlock> = (0..n)
+                    .map(|k| self.block(Op::Test, k, n - 1, rid, false))
+                    .collect();
+                let note = StepNote::at(self.step).encode();
+                let layers: Vec<HopLayer<'_>> = blocks
+                    .iter()
+                    .map(|b| HopLayer {
+                        block: *b,
+                        note: &note,
+                    })
+                    .collect();
+                let path: Vec<usize> = (0..n).collect();
+                let onion = self.session.wrap(&path, &layers, &mut self.rng)?;
+                let cells = encode_cells(
+                    CellKind::Session,
+                    &onion,
+                    &body,
+                    &self.policy,
+                    &mut self.rng,
+                )?;
+                self.pending.insert(rid.0, Await::Test(next));
+                self.send_first(&cells)?;
+                next += 1;
+            }
+            let (kind, body) = self.wait(Await::Test(received), self.step)?;
+            let Await::Test(i) = kind else {
+                return Err(DesignerError::Reply(format!("an unexpected {kind:?}")));
+            };
+            outputs[i] = Some(self.output_to_classes(&body)?);
+            received += 1;
+            on_batch();
+        }
+        Ok(outputs.into_iter().flatten().flatten().collect())
+    }
+
+    fn params(&mut self) -> Result<Vec<StageParams>, DesignerError> {
+        let mut out = Vec::new();
+        if let Some(first) = &self.local_first {
+            out.push(first.params());
+        }
+        for j in 0..self.hops.len() {
+            if self.remote_has_params[j] {
+                let p = self.fetch_stage(j)?;
+                out.push(p);
+            } else {
+                out.push(Vec::new());
+            }
+        }
+        if let Some(last) = &self.local_last {
+            out.push(last.params());
+        }
+        Ok(out)
+    }
+}
+
+async fn accept_loop(
+    listener: LinkListener,
+    tx: mpsc::UnboundedSender<([u8; 16], Vec<u8>)>,
+    allowed: Vec<[u8; 32]>,
+) {
+    loop {
+        let pending = match listener.accept().await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("designer accept: {e}");
+                return;
+            }
+        };
+        let tx = tx.clone();
+        let allowed = allowed.clone();
+        tokio::spawn(async move {
+            let peer = pending.peer_addr();
+            let link = match pending.handshake().await {
+                Ok(l) => l,
+                Err(e) => return tracing::warn!("link from {peer}: {e}"),
+            };
+            if !allowed.contains(link.remote_key().as_bytes()) {
+                return tracing::warn!("link from {peer} refused: not a hop of this cascade");
+            }
+            let (mut reader, _w) = link.into_split();
+            let mut cell = vec![0u8; CELL_SIZE];
+            loop {
+                match recv_message(&mut reader, &mut cell).await {
+                    Ok(msg) => {
+                        let mut rid = [0u8; 16];
+                        rid.copy_from_slice(&msg.onion.header.prefix()[..16]);
+                        if tx.send((rid, msg.body)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(mixnn_net::NetError::Closed { .. }) => return,
+                    Err(e) => return tracing::warn!("link from {peer}: {e}"),
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,421 @@
+//! The node's protocol state machine: no sockets, no clocks. The I/O layer
+//! hands it each message with the link key it arrived on and sends what it
+//! returns.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+
+use mixnn_model::stage::{Stage, StageCache};
+use mixnn_model::tensor_bytes::TensorBytes;
+use mixnn_proto::{encode_params, InitNote, ParamChunk, StepNote};
+use mixnn_wire::{
+    encode_cells, peel_init, CellKind, HopTag, InitReplayCache, Message, Onion, Op, PaddingPolicy,
+    Peeled, SessionId, SessionTable, HEADER_LEN, NOTES_LEN,
+};
+use rand_chacha::ChaCha20Rng;
+use rand_core::{RngCore, SeedableRng};
+
+use crate::error::NodeError;
+
+/// Bounds on what one node keeps in memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Forward caches kept per session (steps in flight).
+    pub max_cached: usize,
+    /// Early messages parked per session.
+    pub max_parked: usize,
+    /// Sessions (cascades) served at once.
+    pub max_sessions: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_cached: 64,
+            max_parked: 256,
+            max_sessions: 64,
+        }
+    }
+}
+
+/// Something to send: cells for the link to `addr`, whose peer must prove
+/// link key `expect`.
+#[derive(Debug)]
+pub struct Outbound {
+    /// Destination.
+    pub addr: SocketAddr,
+    /// The link key the destination must hold.
+    pub expect: [u8; 32],
+    /// Whole cells.
+    pub cells: Vec<u8>,
+}
+
+struct Parked {
+    step: u64,
+    peeled: Peeled,
+    note: StepNote,
+    body: Vec<u8>,
+}
+
+struct NodeSession {
+    stage: Stage,
+    policy: PaddingPolicy,
+    prev: [u8; 32],
+    next: [u8; 32],
+    designer: [u8; 32],
+    caches: HashMap<HopTag, (u64, StageCache)>,
+    parked: Vec<Parked>,
+}
+
+/// A node's state: its onion key, sessions and stages.
+pub struct Core {
+    onion: mixnn_wire::OnionSecret,
+    init_seen: InitReplayCache,
+    table: SessionTable,
+    sessions: HashMap<SessionId, NodeSession>,
+    rng: ChaCha20Rng,
+    limits: Limits,
+    learned: BTreeSet<SocketAddr>,
+}
+
+fn short(bytes: &[u8]) -> String {
+    bytes.iter().take(4).map(|b| format!("{b:02x}")).collect()
+}
+
+impl Core {
+    /// A node with onion secret `onion`; `seed` seeds padding randomness
+    /// (take it from the OS in production).
+    pub fn new(onion: mixnn_wire::OnionSecret, seed: [u8; 32], limits: Limits) -> Self {
+        Core {
+            onion,
+            init_seen: InitReplayCache::default(),
+            table: SessionTable::new(),
+            sessions: HashMap::new(),
+            rng: ChaCha20Rng::from_seed(seed),
+            limits,
+            learned: BTreeSet::new(),
+        }
+    }
+
+    /// Every address this node has learned from routing blocks: its
+    /// neighbours (and the designer), nothing else.
+    pub fn learned_addresses(&self) -> &BTreeSet<SocketAddr> {
+        &self.learned
+    }
+
+    /// Sessions currently set up.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Handles one message that arrived over a link with key `from`.
+    pub fn handle(&mut self, from: [u8; 32], msg: Message) -> Result<Vec<Outbound>, NodeError> {
+        match msg.kind {
+            CellKind::Init => self.handle_init(from, msg),
+            CellKind::Session => self.handle_session(from, msg),
+            // Cover cells are dropped on arrival.
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    fn handle_init(&mut self, from: [u8; 32], msg: Message) -> Result<Vec<Outbound>, NodeError> {
+        if self.sessions.len() >= self.limits.max_sessions {
+            return Err(NodeError::Limit(format!(
+                "{} sessions already",
+                self.sessions.len()
+            )));
+        }
+        let (peeled, hop) = peel_init(
+            &self.onion,
+            &mut self.init_seen,
+            &msg.onion.header,
+            &msg.onion.notes,
+        )?;
+        let note = InitNote::decode(peeled.note())?;
+        if note.prev_link != from {
+            return Err(NodeError::Refused(
+                "init arrived from a link other than the one it names as previous".into(),
+            ));
+        }
+        let policy = match note.max_body {
+            0 => PaddingPolicy::Classes,
+            m => PaddingPolicy::Uniform {
+                max_body: m as usize,
+            },
+        };
+        policy.check(msg.cells, msg.body.len())?;
+        let id = hop.id();
+        let stage = Stage::new(&note.stage, note.seed, note.sgd);
+        self.table.insert(hop)?;
+        self.sessions.insert(
+            id,
+            NodeSession {
+                stage,
+                policy,
+                prev: note.prev_link,
+                next: note.next_link,
+                designer: note.designer_link,
+                caches: HashMap::new(),
+                parked: Vec::new(),
+            },
+        );
+        tracing::info!(
+            session = %short(&id.0),
+            stage = %describe(&note.stage),
+            "session set up"
+        );
+        let out = match peeled {
+            Peeled::Forward(f) => {
+                self.learned.insert(f.next.0);
+                Outbound {
+                    addr: f.next.0,
+                    expect: note.next_link,
+                    cells: encode_cells(CellKind::Init, &f.onion, &[], &policy, &mut self.rng)?,
+                }
+            }
+            Peeled::Deliver(d) => {
+                self.learned.insert(d.addr.0);
+                self.reply(d.addr.0, note.designer_link, d.reply_id.0, &[], &policy)?
+            }
+        };
+        Ok(vec![out])
+    }
+
+    fn reply(
+        &mut self,
+        addr: SocketAddr,
+        expect: [u8; 32],
+        reply_id: [u8; 16],
+        body: &[u8],
+        policy: &PaddingPolicy,
+    ) -> Result<Outbound, NodeError> {
+        let onion = reply_onion(&mut self.rng, reply_id)?;
+        Ok(Outbound {
+            addr,
+            expect,
+            cells: encode_cells(CellKind::Session, &onion, body, policy, &mut self.rng)?,
+        })
+    }
+
+    fn handle_session(&mut self, from: [u8; 32], msg: Message) -> Result<Vec<Outbound>, NodeError> {
+        let prefix = msg.onion.header.prefix();
+        let mut sid = [0u8; 16];
+        sid.copy_from_slice(&prefix[..16]);
+        let id = SessionId(sid);
+        let session = self
+            .sessions
+            .get(&id)
+            .ok_or_else(|| NodeError::UnknownSession(short(&sid)))?;
+        if from != session.prev && from != session.next && from != session.designer {
+            return Err(NodeError::UnknownPeer {
+                session: short(&sid),
+                peer: short(&from),
+            });
+        }
+        session.policy.check(msg.cells, msg.body.len())?;
+        let peeled = self.table.peel(&msg.onion.header, &msg.onion.notes)?;
+        let note = StepNote::decode(peeled.note())?;
+        let mut out = Vec::new();
+        self.dispatch(id, peeled, note, msg.body, &mut out)?;
+        Ok(out)
+    }
+
+    fn dispatch(
+        &mut self,
+        id: SessionId,
+        peeled: Peeled,
+        note: StepNote,
+        body: Vec<u8>,
+        out: &mut Vec<Outbound>,
+    ) -> Result<(), NodeError> {
+        let limits = self.limits;
+        let s = self
+            .sessions
+            .get_mut(&id)
+            .ok_or_else(|| NodeError::UnknownSession(short(&id.0)))?;
+        let at = s.stage.steps();
+        let op = peeled.op();
+        let gated = matches!(op, Op::Forward | Op::Test | Op::Fetch);
+        let early = match op {
+            _ if gated => note.step > at,
+            Op::Backward => !s.caches.contains_key(&peeled.tag()),
+            _ => false,
+        };
+        if (gated && note.step < at) || (op == Op::Backward && note.step < at) {
+            return Err(NodeError::Stale {
+                session: short(&id.0),
+                op: op_name(op),
+                step: note.step,
+                at,
+            });
+        }
+        if early {
+            if s.parked.len() >= limits.max_parked {
+                return Err(NodeError::Limit(format!(
+                    "{} messages parked for session {}",
+                    s.parked.len(),
+                    short(&id.0)
+                )));
+            }
+            s.parked.push(Parked {
+                step: note.step,
+                peeled,
+                note,
+                body,
+            });
+            return Ok(());
+        }
+        self.run(id, peeled, note, body, out)?;
+        // Running may have released parked messages: a backward moves the
+        // stage to the next step, a forward creates the cache a parked
+        // backward waits for.
+        while let Some(p) = self.take_ready(id) {
+            self.run(id, p.peeled, p.note, p.body, out)?;
+        }
+        Ok(())
+    }
+
+    fn take_ready(&mut self, id: SessionId) -> Option<Parked> {
+        let s = self.sessions.get_mut(&id)?;
+        let at = s.stage.steps();
+        let i = s.parked.iter().position(|p| match p.peeled.op() {
+            Op::Backward => s.caches.contains_key(&p.peeled.tag()),
+            _ => p.step == at,
+        })?;
+        Some(s.parked.remove(i))
+    }
+
+    fn run(
+        &mut self,
+        id: SessionId,
+        peeled: Peeled,
+        note: StepNote,
+        body: Vec<u8>,
+        out: &mut Vec<Outbound>,
+    ) -> Result<(), NodeError> {
+        let limits = self.limits;
+        let s = self
+            .sessions
+            .get_mut(&id)
+            .ok_or_else(|| NodeError::UnknownSession(short(&id.0)))?;
+        let op = peeled.op();
+        let result: Vec<u8> = match op {
+            Op::Forward => {
+                if s.caches.len() >= limits.max_cached {
+                    return Err(NodeError::Limit(format!(
+                        "{} cached steps in session {}",
+                        s.caches.len(),
+                        short(&id.0)
+                    )));
+                }
+                let labels = s.stage.spec().is_loss().then_some(note.labels.as_slice());
+                let (y, cache) = s.stage.forward_bytes(&body, labels)?;
+                s.caches.insert(peeled.tag(), (note.step, cache));
+                y
+            }
+            Op::Backward => {
+                let (step, cache) = s
+                    .caches
+                    .remove(&peeled.tag())
+                    .ok_or_else(|| NodeError::Refused("backward without forward".into()))?;
+                if step != note.step || step != s.stage.steps() {
+                    return Err(NodeError::Stale {
+                        session: short(&id.0),
+                        op: "backward",
+                        step: note.step,
+                        at: s.stage.steps(),
+                    });
+                }
+                let grad = (!body.is_empty()).then_some(body.as_slice());
+                s.stage
+                    .backward_bytes(cache, grad, note.need_input_grad)?
+                    .unwrap_or_default()
+            }
+            Op::Test => s.stage.eval_bytes(&body)?,
+            Op::Loop => body,
+            Op::Fetch => {
+                let all = encode_params(&s.stage.params());
+                let room = s.policy.max_body().saturating_sub(4).max(1);
+                let start = (note.chunk as usize).saturating_mul(room).min(all.len());
+                let end = start.saturating_add(room).min(all.len());
+                ParamChunk {
+                    total: all.len() as u32,
+                    bytes: all[start..end].to_vec(),
+                }
+                .encode()
+            }
+            other => {
+                return Err(NodeError::Refused(format!(
+                    "op {} in a session message",
+                    op_name(other)
+                )))
+            }
+        };
+        let policy = s.policy;
+        let (prev, next, designer) = (s.prev, s.next, s.designer);
+        let o = match peeled {
+            Peeled::Forward(f) => {
+                let expect = if op == Op::Backward { prev } else { next };
+                self.learned.insert(f.next.0);
+                Outbound {
+                    addr: f.next.0,
+                    expect,
+                    cells: encode_cells(
+                        CellKind::Session,
+                        &f.onion,
+                        &result,
+                        &policy,
+                        &mut self.rng,
+                    )?,
+                }
+            }
+            Peeled::Deliver(d) => {
+                self.learned.insert(d.addr.0);
+                self.reply(d.addr.0, designer, d.reply_id.0, &result, &policy)?
+            }
+        };
+        out.push(o);
+        Ok(())
+    }
+}
+
+/// A message to the designer: the reply id in the first 16 header bytes,
+/// random bytes elsewhere, so it looks like any other message on the link.
+pub fn reply_onion(rng: &mut impl RngCore, reply_id: [u8; 16]) -> Result<Onion, NodeError> {
+    let mut header = vec![0u8; HEADER_LEN];
+    rng.fill_bytes(&mut header);
+    header[..16].copy_from_slice(&reply_id);
+    let mut notes = vec![0u8; NOTES_LEN];
+    rng.fill_bytes(&mut notes);
+    Ok(Onion {
+        header: mixnn_wire::Header::from_bytes(&header)?,
+        notes: mixnn_wire::Notes::from_bytes(&notes)?,
+    })
+}
+
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Init => "init",
+        Op::Forward => "forward",
+        Op::Backward => "backward",
+        Op::Test => "test",
+        Op::Loop => "loop",
+        Op::Fetch => "fetch",
+        Op::Cover => "cover",
+        _ => "unknown op",
+    }
+}
+
+fn describe(stage: &mixnn_model::spec::StageSpec) -> String {
+    stage
+        .ops
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" → ")
+}
+
+/// Decodes a tensor reply body (helper for designers and tests).
+pub fn decode_tensor(body: &[u8]) -> Result<TensorBytes, NodeError> {
+    Ok(TensorBytes::decode(body)?)
+}
