@@ -1,2 +1,107 @@
-//! The `mixnn` command.
-fn main() {}
+//! The `mixnn` command: one thin binary over the workspace's crates.
+//!
+//! `main` only parses arguments, sets up logging and turns an error into one
+//! line on stderr (`error: …`, the `anyhow` chain joined with `": "`) and
+//! exit code 1. Each subcommand lives in its own module.
+
+mod bench;
+mod demo;
+mod fetch;
+mod plot;
+mod progress;
+mod train;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Train a neural network cut into stages across a cascade of untrusted
+/// servers (MixNN), or locally in one process for comparison.
+#[derive(Debug, Parser)]
+#[command(name = "mixnn", version, about, propagate_version = true)]
+struct Cli {
+    /// More log output on stderr (-v info, -vv debug, -vvv trace);
+    /// `RUST_LOG` overrides it.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train a model and report per-epoch loss, time and test accuracy.
+    Train(train::TrainCmd),
+    /// Time training runs (single-process baseline).
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+    /// Draw the paper's Figure 3 from a metrics JSON file.
+    Plot(plot::PlotArgs),
+    /// Run the paper's experiment (for now: the single-process half only).
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&format!("{e:#}")));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Train(cmd) => train::run(&cmd),
+        Command::Bench(cmd) => bench::run(&cmd),
+        Command::Plot(args) => plot::run(&args),
+        Command::Demo(args) => demo::run(&args),
+    }
+}
+
+/// Logs go to stderr; `RUST_LOG` wins over `-v`.
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Folds a message onto one line (some library messages carry newlines).
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_folds_newlines() {
+        assert_eq!(one_line("a: b\n  c\n\nd"), "a: b c d");
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

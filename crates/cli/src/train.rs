@@ -1,0 +1,253 @@
+//! `mixnn train`: the arguments every training mode shares, the local
+//! (single-process) mode, and writing the metrics and weights files.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use mixnn_model::data::{self, Split};
+use mixnn_model::spec::ModelSpec;
+use mixnn_model::stage::Sgd;
+use mixnn_model::trainer::{run_training, LocalModel, Observer, RunMetrics, TrainConfig};
+use mixnn_model::ModelError;
+
+use crate::fetch::{self, DataArgs};
+use crate::progress::{self, say, Progress};
+
+/// Where the paper's model description lives in the repository.
+pub const PAPER_MODEL_PATH: &str = "models/paper-mlp.toml";
+/// The same file, built into the binary so `mixnn` works from any directory.
+pub const PAPER_MODEL_TOML: &str = include_str!("../../../models/paper-mlp.toml");
+
+/// `mixnn train`: a mode (exactly one) and the shared [`TrainArgs`].
+#[derive(Debug, Args)]
+pub struct TrainCmd {
+    #[command(flatten)]
+    pub mode: Mode,
+    #[command(flatten)]
+    pub args: TrainArgs,
+}
+
+/// How the model is trained. Exactly one mode must be given; a cascade mode
+/// (`--cascade FILE`) joins this group.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct Mode {
+    /// Train every stage in this process (the single-process baseline).
+    #[arg(long)]
+    pub local: bool,
+}
+
+/// Settings shared by every training mode. Defaults are the paper's protocol.
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// Model description (TOML) [default: models/paper-mlp.toml if it
+    /// exists, else the built-in copy of it]
+    #[arg(long, value_name = "FILE")]
+    pub model: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub data: DataArgs,
+
+    /// Epochs to train.
+    #[arg(long, default_value_t = 3, value_name = "E")]
+    pub epochs: u32,
+
+    /// Use the first N training images.
+    #[arg(long, default_value_t = 30_000, value_name = "N")]
+    pub train_limit: usize,
+
+    /// Use the first N test images [default: all]
+    #[arg(long, value_name = "N")]
+    pub test_limit: Option<usize>,
+
+    /// Images per batch.
+    #[arg(long, default_value_t = 64, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: u32,
+
+    /// SGD learning rate.
+    #[arg(long, default_value_t = 0.01)]
+    pub lr: f32,
+
+    /// SGD momentum (0 disables it).
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f32,
+
+    /// Seed for weight initialisation and batch order.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+
+    /// Write the run's metrics (JSON) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub metrics: Option<PathBuf>,
+
+    /// Write the final weights (safetensors) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+}
+
+/// What a training run needs, loaded and checked.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The model.
+    pub model: ModelSpec,
+    /// The train and test images, already cut to the limits.
+    pub split: Split,
+    /// Epochs, batch size, optimiser, seed.
+    pub cfg: TrainConfig,
+}
+
+impl TrainArgs {
+    /// The training settings these arguments ask for.
+    pub fn config(&self) -> TrainConfig {
+        TrainConfig {
+            epochs: self.epochs,
+            batch: self.batch as usize,
+            sgd: Sgd {
+                lr: self.lr,
+                momentum: self.momentum,
+            },
+            seed: self.seed,
+        }
+    }
+
+    /// Loads the model and the data (fetching the data if needed) and
+    /// checks that they fit each other.
+    pub fn prepare(&self) -> anyhow::Result<Prepared> {
+        let model = load_model(self.model.as_deref())?;
+        let dir = fetch::data_dir(&self.data)?;
+        let split = data::load_dir(&dir)?;
+        let train = split.train.truncate(self.train_limit);
+        let test = match self.test_limit {
+            Some(n) => split.test.truncate(n),
+            None => split.test,
+        };
+        if train.features() != model.input {
+            anyhow::bail!(
+                "model {} takes {} features per sample but the images in {} have {}x{} = {}",
+                model.name,
+                model.input,
+                dir.display(),
+                train.rows,
+                train.cols,
+                train.features()
+            );
+        }
+        if train.is_empty() || test.is_empty() {
+            anyhow::bail!(
+                "no images to use from {} (train {}, test {})",
+                dir.display(),
+                train.len(),
+                test.len()
+            );
+        }
+        tracing::info!(
+            data = %dir.display(),
+            train = train.len(),
+            test = test.len(),
+            model = %model.name,
+            stages = model.stages.len(),
+            "prepared training run"
+        );
+        Ok(Prepared {
+            model,
+            split: Split { train, test, dir },
+            cfg: self.config(),
+        })
+    }
+}
+
+/// Reads a model description: `path`, else the paper's model (from the
+/// repository if run inside it, else the built-in copy).
+pub fn load_model(path: Option<&Path>) -> anyhow::Result<ModelSpec> {
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let default = PathBuf::from(PAPER_MODEL_PATH);
+            if !default.is_file() {
+                tracing::debug!("{PAPER_MODEL_PATH} not found, using the built-in copy");
+                return Ok(ModelSpec::parse(
+                    PAPER_MODEL_TOML,
+                    "<built-in paper-mlp.toml>",
+                )?);
+            }
+            default
+        }
+    };
+    ModelSpec::from_file(&path).map_err(|e| match e {
+        // These already name the file.
+        ModelError::Spec { .. } | ModelError::Io { .. } => anyhow::Error::new(e),
+        other => anyhow::Error::new(other).context(format!("model {}", path.display())),
+    })
+}
+
+/// Trains every stage in this process; returns the metrics and the final
+/// weights (safetensors bytes).
+pub fn run_local(
+    prepared: &Prepared,
+    observer: &mut dyn Observer,
+) -> anyhow::Result<(RunMetrics, Vec<u8>)> {
+    let Prepared { model, split, cfg } = prepared;
+    let mut local = LocalModel::new(model, cfg.seed, cfg.sgd);
+    Ok(run_training(
+        &mut local,
+        model,
+        &split.train,
+        &split.test,
+        cfg,
+        observer,
+    )?)
+}
+
+/// Writes `--metrics` (pretty JSON) and `--weights` (safetensors) if asked.
+pub fn write_outputs(args: &TrainArgs, metrics: &RunMetrics, weights: &[u8]) -> anyhow::Result<()> {
+    if let Some(path) = &args.metrics {
+        write_json(path, metrics)?;
+    }
+    if let Some(path) = &args.weights {
+        std::fs::write(path, weights)
+            .with_context(|| format!("writing weights {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Writes `value` as pretty JSON with a final newline.
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// `mixnn train`.
+pub fn run(cmd: &TrainCmd) -> anyhow::Result<()> {
+    // One mode today; `Mode` is a required group, so `local` is set.
+    debug_assert!(cmd.mode.local);
+    let prepared = cmd.args.prepare()?;
+    let mut observer = Progress::new();
+    let (metrics, weights) = run_local(&prepared, &mut observer)?;
+    drop(observer);
+    say(&progress::summary(&metrics));
+    write_outputs(&cmd.args, &metrics, &weights)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_model_is_the_papers_five_stages() {
+        let m = ModelSpec::parse(PAPER_MODEL_TOML, "built-in").unwrap();
+        assert_eq!(m.stages.len(), 5);
+        assert_eq!(m.input, 784);
+    }
+
+    #[test]
+    fn missing_model_file_names_the_file() {
+        let err = load_model(Some(Path::new("/nonexistent/m.toml"))).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("/nonexistent/m.toml"),
+            "{err:#}"
+        );
+    }
+}
