@@ -394,9 +394,9 @@ impl CascadeRunner {
         let out_id = ReplyId::random(&mut self.rng);
         let tags: Vec<HopTag> = (0..n).map(|_| HopTag::random(&mut self.rng)).collect();
         let mut fwd_blocks = Vec::with_capacity(n);
-        for k in 0..n {
+        for (k, tag) in tags.iter().enumerate() {
             let mut b = self.block(Op::Forward, k, n - 1, out_id, false);
-            b.tag = tags[k];
+            b.tag = *tag;
             fwd_blocks.push(b);
         }
         let plain = StepNote::at(step).encode();

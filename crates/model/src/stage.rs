@@ -66,6 +66,7 @@ impl<const D: usize> Param<D> {
     }
 }
 
+#[allow(clippy::large_enum_variant)] // one per op, built once per stage
 enum OpState {
     Linear { w: Param<2>, b: Param<1> },
     Relu,

@@ -241,7 +241,7 @@ impl Core {
             Op::Backward => !s.caches.contains_key(&peeled.tag()),
             _ => false,
         };
-        if (gated && note.step < at) || (op == Op::Backward && note.step < at) {
+        if (gated || op == Op::Backward) && note.step < at {
             return Err(NodeError::Stale {
                 session: short(&id.0),
                 op: op_name(op),
