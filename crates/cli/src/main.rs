@@ -5,8 +5,10 @@
 //! exit code 1. Each subcommand lives in its own module.
 
 mod bench;
+mod cascade;
 mod demo;
 mod fetch;
+mod node;
 mod plot;
 mod progress;
 mod train;
@@ -39,8 +41,11 @@ enum Command {
     Bench(bench::BenchCmd),
     /// Draw the paper's Figure 3 from a metrics JSON file.
     Plot(plot::PlotArgs),
-    /// Run the paper's experiment (for now: the single-process half only).
+    /// Run the paper's experiment: single-process and through a local
+    /// cascade of node processes, compared epoch by epoch, with Figure 3.
     Demo(demo::DemoArgs),
+    /// Run a node: serve stages of cascades to designers.
+    Node(node::NodeArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +66,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench(cmd) => bench::run(&cmd),
         Command::Plot(args) => plot::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Node(args) => node::run(&args),
     }
 }
 

@@ -26,6 +26,8 @@ pub struct TrainCmd {
     pub mode: Mode,
     #[command(flatten)]
     pub args: TrainArgs,
+    #[command(flatten)]
+    pub cascade: CascadeArgs,
 }
 
 /// How the model is trained. Exactly one mode must be given; a cascade mode
@@ -36,6 +38,56 @@ pub struct Mode {
     /// Train every stage in this process (the single-process baseline).
     #[arg(long)]
     pub local: bool,
+
+    /// Train through the cascade listed in FILE (TOML: `[[hop]]` entries
+    /// with `addr`, `onion` and `link` keys, one per remote stage).
+    #[arg(long, value_name = "FILE")]
+    pub cascade: Option<PathBuf>,
+}
+
+/// How the designer drives a cascade.
+#[derive(Debug, Clone, Args)]
+pub struct CascadeArgs {
+    /// Run these stages in the designer process: `first`, `last` or
+    /// `first,last` (paper §5.1–5.2).
+    #[arg(long, value_name = "STAGES")]
+    pub keep: Option<String>,
+
+    /// Training steps in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub window: usize,
+
+    /// Time bound T (seconds) on any answer from the cascade.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
+
+    /// Padding: `uniform` (every message as large as the largest, the
+    /// paper's rule) or `classes` (power-of-two size classes).
+    #[arg(long, default_value = "uniform")]
+    pub padding: String,
+}
+
+impl CascadeArgs {
+    /// The designer's options.
+    pub fn options(&self) -> anyhow::Result<mixnn_designer::CascadeOptions> {
+        let (keep_first, keep_last) = crate::cascade::parse_keep(self.keep.as_deref())?;
+        let uniform_padding = match self.padding.as_str() {
+            "uniform" => true,
+            "classes" => false,
+            other => anyhow::bail!("--padding takes uniform or classes, not {other:?}"),
+        };
+        if !(self.timeout > 0.0 && self.timeout.is_finite()) {
+            anyhow::bail!("--timeout must be a positive number of seconds");
+        }
+        Ok(mixnn_designer::CascadeOptions {
+            keep_first,
+            keep_last,
+            window: self.window.max(1),
+            timeout: std::time::Duration::from_secs_f64(self.timeout),
+            uniform_padding,
+            ..mixnn_designer::CascadeOptions::default()
+        })
+    }
 }
 
 /// Settings shared by every training mode. Defaults are the paper's protocol.
@@ -221,11 +273,16 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> anyhow::Result
 
 /// `mixnn train`.
 pub fn run(cmd: &TrainCmd) -> anyhow::Result<()> {
-    // One mode today; `Mode` is a required group, so `local` is set.
-    debug_assert!(cmd.mode.local);
     let prepared = cmd.args.prepare()?;
     let mut observer = Progress::new();
-    let (metrics, weights) = run_local(&prepared, &mut observer)?;
+    let (metrics, weights) = match &cmd.mode.cascade {
+        Some(file) => {
+            let hops = crate::cascade::load_cascade(file)?;
+            let opts = cmd.cascade.options()?;
+            crate::cascade::run_cascade(&prepared, hops, opts, &mut observer)?
+        }
+        None => run_local(&prepared, &mut observer)?,
+    };
     drop(observer);
     say(&progress::summary(&metrics));
     write_outputs(&cmd.args, &metrics, &weights)
