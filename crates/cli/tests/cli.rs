@@ -95,7 +95,7 @@ fn train_local_writes_metrics_and_weights_and_learns() {
     let header_len = u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&weights[8..8 + header_len]).unwrap();
     assert_eq!(
-        header["stage0.0.weight"]["shape"],
+        header["stage0.1.weight"]["shape"],
         serde_json::json!([128, 784])
     );
     assert_eq!(header["stage2.0.bias"]["shape"], serde_json::json!([10]));

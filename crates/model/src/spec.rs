@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ModelError, Result};
 
 /// One operation inside a stage, with its dimensions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum OpSpec {
@@ -36,6 +36,14 @@ pub enum OpSpec {
         #[serde(rename = "out")]
         output: usize,
     },
+    /// `(x − mean) / std`, elementwise: torchvision's `Normalize` as an op,
+    /// so the first stage sees what a PyTorch pipeline feeds its model.
+    Normalize {
+        /// Subtracted from every input.
+        mean: f32,
+        /// Divides every input (finite, non-zero).
+        std: f32,
+    },
     /// `max(x, 0)`, elementwise.
     Relu,
     /// Identity: what a dummy hop runs (forwards activations unchanged).
@@ -47,13 +55,21 @@ pub enum OpSpec {
 }
 
 /// The names accepted in the `op` key, for error messages.
-pub const KNOWN_OPS: &[&str] = &["linear", "relu", "identity", "log_softmax", "nll_loss"];
+pub const KNOWN_OPS: &[&str] = &[
+    "linear",
+    "normalize",
+    "relu",
+    "identity",
+    "log_softmax",
+    "nll_loss",
+];
 
 impl OpSpec {
     /// The name written in the `op` key.
     pub fn name(&self) -> &'static str {
         match self {
             OpSpec::Linear { .. } => "linear",
+            OpSpec::Normalize { .. } => "normalize",
             OpSpec::Relu => "relu",
             OpSpec::Identity => "identity",
             OpSpec::LogSoftmax => "log_softmax",
@@ -71,13 +87,14 @@ impl fmt::Display for OpSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             OpSpec::Linear { input, output } => write!(f, "linear({input}, {output})"),
+            OpSpec::Normalize { mean, std } => write!(f, "normalize({mean:?}, {std:?})"),
             other => f.write_str(other.name()),
         }
     }
 }
 
 /// The slice of a model that one server runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageSpec {
     /// Features per sample entering the stage.
     pub input: usize,
@@ -116,7 +133,7 @@ impl StageSpec {
 
 /// A whole model: validated, so dimensions chain and only the last op of
 /// the last stage is a loss.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelSpec {
     /// A human name for the model.
     pub name: String,
@@ -224,6 +241,13 @@ impl ModelSpec {
                             return Err(fail(format!("needs at least 2 classes, got {dim}")));
                         }
                     }
+                    OpSpec::Normalize { mean, std } => {
+                        if !mean.is_finite() || !std.is_finite() || std == 0.0 {
+                            return Err(fail(format!(
+                                "needs a finite mean and a finite, non-zero std, got {mean} and {std}"
+                            )));
+                        }
+                    }
                     OpSpec::Relu | OpSpec::Identity | OpSpec::LogSoftmax => {}
                 }
             }
@@ -258,6 +282,9 @@ impl ModelSpec {
                 .map(|op| match op {
                     OpSpec::Linear { input, output } => {
                         format!("{{ op = \"linear\", in = {input}, out = {output} }}")
+                    }
+                    OpSpec::Normalize { mean, std } => {
+                        format!("{{ op = \"normalize\", mean = {mean:?}, std = {std:?} }}")
                     }
                     other => format!("{{ op = \"{}\" }}", other.name()),
                 })
@@ -322,7 +349,7 @@ mod tests {
         let err = ModelSpec::parse(text, "t").unwrap_err().to_string();
         assert_eq!(
             err,
-            "stage 1, op 2 (conv9d): unknown op (known: linear, relu, identity, log_softmax, nll_loss)"
+            "stage 1, op 2 (conv9d): unknown op (known: linear, normalize, relu, identity, log_softmax, nll_loss)"
         );
         assert!(!err.contains('\n'));
     }

@@ -69,6 +69,7 @@ impl<const D: usize> Param<D> {
 #[allow(clippy::large_enum_variant)] // one per op, built once per stage
 enum OpState {
     Linear { w: Param<2>, b: Param<1> },
+    Normalize { mean: f32, std: f32 },
     Relu,
     Identity,
     LogSoftmax,
@@ -132,6 +133,7 @@ impl Stage {
                         },
                     }
                 }
+                OpSpec::Normalize { mean, std } => OpState::Normalize { mean, std },
                 OpSpec::Relu => OpState::Relu,
                 OpSpec::Identity => OpState::Identity,
                 OpSpec::LogSoftmax => OpState::LogSoftmax,
@@ -199,6 +201,10 @@ impl Stage {
                     saved.push(Saved::Nothing);
                     h
                 }
+                OpState::Normalize { mean, std } => {
+                    saved.push(Saved::Nothing);
+                    h.sub_scalar(*mean).div_scalar(*std)
+                }
                 OpState::LogSoftmax => {
                     let y = log_softmax(h);
                     saved.push(Saved::Output(y.clone()));
@@ -234,6 +240,7 @@ impl Stage {
         for op in &self.ops {
             h = match op {
                 OpState::Linear { w, b } => linear(h, &w.value, &b.value),
+                OpState::Normalize { mean, std } => h.sub_scalar(*mean).div_scalar(*std),
                 OpState::Relu => relu(h),
                 OpState::Identity | OpState::NllLoss => h,
                 OpState::LogSoftmax => log_softmax(h),
@@ -286,6 +293,14 @@ impl Stage {
                     Some(dy.mask_fill(y.lower_equal_elem(0.0), 0.0))
                 }
                 (OpState::Identity, Saved::Nothing) => g,
+                (OpState::Normalize { std, .. }, Saved::Nothing) => {
+                    // Only needed below the first parameter op if asked.
+                    if need_dx {
+                        Some(need_grad(g)?.div_scalar(*std))
+                    } else {
+                        None
+                    }
+                }
                 (OpState::Linear { w, b }, Saved::Input(x)) => {
                     let dy = need_grad(g)?;
                     let dx = need_dx.then(|| dy.clone().matmul(w.value.clone().transpose()));

@@ -4,7 +4,8 @@
 //! `s` (0-based), shaped `[out, in]` as `torch.nn.Linear` stores it;
 //! `stage{s}.{o}.bias` its bias. The file's metadata holds the model
 //! description under `mixnn.model` (TOML). For the paper's MLP,
-//! `stage0.0`, `stage1.0`, `stage2.0` are the three `nn.Linear` layers.
+//! `stage0.1` (after the `normalize` op 0), `stage1.0`, `stage2.0` are the three
+//! `nn.Linear` layers.
 
 use std::collections::HashMap;
 

@@ -113,8 +113,8 @@ fn exported_safetensors_have_pytorch_names_and_shapes() {
     assert_eq!(
         names,
         vec![
-            ("stage0.0.bias".to_string(), vec![128]),
-            ("stage0.0.weight".to_string(), vec![128, 784]),
+            ("stage0.1.bias".to_string(), vec![128]),
+            ("stage0.1.weight".to_string(), vec![128, 784]),
             ("stage1.0.bias".to_string(), vec![64]),
             ("stage1.0.weight".to_string(), vec![64, 128]),
             ("stage2.0.bias".to_string(), vec![10]),
@@ -122,7 +122,7 @@ fn exported_safetensors_have_pytorch_names_and_shapes() {
         ]
     );
     // PyTorch layout: weight[out][in] is burn's W[in][out].
-    let w = st.tensor("stage0.0.weight").unwrap();
+    let w = st.tensor("stage0.1.weight").unwrap();
     let burn_w = &local.stage_params()[0][0];
     let at = |o: usize, i: usize| {
         let k = (o * 784 + i) * 4;

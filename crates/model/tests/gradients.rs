@@ -93,6 +93,19 @@ fn log_softmax_input_gradient_matches_finite_differences() {
 }
 
 #[test]
+fn normalize_input_gradient_matches_finite_differences() {
+    check_input_grad(
+        vec![OpSpec::Normalize {
+            mean: 0.3,
+            std: 0.7,
+        }],
+        3,
+        4,
+        4,
+    );
+}
+
+#[test]
 fn identity_input_gradient_is_the_output_gradient() {
     check_input_grad(vec![OpSpec::Identity], 2, 3, 3);
 }

@@ -126,6 +126,7 @@ const OP_RELU: u8 = 2;
 const OP_IDENTITY: u8 = 3;
 const OP_LOG_SOFTMAX: u8 = 4;
 const OP_NLL_LOSS: u8 = 5;
+const OP_NORMALIZE: u8 = 6;
 /// Largest stage input/width accepted from a note.
 pub const MAX_WIDTH: u32 = 1 << 20;
 /// Most ops in one stage.
@@ -144,6 +145,11 @@ impl InitNote {
                     out.push(OP_LINEAR);
                     out.extend_from_slice(&(input as u32).to_le_bytes());
                     out.extend_from_slice(&(output as u32).to_le_bytes());
+                }
+                OpSpec::Normalize { mean, std } => {
+                    out.push(OP_NORMALIZE);
+                    out.extend_from_slice(&mean.to_bits().to_le_bytes());
+                    out.extend_from_slice(&std.to_bits().to_le_bytes());
                 }
                 OpSpec::Relu => out.push(OP_RELU),
                 OpSpec::LogSoftmax => out.push(OP_LOG_SOFTMAX),
@@ -185,6 +191,10 @@ impl InitNote {
                         output: o as usize,
                     }
                 }
+                OP_NORMALIZE => OpSpec::Normalize {
+                    mean: r.f32()?,
+                    std: r.f32()?,
+                },
                 OP_RELU => OpSpec::Relu,
                 OP_IDENTITY => OpSpec::Identity,
                 OP_LOG_SOFTMAX => OpSpec::LogSoftmax,
