@@ -23,7 +23,7 @@ use mixnn_wire::{
     encode_cells, wrap_init, CellKind, DesignerSession, HopAddr, HopLayer, HopTag, Next,
     OnionPublic, Op, PaddingPolicy, ReplyId, RoutingBlock, CELL_SIZE,
 };
-use rand_chacha::ChaCha20Rng;
+use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
@@ -82,7 +82,7 @@ pub struct CascadeRunner {
     replies: mpsc::UnboundedReceiver<([u8; 16], Vec<u8>)>,
     pending: HashMap<[u8; 16], Await>,
     policy: PaddingPolicy,
-    rng: ChaCha20Rng,
+    rng: ChaCha8Rng,
     step: u64,
     local_first: Option<Stage>,
     local_last: Option<Stage>,
@@ -138,7 +138,7 @@ impl CascadeRunner {
             .map_err(|e| DesignerError::Config {
                 message: format!("cannot start the runtime: {e}"),
             })?;
-        let mut rng = ChaCha20Rng::from_seed({
+        let mut rng = ChaCha8Rng::from_seed({
             let mut s = [0u8; 32];
             rand_core::OsRng.fill_bytes(&mut s);
             s

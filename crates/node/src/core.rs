@@ -12,7 +12,7 @@ use mixnn_wire::{
     encode_cells, peel_init, CellKind, HopTag, InitReplayCache, Message, Onion, Op, PaddingPolicy,
     Peeled, SessionId, SessionTable, HEADER_LEN, NOTES_LEN,
 };
-use rand_chacha::ChaCha20Rng;
+use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
 use crate::error::NodeError;
@@ -73,7 +73,7 @@ pub struct Core {
     init_seen: InitReplayCache,
     table: SessionTable,
     sessions: HashMap<SessionId, NodeSession>,
-    rng: ChaCha20Rng,
+    rng: ChaCha8Rng,
     limits: Limits,
     learned: BTreeSet<SocketAddr>,
 }
@@ -91,7 +91,7 @@ impl Core {
             init_seen: InitReplayCache::default(),
             table: SessionTable::new(),
             sessions: HashMap::new(),
-            rng: ChaCha20Rng::from_seed(seed),
+            rng: ChaCha8Rng::from_seed(seed),
             limits,
             learned: BTreeSet::new(),
         }
