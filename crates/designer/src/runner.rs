@@ -375,6 +375,33 @@ impl CascadeRunner {
         }
     }
 
+    /// Wraps one session onion for `path` (blocks and notes per visited
+    /// hop) and encodes it with `body` into cells.
+    fn seal<N: AsRef<[u8]>>(
+        &mut self,
+        path: &[usize],
+        blocks: &[RoutingBlock],
+        notes: &[N],
+        body: &[u8],
+    ) -> Result<Vec<u8>, DesignerError> {
+        let layers: Vec<HopLayer<'_>> = blocks
+            .iter()
+            .zip(notes)
+            .map(|(b, note)| HopLayer {
+                block: *b,
+                note: note.as_ref(),
+            })
+            .collect();
+        let onion = self.session.wrap(path, &layers, &mut self.rng)?;
+        Ok(encode_cells(
+            CellKind::Session,
+            &onion,
+            body,
+            &self.policy,
+            &mut self.rng,
+        )?)
+    }
+
     /// Sends the forward (and, without a kept last stage, the backward)
     /// onion of `step`.
     fn send_step(&mut self, batch: &Batch, step: u64) -> Result<Option<StageCache>, DesignerError> {
@@ -414,20 +441,8 @@ impl CascadeRunner {
                 }
             })
             .collect();
-        let layers: Vec<HopLayer<'_>> = fwd_blocks
-            .iter()
-            .zip(&fwd_notes)
-            .map(|(b, note)| HopLayer { block: *b, note })
-            .collect();
         let path: Vec<usize> = (0..n).collect();
-        let onion = self.session.wrap(&path, &layers, &mut self.rng)?;
-        let cells = encode_cells(
-            CellKind::Session,
-            &onion,
-            &body,
-            &self.policy,
-            &mut self.rng,
-        )?;
+        let cells = self.seal(&path, &fwd_blocks, &fwd_notes, &body)?;
         self.pending.insert(out_id.0, Await::Output(step));
         self.send_first(&cells)?;
         // Tags are per hop and shared by a step's forward and backward.
@@ -460,14 +475,8 @@ impl CascadeRunner {
                 .encode(),
             );
         }
-        let layers: Vec<HopLayer<'_>> = blocks
-            .iter()
-            .zip(&notes)
-            .map(|(b, note)| HopLayer { block: *b, note })
-            .collect();
         let path: Vec<usize> = (0..n).rev().collect();
-        let onion = self.session.wrap(&path, &layers, &mut self.rng)?;
-        let cells = encode_cells(CellKind::Session, &onion, grad, &self.policy, &mut self.rng)?;
+        let cells = self.seal(&path, &blocks, &notes, grad)?;
         self.pending.insert(done_id.0, Await::Done(step));
         self.send_last(&cells)
     }
@@ -507,14 +516,8 @@ impl CascadeRunner {
                     .encode(),
                 );
             }
-            let layers: Vec<HopLayer<'_>> = blocks
-                .iter()
-                .zip(&notes)
-                .map(|(b, note)| HopLayer { block: *b, note })
-                .collect();
             let path: Vec<usize> = (0..=j).collect();
-            let onion = self.session.wrap(&path, &layers, &mut self.rng)?;
-            let cells = encode_cells(CellKind::Session, &onion, &[], &self.policy, &mut self.rng)?;
+            let cells = self.seal(&path, &blocks, &notes, &[])?;
             self.pending.insert(rid.0, Await::Chunk);
             self.send_first(&cells)?;
             let (_, body) = self.wait(Await::Chunk, self.step)?;
@@ -619,23 +622,9 @@ impl StepRunner for CascadeRunner {
                 let blocks: Vec<RoutingBlock> = (0..n)
                     .map(|k| self.block(Op::Test, k, n - 1, rid, false))
                     .collect();
-                let note = StepNote::at(self.step).encode();
-                let layers: Vec<HopLayer<'_>> = blocks
-                    .iter()
-                    .map(|b| HopLayer {
-                        block: *b,
-                        note: &note,
-                    })
-                    .collect();
+                let notes = vec![StepNote::at(self.step).encode(); n];
                 let path: Vec<usize> = (0..n).collect();
-                let onion = self.session.wrap(&path, &layers, &mut self.rng)?;
-                let cells = encode_cells(
-                    CellKind::Session,
-                    &onion,
-                    &body,
-                    &self.policy,
-                    &mut self.rng,
-                )?;
+                let cells = self.seal(&path, &blocks, &notes, &body)?;
                 self.pending.insert(rid.0, Await::Test(next));
                 self.send_first(&cells)?;
                 next += 1;

@@ -25,14 +25,7 @@ pub fn to_safetensors(model: &ModelSpec, stages: &[StageParams]) -> Result<Vec<u
     for (s, params) in stages.iter().enumerate() {
         for p in params {
             let (shape, values) = if p.name.ends_with(".weight") && p.shape.len() == 2 {
-                let (rows, cols) = (p.shape[0], p.shape[1]);
-                let mut t = vec![0.0f32; p.values.len()];
-                for r in 0..rows {
-                    for c in 0..cols {
-                        t[c * rows + r] = p.values[r * cols + c];
-                    }
-                }
-                (vec![cols, rows], t)
+                transpose(p.shape[0], p.shape[1], &p.values)
             } else {
                 (p.shape.clone(), p.values.clone())
             };
@@ -84,14 +77,7 @@ pub fn from_safetensors(bytes: &[u8], stages: usize) -> Result<Vec<StageParams>>
             .collect();
         let shape = view.shape().to_vec();
         let (shape, values) = if pname.ends_with(".weight") && shape.len() == 2 {
-            let (rows, cols) = (shape[0], shape[1]);
-            let mut t = vec![0.0f32; values.len()];
-            for r in 0..rows {
-                for c in 0..cols {
-                    t[c * rows + r] = values[r * cols + c];
-                }
-            }
-            (vec![cols, rows], t)
+            transpose(shape[0], shape[1], &values)
         } else {
             (shape, values)
         };
@@ -109,6 +95,18 @@ pub fn from_safetensors(bytes: &[u8], stages: usize) -> Result<Vec<StageParams>>
         });
     }
     Ok(out)
+}
+
+/// A row-major `rows × cols` matrix as its `cols × rows` transpose (burn
+/// keeps `linear` weights `[in, out]`, PyTorch `[out, in]`).
+fn transpose(rows: usize, cols: usize, values: &[f32]) -> (Vec<usize>, Vec<f32>) {
+    let mut t = vec![0.0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = values[r * cols + c];
+        }
+    }
+    (vec![cols, rows], t)
 }
 
 /// Lower-case hex SHA-256 of bytes.
