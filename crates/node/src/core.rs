@@ -269,8 +269,12 @@ impl Core {
         // Running may have released parked messages: a backward moves the
         // stage to the next step, a forward creates the cache a parked
         // backward waits for.
+        // A released message that fails must not swallow the outputs
+        // already produced (the update above has been applied).
         while let Some(p) = self.take_ready(id) {
-            self.run(id, p.peeled, p.note, p.body, out)?;
+            if let Err(e) = self.run(id, p.peeled, p.note, p.body, out) {
+                tracing::warn!(session = %short(&id.0), "parked message refused: {e}");
+            }
         }
         Ok(())
     }
