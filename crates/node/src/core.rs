@@ -229,10 +229,7 @@ impl Core {
         out: &mut Vec<Outbound>,
     ) -> Result<(), NodeError> {
         let limits = self.limits;
-        let s = self
-            .sessions
-            .get_mut(&id)
-            .ok_or_else(|| NodeError::UnknownSession(short(&id.0)))?;
+        let s = self.session_mut(id)?;
         let at = s.stage.steps();
         let op = peeled.op();
         let gated = matches!(op, Op::Forward | Op::Test | Op::Fetch);
@@ -279,6 +276,12 @@ impl Core {
         Ok(())
     }
 
+    fn session_mut(&mut self, id: SessionId) -> Result<&mut NodeSession, NodeError> {
+        self.sessions
+            .get_mut(&id)
+            .ok_or_else(|| NodeError::UnknownSession(short(&id.0)))
+    }
+
     fn take_ready(&mut self, id: SessionId) -> Option<Parked> {
         let s = self.sessions.get_mut(&id)?;
         let at = s.stage.steps();
@@ -298,10 +301,7 @@ impl Core {
         out: &mut Vec<Outbound>,
     ) -> Result<(), NodeError> {
         let limits = self.limits;
-        let s = self
-            .sessions
-            .get_mut(&id)
-            .ok_or_else(|| NodeError::UnknownSession(short(&id.0)))?;
+        let s = self.session_mut(id)?;
         let op = peeled.op();
         let result: Vec<u8> = match op {
             Op::Forward => {
