@@ -1,6 +1,7 @@
 //! The cascade half of the CLI: `mixnn train --cascade FILE`, and local
 //! node processes for the demo and the tests.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -60,14 +61,34 @@ pub fn load_cascade(path: &Path) -> anyhow::Result<Vec<HopInfo>> {
 /// handler.
 static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
-/// Stops every node process this process started, then exits: installed
-/// for SIGINT and SIGTERM so that no node outlives the demo.
+/// More cleanup for the signal handler, run after the node processes are
+/// stopped (e.g. removing the network namespaces of `mixnn bench`).
+static HOOKS: Mutex<Vec<fn()>> = Mutex::new(Vec::new());
+
+/// Stops every node process this process started, runs the cleanup hooks,
+/// then exits: installed for SIGINT and SIGTERM so that no node outlives
+/// the demo.
 pub fn install_cleanup() {
     let _ = ctrlc::set_handler(|| {
         kill_all();
+        let hooks = HOOKS.lock().map(|v| v.clone()).unwrap_or_default();
+        for hook in hooks {
+            hook();
+        }
         eprintln!("interrupted: stopped the node processes");
         std::process::exit(130);
     });
+}
+
+/// Adds `hook` to what the signal handler of [`install_cleanup`] runs
+/// (once per distinct hook).
+#[allow(dead_code)] // used by `mixnn bench paper --rtt` (next commit)
+pub fn add_cleanup_hook(hook: fn()) {
+    if let Ok(mut v) = HOOKS.lock() {
+        if !v.contains(&hook) {
+            v.push(hook);
+        }
+    }
 }
 
 fn kill_all() {
@@ -77,8 +98,28 @@ fn kill_all() {
     }
 }
 
-/// Node processes on 127.0.0.1, each with its own state directory; all are
-/// stopped when this is dropped.
+/// How to start one node process: a command prefix that runs it (e.g.
+/// `ip netns exec NS`; empty for none) and the address it listens on.
+#[derive(Debug, Clone)]
+pub struct NodeLaunch {
+    /// Program and arguments put before the `mixnn node` command line.
+    pub prefix: Vec<OsString>,
+    /// `--listen` address.
+    pub listen: String,
+}
+
+impl NodeLaunch {
+    /// A node on 127.0.0.1, port chosen by the kernel.
+    pub fn loopback() -> Self {
+        NodeLaunch {
+            prefix: Vec::new(),
+            listen: "127.0.0.1:0".into(),
+        }
+    }
+}
+
+/// Node processes (on 127.0.0.1 unless launched otherwise), each with its
+/// own state directory; all are stopped when this is dropped.
 pub struct LocalNodes {
     children: Vec<Child>,
     /// The nodes, in start order.
@@ -91,6 +132,12 @@ pub struct LocalNodes {
 impl LocalNodes {
     /// Starts `n` node processes (this same binary, `mixnn node`).
     pub fn start(n: usize) -> anyhow::Result<Self> {
+        Self::start_with(&vec![NodeLaunch::loopback(); n])
+    }
+
+    /// Starts one node process per entry of `launches`.
+    #[allow(dead_code)] // used by `mixnn bench paper --rtt` (next commit)
+    pub fn start_with(launches: &[NodeLaunch]) -> anyhow::Result<Self> {
         let tmp = tempfile::Builder::new().prefix("mixnn-nodes-").tempdir()?;
         let dir = tmp.path().to_path_buf();
         let exe = std::env::current_exe().context("locating the mixnn binary")?;
@@ -100,11 +147,19 @@ impl LocalNodes {
             dir: dir.clone(),
             _tmp: Some(tmp),
         };
-        for i in 0..n {
+        for (i, launch) in launches.iter().enumerate() {
             let state = dir.join(format!("node-{i}"));
             let log = std::fs::File::create(dir.join(format!("node-{i}.log")))?;
-            let mut child = Command::new(&exe)
-                .args(["node", "--listen", "127.0.0.1:0", "--state"])
+            let mut command = match launch.prefix.split_first() {
+                Some((program, args)) => {
+                    let mut c = Command::new(program);
+                    c.args(args).arg(&exe);
+                    c
+                }
+                None => Command::new(&exe),
+            };
+            let mut child = command
+                .args(["node", "--listen", &launch.listen, "--state"])
                 .arg(&state)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
