@@ -118,6 +118,13 @@ pub struct TrainArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub batch: u32,
 
+    /// Cut each batch into K micro-batches that flow through the stages
+    /// back to back, with one update per batch (GPipe pipelining; the
+    /// result is the same for the local trainer and the cascade).
+    #[arg(long, default_value_t = 1, value_name = "K",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub micro_batches: u16,
+
     /// SGD learning rate.
     #[arg(long, default_value_t = 0.01)]
     pub lr: f32,
@@ -161,6 +168,7 @@ impl TrainArgs {
                 momentum: self.momentum,
             },
             seed: self.seed,
+            micro_batches: usize::from(self.micro_batches),
         }
     }
 
@@ -241,7 +249,7 @@ pub fn run_local(
     observer: &mut dyn Observer,
 ) -> anyhow::Result<(RunMetrics, Vec<u8>)> {
     let Prepared { model, split, cfg } = prepared;
-    let mut local = LocalModel::new(model, cfg.seed, cfg.sgd);
+    let mut local = LocalModel::new(model, cfg.seed, cfg.sgd).with_micro_batches(cfg.micro_batches);
     Ok(run_training(
         &mut local,
         model,

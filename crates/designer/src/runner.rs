@@ -15,7 +15,9 @@ use std::time::Duration;
 use mixnn_model::spec::ModelSpec;
 use mixnn_model::stage::{Stage, StageCache};
 use mixnn_model::tensor_bytes::TensorBytes;
-use mixnn_model::trainer::{argmax_slice, stage_seed, Batch, StepRunner, TrainConfig};
+use mixnn_model::trainer::{
+    argmax_slice, micro_ranges, stage_seed, Batch, StepRunner, TrainConfig,
+};
 use mixnn_model::weights::StageParams;
 use mixnn_net::{recv_message, Link, LinkKeypair, LinkListener, LinkWriter, PublicLinkKey};
 use mixnn_proto::{decode_params, InitNote, ParamChunk, StepNote};
@@ -65,10 +67,22 @@ impl Default for CascadeOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Await {
     Init,
-    Output(u64),
-    Done(u64),
-    Test(usize),
+    /// The loss (or, with a kept last stage, the output) of micro-batch
+    /// `.1` of step `.0`.
+    Output(u64, u16),
+    /// The end of backward of micro-batch `.1` of step `.0`.
+    Done(u64, u16),
+    /// The output of micro-batch `.1` of test batch `.0`.
+    Test(usize, u16),
     Chunk,
+}
+
+/// Progress of one training step in flight.
+struct StepProgress {
+    /// Loss of each micro-batch, once known.
+    losses: Vec<Option<f32>>,
+    /// Micro-batches whose backward has come back.
+    done: usize,
 }
 
 /// Drives a cascade of remote stages (and optionally kept local ones).
@@ -89,7 +103,8 @@ pub struct CascadeRunner {
     remote_has_loss: bool,
     remote_has_params: Vec<bool>,
     input_features: usize,
-    tags: HashMap<u64, Vec<HopTag>>,
+    tags: HashMap<(u64, u16), Vec<HopTag>>,
+    micro_batches: usize,
     opts: CascadeOptions,
 }
 
@@ -149,8 +164,10 @@ impl CascadeRunner {
             message: e.to_string(),
         })?;
 
-        // Largest body of the cascade: inputs, activations, gradients.
-        let b = cfg.batch;
+        // Largest body of the cascade: inputs, activations, gradients of
+        // one micro-batch (batches, test ones too, travel in micro-batches).
+        let micro_batches = cfg.micro_batches.clamp(1, usize::from(u16::MAX));
+        let b = cfg.batch.div_ceil(micro_batches).max(1);
         let tensor = |features: usize| 2 + 8 + b * features * 4;
         let first_remote = remote[0].1;
         let mut max_body = if opts.keep_first {
@@ -283,6 +300,7 @@ impl CascadeRunner {
             remote_has_params: remote.iter().map(|(_, s)| s.has_params()).collect(),
             input_features: model.input,
             tags: HashMap::new(),
+            micro_batches,
             hops,
             opts,
         };
@@ -333,9 +351,9 @@ impl CascadeRunner {
                     return Err(DesignerError::Timeout {
                         what: match what {
                             Await::Init => "the init loop",
-                            Await::Output(_) => "the loss",
-                            Await::Done(_) => "the end of backward",
-                            Await::Test(_) => "a test output",
+                            Await::Output(..) => "the loss",
+                            Await::Done(..) => "the end of backward",
+                            Await::Test(..) => "a test output",
                             Await::Chunk => "the parameters",
                         },
                         step,
@@ -403,21 +421,41 @@ impl CascadeRunner {
     }
 
     /// Sends the forward (and, without a kept last stage, the backward)
-    /// onion of `step`.
-    fn send_step(&mut self, batch: &Batch, step: u64) -> Result<Option<StageCache>, DesignerError> {
-        let n = self.hops.len();
-        let (body, cache) = match &self.local_first {
-            Some(first) => {
-                let x =
-                    TensorBytes::encode_pixels(&[batch.rows, self.input_features], &batch.pixels);
-                let (y, c) = first.forward_bytes(&x, None)?;
-                (y, Some(c))
+    /// onions of every micro-batch of `step`; returns the kept first
+    /// stage's caches, one per micro-batch.
+    fn send_step(&mut self, batch: &Batch, step: u64) -> Result<Vec<StageCache>, DesignerError> {
+        let micros = batch.micro_batches(self.micro_batches);
+        let count = micros.len() as u16;
+        let mut caches = Vec::new();
+        for (m, micro) in micros.iter().enumerate() {
+            let m = m as u16;
+            let x = TensorBytes::encode_pixels(&[micro.rows, self.input_features], &micro.pixels);
+            let body = match &self.local_first {
+                Some(first) => {
+                    let (y, c) = first.forward_bytes(&x, None)?;
+                    caches.push(c);
+                    y
+                }
+                None => x,
+            };
+            self.send_forward(step, m, count, batch.rows, &micro.labels, &body)?;
+            if self.local_last.is_none() {
+                self.send_backward(step, m, count, &[])?;
             }
-            None => (
-                TensorBytes::encode_pixels(&[batch.rows, self.input_features], &batch.pixels),
-                None,
-            ),
-        };
+        }
+        Ok(caches)
+    }
+
+    fn send_forward(
+        &mut self,
+        step: u64,
+        micro: u16,
+        micros: u16,
+        batch_rows: usize,
+        labels: &[u32],
+        body: &[u8],
+    ) -> Result<(), DesignerError> {
+        let n = self.hops.len();
         let out_id = ReplyId::random(&mut self.rng);
         let tags: Vec<HopTag> = (0..n).map(|_| HopTag::random(&mut self.rng)).collect();
         let mut fwd_blocks = Vec::with_capacity(n);
@@ -426,10 +464,16 @@ impl CascadeRunner {
             b.tag = *tag;
             fwd_blocks.push(b);
         }
-        let plain = StepNote::at(step).encode();
-        let with_labels = StepNote {
-            labels: batch.labels.clone(),
+        let note = StepNote {
+            micro,
+            micros,
+            batch_rows: batch_rows as u32,
             ..StepNote::at(step)
+        };
+        let plain = note.encode();
+        let with_labels = StepNote {
+            labels: labels.to_vec(),
+            ..note
         }
         .encode();
         let fwd_notes: Vec<&[u8]> = (0..n)
@@ -442,23 +486,27 @@ impl CascadeRunner {
             })
             .collect();
         let path: Vec<usize> = (0..n).collect();
-        let cells = self.seal(&path, &fwd_blocks, &fwd_notes, &body)?;
-        self.pending.insert(out_id.0, Await::Output(step));
+        let cells = self.seal(&path, &fwd_blocks, &fwd_notes, body)?;
+        self.pending.insert(out_id.0, Await::Output(step, micro));
         self.send_first(&cells)?;
-        // Tags are per hop and shared by a step's forward and backward.
-        self.tags.insert(step, tags);
-        if self.local_last.is_none() {
-            self.send_backward(step, &[])?;
-        }
-        Ok(cache)
+        // Tags are per hop and shared by a micro-batch's forward and
+        // backward.
+        self.tags.insert((step, micro), tags);
+        Ok(())
     }
 
-    fn send_backward(&mut self, step: u64, grad: &[u8]) -> Result<(), DesignerError> {
+    fn send_backward(
+        &mut self,
+        step: u64,
+        micro: u16,
+        micros: u16,
+        grad: &[u8],
+    ) -> Result<(), DesignerError> {
         let n = self.hops.len();
         let tags = self
             .tags
-            .remove(&step)
-            .ok_or_else(|| DesignerError::Reply(format!("no tags for step {step}")))?;
+            .remove(&(step, micro))
+            .ok_or_else(|| DesignerError::Reply(format!("no tags for step {step}.{micro}")))?;
         let done_id = ReplyId::random(&mut self.rng);
         let mut blocks = Vec::with_capacity(n);
         let mut notes = Vec::with_capacity(n);
@@ -470,6 +518,8 @@ impl CascadeRunner {
             notes.push(
                 StepNote {
                     need_input_grad: k < n - 1 || self.local_first.is_some(),
+                    micro,
+                    micros,
                     ..StepNote::at(step)
                 }
                 .encode(),
@@ -477,7 +527,7 @@ impl CascadeRunner {
         }
         let path: Vec<usize> = (0..n).rev().collect();
         let cells = self.seal(&path, &blocks, &notes, grad)?;
-        self.pending.insert(done_id.0, Await::Done(step));
+        self.pending.insert(done_id.0, Await::Done(step, micro));
         self.send_last(&cells)
     }
 }
@@ -550,54 +600,102 @@ impl StepRunner for CascadeRunner {
             self.opts.window.max(1)
         };
         let base = self.step;
-        let mut losses: Vec<Option<f32>> = vec![None; len];
-        let mut done = vec![false; len];
-        let mut first_caches: HashMap<u64, StageCache> = HashMap::new();
+        let micro_rows: Vec<Vec<std::ops::Range<usize>>> = batches
+            .iter()
+            .map(|b| micro_ranges(b.rows, self.micro_batches))
+            .collect();
+        let mut progress: Vec<StepProgress> = micro_rows
+            .iter()
+            .map(|r| StepProgress {
+                losses: vec![None; r.len()],
+                done: 0,
+            })
+            .collect();
+        let mut losses = Vec::with_capacity(len);
+        let mut first_caches: HashMap<(u64, u16), StageCache> = HashMap::new();
         let (mut next, mut completed) = (0usize, 0usize);
         while completed < len {
             while next < len && next - completed < window {
                 let step = base + next as u64;
-                if let Some(c) = self.send_step(&batches[next], step)? {
-                    first_caches.insert(step, c);
+                for (m, c) in self
+                    .send_step(&batches[next], step)?
+                    .into_iter()
+                    .enumerate()
+                {
+                    first_caches.insert((step, m as u16), c);
                 }
                 next += 1;
             }
             let waiting = base + completed as u64;
-            let (kind, body) = self.wait(Await::Output(waiting), waiting)?;
+            let (kind, body) = self.wait(Await::Output(waiting, 0), waiting)?;
+            let (s, m) = match kind {
+                Await::Output(s, m) | Await::Done(s, m) => (s, m),
+                other => return Err(DesignerError::Reply(format!("an unexpected {other:?}"))),
+            };
+            let i = s
+                .checked_sub(base)
+                .map(|i| i as usize)
+                .filter(|i| *i < len)
+                .ok_or_else(|| DesignerError::Reply(format!("a reply for step {s}")))?;
+            let micros = micro_rows[i].len();
             match kind {
-                Await::Output(s) => {
-                    let i = (s - base) as usize;
+                Await::Output(..) => {
                     let loss = match self.local_last.as_mut() {
                         Some(last) => {
-                            let (l, c) = last.forward_bytes(&body, Some(&batches[i].labels))?;
-                            let g = last.backward_bytes(c, None, true)?.unwrap_or_default();
-                            self.send_backward(s, &g)?;
+                            let micro = batches[i].slice(micro_rows[i][usize::from(m)].clone());
+                            let (l, c) = last.forward_micro_bytes(
+                                &body,
+                                Some(&micro.labels),
+                                batches[i].rows,
+                            )?;
+                            let g = last
+                                .backward_micro_bytes(c, None, true, u32::from(m))?
+                                .unwrap_or_default();
+                            if last.pending_micros() == micros {
+                                last.apply();
+                            }
+                            self.send_backward(s, m, micros as u16, &g)?;
                             TensorBytes::decode(&l)?.values.first().copied()
                         }
                         None => TensorBytes::decode(&body)?.values.first().copied(),
                     };
-                    losses[i] =
-                        Some(loss.ok_or_else(|| DesignerError::Reply("an empty loss".into()))?);
+                    let slot = progress[i]
+                        .losses
+                        .get_mut(usize::from(m))
+                        .ok_or_else(|| DesignerError::Reply(format!("micro-batch {m}")))?;
+                    *slot = Some(loss.ok_or_else(|| DesignerError::Reply("an empty loss".into()))?);
                 }
-                Await::Done(s) => {
+                _ => {
                     if let Some(first) = self.local_first.as_mut() {
-                        let c = first_caches.remove(&s).ok_or_else(|| {
-                            DesignerError::Reply(format!("done for unknown step {s}"))
+                        let c = first_caches.remove(&(s, m)).ok_or_else(|| {
+                            DesignerError::Reply(format!("done for unknown step {s}.{m}"))
                         })?;
-                        first.backward_bytes(c, Some(&body), false)?;
+                        first.backward_micro_bytes(c, Some(&body), false, u32::from(m))?;
+                        if first.pending_micros() == micros {
+                            first.apply();
+                        }
                     }
-                    done[(s - base) as usize] = true;
+                    progress[i].done += 1;
                 }
-                other => return Err(DesignerError::Reply(format!("an unexpected {other:?}"))),
             }
-            while completed < len && done[completed] {
-                let Some(l) = losses[completed] else { break };
-                on_step(l);
+            while completed < len {
+                let p = &progress[completed];
+                if p.done < p.losses.len() || p.losses.iter().any(Option::is_none) {
+                    break;
+                }
+                // The batch's loss: micro-batch losses added in order, as
+                // the local trainer does.
+                let mut loss = 0.0f32;
+                for (m, l) in p.losses.iter().flatten().enumerate() {
+                    loss = if m == 0 { *l } else { loss + *l };
+                }
+                on_step(loss);
+                losses.push(loss);
                 completed += 1;
             }
         }
         self.step = base + len as u64;
-        Ok(losses.into_iter().flatten().collect())
+        Ok(losses)
     }
 
     fn predict_batches(
@@ -607,37 +705,53 @@ impl StepRunner for CascadeRunner {
     ) -> Result<Vec<u32>, DesignerError> {
         let n = self.hops.len();
         let window = self.opts.window.max(1) * 4;
-        let mut outputs: Vec<Option<Vec<u32>>> = vec![None; batches.len()];
+        let mut outputs: Vec<Vec<Option<Vec<u32>>>> = batches
+            .iter()
+            .map(|b| vec![None; micro_ranges(b.rows, self.micro_batches).len()])
+            .collect();
         let (mut next, mut received) = (0usize, 0usize);
         while received < batches.len() {
             while next < batches.len() && next - received < window {
-                let batch = &batches[next];
-                let x =
-                    TensorBytes::encode_pixels(&[batch.rows, self.input_features], &batch.pixels);
-                let body = match &self.local_first {
-                    Some(first) => first.eval_bytes(&x)?,
-                    None => x,
-                };
-                let rid = ReplyId::random(&mut self.rng);
-                let blocks: Vec<RoutingBlock> = (0..n)
-                    .map(|k| self.block(Op::Test, k, n - 1, rid, false))
-                    .collect();
-                let notes = vec![StepNote::at(self.step).encode(); n];
-                let path: Vec<usize> = (0..n).collect();
-                let cells = self.seal(&path, &blocks, &notes, &body)?;
-                self.pending.insert(rid.0, Await::Test(next));
-                self.send_first(&cells)?;
+                for (m, micro) in batches[next]
+                    .micro_batches(self.micro_batches)
+                    .iter()
+                    .enumerate()
+                {
+                    let x = TensorBytes::encode_pixels(
+                        &[micro.rows, self.input_features],
+                        &micro.pixels,
+                    );
+                    let body = match &self.local_first {
+                        Some(first) => first.eval_bytes(&x)?,
+                        None => x,
+                    };
+                    let rid = ReplyId::random(&mut self.rng);
+                    let blocks: Vec<RoutingBlock> = (0..n)
+                        .map(|k| self.block(Op::Test, k, n - 1, rid, false))
+                        .collect();
+                    let notes = vec![StepNote::at(self.step).encode(); n];
+                    let path: Vec<usize> = (0..n).collect();
+                    let cells = self.seal(&path, &blocks, &notes, &body)?;
+                    self.pending.insert(rid.0, Await::Test(next, m as u16));
+                    self.send_first(&cells)?;
+                }
                 next += 1;
             }
-            let (kind, body) = self.wait(Await::Test(received), self.step)?;
-            let Await::Test(i) = kind else {
+            let (kind, body) = self.wait(Await::Test(received, 0), self.step)?;
+            let Await::Test(i, m) = kind else {
                 return Err(DesignerError::Reply(format!("an unexpected {kind:?}")));
             };
-            outputs[i] = Some(self.output_to_classes(&body)?);
-            received += 1;
-            on_batch();
+            let slot = outputs
+                .get_mut(i)
+                .and_then(|o| o.get_mut(usize::from(m)))
+                .ok_or_else(|| DesignerError::Reply(format!("test output {i}.{m}")))?;
+            *slot = Some(self.output_to_classes(&body)?);
+            while received < batches.len() && outputs[received].iter().all(Option::is_some) {
+                received += 1;
+                on_batch();
+            }
         }
-        Ok(outputs.into_iter().flatten().flatten().collect())
+        Ok(outputs.into_iter().flatten().flatten().flatten().collect())
     }
 
     fn params(&mut self) -> Result<Vec<StageParams>, DesignerError> {

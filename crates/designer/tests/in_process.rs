@@ -79,6 +79,10 @@ impl SeedCompat for rand_chacha::ChaCha20Rng {
 }
 
 fn run_both(keep_first: bool, keep_last: bool, window: usize) {
+    run_both_micro(keep_first, keep_last, window, 1);
+}
+
+fn run_both_micro(keep_first: bool, keep_last: bool, window: usize, micro_batches: usize) {
     let model = ModelSpec::parse(PAPER, "paper").unwrap();
     let train = dataset(700, 1);
     let test = dataset(300, 2);
@@ -87,8 +91,9 @@ fn run_both(keep_first: bool, keep_last: bool, window: usize) {
         batch: 64,
         sgd: Sgd::default(),
         seed: 77,
+        micro_batches,
     };
-    let mut local = LocalModel::new(&model, cfg.seed, cfg.sgd);
+    let mut local = LocalModel::new(&model, cfg.seed, cfg.sgd).with_micro_batches(micro_batches);
     let (lm, lw) = run_training(&mut local, &model, &train, &test, &cfg, &mut Quiet).unwrap();
 
     let remote = 5 - usize::from(keep_first) - usize::from(keep_last);
@@ -126,4 +131,17 @@ fn cascade_equals_local_bit_for_bit() {
 #[test]
 fn cascade_with_kept_first_and_last_equals_local() {
     run_both(true, true, 4);
+}
+
+#[test]
+fn micro_batched_cascade_equals_micro_batched_local_for_every_k() {
+    // 700 images: the last batch has 60 rows, which 8 does not divide.
+    for k in [2, 3, 8] {
+        run_both_micro(false, false, 4, k);
+    }
+}
+
+#[test]
+fn micro_batched_cascade_with_kept_stages_equals_local() {
+    run_both_micro(true, true, 2, 4);
 }

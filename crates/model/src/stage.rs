@@ -48,9 +48,37 @@ pub fn device() -> Device {
 struct Param<const D: usize> {
     value: Tensor<D>,
     velocity: Option<Tensor<D>>,
+    /// Gradients of the micro-batches of the current step, by micro index,
+    /// not yet applied.
+    pending: Vec<(u32, Tensor<D>)>,
 }
 
 impl<const D: usize> Param<D> {
+    fn new(value: Tensor<D>) -> Self {
+        Param {
+            value,
+            velocity: None,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Adds the gradients of the current step in micro-batch order (so the
+    /// sum is the same whatever order they arrived in) and applies them.
+    fn apply(&mut self, sgd: Sgd) {
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.sort_by_key(|(m, _)| *m);
+        let mut sum: Option<Tensor<D>> = None;
+        for (_, g) in pending {
+            sum = Some(match sum {
+                Some(s) => s.add(g),
+                None => g,
+            });
+        }
+        if let Some(g) = sum {
+            self.step(g, sgd);
+        }
+    }
+
     fn step(&mut self, grad: Tensor<D>, sgd: Sgd) {
         let update = if sgd.momentum != 0.0 {
             let v = match self.velocity.take() {
@@ -81,7 +109,13 @@ enum Saved {
     Input(Tensor<2>),
     Output(Tensor<2>),
     Nothing,
-    Loss { labels: Vec<u32>, classes: usize },
+    Loss {
+        labels: Vec<u32>,
+        classes: usize,
+        /// Rows the mean is taken over: the whole batch, when this forward
+        /// is one micro-batch of it.
+        rows: usize,
+    },
 }
 
 /// What a training forward saved for the matching backward. A node keeps
@@ -108,6 +142,8 @@ pub struct Stage {
     sgd: Sgd,
     device: Device,
     steps: u64,
+    /// Micro-batch indices whose gradients wait for [`Stage::apply`].
+    pending: Vec<u32>,
 }
 
 impl Stage {
@@ -123,14 +159,11 @@ impl Stage {
                 OpSpec::Linear { input, output } => {
                     let (w, b) = init::linear(init::derive_seed(seed, i as u64), input, output);
                     OpState::Linear {
-                        w: Param {
-                            value: Tensor::from_data(TensorData::new(w, [input, output]), &device),
-                            velocity: None,
-                        },
-                        b: Param {
-                            value: Tensor::from_data(TensorData::new(b, [output]), &device),
-                            velocity: None,
-                        },
+                        w: Param::new(Tensor::from_data(
+                            TensorData::new(w, [input, output]),
+                            &device,
+                        )),
+                        b: Param::new(Tensor::from_data(TensorData::new(b, [output]), &device)),
                     }
                 }
                 OpSpec::Normalize { mean, std } => OpState::Normalize { mean, std },
@@ -146,6 +179,7 @@ impl Stage {
             sgd,
             device,
             steps: 0,
+            pending: Vec::new(),
         }
     }
 
@@ -183,7 +217,26 @@ impl Stage {
         x: Tensor<2>,
         labels: Option<&[u32]>,
     ) -> Result<(Tensor<2>, StageCache)> {
+        self.forward_micro(x, labels, 0)
+    }
+
+    /// [`Stage::forward_train`] of one micro-batch of a batch of
+    /// `batch_rows` rows: a loss stage divides by `batch_rows` instead of
+    /// the micro-batch's own rows (0 means those), so that the micro-batch
+    /// losses and gradients add up to the whole batch's.
+    pub fn forward_micro(
+        &self,
+        x: Tensor<2>,
+        labels: Option<&[u32]>,
+        batch_rows: usize,
+    ) -> Result<(Tensor<2>, StageCache)> {
         let batch = self.check_input(&x, "stage forward")?;
+        let rows = if batch_rows == 0 { batch } else { batch_rows };
+        if rows < batch {
+            return Err(ModelError::Misuse(format!(
+                "a micro-batch of {batch} rows in a batch of {rows}"
+            )));
+        }
         let mut saved = Vec::with_capacity(self.ops.len());
         let mut h = x;
         for op in &self.ops {
@@ -219,11 +272,12 @@ impl Stage {
                     let loss = h
                         .mul(mask)
                         .sum()
-                        .mul_scalar(-1.0 / batch as f32)
+                        .mul_scalar(-1.0 / rows as f32)
                         .reshape([1, 1]);
                     saved.push(Saved::Loss {
                         labels: labels.to_vec(),
                         classes,
+                        rows,
                     });
                     loss
                 }
@@ -259,11 +313,32 @@ impl Stage {
         grad_out: Option<Tensor<2>>,
         need_input_grad: bool,
     ) -> Result<Option<Tensor<2>>> {
+        let dx = self.backward_micro(cache, grad_out, need_input_grad, 0)?;
+        self.apply();
+        Ok(dx)
+    }
+
+    /// Backward of micro-batch `micro` of the current step: like
+    /// [`Stage::backward`], but the parameter gradients wait until
+    /// [`Stage::apply`], which adds them up in micro-batch order and makes
+    /// one update (GPipe; no stale weights).
+    pub fn backward_micro(
+        &mut self,
+        cache: StageCache,
+        grad_out: Option<Tensor<2>>,
+        need_input_grad: bool,
+        micro: u32,
+    ) -> Result<Option<Tensor<2>>> {
         if cache.saved.len() != self.ops.len() {
             return Err(ModelError::Misuse("cache from another stage".into()));
         }
+        if self.pending.contains(&micro) {
+            return Err(ModelError::Misuse(format!(
+                "micro-batch {micro} of step {} twice",
+                self.steps
+            )));
+        }
         let mut g = grad_out;
-        let sgd = self.sgd;
         let last = self.ops.len() - 1;
         let mut first_param_op = self.ops.len();
         for (i, op) in self.ops.iter().enumerate() {
@@ -276,11 +351,18 @@ impl Stage {
             // needed if the caller wants the input gradient.
             let need_dx = need_input_grad || i > first_param_op;
             g = match (op, saved) {
-                (OpState::NllLoss, Saved::Loss { labels, classes }) => {
+                (
+                    OpState::NllLoss,
+                    Saved::Loss {
+                        labels,
+                        classes,
+                        rows,
+                    },
+                ) => {
                     if i != last {
                         return Err(ModelError::Misuse("nll_loss not last".into()));
                     }
-                    let n = labels.len() as f32;
+                    let n = rows as f32;
                     Some(one_hot_scaled(&labels, classes, -1.0 / n, &self.device))
                 }
                 (OpState::LogSoftmax, Saved::Output(y)) => {
@@ -306,8 +388,8 @@ impl Stage {
                     let dx = need_dx.then(|| dy.clone().matmul(w.value.clone().transpose()));
                     let dw = x.transpose().matmul(dy.clone());
                     let db = dy.sum_dim(0).squeeze::<1>();
-                    w.step(dw, sgd);
-                    b.step(db, sgd);
+                    w.pending.push((micro, dw));
+                    b.pending.push((micro, db));
                     dx
                 }
                 _ => return Err(ModelError::Misuse("cache does not match the ops".into())),
@@ -316,8 +398,29 @@ impl Stage {
                 return Err(ModelError::Misuse("missing gradient".into()));
             }
         }
-        self.steps += 1;
+        self.pending.push(micro);
         Ok(if need_input_grad { g } else { None })
+    }
+
+    /// Micro-batches of the current step whose gradients wait for
+    /// [`Stage::apply`].
+    pub fn pending_micros(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Applies the current step's update: the gradients of its
+    /// micro-batches, added in micro-batch order, one SGD step. Moves the
+    /// stage to the next step.
+    pub fn apply(&mut self) {
+        let sgd = self.sgd;
+        for op in &mut self.ops {
+            if let OpState::Linear { w, b } = op {
+                w.apply(sgd);
+                b.apply(sgd);
+            }
+        }
+        self.pending.clear();
+        self.steps += 1;
     }
 
     /// [`Stage::forward_train`] on a tensor message: exactly what a node
@@ -327,8 +430,18 @@ impl Stage {
         input: &[u8],
         labels: Option<&[u32]>,
     ) -> Result<(Vec<u8>, StageCache)> {
+        self.forward_micro_bytes(input, labels, 0)
+    }
+
+    /// [`Stage::forward_micro`] on a tensor message.
+    pub fn forward_micro_bytes(
+        &self,
+        input: &[u8],
+        labels: Option<&[u32]>,
+        batch_rows: usize,
+    ) -> Result<(Vec<u8>, StageCache)> {
         let x = TensorBytes::decode(input)?.into_tensor(&self.device)?;
-        let (y, cache) = self.forward_train(x, labels)?;
+        let (y, cache) = self.forward_micro(x, labels, batch_rows)?;
         Ok((TensorBytes::encode_tensor(&y)?, cache))
     }
 
@@ -339,11 +452,24 @@ impl Stage {
         grad_out: Option<&[u8]>,
         need_input_grad: bool,
     ) -> Result<Option<Vec<u8>>> {
+        let dx = self.backward_micro_bytes(cache, grad_out, need_input_grad, 0)?;
+        self.apply();
+        Ok(dx)
+    }
+
+    /// [`Stage::backward_micro`] on tensor messages.
+    pub fn backward_micro_bytes(
+        &mut self,
+        cache: StageCache,
+        grad_out: Option<&[u8]>,
+        need_input_grad: bool,
+        micro: u32,
+    ) -> Result<Option<Vec<u8>>> {
         let g = match grad_out {
             Some(b) => Some(TensorBytes::decode(b)?.into_tensor(&self.device)?),
             None => None,
         };
-        self.backward(cache, g, need_input_grad)?
+        self.backward_micro(cache, g, need_input_grad, micro)?
             .map(|t| TensorBytes::encode_tensor(&t))
             .transpose()
     }
@@ -394,6 +520,78 @@ impl Stage {
                 }
             }
         }
+        Ok(())
+    }
+}
+
+/// Everything a stage needs to continue training where it stopped: its
+/// parameters, their momentum buffers and its step counter (a checkpoint).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageState {
+    /// Training steps applied.
+    pub steps: u64,
+    /// Parameters (as [`Stage::params`]), then momentum buffers named
+    /// `"{op}.weight.velocity"` / `"{op}.bias.velocity"` (absent before the
+    /// first step).
+    pub tensors: Vec<NamedParam>,
+}
+
+impl Stage {
+    /// The stage's state, for a checkpoint.
+    pub fn state(&self) -> StageState {
+        let mut tensors = self.params();
+        for (i, op) in self.ops.iter().enumerate() {
+            if let OpState::Linear { w, b } = op {
+                if let Some(v) = &w.velocity {
+                    tensors.push(named(format!("{i}.weight.velocity"), &v.to_data()));
+                }
+                if let Some(v) = &b.velocity {
+                    tensors.push(named(format!("{i}.bias.velocity"), &v.to_data()));
+                }
+            }
+        }
+        StageState {
+            steps: self.steps,
+            tensors,
+        }
+    }
+
+    /// Restores a state from [`Stage::state`]: parameters, momentum and the
+    /// step counter. Gradients waiting for an update are dropped.
+    pub fn load_state(&mut self, state: &StageState) -> Result<()> {
+        self.load_params(&state.tensors)?;
+        let device = self.device.clone();
+        let find = |name: &str| state.tensors.iter().find(|p| p.name == name);
+        for (i, op) in self.ops.iter_mut().enumerate() {
+            if let OpState::Linear { w, b } = op {
+                let name = format!("{i}.weight.velocity");
+                w.velocity = match find(&name) {
+                    Some(p) => {
+                        expect_shape(&name, &p.shape, &w.value.dims())?;
+                        Some(Tensor::from_data(
+                            TensorData::new(p.values.clone(), [p.shape[0], p.shape[1]]),
+                            &device,
+                        ))
+                    }
+                    None => None,
+                };
+                let name = format!("{i}.bias.velocity");
+                b.velocity = match find(&name) {
+                    Some(p) => {
+                        expect_shape(&name, &p.shape, &b.value.dims())?;
+                        Some(Tensor::from_data(
+                            TensorData::new(p.values.clone(), [p.shape[0]]),
+                            &device,
+                        ))
+                    }
+                    None => None,
+                };
+                w.pending.clear();
+                b.pending.clear();
+            }
+        }
+        self.pending.clear();
+        self.steps = state.steps;
         Ok(())
     }
 }

@@ -28,6 +28,49 @@ pub struct TrainConfig {
     pub sgd: Sgd,
     /// Seed for initialisation and shuffling.
     pub seed: u64,
+    /// Micro-batches per batch (GPipe): each batch is cut into this many
+    /// slices that flow through the stages back to back; their gradients
+    /// add up to one update per batch. 1 trains on whole batches.
+    #[serde(default = "one")]
+    pub micro_batches: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Row ranges of the micro-batches of a batch of `rows` rows cut into `k`:
+/// slices of `⌈rows / k⌉` rows, the last one shorter (so fewer than `k`
+/// when `rows` is small). Every runner cuts batches with this function.
+pub fn micro_ranges(rows: usize, k: usize) -> Vec<std::ops::Range<usize>> {
+    let size = rows.div_ceil(k.max(1)).max(1);
+    (0..rows)
+        .step_by(size)
+        .map(|start| start..(start + size).min(rows))
+        .collect()
+}
+
+impl Batch {
+    /// The rows `range` of this batch.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Batch {
+        let features = self.pixels.len() / self.rows.max(1);
+        Batch {
+            pixels: self.pixels[range.start * features..range.end * features].to_vec(),
+            labels: self.labels[range.clone()].to_vec(),
+            rows: range.len(),
+        }
+    }
+
+    /// The batch cut into micro-batches (see [`micro_ranges`]).
+    pub fn micro_batches(&self, k: usize) -> Vec<Batch> {
+        if k <= 1 {
+            return vec![self.clone()];
+        }
+        micro_ranges(self.rows, k)
+            .into_iter()
+            .map(|r| self.slice(r))
+            .collect()
+    }
 }
 
 impl Default for TrainConfig {
@@ -37,6 +80,7 @@ impl Default for TrainConfig {
             batch: 64,
             sgd: Sgd::default(),
             seed: 1,
+            micro_batches: 1,
         }
     }
 }
@@ -181,6 +225,7 @@ pub fn run_training<R: StepRunner>(
 /// All stages of a model in one process, chained in memory.
 pub struct LocalModel {
     stages: Vec<Stage>,
+    micro_batches: usize,
 }
 
 /// The per-stage seed the designer hands stage `index` (0-based).
@@ -197,7 +242,17 @@ impl LocalModel {
             .enumerate()
             .map(|(i, s)| Stage::new(s, stage_seed(seed, i), sgd))
             .collect();
-        LocalModel { stages }
+        LocalModel {
+            stages,
+            micro_batches: 1,
+        }
+    }
+
+    /// Cuts every batch into `k` micro-batches (GPipe), as
+    /// [`TrainConfig::micro_batches`].
+    pub fn with_micro_batches(mut self, k: usize) -> Self {
+        self.micro_batches = k.max(1);
+        self
     }
 
     /// The stages, in order.
@@ -225,20 +280,36 @@ impl LocalModel {
         ))
     }
 
-    /// One forward and backward pass through all stages; returns the loss.
+    /// One training step: forward and backward through all stages, one
+    /// update; returns the loss. With micro-batches: the forwards of every
+    /// micro-batch, then their backwards in order, then one update per
+    /// stage; the loss is the sum of the micro-batch losses in order (each
+    /// already divided by the whole batch's rows).
     pub fn train_step(&mut self, batch: &Batch) -> Result<f32> {
-        let mut h = self.input(batch)?;
-        let mut caches: Vec<StageCache> = Vec::with_capacity(self.stages.len());
-        for stage in &self.stages {
-            let labels = stage.spec().is_loss().then_some(batch.labels.as_slice());
-            let (out, cache) = stage.forward_train(h, labels)?;
-            caches.push(cache);
-            h = out;
+        let micros = batch.micro_batches(self.micro_batches);
+        let mut all_caches = Vec::with_capacity(micros.len());
+        let mut loss = 0.0f32;
+        for (m, micro) in micros.iter().enumerate() {
+            let mut h = self.input(micro)?;
+            let mut caches: Vec<StageCache> = Vec::with_capacity(self.stages.len());
+            for stage in &self.stages {
+                let labels = stage.spec().is_loss().then_some(micro.labels.as_slice());
+                let (out, cache) = stage.forward_micro(h, labels, batch.rows)?;
+                caches.push(cache);
+                h = out;
+            }
+            let l: f32 = h.into_scalar();
+            loss = if m == 0 { l } else { loss + l };
+            all_caches.push(caches);
         }
-        let loss: f32 = h.into_scalar();
-        let mut g = None;
-        for (i, (stage, cache)) in self.stages.iter_mut().zip(caches).enumerate().rev() {
-            g = stage.backward(cache, g, i > 0)?;
+        for (m, caches) in all_caches.into_iter().enumerate() {
+            let mut g = None;
+            for (i, (stage, cache)) in self.stages.iter_mut().zip(caches).enumerate().rev() {
+                g = stage.backward_micro(cache, g, i > 0, m as u32)?;
+            }
+        }
+        for stage in &mut self.stages {
+            stage.apply();
         }
         Ok(loss)
     }

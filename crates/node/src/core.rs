@@ -313,7 +313,9 @@ impl Core {
                     )));
                 }
                 let labels = s.stage.spec().is_loss().then_some(note.labels.as_slice());
-                let (y, cache) = s.stage.forward_bytes(&body, labels)?;
+                let (y, cache) =
+                    s.stage
+                        .forward_micro_bytes(&body, labels, note.batch_rows as usize)?;
                 s.caches.insert(peeled.tag(), (note.step, cache));
                 y
             }
@@ -331,9 +333,16 @@ impl Core {
                     });
                 }
                 let grad = (!body.is_empty()).then_some(body.as_slice());
-                s.stage
-                    .backward_bytes(cache, grad, note.need_input_grad)?
-                    .unwrap_or_default()
+                let dx = s
+                    .stage
+                    .backward_micro_bytes(cache, grad, note.need_input_grad, u32::from(note.micro))?
+                    .unwrap_or_default();
+                // The update waits for the gradients of every micro-batch
+                // of the step.
+                if s.stage.pending_micros() >= usize::from(note.micros) {
+                    s.stage.apply();
+                }
+                dx
             }
             Op::Test => s.stage.eval_bytes(&body)?,
             Op::Loop => body,

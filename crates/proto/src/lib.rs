@@ -243,6 +243,14 @@ pub struct StepNote {
     pub labels: Vec<u32>,
     /// Fetch: which chunk of the parameters to return.
     pub chunk: u32,
+    /// Forward/backward: which micro-batch of the step this is (0-based).
+    pub micro: u16,
+    /// Backward: how many micro-batches the step has; the hop applies the
+    /// update once it has the gradients of all of them.
+    pub micros: u16,
+    /// Forward at the loss stage: rows of the whole batch, which the loss
+    /// is averaged over (0: the micro-batch's own rows).
+    pub batch_rows: u32,
 }
 
 /// Most labels in one note.
@@ -256,15 +264,21 @@ impl StepNote {
             need_input_grad: false,
             labels: Vec::new(),
             chunk: 0,
+            micro: 0,
+            micros: 1,
+            batch_rows: 0,
         }
     }
 
     /// Encodes the note.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(15 + 2 * self.labels.len());
+        let mut out = Vec::with_capacity(23 + 2 * self.labels.len());
         out.extend_from_slice(&self.step.to_le_bytes());
         out.push(u8::from(self.need_input_grad));
         out.extend_from_slice(&self.chunk.to_le_bytes());
+        out.extend_from_slice(&self.micro.to_le_bytes());
+        out.extend_from_slice(&self.micros.to_le_bytes());
+        out.extend_from_slice(&self.batch_rows.to_le_bytes());
         // At most MAX_LABELS (the designer's batches are far smaller).
         out.extend_from_slice(&(self.labels.len().min(MAX_LABELS) as u16).to_le_bytes());
         for l in self.labels.iter().take(MAX_LABELS) {
@@ -290,6 +304,15 @@ impl StepNote {
             }
         };
         let chunk = r.u32()?;
+        let micro = r.u16()?;
+        let micros = r.u16()?;
+        let batch_rows = r.u32()?;
+        if micros == 0 || micro >= micros {
+            return Err(ProtoError::Invalid {
+                what,
+                reason: format!("micro-batch {micro} of {micros}"),
+            });
+        }
         let n = usize::from(r.u16()?);
         if n > MAX_LABELS {
             return Err(ProtoError::Invalid {
@@ -306,6 +329,9 @@ impl StepNote {
             need_input_grad,
             labels,
             chunk,
+            micro,
+            micros,
+            batch_rows,
         })
     }
 }
@@ -448,6 +474,19 @@ mod tests {
     }
 
     #[test]
+    fn step_note_rejects_a_micro_batch_outside_the_step() {
+        for (micro, micros) in [(0u16, 0u16), (4, 4), (9, 2)] {
+            let n = StepNote {
+                micro,
+                micros,
+                ..StepNote::at(3)
+            };
+            let err = StepNote::decode(&n.encode()).unwrap_err().to_string();
+            assert!(err.contains("micro-batch"), "{err}");
+        }
+    }
+
+    #[test]
     fn params_round_trip() {
         let p = vec![NamedParam {
             name: "0.weight".into(),
@@ -460,8 +499,10 @@ mod tests {
     proptest! {
         #[test]
         fn step_note_round_trips(step: u64, grad: bool, chunk: u32,
+                                 (micros, micro) in (1u16..=64).prop_flat_map(|k| (Just(k), 0..k)),
+                                 batch_rows: u32,
                                  labels in proptest::collection::vec(0u32..65536, 0..200)) {
-            let n = StepNote { step, need_input_grad: grad, labels, chunk };
+            let n = StepNote { step, need_input_grad: grad, labels, chunk, micro, micros, batch_rows };
             prop_assert_eq!(StepNote::decode(&n.encode()).unwrap(), n);
         }
 
