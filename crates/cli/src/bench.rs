@@ -2,9 +2,17 @@
 //!
 //! `mixnn bench local` trains on the paper's protocol in one process and
 //! reports the training seconds of each epoch and their median, the
-//! single-process baseline the cascade is compared with.
+//! single-process baseline the cascade is compared with. `mixnn bench
+//! paper` compares it with the cascade over a sweep of round-trip times
+//! and micro-batch counts ([`paper`]); `mixnn bench cleanup` removes what
+//! a crashed `--rtt` run left behind.
 
+pub mod paper;
+pub mod relay;
+
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use mixnn_model::trainer::RunMetrics;
@@ -18,6 +26,37 @@ use crate::train::{self, TrainArgs};
 pub enum BenchCmd {
     /// Time the single-process trainer (median of the epochs).
     Local(BenchLocalArgs),
+    /// Single process vs. cascade on the paper's protocol, over round-trip
+    /// times (emulated WAN) and micro-batch counts: JSON, PNGs, table.
+    Paper(paper::PaperArgs),
+    /// Remove network namespaces, bridges and veths left by `--rtt` runs
+    /// that are no longer running.
+    Cleanup,
+    /// (internal) A delaying TCP relay, run inside a node's namespace.
+    #[command(hide = true)]
+    Relay {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Address to relay to.
+        #[arg(long)]
+        to: SocketAddr,
+        /// One-way delay in microseconds, each direction.
+        #[arg(long, default_value_t = 0)]
+        delay_us: u64,
+        /// Also run a TCP echo server (for round-trip probes) here.
+        #[arg(long)]
+        echo: Option<SocketAddr>,
+    },
+    /// (internal) Median one-byte round trip to each echo server, in ms.
+    #[command(hide = true)]
+    Probe {
+        /// Handshakes per address.
+        #[arg(long, default_value_t = 5)]
+        count: usize,
+        /// Addresses of echo servers.
+        addrs: Vec<SocketAddr>,
+    },
 }
 
 /// `mixnn bench local`.
@@ -75,5 +114,24 @@ pub fn run(cmd: &BenchCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        BenchCmd::Paper(args) => paper::run(args),
+        BenchCmd::Cleanup => {
+            crate::netns::require_root()?;
+            let removed = crate::netns::remove_stale();
+            if removed.is_empty() {
+                say("nothing to remove");
+            }
+            for name in removed {
+                say(&format!("removed {name}"));
+            }
+            Ok(())
+        }
+        BenchCmd::Relay {
+            listen,
+            to,
+            delay_us,
+            echo,
+        } => relay::run_relay(*listen, *to, Duration::from_micros(*delay_us), *echo),
+        BenchCmd::Probe { count, addrs } => relay::run_probe(addrs, *count),
     }
 }

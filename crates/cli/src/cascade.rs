@@ -82,7 +82,6 @@ pub fn install_cleanup() {
 
 /// Adds `hook` to what the signal handler of [`install_cleanup`] runs
 /// (once per distinct hook).
-#[allow(dead_code)] // used by `mixnn bench paper --rtt` (next commit)
 pub fn add_cleanup_hook(hook: fn()) {
     if let Ok(mut v) = HOOKS.lock() {
         if !v.contains(&hook) {
@@ -136,7 +135,6 @@ impl LocalNodes {
     }
 
     /// Starts one node process per entry of `launches`.
-    #[allow(dead_code)] // used by `mixnn bench paper --rtt` (next commit)
     pub fn start_with(launches: &[NodeLaunch]) -> anyhow::Result<Self> {
         let tmp = tempfile::Builder::new().prefix("mixnn-nodes-").tempdir()?;
         let dir = tmp.path().to_path_buf();

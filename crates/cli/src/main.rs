@@ -8,6 +8,7 @@ mod bench;
 mod cascade;
 mod demo;
 mod fetch;
+mod netns;
 mod node;
 mod plot;
 mod progress;
@@ -36,7 +37,8 @@ struct Cli {
 enum Command {
     /// Train a model and report per-epoch loss, time and test accuracy.
     Train(train::TrainCmd),
-    /// Time training runs (single-process baseline).
+    /// Time training runs: the single-process baseline, and single process
+    /// vs. cascade over emulated WAN round-trip times.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
     /// Draw the paper's Figure 3 from a metrics JSON file.
