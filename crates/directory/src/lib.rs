@@ -1,2 +1,102 @@
-//! MixNN directory authority: signed node descriptors, history and random
-//! cascade selection with dummy servers (not built yet).
+//! MixNN directory authority: signed node descriptors, reliability history,
+//! a signed view of the live nodes, and random cascade selection with dummy
+//! hops (paper §2.2).
+//!
+//! # Model
+//!
+//! * A **node** publishes a [`Descriptor`] (address, identity, onion and
+//!   link keys, protocol version, capabilities, publication time), signed
+//!   by its Ed25519 identity key ([`sign_descriptor`]), and then sends a
+//!   signed [`Heartbeat`] every [`DirectoryConfig::heartbeat_interval`]
+//!   seconds ([`sign_heartbeat`]).
+//! * The **directory** ([`DirectoryState`] over a SQLite [`Store`]) verifies
+//!   everything it receives, refuses an address already held by another
+//!   identity key, keeps each node's history (uptime, missed heartbeats,
+//!   failures designers reported with [`sign_failure_report`]), and serves a
+//!   [`SignedView`] of the live nodes, signed by its own key
+//!   ([`DirectoryKeys`]) and valid for [`DirectoryConfig::view_ttl`].
+//!   [`serve`] puts it on HTTP; the routes are in `docs/directory-api.md`.
+//! * A **designer** pins the directory keys it trusts, verifies the view
+//!   ([`SignedView::verify`], or [`verify_quorum`] for k of N directories)
+//!   and draws a cascade with [`select`]: p real and r dummy hops, distinct
+//!   nodes weighted by reliability, dummies at random positions.
+//!
+//! Signed objects are never re-encoded before verification: each keeps the
+//! exact JSON bytes that were signed (see `signed.rs`). Time comes from a
+//! [`Clock`] and randomness from the caller's RNG, so everything is
+//! testable and reproducible.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use mixnn_directory::*;
+//! use mixnn_directory::ed25519_dalek::SigningKey;
+//! use rand::SeedableRng;
+//!
+//! # fn main() -> Result<(), DirectoryError> {
+//! let clock = ManualClock::new(1_000);
+//! let directory = DirectoryState::new(
+//!     Store::open_in_memory()?,
+//!     DirectoryKeys::from_secret([1; 32]),
+//!     Arc::new(clock.clone()),
+//!     DirectoryConfig::default(),
+//! );
+//! for i in 0..5u8 {
+//!     let key = SigningKey::from_bytes(&[i + 10; 32]);
+//!     let descriptor = Descriptor {
+//!         addr: ([127, 0, 0, 1], 7000 + u16::from(i)).into(),
+//!         identity: key.verifying_key().to_bytes(),
+//!         onion: [0; 32],
+//!         link: [0; 32],
+//!         version: PROTOCOL_VERSION,
+//!         capabilities: Capabilities {
+//!             cores: 2, memory_mb: 4096, price_per_hour: 0.0, location: "lab".into(),
+//!         },
+//!         published: clock.now(),
+//!     };
+//!     directory.register(&sign_descriptor(&key, &descriptor)?)?;
+//! }
+//! let view = directory.view()?.verify(&[directory.public_key()], clock.now())?;
+//! let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
+//! let cascade = select(&view.nodes, 3, 2, &mut rng)?;
+//! assert_eq!(cascade.hops.len(), 5);
+//! assert_eq!(cascade.dummy_positions.len(), 2);
+//! # Ok(())
+//! # }
+//! ```
+
+mod client;
+mod clock;
+mod descriptor;
+mod error;
+mod keys;
+mod report;
+mod select;
+mod server;
+mod signed;
+mod state;
+mod store;
+mod view;
+
+pub use client::{DirectoryClient, CLIENT_TIMEOUT};
+pub use clock::{unix_now, Clock, ManualClock, SystemClock};
+pub use descriptor::{
+    sign_descriptor, Capabilities, Descriptor, SignedDescriptor, CLOCK_SKEW_SECS, MAX_LOCATION_LEN,
+    PROTOCOL_VERSION,
+};
+pub use error::{DirectoryError, Result};
+pub use keys::DirectoryKeys;
+pub use report::{
+    sign_failure_report, sign_heartbeat, FailureReport, Heartbeat, SignedFailureReport,
+    SignedHeartbeat, MAX_REASON_LEN,
+};
+pub use select::{select, weight, Selection, MIN_WEIGHT};
+pub use server::{router, serve, ErrorBody, FailureResponse, Health, RegisterResponse, MAX_BODY};
+pub use signed::parse_key_hex;
+pub use state::{DirectoryConfig, DirectoryState};
+pub use store::{FailureOutcome, FailureRecord, History, NodeRecord, Registration, Store};
+pub use view::{verify_quorum, NodeEntry, SignedView, VerifiedView, View, ViewNode};
+
+/// Re-exported so callers sign with the same Ed25519 implementation.
+pub use ed25519_dalek;

@@ -1,0 +1,232 @@
+//! The one error type of the directory crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the directory: verification, storage,
+/// selection, the server and the client.
+///
+/// Each variant maps to one HTTP status ([`DirectoryError::http_status`]);
+/// the server sends `{"error": "<Display of the variant>"}`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DirectoryError {
+    /// A request body or a stored record could not be parsed.
+    #[error("malformed {what}: {reason}")]
+    Malformed {
+        /// What was being parsed (e.g. "descriptor", "identity key").
+        what: &'static str,
+        /// Why parsing failed.
+        reason: String,
+    },
+    /// A field has a value the directory does not accept.
+    #[error("invalid {field}: {reason}")]
+    InvalidField {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A public key is not a valid Ed25519 point.
+    #[error("invalid {what} key")]
+    InvalidKey {
+        /// Which key ("identity", "reporter", "directory").
+        what: &'static str,
+    },
+    /// A signature does not verify under the key it claims.
+    #[error("bad signature on {what}")]
+    BadSignature {
+        /// What was signed ("descriptor", "heartbeat", "failure report", "view").
+        what: &'static str,
+    },
+    /// A signed object is stamped later than the directory's clock allows.
+    #[error("{what} is from the future: stamped {stamped}, now {now}")]
+    FromFuture {
+        /// What was stamped.
+        what: &'static str,
+        /// Its timestamp (unix seconds).
+        stamped: u64,
+        /// The verifier's clock (unix seconds).
+        now: u64,
+    },
+    /// A signed object is older than the accepted age.
+    #[error("stale {what}: stamped {stamped}, now {now}, max age {max_age} s")]
+    Stale {
+        /// What was stamped.
+        what: &'static str,
+        /// Its timestamp (unix seconds).
+        stamped: u64,
+        /// The verifier's clock (unix seconds).
+        now: u64,
+        /// The accepted age in seconds.
+        max_age: u64,
+    },
+    /// A descriptor speaks another protocol version.
+    #[error("unsupported protocol version {got} (this directory speaks {expected})")]
+    WrongVersion {
+        /// The descriptor's version.
+        got: u32,
+        /// [`crate::PROTOCOL_VERSION`].
+        expected: u32,
+    },
+    /// The address is registered under another identity key.
+    #[error("address {addr} is registered under another identity key")]
+    AddressTaken {
+        /// The contested address.
+        addr: String,
+    },
+    /// A re-registration is not newer than the stored descriptor.
+    #[error("descriptor published {published} is not newer than the registered one ({current})")]
+    NotNewer {
+        /// The offered descriptor's `published`.
+        published: u64,
+        /// The registered descriptor's `published`.
+        current: u64,
+    },
+    /// A heartbeat is not newer than the last accepted one (a replay).
+    #[error("heartbeat stamped {stamped} is not newer than the last one ({last})")]
+    Replayed {
+        /// The heartbeat's timestamp.
+        stamped: u64,
+        /// The last accepted heartbeat's timestamp.
+        last: u64,
+    },
+    /// No node with this identity key is registered.
+    #[error("unknown node {identity}")]
+    UnknownNode {
+        /// The identity key, hex.
+        identity: String,
+    },
+    /// A failure report comes from a designer key the directory does not accept.
+    #[error("reporter {reporter} is not an accepted designer key")]
+    UnknownReporter {
+        /// The reporter's key, hex.
+        reporter: String,
+    },
+    /// A view is signed by a key that is not pinned.
+    #[error("view signed by unpinned directory key {key}")]
+    UnknownDirectory {
+        /// The signer's key, hex.
+        key: String,
+    },
+    /// A view's `valid_until` has passed.
+    #[error("view expired at {valid_until}, now {now}")]
+    ViewExpired {
+        /// The view's `valid_until`.
+        valid_until: u64,
+        /// The verifier's clock.
+        now: u64,
+    },
+    /// A view lists the same identity key or address twice.
+    #[error("view lists {what} {value} twice")]
+    DuplicateInView {
+        /// "identity" or "address".
+        what: &'static str,
+        /// The duplicated value.
+        value: String,
+    },
+    /// Fewer than k pinned directories signed the same node list.
+    #[error("quorum not met: {agreeing} of the required {required} directories agree")]
+    QuorumNotMet {
+        /// The largest number of distinct pinned directories that agree.
+        agreeing: usize,
+        /// The k asked for.
+        required: usize,
+    },
+    /// Selection needs more eligible nodes than the view has.
+    #[error("need {needed} distinct eligible nodes, the view has {eligible}")]
+    NotEnoughNodes {
+        /// Eligible nodes in the view.
+        eligible: usize,
+        /// n = p + r.
+        needed: usize,
+    },
+    /// The SQLite store failed.
+    #[error("database: {reason}")]
+    Database {
+        /// The SQLite error, as text.
+        reason: String,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A key file exists but is unusable.
+    #[error("key file {path}: {reason}")]
+    KeyFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The HTTP server failed.
+    #[error("server: {reason}")]
+    Server {
+        /// The I/O error, as text.
+        reason: String,
+    },
+    /// The directory answered a client request with an error status.
+    #[error("directory refused ({status}): {message}")]
+    Refused {
+        /// HTTP status code.
+        status: u16,
+        /// The `error` field of the body, or the body itself.
+        message: String,
+    },
+    /// The client could not reach the directory.
+    #[error("cannot reach directory at {url}: {reason}")]
+    Transport {
+        /// The URL asked.
+        url: String,
+        /// The transport error, as text.
+        reason: String,
+    },
+}
+
+impl DirectoryError {
+    /// The HTTP status the server answers with for this error.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::Malformed { .. } | Self::InvalidKey { .. } => 400,
+            Self::BadSignature { .. } => 401,
+            Self::UnknownReporter { .. } | Self::UnknownDirectory { .. } => 403,
+            Self::UnknownNode { .. } => 404,
+            Self::AddressTaken { .. } | Self::NotNewer { .. } | Self::Replayed { .. } => 409,
+            Self::InvalidField { .. }
+            | Self::FromFuture { .. }
+            | Self::Stale { .. }
+            | Self::WrongVersion { .. }
+            | Self::ViewExpired { .. }
+            | Self::DuplicateInView { .. }
+            | Self::QuorumNotMet { .. }
+            | Self::NotEnoughNodes { .. } => 422,
+            Self::Refused { status, .. } => *status,
+            Self::Database { .. }
+            | Self::Io { .. }
+            | Self::KeyFile { .. }
+            | Self::Server { .. }
+            | Self::Transport { .. } => 500,
+        }
+    }
+
+    pub(crate) fn malformed(what: &'static str, reason: impl std::fmt::Display) -> Self {
+        Self::Malformed {
+            what,
+            reason: reason.to_string(),
+        }
+    }
+}
+
+impl From<rusqlite::Error> for DirectoryError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Database {
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// Result with [`DirectoryError`].
+pub type Result<T, E = DirectoryError> = std::result::Result<T, E>;

@@ -1,0 +1,508 @@
+//! The directory's SQLite store: registered nodes, their heartbeat history,
+//! and the failure reports designers sent about them.
+//!
+//! Every write verifies its signed input first and runs in one transaction;
+//! the database runs in WAL mode, so a restart (reopening the file) finds
+//! everything that was committed.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde::{Deserialize, Serialize};
+
+use crate::descriptor::SignedDescriptor;
+use crate::error::{DirectoryError, Result};
+use crate::report::{SignedFailureReport, SignedHeartbeat};
+use crate::signed::hex32;
+use crate::state::DirectoryConfig;
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS nodes (
+    identity   TEXT PRIMARY KEY,           -- Ed25519 identity key, hex
+    addr       TEXT NOT NULL UNIQUE,       -- socket address
+    published  INTEGER NOT NULL,           -- descriptor's published (unix s)
+    descriptor TEXT NOT NULL,              -- the signed descriptor JSON, verbatim
+    signature  TEXT NOT NULL,              -- hex
+    first_seen INTEGER NOT NULL,           -- first registration (directory clock)
+    last_seen  INTEGER NOT NULL            -- last registration or heartbeat
+);
+CREATE TABLE IF NOT EXISTS history (
+    identity       TEXT PRIMARY KEY REFERENCES nodes(identity) ON DELETE CASCADE,
+    heartbeats     INTEGER NOT NULL DEFAULT 0,
+    last_heartbeat INTEGER,                -- node's timestamp of the last accepted one
+    uptime_secs    INTEGER NOT NULL DEFAULT 0,
+    failures       INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS failures (
+    id        INTEGER PRIMARY KEY,
+    identity  TEXT NOT NULL REFERENCES nodes(identity) ON DELETE CASCADE,
+    reporter  TEXT NOT NULL,
+    step      INTEGER NOT NULL,
+    reason    TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,            -- reporter's clock
+    received  INTEGER NOT NULL,            -- directory's clock
+    signature TEXT NOT NULL,
+    UNIQUE (identity, reporter, step)
+);
+CREATE INDEX IF NOT EXISTS failures_by_node ON failures (identity, received);
+";
+
+/// What a registration did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Registration {
+    /// A node not seen before.
+    New,
+    /// A newer descriptor replaced the registered one.
+    Updated,
+    /// The very same descriptor was sent again.
+    Unchanged,
+}
+
+/// What a failure report did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureOutcome {
+    /// Stored and counted.
+    Recorded,
+    /// This reporter already reported this node at this step.
+    Duplicate,
+}
+
+/// A node's reliability history as of some time `now`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    /// First registration (directory clock, unix s).
+    pub first_seen: u64,
+    /// Last registration or heartbeat (directory clock).
+    pub last_seen: u64,
+    /// Heartbeats accepted.
+    pub heartbeats: u64,
+    /// Timestamp of the last accepted heartbeat.
+    pub last_heartbeat: Option<u64>,
+    /// Seconds known up: heartbeat gaps no longer than twice the interval.
+    pub uptime_secs: u64,
+    /// Uptime over time since `first_seen`, in [0, 1]; 1 for a node seen
+    /// less than one interval ago.
+    pub uptime_fraction: f64,
+    /// Heartbeats expected since `first_seen` (one per interval) but not
+    /// received.
+    pub missed_heartbeats: u64,
+    /// Failure reports ever.
+    pub failures: u64,
+    /// Failure reports received within the failure window.
+    pub recent_failures: u64,
+}
+
+/// One stored failure report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureRecord {
+    /// The designer's key.
+    #[serde(with = "hex32")]
+    pub reporter: [u8; 32],
+    /// Training step.
+    pub step: u64,
+    /// Why.
+    pub reason: String,
+    /// Reporter's timestamp.
+    pub timestamp: u64,
+}
+
+/// A node's descriptor and history (`GET /v1/nodes/{identity}`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The registered descriptor, as signed.
+    pub descriptor: SignedDescriptor,
+    /// Its history.
+    pub history: History,
+    /// The latest failure reports (at most 20, newest first).
+    pub recent_reports: Vec<FailureRecord>,
+}
+
+/// The SQLite store.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (or creates) the database file.
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::init(Connection::open(path)?)
+    }
+
+    /// A throwaway in-memory database (tests).
+    pub fn open_in_memory() -> Result<Self> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Self> {
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let _mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(DirectoryError::Database {
+                reason: format!(
+                    "schema version {version} is newer than this build's {SCHEMA_VERSION}"
+                ),
+            });
+        }
+        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(Self { conn })
+    }
+
+    /// Verifies and registers a descriptor ([`SignedDescriptor::verify`]
+    /// with `config.max_descriptor_age`). Refuses an address registered
+    /// under another identity key, and a descriptor not newer than the
+    /// registered one (unless it is the very same).
+    pub fn register(
+        &mut self,
+        signed: &SignedDescriptor,
+        now: u64,
+        config: &DirectoryConfig,
+    ) -> Result<Registration> {
+        let d = signed.verify(now, config.max_descriptor_age)?;
+        let identity = hex::encode(d.identity);
+        let addr = d.addr.to_string();
+        let signature = hex::encode(signed.signature());
+        let tx = self.conn.transaction()?;
+        let owner: Option<String> = tx
+            .query_row("SELECT identity FROM nodes WHERE addr = ?1", [&addr], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if owner.is_some_and(|o| o != identity) {
+            return Err(DirectoryError::AddressTaken { addr });
+        }
+        let existing: Option<(i64, String, String)> = tx
+            .query_row(
+                "SELECT published, descriptor, signature FROM nodes WHERE identity = ?1",
+                [&identity],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let (published, now_i) = (to_i64("published", d.published)?, to_i64("now", now)?);
+        let outcome = match existing {
+            None => {
+                tx.execute(
+                    "INSERT INTO nodes (identity, addr, published, descriptor, signature, first_seen, last_seen)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                    params![identity, addr, published, signed.descriptor_json(), signature, now_i],
+                )?;
+                tx.execute("INSERT INTO history (identity) VALUES (?1)", [&identity])?;
+                Registration::New
+            }
+            Some((current, json, sig)) => {
+                if published < current
+                    || (published == current
+                        && (json != signed.descriptor_json() || sig != signature))
+                {
+                    return Err(DirectoryError::NotNewer {
+                        published: d.published,
+                        current: from_i64(current),
+                    });
+                }
+                let outcome = if published == current {
+                    Registration::Unchanged
+                } else {
+                    Registration::Updated
+                };
+                tx.execute(
+                    "UPDATE nodes SET addr = ?2, published = ?3, descriptor = ?4, signature = ?5, last_seen = ?6
+                     WHERE identity = ?1",
+                    params![identity, addr, published, signed.descriptor_json(), signature, now_i],
+                )?;
+                outcome
+            }
+        };
+        tx.commit()?;
+        tracing::debug!(?outcome, "descriptor registered");
+        Ok(outcome)
+    }
+
+    /// Verifies and records a heartbeat: the node must be registered and the
+    /// timestamp newer than its last heartbeat. The gap since the previous
+    /// heartbeat (or the first registration) counts as uptime if it is at
+    /// most twice `config.heartbeat_interval`.
+    pub fn heartbeat(
+        &mut self,
+        signed: &SignedHeartbeat,
+        now: u64,
+        config: &DirectoryConfig,
+    ) -> Result<()> {
+        let hb = signed.verify(now, config.max_heartbeat_age)?;
+        let identity = hex::encode(hb.identity);
+        let tx = self.conn.transaction()?;
+        let row: Option<(Option<i64>, i64)> = tx
+            .query_row(
+                "SELECT h.last_heartbeat, n.first_seen FROM history h JOIN nodes n USING (identity)
+                 WHERE identity = ?1",
+                [&identity],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((last, first_seen)) = row else {
+            return Err(DirectoryError::UnknownNode { identity });
+        };
+        if let Some(last) = last.map(from_i64).filter(|&l| hb.timestamp <= l) {
+            return Err(DirectoryError::Replayed {
+                stamped: hb.timestamp,
+                last,
+            });
+        }
+        let previous = last.map_or(from_i64(first_seen), from_i64);
+        let gap = hb.timestamp.saturating_sub(previous);
+        let credited = if gap <= config.heartbeat_interval.saturating_mul(2) {
+            gap
+        } else {
+            0
+        };
+        tx.execute(
+            "UPDATE history SET heartbeats = heartbeats + 1, last_heartbeat = ?2,
+                    uptime_secs = uptime_secs + ?3 WHERE identity = ?1",
+            params![
+                identity,
+                to_i64("timestamp", hb.timestamp)?,
+                to_i64("gap", credited)?
+            ],
+        )?;
+        tx.execute(
+            "UPDATE nodes SET last_seen = ?2 WHERE identity = ?1",
+            params![identity, to_i64("now", now)?],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Verifies and stores a failure report about a registered node. With
+    /// `config.accepted_reporters` set, only those designer keys may report.
+    pub fn report_failure(
+        &mut self,
+        signed: &SignedFailureReport,
+        now: u64,
+        config: &DirectoryConfig,
+    ) -> Result<FailureOutcome> {
+        let report = signed.verify(now, config.max_report_age)?;
+        if let Some(accepted) = &config.accepted_reporters {
+            if !accepted.contains(&report.reporter) {
+                return Err(DirectoryError::UnknownReporter {
+                    reporter: hex::encode(report.reporter),
+                });
+            }
+        }
+        let identity = hex::encode(report.node);
+        let tx = self.conn.transaction()?;
+        if !node_exists(&tx, &identity)? {
+            return Err(DirectoryError::UnknownNode { identity });
+        }
+        let inserted = tx.execute(
+            "INSERT OR IGNORE INTO failures (identity, reporter, step, reason, timestamp, received, signature)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                identity,
+                hex::encode(report.reporter),
+                to_i64("step", report.step)?,
+                report.reason,
+                to_i64("timestamp", report.timestamp)?,
+                to_i64("now", now)?,
+                hex::encode(signed.signature()),
+            ],
+        )?;
+        if inserted == 1 {
+            tx.execute(
+                "UPDATE history SET failures = failures + 1 WHERE identity = ?1",
+                [&identity],
+            )?;
+        }
+        tx.commit()?;
+        Ok(if inserted == 1 {
+            FailureOutcome::Recorded
+        } else {
+            FailureOutcome::Duplicate
+        })
+    }
+
+    /// One node's descriptor, history and latest failure reports.
+    pub fn node(
+        &self,
+        identity: &[u8; 32],
+        now: u64,
+        config: &DirectoryConfig,
+    ) -> Result<NodeRecord> {
+        let id = hex::encode(identity);
+        let mut rows = self.rows(Some(&id), 0, now, config)?;
+        let Some((descriptor, history)) = rows.pop() else {
+            return Err(DirectoryError::UnknownNode { identity: id });
+        };
+        let mut stmt = self.conn.prepare(
+            "SELECT reporter, step, reason, timestamp FROM failures WHERE identity = ?1
+             ORDER BY received DESC, id DESC LIMIT 20",
+        )?;
+        let recent_reports = stmt
+            .query_map([&id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .map(|row| {
+                let (reporter, step, reason, timestamp) = row?;
+                Ok(FailureRecord {
+                    reporter: crate::signed::parse_key_hex("stored reporter key", &reporter)?,
+                    step: from_i64(step),
+                    reason,
+                    timestamp: from_i64(timestamp),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(NodeRecord {
+            descriptor,
+            history,
+            recent_reports,
+        })
+    }
+
+    /// Every node seen (registered or heartbeating) within
+    /// `config.live_window` of `now`, ordered by identity key.
+    pub fn live_nodes(
+        &self,
+        now: u64,
+        config: &DirectoryConfig,
+    ) -> Result<Vec<(SignedDescriptor, History)>> {
+        self.rows(None, now.saturating_sub(config.live_window), now, config)
+    }
+
+    /// How many nodes are registered, live or not.
+    pub fn node_count(&self) -> Result<u64> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM nodes", [], |r| r.get(0))?;
+        Ok(from_i64(n))
+    }
+
+    fn rows(
+        &self,
+        identity: Option<&str>,
+        seen_since: u64,
+        now: u64,
+        config: &DirectoryConfig,
+    ) -> Result<Vec<(SignedDescriptor, History)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT n.descriptor, n.signature, n.first_seen, n.last_seen,
+                    h.heartbeats, h.last_heartbeat, h.uptime_secs, h.failures,
+                    (SELECT COUNT(*) FROM failures f WHERE f.identity = n.identity AND f.received >= ?3)
+             FROM nodes n JOIN history h USING (identity)
+             WHERE (?1 IS NULL OR n.identity = ?1) AND n.last_seen >= ?2
+             ORDER BY n.identity",
+        )?;
+        let failures_since = to_i64("now", now.saturating_sub(config.failure_window))?;
+        let rows = stmt.query_map(
+            params![identity, to_i64("now", seen_since)?, failures_since],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    [r.get::<_, i64>(2)?, r.get(3)?, r.get(4)?],
+                    r.get::<_, Option<i64>>(5)?,
+                    [r.get::<_, i64>(6)?, r.get(7)?, r.get(8)?],
+                ))
+            },
+        )?;
+        rows.map(|row| {
+            let (
+                json,
+                sig,
+                [first_seen, last_seen, heartbeats],
+                last_hb,
+                [uptime, failures, recent],
+            ) = row?;
+            let mut signature = [0u8; 64];
+            hex::decode_to_slice(&sig, &mut signature)
+                .map_err(|e| DirectoryError::malformed("stored signature", e))?;
+            let descriptor = SignedDescriptor::from_parts(&json, signature)?;
+            let counters = Counters {
+                first_seen: from_i64(first_seen),
+                last_seen: from_i64(last_seen),
+                heartbeats: from_i64(heartbeats),
+                last_heartbeat: last_hb.map(from_i64),
+                uptime_secs: from_i64(uptime),
+                failures: from_i64(failures),
+                recent_failures: from_i64(recent),
+            };
+            Ok((descriptor, counters.history(now, config.heartbeat_interval)))
+        })
+        .collect()
+    }
+}
+
+/// The raw counters of one node, before they are read against the clock.
+#[derive(Debug, Clone, Copy)]
+struct Counters {
+    first_seen: u64,
+    last_seen: u64,
+    heartbeats: u64,
+    last_heartbeat: Option<u64>,
+    uptime_secs: u64,
+    failures: u64,
+    recent_failures: u64,
+}
+
+impl Counters {
+    /// Derives uptime fraction and missed heartbeats as of `now`.
+    fn history(self, now: u64, interval: u64) -> History {
+        let interval = interval.max(1);
+        let observed = now.saturating_sub(self.first_seen);
+        // The node is presumed up since its last heartbeat while that is
+        // recent enough to count as an unbroken gap.
+        let since_last = self
+            .last_heartbeat
+            .map_or(u64::MAX, |l| now.saturating_sub(l));
+        let current = if since_last <= 2 * interval {
+            since_last
+        } else {
+            0
+        };
+        let up = self.uptime_secs.saturating_add(current);
+        let uptime_fraction = if observed < interval {
+            1.0
+        } else {
+            (up as f64 / observed as f64).clamp(0.0, 1.0)
+        };
+        History {
+            first_seen: self.first_seen,
+            last_seen: self.last_seen,
+            heartbeats: self.heartbeats,
+            last_heartbeat: self.last_heartbeat,
+            uptime_secs: self.uptime_secs,
+            uptime_fraction,
+            missed_heartbeats: (observed / interval).saturating_sub(self.heartbeats),
+            failures: self.failures,
+            recent_failures: self.recent_failures,
+        }
+    }
+}
+
+fn node_exists(tx: &Transaction<'_>, identity: &str) -> Result<bool> {
+    Ok(tx
+        .query_row(
+            "SELECT 1 FROM nodes WHERE identity = ?1",
+            [identity],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+fn to_i64(field: &'static str, v: u64) -> Result<i64> {
+    i64::try_from(v).map_err(|_| DirectoryError::InvalidField {
+        field,
+        reason: format!("{v} is out of range"),
+    })
+}
+
+fn from_i64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
