@@ -10,9 +10,10 @@ use serde::de::DeserializeOwned;
 
 use crate::descriptor::SignedDescriptor;
 use crate::error::{DirectoryError, Result};
+use crate::history::NodeRecord;
 use crate::report::{SignedFailureReport, SignedHeartbeat};
 use crate::server::{ErrorBody, FailureResponse, Health, RegisterResponse};
-use crate::store::{FailureOutcome, NodeRecord, Registration};
+use crate::store::{FailureOutcome, Registration};
 use crate::view::SignedView;
 
 /// Timeout for connecting and for a whole request.

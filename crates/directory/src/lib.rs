@@ -70,6 +70,7 @@ mod client;
 mod clock;
 mod descriptor;
 mod error;
+mod history;
 mod keys;
 mod report;
 mod select;
@@ -86,6 +87,7 @@ pub use descriptor::{
     PROTOCOL_VERSION,
 };
 pub use error::{DirectoryError, Result};
+pub use history::{FailureRecord, History, NodeRecord};
 pub use keys::DirectoryKeys;
 pub use report::{
     sign_failure_report, sign_heartbeat, FailureReport, Heartbeat, SignedFailureReport,
@@ -95,7 +97,7 @@ pub use select::{select, weight, Selection, MIN_WEIGHT};
 pub use server::{router, serve, ErrorBody, FailureResponse, Health, RegisterResponse, MAX_BODY};
 pub use signed::parse_key_hex;
 pub use state::{DirectoryConfig, DirectoryState};
-pub use store::{FailureOutcome, FailureRecord, History, NodeRecord, Registration, Store};
+pub use store::{FailureOutcome, Registration, Store};
 pub use view::{verify_quorum, NodeEntry, SignedView, VerifiedView, View, ViewNode};
 
 /// Re-exported so callers sign with the same Ed25519 implementation.

@@ -16,10 +16,11 @@ use tokio::net::TcpListener;
 
 use crate::descriptor::SignedDescriptor;
 use crate::error::{DirectoryError, Result};
+use crate::history::NodeRecord;
 use crate::report::{SignedFailureReport, SignedHeartbeat};
 use crate::signed::{hex32, parse_key_hex};
 use crate::state::DirectoryState;
-use crate::store::{FailureOutcome, NodeRecord, Registration};
+use crate::store::{FailureOutcome, Registration};
 use crate::view::SignedView;
 
 /// Largest accepted request body (bytes).

@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::clock::{Clock, SystemClock};
 use crate::descriptor::SignedDescriptor;
 use crate::error::{DirectoryError, Result};
+use crate::history::NodeRecord;
 use crate::keys::DirectoryKeys;
 use crate::report::{SignedFailureReport, SignedHeartbeat};
-use crate::store::{FailureOutcome, NodeRecord, Registration, Store};
+use crate::store::{FailureOutcome, Registration, Store};
 use crate::view::{NodeEntry, SignedView, View};
 
 /// The directory's policy. All durations are in seconds.

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::descriptor::SignedDescriptor;
 use crate::error::{DirectoryError, Result};
+use crate::history::{Counters, FailureRecord, History, NodeRecord};
 use crate::report::{SignedFailureReport, SignedHeartbeat};
-use crate::signed::hex32;
 use crate::state::DirectoryConfig;
 
 const SCHEMA_VERSION: i64 = 1;
@@ -69,56 +69,6 @@ pub enum FailureOutcome {
     Recorded,
     /// This reporter already reported this node at this step.
     Duplicate,
-}
-
-/// A node's reliability history as of some time `now`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct History {
-    /// First registration (directory clock, unix s).
-    pub first_seen: u64,
-    /// Last registration or heartbeat (directory clock).
-    pub last_seen: u64,
-    /// Heartbeats accepted.
-    pub heartbeats: u64,
-    /// Timestamp of the last accepted heartbeat.
-    pub last_heartbeat: Option<u64>,
-    /// Seconds known up: heartbeat gaps no longer than twice the interval.
-    pub uptime_secs: u64,
-    /// Uptime over time since `first_seen`, in [0, 1]; 1 for a node seen
-    /// less than one interval ago.
-    pub uptime_fraction: f64,
-    /// Heartbeats expected since `first_seen` (one per interval) but not
-    /// received.
-    pub missed_heartbeats: u64,
-    /// Failure reports ever.
-    pub failures: u64,
-    /// Failure reports received within the failure window.
-    pub recent_failures: u64,
-}
-
-/// One stored failure report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FailureRecord {
-    /// The designer's key.
-    #[serde(with = "hex32")]
-    pub reporter: [u8; 32],
-    /// Training step.
-    pub step: u64,
-    /// Why.
-    pub reason: String,
-    /// Reporter's timestamp.
-    pub timestamp: u64,
-}
-
-/// A node's descriptor and history (`GET /v1/nodes/{identity}`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeRecord {
-    /// The registered descriptor, as signed.
-    pub descriptor: SignedDescriptor,
-    /// Its history.
-    pub history: History,
-    /// The latest failure reports (at most 20, newest first).
-    pub recent_reports: Vec<FailureRecord>,
 }
 
 /// The SQLite store.
@@ -435,53 +385,6 @@ impl Store {
             Ok((descriptor, counters.history(now, config.heartbeat_interval)))
         })
         .collect()
-    }
-}
-
-/// The raw counters of one node, before they are read against the clock.
-#[derive(Debug, Clone, Copy)]
-struct Counters {
-    first_seen: u64,
-    last_seen: u64,
-    heartbeats: u64,
-    last_heartbeat: Option<u64>,
-    uptime_secs: u64,
-    failures: u64,
-    recent_failures: u64,
-}
-
-impl Counters {
-    /// Derives uptime fraction and missed heartbeats as of `now`.
-    fn history(self, now: u64, interval: u64) -> History {
-        let interval = interval.max(1);
-        let observed = now.saturating_sub(self.first_seen);
-        // The node is presumed up since its last heartbeat while that is
-        // recent enough to count as an unbroken gap.
-        let since_last = self
-            .last_heartbeat
-            .map_or(u64::MAX, |l| now.saturating_sub(l));
-        let current = if since_last <= 2 * interval {
-            since_last
-        } else {
-            0
-        };
-        let up = self.uptime_secs.saturating_add(current);
-        let uptime_fraction = if observed < interval {
-            1.0
-        } else {
-            (up as f64 / observed as f64).clamp(0.0, 1.0)
-        };
-        History {
-            first_seen: self.first_seen,
-            last_seen: self.last_seen,
-            heartbeats: self.heartbeats,
-            last_heartbeat: self.last_heartbeat,
-            uptime_secs: self.uptime_secs,
-            uptime_fraction,
-            missed_heartbeats: (observed / interval).saturating_sub(self.heartbeats),
-            failures: self.failures,
-            recent_failures: self.recent_failures,
-        }
     }
 }
 
