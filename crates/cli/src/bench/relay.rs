@@ -29,6 +29,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Relay {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    accept: Option<thread::JoinHandle<()>>,
 }
 
 impl Relay {
@@ -40,7 +41,7 @@ impl Relay {
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
-        thread::Builder::new()
+        let accept = thread::Builder::new()
             .name(format!("relay {addr}"))
             .spawn(move || {
                 for stream in listener.incoming() {
@@ -59,7 +60,11 @@ impl Relay {
                     }
                 }
             })?;
-        Ok(Relay { addr, stop })
+        Ok(Relay {
+            addr,
+            stop,
+            accept: Some(accept),
+        })
     }
 
     /// The address it listens on.
@@ -70,9 +75,19 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wakes the accept loop so it sees the flag.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        stop_accepting(&self.stop, self.addr, self.accept.take());
+    }
+}
+
+/// Stops an accept loop and waits until its listener is closed, so the
+/// address is free again when this returns.
+fn stop_accepting(stop: &AtomicBool, addr: SocketAddr, accept: Option<thread::JoinHandle<()>>) {
+    stop.store(true, Ordering::SeqCst);
+    // Wakes the accept loop so it sees the flag.
+    if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+        if let Some(t) = accept {
+            let _ = t.join();
+        }
     }
 }
 
@@ -125,6 +140,7 @@ fn pipe(mut src: TcpStream, mut dst: TcpStream, delay: Duration) {
 pub struct EchoServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    accept: Option<thread::JoinHandle<()>>,
 }
 
 impl EchoServer {
@@ -135,7 +151,7 @@ impl EchoServer {
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
-        thread::Builder::new()
+        let accept = thread::Builder::new()
             .name(format!("echo {addr}"))
             .spawn(move || {
                 for stream in listener.incoming() {
@@ -154,14 +170,17 @@ impl EchoServer {
                     });
                 }
             })?;
-        Ok(EchoServer { addr, stop })
+        Ok(EchoServer {
+            addr,
+            stop,
+            accept: Some(accept),
+        })
     }
 }
 
 impl Drop for EchoServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        stop_accepting(&self.stop, self.addr, self.accept.take());
     }
 }
 
