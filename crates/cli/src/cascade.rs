@@ -9,8 +9,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use mixnn_designer::{CascadeFile, CascadeOptions, CascadeRunner, HopInfo};
-use mixnn_model::trainer::{run_training, Observer, RunMetrics};
+use mixnn_designer::checkpoint::CheckpointDir;
+use mixnn_designer::{CascadeFile, CascadeOptions, CascadeRunner, HopInfo, Spares};
+use mixnn_model::trainer::{run_training_from, Observer, RunMetrics};
 
 use crate::node::parse_ready_line;
 use crate::train::Prepared;
@@ -33,6 +34,67 @@ pub fn parse_keep(keep: Option<&str>) -> anyhow::Result<(bool, bool)> {
     Ok((first, last))
 }
 
+/// Checkpoints and crash recovery of `mixnn train --cascade`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RecoveryArgs {
+    /// Write checkpoints (every stage's parameters, momentum and step,
+    /// with the data order) to DIR; the newest 3 are kept.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoints: Option<PathBuf>,
+
+    /// Take a checkpoint every K steps (and at the end of each epoch).
+    #[arg(long, default_value_t = 100, value_name = "K",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_every: u64,
+
+    /// Replace failed nodes from the spare nodes listed in FILE (a cascade
+    /// file) and continue from the last checkpoint instead of stopping.
+    #[arg(long, value_name = "FILE")]
+    pub spares: Option<PathBuf>,
+
+    /// Continue the run whose checkpoints are in DIR (from the newest
+    /// valid one), with the same settings; checkpoints keep going there.
+    #[arg(long, value_name = "DIR", conflicts_with = "checkpoints")]
+    pub resume: Option<PathBuf>,
+}
+
+/// [`RecoveryArgs`], loaded.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    /// Checkpoint directory.
+    pub checkpoints: Option<PathBuf>,
+    /// Steps between checkpoints.
+    pub every: u64,
+    /// Spare nodes.
+    pub spares: Vec<HopInfo>,
+    /// Resume from the newest checkpoint in `checkpoints`.
+    pub resume: bool,
+}
+
+impl RecoveryArgs {
+    /// Loads the spares file and checks the flags.
+    pub fn setup(&self) -> anyhow::Result<Recovery> {
+        let spares = match &self.spares {
+            Some(f) => load_cascade(f).with_context(|| format!("--spares {}", f.display()))?,
+            None => Vec::new(),
+        };
+        Ok(Recovery {
+            checkpoints: self.resume.clone().or_else(|| self.checkpoints.clone()),
+            every: self.checkpoint_every,
+            spares,
+            resume: self.resume.is_some(),
+        })
+    }
+
+    /// Refuses recovery flags where they mean nothing (`--local`).
+    pub fn local_only(&self) -> anyhow::Result<()> {
+        if self.checkpoints.is_some() || self.spares.is_some() || self.resume.is_some() {
+            bail!("--checkpoints, --spares and --resume work with --cascade only");
+        }
+        Ok(())
+    }
+}
+
 /// Trains through the cascade `hops`.
 pub fn run_cascade(
     prepared: &Prepared,
@@ -40,16 +102,69 @@ pub fn run_cascade(
     opts: CascadeOptions,
     observer: &mut dyn Observer,
 ) -> anyhow::Result<(RunMetrics, Vec<u8>)> {
+    run_cascade_with(prepared, hops, opts, &Recovery::default(), observer)
+}
+
+/// Trains through the cascade `hops` with checkpoints, recovery from
+/// failed nodes, or resuming a run, as `recovery` says.
+pub fn run_cascade_with(
+    prepared: &Prepared,
+    hops: Vec<HopInfo>,
+    opts: CascadeOptions,
+    recovery: &Recovery,
+    observer: &mut dyn Observer,
+) -> anyhow::Result<(RunMetrics, Vec<u8>)> {
     let Prepared { model, split, cfg } = prepared;
-    let mut runner = CascadeRunner::connect(model, hops, cfg, opts)?;
-    Ok(run_training(
+    let dir = match &recovery.checkpoints {
+        Some(d) => Some(CheckpointDir::open(d, 3)?),
+        None => None,
+    };
+    let resume = match (&dir, recovery.resume) {
+        (Some(dir), true) => match dir.latest()? {
+            Some((c, warnings)) => {
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+                Some(c)
+            }
+            None => bail!("no checkpoint in {}", dir.path().display()),
+        },
+        _ => None,
+    };
+    let mut runner =
+        CascadeRunner::connect(model, hops, cfg, opts)?.with_checkpoints(dir, recovery.every);
+    if !recovery.spares.is_empty() {
+        runner = runner.with_replacements(Box::new(Spares::new(recovery.spares.clone())));
+    }
+    let from = match &resume {
+        Some(c) => {
+            let at = runner.restore(c)?;
+            crate::progress::say(&format!(
+                "resuming at step {} (epoch {}, batch {})",
+                c.step,
+                at.epoch + 1,
+                at.position
+            ));
+            Some(at)
+        }
+        None => None,
+    };
+    let result = run_training_from(
         &mut runner,
         model,
         &split.train,
         &split.test,
         cfg,
         observer,
-    )?)
+        from,
+    );
+    for e in runner.recoveries() {
+        crate::progress::say(&format!(
+            "recovered: {} (bound T {:.1} s); replaced {:?}; back at step {} in {:.2} s",
+            e.cause, e.bound_s, e.replaced, e.resumed_at, e.recovery_s
+        ));
+    }
+    Ok(result?)
 }
 
 /// Loads a cascade file.

@@ -28,6 +28,8 @@ pub struct TrainCmd {
     pub args: TrainArgs,
     #[command(flatten)]
     pub cascade: CascadeArgs,
+    #[command(flatten)]
+    pub recovery: crate::cascade::RecoveryArgs,
 }
 
 /// How the model is trained. Exactly one mode must be given; a cascade mode
@@ -287,9 +289,13 @@ pub fn run(cmd: &TrainCmd) -> anyhow::Result<()> {
         Some(file) => {
             let hops = crate::cascade::load_cascade(file)?;
             let opts = cmd.cascade.options()?;
-            crate::cascade::run_cascade(&prepared, hops, opts, &mut observer)?
+            let recovery = cmd.recovery.setup()?;
+            crate::cascade::run_cascade_with(&prepared, hops, opts, &recovery, &mut observer)?
         }
-        None => run_local(&prepared, &mut observer)?,
+        None => {
+            cmd.recovery.local_only()?;
+            run_local(&prepared, &mut observer)?
+        }
     };
     drop(observer);
     say(&progress::summary(&metrics));

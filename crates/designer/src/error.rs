@@ -46,4 +46,10 @@ pub enum DesignerError {
     /// A reply made no sense.
     #[error("cascade answered with {0}")]
     Reply(String),
+    /// A checkpoint could not be written or read.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    /// Recovery from a failed hop did not succeed.
+    #[error("recovery: {0}")]
+    Recovery(String),
 }

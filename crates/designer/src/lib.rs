@@ -6,12 +6,13 @@
 //! bit for bit.
 
 pub mod cascade;
+pub mod checkpoint;
 mod error;
 pub mod runner;
 
 pub use cascade::{CascadeFile, HopInfo};
 pub use error::DesignerError;
-pub use runner::{CascadeOptions, CascadeRunner};
+pub use runner::{CascadeOptions, CascadeRunner, Replacements, Spares};
 
 impl From<mixnn_node::NodeError> for DesignerError {
     fn from(e: mixnn_node::NodeError) -> Self {

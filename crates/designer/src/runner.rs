@@ -10,17 +10,20 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mixnn_model::spec::ModelSpec;
+use mixnn_model::spec::{ModelSpec, StageSpec};
 use mixnn_model::stage::{Stage, StageCache};
 use mixnn_model::tensor_bytes::TensorBytes;
 use mixnn_model::trainer::{
-    argmax_slice, micro_ranges, stage_seed, Batch, StepRunner, TrainConfig,
+    argmax_slice, micro_ranges, stage_seed, Batch, EpochMetrics, StepRunner, TrainConfig,
 };
 use mixnn_model::weights::StageParams;
-use mixnn_net::{recv_message, Link, LinkKeypair, LinkListener, LinkWriter, PublicLinkKey};
-use mixnn_proto::{decode_params, InitNote, ParamChunk, StepNote};
+use mixnn_net::{
+    recv_message, Link, LinkConfig, LinkKeypair, LinkListener, LinkWriter, PublicLinkKey,
+};
+use mixnn_proto::{InitNote, StepNote};
 use mixnn_wire::{
     encode_cells, wrap_init, CellKind, DesignerSession, HopAddr, HopLayer, HopTag, Next,
     OnionPublic, Op, PaddingPolicy, ReplyId, RoutingBlock, CELL_SIZE,
@@ -32,6 +35,9 @@ use tokio::sync::mpsc;
 
 use crate::cascade::HopInfo;
 use crate::error::DesignerError;
+
+mod recovery;
+pub use recovery::{Replacements, Spares};
 
 /// How the designer runs a cascade.
 #[derive(Debug, Clone)]
@@ -74,7 +80,12 @@ enum Await {
     Done(u64, u16),
     /// The output of micro-batch `.1` of test batch `.0`.
     Test(usize, u16),
-    Chunk,
+    /// Chunk `.1` of the state of remote hop `.0`.
+    Chunk(usize, u32),
+    /// Remote hop `.0` loaded chunk `.1` of a state.
+    Loaded(usize, u32),
+    /// A loop through the hops up to `.0` came back.
+    Probe(usize),
 }
 
 /// Progress of one training step in flight.
@@ -88,9 +99,13 @@ struct StepProgress {
 /// Drives a cascade of remote stages (and optionally kept local ones).
 pub struct CascadeRunner {
     rt: Runtime,
+    key: LinkKeypair,
+    link_config: LinkConfig,
+    allowed: Arc<Mutex<Vec<[u8; 32]>>>,
     hops: Vec<HopInfo>,
     me: HopAddr,
-    session: DesignerSession,
+    /// The session's hop keys (set by the init loop).
+    session: Option<DesignerSession>,
     first_link: LinkWriter,
     last_link: LinkWriter,
     replies: mpsc::UnboundedReceiver<([u8; 16], Vec<u8>)>,
@@ -100,12 +115,15 @@ pub struct CascadeRunner {
     step: u64,
     local_first: Option<Stage>,
     local_last: Option<Stage>,
+    /// The remote stages: model index and description.
+    remote: Vec<(usize, StageSpec)>,
     remote_has_loss: bool,
-    remote_has_params: Vec<bool>,
     input_features: usize,
     tags: HashMap<(u64, u16), Vec<HopTag>>,
     micro_batches: usize,
+    cfg: TrainConfig,
     opts: CascadeOptions,
+    recovery: recovery::State,
 }
 
 fn link_err(addr: SocketAddr) -> impl Fn(mixnn_net::NetError) -> DesignerError {
@@ -129,8 +147,14 @@ impl CascadeRunner {
                 message: "no stage left to run remotely".into(),
             });
         }
-        let remote: Vec<(usize, &mixnn_model::spec::StageSpec)> =
-            model.stages.iter().enumerate().take(hi).skip(lo).collect();
+        let remote: Vec<(usize, StageSpec)> = model
+            .stages
+            .iter()
+            .cloned()
+            .enumerate()
+            .take(hi)
+            .skip(lo)
+            .collect();
         if hops.len() != remote.len() {
             return Err(DesignerError::Config {
                 message: format!(
@@ -159,8 +183,7 @@ impl CascadeRunner {
             s
         });
         let key = LinkKeypair::generate(&mut rng);
-        let my_link = *key.public().as_bytes();
-        let config = mixnn_node::link_config().map_err(|e| DesignerError::Config {
+        let link_config = mixnn_node::link_config().map_err(|e| DesignerError::Config {
             message: e.to_string(),
         })?;
 
@@ -169,7 +192,7 @@ impl CascadeRunner {
         let micro_batches = cfg.micro_batches.clamp(1, usize::from(u16::MAX));
         let b = cfg.batch.div_ceil(micro_batches).max(1);
         let tensor = |features: usize| 2 + 8 + b * features * 4;
-        let first_remote = remote[0].1;
+        let first_remote = &remote[0].1;
         let mut max_body = if opts.keep_first {
             tensor(first_remote.input)
         } else {
@@ -189,61 +212,125 @@ impl CascadeRunner {
 
         let (reply_tx, replies) = mpsc::unbounded_channel();
         let (listener, me) = rt.block_on(async {
-            let l = LinkListener::bind(opts.listen, key.clone(), config)
+            let l = LinkListener::bind(opts.listen, key.clone(), link_config)
                 .await
                 .map_err(DesignerError::Listen)?;
             let addr = l.local_addr().map_err(DesignerError::Listen)?;
             Ok::<_, DesignerError>((l, addr))
         })?;
-        let allowed: Vec<[u8; 32]> = hops
+        let allowed = Arc::new(Mutex::new(Vec::new()));
+        rt.spawn(accept_loop(listener, reply_tx, allowed.clone()));
+
+        let local_first = opts
+            .keep_first
+            .then(|| Stage::new(&model.stages[0], stage_seed(cfg.seed, 0), cfg.sgd));
+        let local_last = opts
+            .keep_last
+            .then(|| Stage::new(&model.stages[n - 1], stage_seed(cfg.seed, n - 1), cfg.sgd));
+        let (first_link, last_link) = Self::open_links(&rt, &key, link_config, &allowed, &hops)?;
+        let mut runner = CascadeRunner {
+            rt,
+            key,
+            link_config,
+            allowed,
+            me: HopAddr(me),
+            session: None,
+            first_link,
+            last_link,
+            replies,
+            pending: HashMap::new(),
+            policy,
+            rng,
+            step: 0,
+            local_first,
+            local_last,
+            remote_has_loss: remote.last().is_some_and(|(_, s)| s.is_loss()),
+            remote,
+            input_features: model.input,
+            tags: HashMap::new(),
+            micro_batches,
+            cfg: *cfg,
+            recovery: recovery::State::new(model),
+            hops,
+            opts,
+        };
+        runner.init()?;
+        tracing::info!(hops = runner.hops.len(), "cascade initialised");
+        Ok(runner)
+    }
+
+    /// Opens links to the first and last hops of `hops`, allowing all of
+    /// them to connect back.
+    fn open_links(
+        rt: &Runtime,
+        key: &LinkKeypair,
+        config: LinkConfig,
+        allowed: &Mutex<Vec<[u8; 32]>>,
+        hops: &[HopInfo],
+    ) -> Result<(LinkWriter, LinkWriter), DesignerError> {
+        let keys: Vec<[u8; 32]> = hops
             .iter()
             .map(HopInfo::link_key)
             .collect::<Result<_, _>>()?;
-        rt.spawn(accept_loop(listener, reply_tx, allowed));
-
-        let first_addr = hops[0].addr;
-        let last_addr = hops[hops.len() - 1].addr;
+        if let Ok(mut a) = allowed.lock() {
+            for k in &keys {
+                if !a.contains(k) {
+                    a.push(*k);
+                }
+            }
+        }
+        let (first, last) = (&hops[0], &hops[hops.len() - 1]);
         let (first_link, last_link) = rt.block_on(async {
-            let a = Link::connect(
-                first_addr,
-                &key,
-                Some(PublicLinkKey::from_bytes(hops[0].link_key()?)),
-                config,
-            )
-            .await
-            .map_err(link_err(first_addr))?;
-            let z = Link::connect(
-                last_addr,
-                &key,
-                Some(PublicLinkKey::from_bytes(hops[hops.len() - 1].link_key()?)),
-                config,
-            )
-            .await
-            .map_err(link_err(last_addr))?;
+            let connect = |h: &HopInfo| {
+                let addr = h.addr;
+                let expect = h.link_key().map(PublicLinkKey::from_bytes);
+                async move {
+                    Link::connect(addr, key, Some(expect?), config)
+                        .await
+                        .map_err(link_err(addr))
+                }
+            };
+            let a = tokio::time::timeout(Duration::from_secs(10), connect(first))
+                .await
+                .map_err(|_| {
+                    DesignerError::Reply(format!("no link to {} in 10 s", first.addr))
+                })??;
+            let z = tokio::time::timeout(Duration::from_secs(10), connect(last))
+                .await
+                .map_err(|_| DesignerError::Reply(format!("no link to {} in 10 s", last.addr)))??;
             Ok::<_, DesignerError>((a.into_split().1, z.into_split().1))
         })?;
+        Ok((first_link, last_link))
+    }
 
-        // Init: one onion through every hop and back to the designer.
-        let publics: Vec<OnionPublic> = hops
+    /// Sends the init loop through every hop (each builds its stage from
+    /// its note) and waits for it to come back.
+    fn init(&mut self) -> Result<(), DesignerError> {
+        let my_link = *self.key.public().as_bytes();
+        let publics: Vec<OnionPublic> = self
+            .hops
             .iter()
             .map(|h| h.onion_key().map(OnionPublic))
             .collect::<Result<_, _>>()?;
-        let links: Vec<[u8; 32]> = hops
+        let links: Vec<[u8; 32]> = self
+            .hops
             .iter()
             .map(HopInfo::link_key)
             .collect::<Result<_, _>>()?;
-        let notes: Vec<Vec<u8>> = remote
+        let max_body = match self.policy {
+            PaddingPolicy::Uniform { max_body } => max_body as u32,
+            _ => 0,
+        };
+        let notes: Vec<Vec<u8>> = self
+            .remote
             .iter()
             .enumerate()
             .map(|(k, (i, spec))| {
                 InitNote {
-                    stage: (*spec).clone(),
-                    sgd: cfg.sgd,
-                    seed: stage_seed(cfg.seed, *i),
-                    max_body: match policy {
-                        PaddingPolicy::Uniform { max_body } => max_body as u32,
-                        _ => 0,
-                    },
+                    stage: spec.clone(),
+                    sgd: self.cfg.sgd,
+                    seed: stage_seed(self.cfg.seed, *i),
+                    max_body,
                     prev_link: if k == 0 { my_link } else { links[k - 1] },
                     next_link: links.get(k + 1).copied().unwrap_or(my_link),
                     designer_link: my_link,
@@ -251,19 +338,18 @@ impl CascadeRunner {
                 .encode()
             })
             .collect();
-        let me = HopAddr(me);
-        let rid = ReplyId::random(&mut rng);
-        let blocks: Vec<RoutingBlock> = (0..hops.len())
+        let rid = ReplyId::random(&mut self.rng);
+        let blocks: Vec<RoutingBlock> = (0..self.hops.len())
             .map(|k| RoutingBlock {
                 op: Op::Init,
-                next: match hops.get(k + 1) {
+                next: match self.hops.get(k + 1) {
                     Some(h) => Next::Hop(HopAddr(h.addr)),
                     None => Next::Deliver {
-                        addr: me,
+                        addr: self.me,
                         reply_id: rid,
                     },
                 },
-                tag: HopTag::random(&mut rng),
+                tag: HopTag::random(&mut self.rng),
             })
             .collect();
         let layers: Vec<HopLayer<'_>> = blocks
@@ -274,41 +360,14 @@ impl CascadeRunner {
                 note,
             })
             .collect();
-        let (onion, session) = wrap_init(&publics, &layers, &mut rng)?;
-        let cells = encode_cells(CellKind::Init, &onion, &[], &policy, &mut rng)?;
-
-        let local_first = opts
-            .keep_first
-            .then(|| Stage::new(&model.stages[0], stage_seed(cfg.seed, 0), cfg.sgd));
-        let local_last = opts
-            .keep_last
-            .then(|| Stage::new(&model.stages[n - 1], stage_seed(cfg.seed, n - 1), cfg.sgd));
-        let mut runner = CascadeRunner {
-            rt,
-            me,
-            session,
-            first_link,
-            last_link,
-            replies,
-            pending: HashMap::from([(rid.0, Await::Init)]),
-            policy,
-            rng,
-            step: 0,
-            local_first,
-            local_last,
-            remote_has_loss: remote.last().is_some_and(|(_, s)| s.is_loss()),
-            remote_has_params: remote.iter().map(|(_, s)| s.has_params()).collect(),
-            input_features: model.input,
-            tags: HashMap::new(),
-            micro_batches,
-            hops,
-            opts,
-        };
-        runner.send_first(&cells)?;
-        let (kind, _) = runner.wait(Await::Init, 0)?;
+        let (onion, session) = wrap_init(&publics, &layers, &mut self.rng)?;
+        let cells = encode_cells(CellKind::Init, &onion, &[], &self.policy, &mut self.rng)?;
+        self.session = Some(session);
+        self.pending.insert(rid.0, Await::Init);
+        self.send_first(&cells)?;
+        let (kind, _) = self.wait(Await::Init, self.step)?;
         debug_assert_eq!(kind, Await::Init);
-        tracing::info!(hops = runner.hops.len(), "cascade initialised");
-        Ok(runner)
+        Ok(())
     }
 
     /// The address the designer listens on.
@@ -335,36 +394,58 @@ impl CascadeRunner {
             .map_err(link_err(addr))
     }
 
-    /// Waits for the next reply; returns what it answers and its body.
-    fn wait(&mut self, what: Await, step: u64) -> Result<(Await, Vec<u8>), DesignerError> {
-        let timeout = self.opts.timeout;
+    /// Waits up to `timeout` for the next reply this runner expects;
+    /// `None` when the time is up.
+    fn recv(&mut self, timeout: Duration) -> Result<Option<(Await, Vec<u8>)>, DesignerError> {
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let got = self
                 .rt
-                .block_on(async { tokio::time::timeout(timeout, self.replies.recv()).await });
+                .block_on(async { tokio::time::timeout_at(deadline, self.replies.recv()).await });
             let (rid, body) = match got {
                 Ok(Some(r)) => r,
-                Ok(None) => {
-                    return Err(DesignerError::Reply("its links closed".into()));
-                }
-                Err(_) => {
-                    return Err(DesignerError::Timeout {
-                        what: match what {
-                            Await::Init => "the init loop",
-                            Await::Output(..) => "the loss",
-                            Await::Done(..) => "the end of backward",
-                            Await::Test(..) => "a test output",
-                            Await::Chunk => "the parameters",
-                        },
-                        step,
-                        secs: timeout.as_secs_f64(),
-                    })
-                }
+                Ok(None) => return Err(DesignerError::Reply("its links closed".into())),
+                Err(_) => return Ok(None),
             };
             match self.pending.remove(&rid) {
-                Some(kind) => return Ok((kind, body)),
-                None => tracing::warn!("reply with an unknown id dropped"),
+                Some(kind) => return Ok(Some((kind, body))),
+                // Late answers of an abandoned session (after a recovery)
+                // or of a probe that already timed out.
+                None => tracing::debug!("reply with an unknown id dropped"),
             }
+        }
+    }
+
+    /// Waits for the next reply; returns what it answers and its body.
+    /// Every answer but the init loop's (which waits for links between
+    /// the nodes to come up) gets the detection bound T (see
+    /// [`recovery`]).
+    fn wait(&mut self, what: Await, step: u64) -> Result<(Await, Vec<u8>), DesignerError> {
+        let timeout = match what {
+            Await::Init => self.opts.timeout,
+            _ => self.detection_bound(),
+        };
+        let started = std::time::Instant::now();
+        match self.recv(timeout)? {
+            Some(r) => {
+                if what != Await::Init {
+                    self.recovery.observe(started.elapsed());
+                }
+                Ok(r)
+            }
+            None => Err(DesignerError::Timeout {
+                what: match what {
+                    Await::Init => "the init loop",
+                    Await::Output(..) => "the loss",
+                    Await::Done(..) => "the end of backward",
+                    Await::Test(..) => "a test output",
+                    Await::Chunk(..) => "the parameters",
+                    Await::Loaded(..) => "a state load",
+                    Await::Probe(..) => "a probe",
+                },
+                step,
+                secs: timeout.as_secs_f64(),
+            }),
         }
     }
 
@@ -410,7 +491,11 @@ impl CascadeRunner {
                 note: note.as_ref(),
             })
             .collect();
-        let onion = self.session.wrap(path, &layers, &mut self.rng)?;
+        let session = self
+            .session
+            .as_mut()
+            .ok_or_else(|| DesignerError::Reply("no session set up".into()))?;
+        let onion = session.wrap(path, &layers, &mut self.rng)?;
         Ok(encode_cells(
             CellKind::Session,
             &onion,
@@ -547,59 +632,30 @@ impl CascadeRunner {
             ))),
         }
     }
-
-    fn fetch_stage(&mut self, j: usize) -> Result<StageParams, DesignerError> {
-        let mut bytes = Vec::new();
-        let mut chunk = 0u32;
-        loop {
-            let rid = ReplyId::random(&mut self.rng);
-            let mut blocks = Vec::with_capacity(j + 1);
-            let mut notes = Vec::with_capacity(j + 1);
-            for k in 0..=j {
-                let op = if k == j { Op::Fetch } else { Op::Loop };
-                blocks.push(self.block(op, k, j, rid, false));
-                notes.push(
-                    StepNote {
-                        chunk,
-                        ..StepNote::at(self.step)
-                    }
-                    .encode(),
-                );
-            }
-            let path: Vec<usize> = (0..=j).collect();
-            let cells = self.seal(&path, &blocks, &notes, &[])?;
-            self.pending.insert(rid.0, Await::Chunk);
-            self.send_first(&cells)?;
-            let (_, body) = self.wait(Await::Chunk, self.step)?;
-            let c = ParamChunk::decode(&body)?;
-            if c.bytes.is_empty() && (bytes.len() as u32) < c.total {
-                return Err(DesignerError::Reply("an empty parameter chunk".into()));
-            }
-            bytes.extend_from_slice(&c.bytes);
-            if bytes.len() as u32 >= c.total {
-                break;
-            }
-            chunk += 1;
-        }
-        Ok(decode_params(&bytes)?)
-    }
 }
 
-impl StepRunner for CascadeRunner {
-    type Error = DesignerError;
-
-    fn train_batches(
+impl CascadeRunner {
+    /// Trains `batches` from where `losses` (the losses of the batches
+    /// done, from step `base` on) leaves off, taking checkpoints on the way
+    /// and one at the end.
+    fn train_from(
         &mut self,
         batches: &[Batch],
-        on_step: &mut dyn FnMut(f32),
-    ) -> Result<Vec<f32>, DesignerError> {
+        base: u64,
+        losses: &mut Vec<f32>,
+        on_step: &mut dyn FnMut(usize, f32),
+    ) -> Result<(), DesignerError> {
         let len = batches.len();
         let window = if self.local_first.is_some() {
             1
         } else {
             self.opts.window.max(1)
         };
-        let base = self.step;
+        let start = losses.len();
+        debug_assert_eq!(self.step, base + start as u64);
+        if self.recovery.wants_checkpoint(self.step) {
+            self.checkpoint(losses)?;
+        }
         let micro_rows: Vec<Vec<std::ops::Range<usize>>> = batches
             .iter()
             .map(|b| micro_ranges(b.rows, self.micro_batches))
@@ -611,12 +667,22 @@ impl StepRunner for CascadeRunner {
                 done: 0,
             })
             .collect();
-        let mut losses = Vec::with_capacity(len);
         let mut first_caches: HashMap<(u64, u16), StageCache> = HashMap::new();
-        let (mut next, mut completed) = (0usize, 0usize);
+        let (mut next, mut completed) = (start, start);
         while completed < len {
+            // Checkpoints are taken between steps: none in flight.
+            if completed == next && completed > start {
+                let step = base + completed as u64;
+                if self.recovery.wants_checkpoint(step) {
+                    self.step = step;
+                    self.checkpoint(losses)?;
+                }
+            }
             while next < len && next - completed < window {
                 let step = base + next as u64;
+                if next > completed && self.recovery.wants_checkpoint(step) {
+                    break;
+                }
                 for (m, c) in self
                     .send_step(&batches[next], step)?
                     .into_iter()
@@ -689,19 +755,22 @@ impl StepRunner for CascadeRunner {
                 for (m, l) in p.losses.iter().flatten().enumerate() {
                     loss = if m == 0 { *l } else { loss + *l };
                 }
-                on_step(loss);
                 losses.push(loss);
+                on_step(completed, loss);
                 completed += 1;
             }
         }
         self.step = base + len as u64;
-        Ok(losses)
+        if self.recovery.enabled() {
+            self.checkpoint(losses)?;
+        }
+        Ok(())
     }
 
-    fn predict_batches(
+    fn predict_once(
         &mut self,
         batches: &[Batch],
-        on_batch: &mut dyn FnMut(),
+        on_batch: &mut dyn FnMut(usize),
     ) -> Result<Vec<u32>, DesignerError> {
         let n = self.hops.len();
         let window = self.opts.window.max(1) * 4;
@@ -747,25 +816,101 @@ impl StepRunner for CascadeRunner {
                 .ok_or_else(|| DesignerError::Reply(format!("test output {i}.{m}")))?;
             *slot = Some(self.output_to_classes(&body)?);
             while received < batches.len() && outputs[received].iter().all(Option::is_some) {
+                on_batch(received);
                 received += 1;
-                on_batch();
             }
         }
         Ok(outputs.into_iter().flatten().flatten().flatten().collect())
     }
+}
+
+impl StepRunner for CascadeRunner {
+    type Error = DesignerError;
+
+    fn begin_epoch(&mut self, epoch: u32, done: &[EpochMetrics], losses_so_far: &[f32]) {
+        self.recovery
+            .begin_epoch(epoch, done, losses_so_far, self.step);
+    }
+
+    fn train_batches(
+        &mut self,
+        batches: &[Batch],
+        on_step: &mut dyn FnMut(f32),
+    ) -> Result<Vec<f32>, DesignerError> {
+        let base = self.step;
+        let mut losses = Vec::with_capacity(batches.len());
+        // After a recovery, steps since the checkpoint run again; the
+        // progress callback hears of each step once.
+        let mut reported = 0usize;
+        loop {
+            let mut tick = |i: usize, l: f32| {
+                if i >= reported {
+                    on_step(l);
+                    reported = i + 1;
+                }
+            };
+            match self.train_from(batches, base, &mut losses, &mut tick) {
+                Ok(()) => return Ok(losses),
+                Err(e) => {
+                    let step = self.recover(e)?;
+                    let back = step.checked_sub(base).ok_or_else(|| {
+                        DesignerError::Reply(format!(
+                            "a checkpoint at step {step}, before this epoch's step {base}"
+                        ))
+                    })?;
+                    losses.truncate(back as usize);
+                }
+            }
+        }
+    }
+
+    fn predict_batches(
+        &mut self,
+        batches: &[Batch],
+        on_batch: &mut dyn FnMut(),
+    ) -> Result<Vec<u32>, DesignerError> {
+        let mut reported = 0usize;
+        loop {
+            let mut tick = |i: usize| {
+                if i >= reported {
+                    on_batch();
+                    reported = i + 1;
+                }
+            };
+            match self.predict_once(batches, &mut tick) {
+                Ok(out) => return Ok(out),
+                Err(e) => {
+                    let at = self.step;
+                    if self.recover(e)? != at {
+                        return Err(DesignerError::Reply(format!(
+                            "no checkpoint at step {at} to test from"
+                        )));
+                    }
+                }
+            }
+        }
+    }
 
     fn params(&mut self) -> Result<Vec<StageParams>, DesignerError> {
+        let states = loop {
+            match self.fetch_states() {
+                Ok(s) => break s,
+                Err(e) => {
+                    let at = self.step;
+                    if self.recover(e)? != at {
+                        return Err(DesignerError::Reply(format!(
+                            "no checkpoint at step {at} to fetch from"
+                        )));
+                    }
+                }
+            }
+        };
         let mut out = Vec::new();
         if let Some(first) = &self.local_first {
             out.push(first.params());
         }
-        for j in 0..self.hops.len() {
-            if self.remote_has_params[j] {
-                let p = self.fetch_stage(j)?;
-                out.push(p);
-            } else {
-                out.push(Vec::new());
-            }
+        for s in states {
+            out.push(recovery::params_only(s.tensors));
         }
         if let Some(last) = &self.local_last {
             out.push(last.params());
@@ -777,7 +922,7 @@ impl StepRunner for CascadeRunner {
 async fn accept_loop(
     listener: LinkListener,
     tx: mpsc::UnboundedSender<([u8; 16], Vec<u8>)>,
-    allowed: Vec<[u8; 32]>,
+    allowed: Arc<Mutex<Vec<[u8; 32]>>>,
 ) {
     loop {
         let pending = match listener.accept().await {
@@ -795,7 +940,11 @@ async fn accept_loop(
                 Ok(l) => l,
                 Err(e) => return tracing::warn!("link from {peer}: {e}"),
             };
-            if !allowed.contains(link.remote_key().as_bytes()) {
+            let known = allowed
+                .lock()
+                .map(|a| a.contains(link.remote_key().as_bytes()))
+                .unwrap_or(false);
+            if !known {
                 return tracing::warn!("link from {peer} refused: not a hop of this cascade");
             }
             let (mut reader, _w) = link.into_split();

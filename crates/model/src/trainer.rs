@@ -154,6 +154,24 @@ pub trait StepRunner {
 
     /// The parameters of every stage, in cascade order.
     fn params(&mut self) -> std::result::Result<Vec<StageParams>, Self::Error>;
+
+    /// An epoch's training begins (0-based `epoch`), after the epochs
+    /// `done`, with `losses_so_far` of its batches already trained (a
+    /// resumed run). Runners that take checkpoints record this.
+    fn begin_epoch(&mut self, _epoch: u32, _done: &[EpochMetrics], _losses_so_far: &[f32]) {}
+}
+
+/// Where a resumed run starts: what a checkpoint recorded.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResumePoint {
+    /// The epoch (0-based) the next step belongs to.
+    pub epoch: u32,
+    /// Batches of that epoch already trained.
+    pub position: usize,
+    /// Their losses, in order.
+    pub epoch_losses: Vec<f32>,
+    /// Metrics of the finished epochs.
+    pub done_epochs: Vec<EpochMetrics>,
 }
 
 /// Progress callbacks of [`run_training`] (progress bars live in the CLI).
@@ -185,15 +203,41 @@ pub fn run_training<R: StepRunner>(
     cfg: &TrainConfig,
     observer: &mut dyn Observer,
 ) -> std::result::Result<(RunMetrics, Vec<u8>), R::Error> {
+    run_training_from(runner, model, train, test, cfg, observer, None)
+}
+
+/// [`run_training`], resuming at `from` when given (the runner must
+/// already hold the state of that point). The resumed epoch's `train_s`
+/// counts only the part trained after resuming.
+pub fn run_training_from<R: StepRunner>(
+    runner: &mut R,
+    model: &ModelSpec,
+    train: &Dataset,
+    test: &Dataset,
+    cfg: &TrainConfig,
+    observer: &mut dyn Observer,
+    from: Option<ResumePoint>,
+) -> std::result::Result<(RunMetrics, Vec<u8>), R::Error> {
     let test_indices: Vec<u32> = (0..test.len() as u32).collect();
     let test_batches = batches(test, &test_indices, cfg.batch);
-    let mut epochs = Vec::with_capacity(cfg.epochs as usize);
-    for epoch in 0..cfg.epochs {
+    let from = from.unwrap_or_default();
+    let mut epochs = from.done_epochs.clone();
+    for epoch in from.epoch..cfg.epochs {
         let order = epoch_order(cfg.seed, epoch, train.len());
         let train_batches = batches(train, &order, cfg.batch);
-        observer.phase(epoch + 1, "train", train_batches.len());
+        let (skip, mut losses) = if epoch == from.epoch {
+            (
+                from.position.min(train_batches.len()),
+                from.epoch_losses.clone(),
+            )
+        } else {
+            (0, Vec::new())
+        };
+        runner.begin_epoch(epoch, &epochs, &losses);
+        observer.phase(epoch + 1, "train", train_batches.len() - skip);
         let start = Instant::now();
-        let losses = runner.train_batches(&train_batches, &mut |l| observer.tick(Some(l)))?;
+        losses
+            .extend(runner.train_batches(&train_batches[skip..], &mut |l| observer.tick(Some(l)))?);
         let train_s = start.elapsed().as_secs_f64();
         observer.phase(epoch + 1, "test", test_batches.len());
         let predicted = runner.predict_batches(&test_batches, &mut || observer.tick(None))?;

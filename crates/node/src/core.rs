@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use mixnn_model::stage::{Stage, StageCache};
 use mixnn_model::tensor_bytes::TensorBytes;
-use mixnn_proto::{encode_params, InitNote, ParamChunk, StepNote};
+use mixnn_proto::{decode_state, encode_params, encode_state, InitNote, ParamChunk, StepNote};
 use mixnn_wire::{
     encode_cells, peel_init, CellKind, HopTag, InitReplayCache, Message, Onion, Op, PaddingPolicy,
     Peeled, SessionId, SessionTable, HEADER_LEN, NOTES_LEN,
@@ -65,6 +65,8 @@ struct NodeSession {
     designer: [u8; 32],
     caches: HashMap<HopTag, (u64, StageCache)>,
     parked: Vec<Parked>,
+    /// Chunks of a state being loaded (crash recovery).
+    loading: Vec<u8>,
 }
 
 /// A node's state: its onion key, sessions and stages.
@@ -157,6 +159,7 @@ impl Core {
                 designer: note.designer_link,
                 caches: HashMap::new(),
                 parked: Vec::new(),
+                loading: Vec::new(),
             },
         );
         tracing::info!(
@@ -346,8 +349,12 @@ impl Core {
             }
             Op::Test => s.stage.eval_bytes(&body)?,
             Op::Loop => body,
+            Op::Load => {
+                load_chunk(s, &note, &body)?;
+                Vec::new()
+            }
             Op::Fetch => {
-                let all = encode_params(&s.stage.params());
+                let all = encode_state(&s.stage.state());
                 let room = s.policy.max_body().saturating_sub(4).max(1);
                 let start = (note.chunk as usize).saturating_mul(room).min(all.len());
                 let end = start.saturating_add(room).min(all.len());
@@ -392,6 +399,43 @@ impl Core {
     }
 }
 
+/// Adds one chunk of a state to load; loads it once complete. The designer
+/// sends the chunks in order, while no step is in flight.
+fn load_chunk(s: &mut NodeSession, note: &StepNote, body: &[u8]) -> Result<(), NodeError> {
+    let chunk = ParamChunk::decode(body)?;
+    // Parameters and momentum, with room for names and shapes.
+    let bound = 2 * encode_params(&s.stage.params()).len() + 4096;
+    if chunk.total as usize > bound {
+        return Err(NodeError::Refused(format!(
+            "a state of {} bytes for a stage of at most {bound}",
+            chunk.total
+        )));
+    }
+    if note.chunk == 0 {
+        s.loading.clear();
+    } else if s.loading.is_empty() {
+        return Err(NodeError::Refused(format!(
+            "state chunk {} without chunk 0",
+            note.chunk
+        )));
+    }
+    s.loading.extend_from_slice(&chunk.bytes);
+    if s.loading.len() > chunk.total as usize {
+        s.loading.clear();
+        return Err(NodeError::Refused(
+            "state chunks longer than announced".into(),
+        ));
+    }
+    if s.loading.len() == chunk.total as usize {
+        let state = decode_state(&std::mem::take(&mut s.loading))?;
+        s.stage.load_state(&state)?;
+        s.caches.clear();
+        s.parked.clear();
+        tracing::info!(step = state.steps, "stage state loaded");
+    }
+    Ok(())
+}
+
 /// A message to the designer: the reply id in the first 16 header bytes,
 /// random bytes elsewhere, so it looks like any other message on the link.
 pub fn reply_onion(rng: &mut impl RngCore, reply_id: [u8; 16]) -> Result<Onion, NodeError> {
@@ -415,6 +459,7 @@ fn op_name(op: Op) -> &'static str {
         Op::Loop => "loop",
         Op::Fetch => "fetch",
         Op::Cover => "cover",
+        Op::Load => "load",
         _ => "unknown op",
     }
 }

@@ -8,7 +8,8 @@
 //! | backward | [`StepNote`] (`need_input_grad`) | gradient (empty at the loss stage) | gradient, or empty to the designer |
 //! | test | [`StepNote`] | activation | activation / output to the designer |
 //! | loop | [`StepNote`] | anything | unchanged |
-//! | fetch | [`StepNote`] with the chunk index | empty | [`ParamChunk`] to the designer |
+//! | fetch | [`StepNote`] with the chunk index | empty | [`ParamChunk`] of [`encode_state`] to the designer |
+//! | load | [`StepNote`] with the chunk index | [`ParamChunk`] of [`encode_state`] | empty, to the designer |
 //!
 //! Every session note carries the training step it belongs to. A hop runs a
 //! forward or test for step `s` only once it has applied `s` updates, and
@@ -19,7 +20,7 @@
 //! All integers are little-endian.
 
 use mixnn_model::spec::{OpSpec, StageSpec};
-use mixnn_model::stage::{NamedParam, Sgd};
+use mixnn_model::stage::{NamedParam, Sgd, StageState};
 
 /// A malformed note or body.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -365,6 +366,24 @@ impl ParamChunk {
     }
 }
 
+/// Serialises a stage's state (a fetch's answer, a load's payload):
+/// `steps u64 ‖` [`encode_params`] of its tensors.
+pub fn encode_state(state: &StageState) -> Vec<u8> {
+    let mut out = state.steps.to_le_bytes().to_vec();
+    out.extend_from_slice(&encode_params(&state.tensors));
+    out
+}
+
+/// Parses [`encode_state`] output.
+pub fn decode_state(bytes: &[u8]) -> Result<StageState> {
+    let mut r = Reader::new(bytes, "stage state");
+    let steps = r.u64()?;
+    Ok(StageState {
+        steps,
+        tensors: decode_params(&bytes[8..])?,
+    })
+}
+
 /// Serialises parameters: `count u16`, then per tensor `name_len u16 ‖ name
 /// ‖ rank u8 ‖ dims u32… ‖ f32…`.
 pub fn encode_params(params: &[NamedParam]) -> Vec<u8> {
@@ -487,6 +506,20 @@ mod tests {
     }
 
     #[test]
+    fn state_round_trips() {
+        let s = StageState {
+            steps: 77,
+            tensors: vec![NamedParam {
+                name: "1.weight.velocity".into(),
+                shape: vec![1, 2],
+                values: vec![0.5, -1.5],
+            }],
+        };
+        assert_eq!(decode_state(&encode_state(&s)).unwrap(), s);
+        assert!(decode_state(&encode_state(&s)[..12]).is_err());
+    }
+
+    #[test]
     fn params_round_trip() {
         let p = vec![NamedParam {
             name: "0.weight".into(),
@@ -512,6 +545,7 @@ mod tests {
             let _ = StepNote::decode(&bytes);
             let _ = decode_params(&bytes);
             let _ = ParamChunk::decode(&bytes);
+            let _ = decode_state(&bytes);
         }
     }
 }

@@ -44,11 +44,14 @@ pub enum Op {
     Fetch = 5,
     /// Cover traffic, dropped by the hop that reads this op.
     Cover = 6,
+    /// Load a checkpointed state (parameters, momentum, step) into the
+    /// stage, one chunk per message (crash recovery).
+    Load = 7,
 }
 
 impl Op {
     /// Every op this version knows, in byte order.
-    pub const ALL: [Op; 7] = [
+    pub const ALL: [Op; 8] = [
         Op::Init,
         Op::Forward,
         Op::Backward,
@@ -56,6 +59,7 @@ impl Op {
         Op::Loop,
         Op::Fetch,
         Op::Cover,
+        Op::Load,
     ];
 }
 

@@ -1,0 +1,219 @@
+//! Shared by the process-level tests: start `mixnn node` processes, run
+//! `mixnn train`, compare runs.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const DATA: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../../shared/data/fashion-mnist"
+);
+
+pub fn mixnn() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mixnn"));
+    c.env_remove("RUST_LOG").env_remove("MIXNN_DATA");
+    c
+}
+
+/// One node as its ready line describes it.
+#[derive(Debug, Clone)]
+pub struct Hop {
+    pub addr: SocketAddr,
+    pub onion: String,
+    pub link: String,
+}
+
+pub fn parse_ready(line: &str) -> Hop {
+    let rest = line
+        .trim()
+        .strip_prefix("mixnn node ready: ")
+        .unwrap_or_else(|| panic!("not a ready line: {line:?}"));
+    let field = |name: &str| {
+        rest.split_whitespace()
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+            .to_string()
+    };
+    Hop {
+        addr: field("addr").parse().unwrap(),
+        onion: field("onion"),
+        link: field("link"),
+    }
+}
+
+/// `mixnn node` processes on 127.0.0.1:0, each with its own state dir
+/// (`DIR/node-i`) and log (`DIR/node-i.log`). Dropping it (also while a
+/// test panics) stops them all.
+pub struct Nodes {
+    pub children: Vec<Child>,
+    pub hops: Vec<Hop>,
+    pub dir: PathBuf,
+}
+
+impl Nodes {
+    pub fn start(dir: &Path, n: usize) -> Nodes {
+        let mut nodes = Nodes {
+            children: Vec::new(),
+            hops: Vec::new(),
+            dir: dir.to_path_buf(),
+        };
+        for i in 0..n {
+            let log = File::create(nodes.log_path(i)).unwrap();
+            let mut child = mixnn()
+                .args(["node", "--listen", "127.0.0.1:0", "--state"])
+                .arg(nodes.state(i))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            let stdout = child.stdout.take().unwrap();
+            // Pushed before waiting, so the guard stops it if it never
+            // becomes ready.
+            nodes.children.push(child);
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                let _ = BufReader::new(stdout).read_line(&mut line);
+                let _ = tx.send(line);
+            });
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| {
+                    panic!("node {i} not ready in 30 s: {}", nodes.log(i));
+                });
+            assert!(!line.is_empty(), "node {i} exited: {}", nodes.log(i));
+            nodes.hops.push(parse_ready(&line));
+        }
+        nodes
+    }
+
+    pub fn state(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node-{i}"))
+    }
+
+    pub fn log_path(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node-{i}.log"))
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.log_path(i)).unwrap_or_default()
+    }
+
+    /// Writes a cascade file listing `self.hops` in order; returns its path.
+    pub fn cascade_file(&self, name: &str) -> PathBuf {
+        let mut text = String::new();
+        for h in &self.hops {
+            text.push_str(&format!(
+                "[[hop]]\naddr = \"{}\"\nonion = \"{}\"\nlink = \"{}\"\n\n",
+                h.addr, h.onion, h.link
+            ));
+        }
+        let path = self.dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Whether node `i` is still running.
+    pub fn running(&mut self, i: usize) -> bool {
+        self.children[i].try_wait().unwrap().is_none()
+    }
+
+    pub fn kill_hard(&mut self, i: usize) {
+        self.children[i].kill().unwrap();
+        self.children[i].wait().unwrap();
+    }
+
+    /// SIGTERM to every node (they shut down cleanly on it), SIGKILL to any
+    /// still running after 3 s; reaps them all.
+    pub fn stop(&mut self) {
+        for c in &mut self.children {
+            if matches!(c.try_wait(), Ok(None)) {
+                let _ = Command::new("kill").arg(c.id().to_string()).status();
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for c in &mut self.children {
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The args of a small run; `mode` is `["--local"]` or `["--cascade", F]`.
+pub fn train_cmd(dir: &Path, name: &str, mode: &[&str], extra: &[&str]) -> Command {
+    let mut c = mixnn();
+    c.arg("train")
+        .args(mode)
+        .args(["--data", DATA, "--no-fetch"])
+        .arg("--metrics")
+        .arg(dir.join(format!("{name}.json")))
+        .arg("--weights")
+        .arg(dir.join(format!("{name}.safetensors")))
+        .args(extra)
+        .current_dir(dir)
+        .stdin(Stdio::null());
+    c
+}
+
+pub struct Run {
+    pub metrics: serde_json::Value,
+    pub weights: Vec<u8>,
+}
+
+pub fn train(dir: &Path, name: &str, mode: &[&str], extra: &[&str]) -> Run {
+    let out: Output = train_cmd(dir, name, mode, extra).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{name} failed: {}\nstdout: {}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let metrics = std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap();
+    Run {
+        metrics: serde_json::from_str(&metrics).unwrap(),
+        weights: std::fs::read(dir.join(format!("{name}.safetensors"))).unwrap(),
+    }
+}
+
+/// Asserts two runs are the same run: weights file, its hash, and every
+/// epoch's loss and test accuracy (bit for bit; train_s may differ).
+pub fn assert_same_run(local: &Run, cascade: &Run) {
+    assert!(!local.weights.is_empty());
+    assert!(local.weights == cascade.weights, "weights files differ");
+    let sha = &local.metrics["weights_sha256"];
+    assert!(sha.is_string(), "{}", local.metrics);
+    assert_eq!(sha, &cascade.metrics["weights_sha256"]);
+    let (l, c) = (
+        local.metrics["epochs"].as_array().unwrap(),
+        cascade.metrics["epochs"].as_array().unwrap(),
+    );
+    assert!(!l.is_empty());
+    assert_eq!(l.len(), c.len());
+    for (l, c) in l.iter().zip(c) {
+        for key in ["epoch", "loss", "test_acc"] {
+            let (a, b) = (l[key].as_f64().unwrap(), c[key].as_f64().unwrap());
+            assert_eq!(a.to_bits(), b.to_bits(), "{key}: local {l} cascade {c}");
+        }
+    }
+}
