@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use mixnn_designer::checkpoint::CheckpointDir;
+use mixnn_designer::directory::{draw, Directories, DirectoryReplacements, DrawnCascade};
 use mixnn_designer::{CascadeFile, CascadeOptions, CascadeRunner, HopInfo, Spares};
 use mixnn_model::trainer::{run_training_from, Observer, RunMetrics};
+use rand_chacha::rand_core::SeedableRng;
 
 use crate::node::parse_ready_line;
 use crate::train::Prepared;
@@ -58,6 +60,90 @@ pub struct RecoveryArgs {
     pub resume: Option<PathBuf>,
 }
 
+/// How `mixnn train --directory URL` picks its cascade.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SelectionArgs {
+    /// A directory's public key (hex), as it prints when it starts: its
+    /// views are trusted only if signed by a pinned key (repeat for
+    /// several directories).
+    #[arg(long = "directory-key", value_name = "HEX")]
+    pub directory_keys: Vec<String>,
+
+    /// How many directories must sign the same node list.
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    pub quorum: usize,
+
+    /// Dummy hops hidden among the real stages (identity stages that see
+    /// and send the same cells).
+    #[arg(long, default_value_t = 0, value_name = "R")]
+    pub dummies: usize,
+
+    /// Seed of the random draw of the nodes [default: from the OS].
+    #[arg(long, value_name = "SEED")]
+    pub selection_seed: Option<u64>,
+}
+
+/// Draws the cascade from the directories `urls`: sets the dummies in
+/// `opts`, and (unless spares are given) replacements from the same
+/// directories in `recovery`. Returns the hops.
+pub fn from_directory(
+    urls: &[String],
+    args: &SelectionArgs,
+    prepared: &Prepared,
+    opts: &mut CascadeOptions,
+    recovery: &mut Recovery,
+) -> anyhow::Result<Vec<HopInfo>> {
+    if args.directory_keys.is_empty() {
+        bail!(
+            "--directory needs --directory-key HEX (the key the directory printed when it started)"
+        );
+    }
+    let pinned = args
+        .directory_keys
+        .iter()
+        .map(|k| {
+            let bytes = hex::decode(k.trim()).ok().filter(|b| b.len() == 32);
+            bytes
+                .map(|b| {
+                    let mut a = [0u8; 32];
+                    a.copy_from_slice(&b);
+                    a
+                })
+                .with_context(|| format!("--directory-key {k:?} is not 64 hex digits"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let dirs = Directories {
+        urls: urls.to_vec(),
+        pinned,
+        quorum: args.quorum,
+    };
+    let view = dirs.view()?;
+    let real =
+        prepared.model.stages.len() - usize::from(opts.keep_first) - usize::from(opts.keep_last);
+    let seed = args.selection_seed.unwrap_or_else(rand_seed);
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+    let drawn = draw(&view, real, args.dummies, &mut rng)?;
+    crate::progress::say(&format!(
+        "directory: {} nodes listed; drew {} hops ({} real, dummies at {:?})",
+        view.nodes.len(),
+        drawn.hops.len(),
+        real,
+        drawn.dummies
+    ));
+    opts.dummies = drawn.dummies.clone();
+    if recovery.spares.is_empty() {
+        recovery.directory = Some((dirs, seed, drawn.clone()));
+    }
+    Ok(drawn.hops)
+}
+
+fn rand_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish()
+}
+
 /// [`RecoveryArgs`], loaded.
 #[derive(Debug, Clone, Default)]
 pub struct Recovery {
@@ -69,6 +155,9 @@ pub struct Recovery {
     pub spares: Vec<HopInfo>,
     /// Resume from the newest checkpoint in `checkpoints`.
     pub resume: bool,
+    /// Replacements from these directories (with the draw's seed and
+    /// result), if not from `spares`.
+    pub directory: Option<(Directories, u64, DrawnCascade)>,
 }
 
 impl RecoveryArgs {
@@ -83,6 +172,7 @@ impl RecoveryArgs {
             every: self.checkpoint_every,
             spares,
             resume: self.resume.is_some(),
+            directory: None,
         })
     }
 
@@ -135,6 +225,13 @@ pub fn run_cascade_with(
         CascadeRunner::connect(model, hops, cfg, opts)?.with_checkpoints(dir, recovery.every);
     if !recovery.spares.is_empty() {
         runner = runner.with_replacements(Box::new(Spares::new(recovery.spares.clone())));
+    } else if let Some((dirs, seed, drawn)) = &recovery.directory {
+        runner = runner.with_replacements(Box::new(DirectoryReplacements::new(
+            dirs.clone(),
+            DirectoryReplacements::ephemeral_key(),
+            *seed,
+            drawn,
+        )));
     }
     let from = match &resume {
         Some(c) => {

@@ -30,6 +30,8 @@ pub struct TrainCmd {
     pub cascade: CascadeArgs,
     #[command(flatten)]
     pub recovery: crate::cascade::RecoveryArgs,
+    #[command(flatten)]
+    pub selection: crate::cascade::SelectionArgs,
 }
 
 /// How the model is trained. Exactly one mode must be given; a cascade mode
@@ -45,6 +47,11 @@ pub struct Mode {
     /// with `addr`, `onion` and `link` keys, one per remote stage).
     #[arg(long, value_name = "FILE")]
     pub cascade: Option<PathBuf>,
+
+    /// Draw the cascade at random from the directory authority at URL
+    /// (repeat for several; see --directory-key, --quorum, --dummies).
+    #[arg(long, value_name = "URL")]
+    pub directory: Vec<String>,
 }
 
 /// How the designer drives a cascade.
@@ -290,6 +297,18 @@ pub fn run(cmd: &TrainCmd) -> anyhow::Result<()> {
             let hops = crate::cascade::load_cascade(file)?;
             let opts = cmd.cascade.options()?;
             let recovery = cmd.recovery.setup()?;
+            crate::cascade::run_cascade_with(&prepared, hops, opts, &recovery, &mut observer)?
+        }
+        None if !cmd.mode.directory.is_empty() => {
+            let mut opts = cmd.cascade.options()?;
+            let mut recovery = cmd.recovery.setup()?;
+            let hops = crate::cascade::from_directory(
+                &cmd.mode.directory,
+                &cmd.selection,
+                &prepared,
+                &mut opts,
+                &mut recovery,
+            )?;
             crate::cascade::run_cascade_with(&prepared, hops, opts, &recovery, &mut observer)?
         }
         None => {

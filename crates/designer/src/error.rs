@@ -49,6 +49,9 @@ pub enum DesignerError {
     /// A checkpoint could not be written or read.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// A directory could not be reached or its view does not check out.
+    #[error("directory: {0}")]
+    Directory(String),
     /// Recovery from a failed hop did not succeed.
     #[error("recovery: {0}")]
     Recovery(String),

@@ -7,6 +7,7 @@
 
 pub mod cascade;
 pub mod checkpoint;
+pub mod directory;
 mod error;
 pub mod runner;
 

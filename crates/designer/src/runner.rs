@@ -55,6 +55,10 @@ pub struct CascadeOptions {
     pub uniform_padding: bool,
     /// Address the designer listens on for deliveries.
     pub listen: SocketAddr,
+    /// Positions (in the cascade's hop list) of dummy hops: they run an
+    /// identity stage, see and send the same cells as real hops, and
+    /// change nothing in the result (paper §2.2).
+    pub dummies: Vec<usize>,
 }
 
 impl Default for CascadeOptions {
@@ -66,6 +70,7 @@ impl Default for CascadeOptions {
             timeout: Duration::from_secs(10),
             uniform_padding: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dummies: Vec::new(),
         }
     }
 }
@@ -115,15 +120,54 @@ pub struct CascadeRunner {
     step: u64,
     local_first: Option<Stage>,
     local_last: Option<Stage>,
-    /// The remote stages: model index and description.
-    remote: Vec<(usize, StageSpec)>,
-    remote_has_loss: bool,
+    /// What each hop runs: the model stage's index and description, or
+    /// no index for a dummy hop (an identity stage).
+    remote: Vec<(Option<usize>, StageSpec)>,
+    /// The hop that runs the loss stage, if remote.
+    loss_hop: Option<usize>,
     input_features: usize,
     tags: HashMap<(u64, u16), Vec<HopTag>>,
     micro_batches: usize,
     cfg: TrainConfig,
     opts: CascadeOptions,
     recovery: recovery::State,
+}
+
+/// Inserts identity stages at the hop positions `dummies` among the
+/// `real` remote stages.
+fn with_dummies(
+    real: Vec<(Option<usize>, StageSpec)>,
+    dummies: &[usize],
+) -> Result<Vec<(Option<usize>, StageSpec)>, DesignerError> {
+    let n = real.len() + dummies.len();
+    let mut sorted = dummies.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    if sorted.len() != dummies.len() || sorted.last().is_some_and(|d| *d >= n) {
+        return Err(DesignerError::Config {
+            message: format!("dummy positions {dummies:?} for a cascade of {n} hops"),
+        });
+    }
+    let mut real = real.into_iter().peekable();
+    let mut out: Vec<(Option<usize>, StageSpec)> = Vec::with_capacity(n);
+    for k in 0..n {
+        if sorted.contains(&k) {
+            let width = match out.last() {
+                Some((_, prev)) => prev.output(),
+                None => real.peek().map_or(1, |(_, s)| s.input),
+            };
+            out.push((
+                None,
+                StageSpec {
+                    input: width,
+                    ops: vec![mixnn_model::spec::OpSpec::Identity],
+                },
+            ));
+        } else if let Some(r) = real.next() {
+            out.push(r);
+        }
+    }
+    Ok(out)
 }
 
 fn link_err(addr: SocketAddr) -> impl Fn(mixnn_net::NetError) -> DesignerError {
@@ -147,23 +191,26 @@ impl CascadeRunner {
                 message: "no stage left to run remotely".into(),
             });
         }
-        let remote: Vec<(usize, StageSpec)> = model
+        let real: Vec<(Option<usize>, StageSpec)> = model
             .stages
             .iter()
             .cloned()
             .enumerate()
             .take(hi)
             .skip(lo)
+            .map(|(i, s)| (Some(i), s))
             .collect();
-        if hops.len() != remote.len() {
+        if hops.len() != real.len() + opts.dummies.len() {
             return Err(DesignerError::Config {
                 message: format!(
-                    "{} remote stages but the cascade lists {} hops",
-                    remote.len(),
+                    "{} remote stages and {} dummies but the cascade lists {} hops",
+                    real.len(),
+                    opts.dummies.len(),
                     hops.len()
                 ),
             });
         }
+        let remote = with_dummies(real, &opts.dummies)?;
         if let Some(c) = model.classes() {
             if c > usize::from(u16::MAX) {
                 return Err(DesignerError::Config {
@@ -198,9 +245,9 @@ impl CascadeRunner {
         } else {
             2 + 8 + b * first_remote.input
         };
-        for (i, s) in &remote {
+        for (k, (_, s)) in remote.iter().enumerate() {
             max_body = max_body.max(tensor(s.output()));
-            if *i > 0 {
+            if k > 0 {
                 max_body = max_body.max(tensor(s.input));
             }
         }
@@ -244,7 +291,7 @@ impl CascadeRunner {
             step: 0,
             local_first,
             local_last,
-            remote_has_loss: remote.last().is_some_and(|(_, s)| s.is_loss()),
+            loss_hop: remote.iter().position(|(_, s)| s.is_loss()),
             remote,
             input_features: model.input,
             tags: HashMap::new(),
@@ -329,7 +376,7 @@ impl CascadeRunner {
                 InitNote {
                     stage: spec.clone(),
                     sgd: self.cfg.sgd,
-                    seed: stage_seed(self.cfg.seed, *i),
+                    seed: i.map_or(0, |i| stage_seed(self.cfg.seed, i)),
                     max_body,
                     prev_link: if k == 0 { my_link } else { links[k - 1] },
                     next_link: links.get(k + 1).copied().unwrap_or(my_link),
@@ -563,7 +610,7 @@ impl CascadeRunner {
         .encode();
         let fwd_notes: Vec<&[u8]> = (0..n)
             .map(|k| {
-                if k == n - 1 && self.remote_has_loss {
+                if Some(k) == self.loss_hop {
                     with_labels.as_slice()
                 } else {
                     plain.as_slice()
@@ -909,8 +956,10 @@ impl StepRunner for CascadeRunner {
         if let Some(first) = &self.local_first {
             out.push(first.params());
         }
-        for s in states {
-            out.push(recovery::params_only(s.tensors));
+        for (s, (i, _)) in states.into_iter().zip(&self.remote) {
+            if i.is_some() {
+                out.push(recovery::params_only(s.tensors));
+            }
         }
         if let Some(last) = &self.local_last {
             out.push(last.params());

@@ -83,6 +83,16 @@ fn run_both(keep_first: bool, keep_last: bool, window: usize) {
 }
 
 fn run_both_micro(keep_first: bool, keep_last: bool, window: usize, micro_batches: usize) {
+    run_both_with(keep_first, keep_last, window, micro_batches, &[]);
+}
+
+fn run_both_with(
+    keep_first: bool,
+    keep_last: bool,
+    window: usize,
+    micro_batches: usize,
+    dummies: &[usize],
+) {
     let model = ModelSpec::parse(PAPER, "paper").unwrap();
     let train = dataset(700, 1);
     let test = dataset(300, 2);
@@ -96,7 +106,7 @@ fn run_both_micro(keep_first: bool, keep_last: bool, window: usize, micro_batche
     let mut local = LocalModel::new(&model, cfg.seed, cfg.sgd).with_micro_batches(micro_batches);
     let (lm, lw) = run_training(&mut local, &model, &train, &test, &cfg, &mut Quiet).unwrap();
 
-    let remote = 5 - usize::from(keep_first) - usize::from(keep_last);
+    let remote = 5 - usize::from(keep_first) - usize::from(keep_last) + dummies.len();
     let hops: Vec<HopInfo> = (0..remote)
         .map(|i| start_node(100 + i as u64, None))
         .collect();
@@ -105,6 +115,7 @@ fn run_both_micro(keep_first: bool, keep_last: bool, window: usize, micro_batche
         keep_last,
         window,
         timeout: Duration::from_secs(20),
+        dummies: dummies.to_vec(),
         ..CascadeOptions::default()
     };
     let mut cascade = CascadeRunner::connect(&model, hops, &cfg, opts).unwrap();
@@ -144,4 +155,11 @@ fn micro_batched_cascade_equals_micro_batched_local_for_every_k() {
 #[test]
 fn micro_batched_cascade_with_kept_stages_equals_local() {
     run_both_micro(true, true, 2, 4);
+}
+
+#[test]
+fn dummy_hops_anywhere_change_nothing() {
+    // First, in the middle and last (after the loss stage).
+    run_both_with(false, false, 4, 1, &[0, 3, 7]);
+    run_both_with(true, false, 2, 2, &[1, 5]);
 }

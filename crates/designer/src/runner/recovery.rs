@@ -273,10 +273,17 @@ impl CascadeRunner {
                 ),
             });
         }
+        // A dummy hop's identity stage only has its step counter.
         let remote: Vec<StageState> = self
             .remote
             .iter()
-            .map(|(i, _)| c.stages[*i].clone())
+            .map(|(i, _)| match i {
+                Some(i) => c.stages[*i].clone(),
+                None => StageState {
+                    steps: c.step,
+                    tensors: Vec::new(),
+                },
+            })
             .collect();
         self.load_states(&remote)?;
         if let Some(first) = self.local_first.as_mut() {
@@ -290,7 +297,7 @@ impl CascadeRunner {
     }
 
     fn cfg_stage_count(&self) -> usize {
-        self.remote.len()
+        self.remote.iter().filter(|(i, _)| i.is_some()).count()
             + usize::from(self.local_first.is_some())
             + usize::from(self.local_last.is_some())
     }
@@ -306,7 +313,13 @@ impl CascadeRunner {
         if let Some(first) = &self.local_first {
             stages.push(first.state());
         }
-        stages.extend(remote);
+        stages.extend(
+            remote
+                .into_iter()
+                .zip(&self.remote)
+                .filter(|(_, (i, _))| i.is_some())
+                .map(|(s, _)| s),
+        );
         if let Some(last) = &self.local_last {
             stages.push(last.state());
         }
