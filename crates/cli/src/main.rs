@@ -7,6 +7,7 @@
 mod bench;
 mod cascade;
 mod demo;
+mod directory;
 mod fetch;
 mod netns;
 mod node;
@@ -48,6 +49,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a node: serve stages of cascades to designers.
     Node(node::NodeArgs),
+    /// Run a directory authority: nodes register and heartbeat, designers
+    /// fetch the signed view of the live nodes.
+    Directory(directory::DirectoryArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +73,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Plot(args) => plot::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Node(args) => node::run(&args),
+        Command::Directory(args) => directory::run(&args),
     }
 }
 

@@ -1,15 +1,22 @@
 //! `mixnn node`: the node daemon. Keys are made in the state directory on
 //! first start and reused afterwards; the node writes its descriptor (the
 //! `[[hop]]` entry a designer puts in its cascade file) to
-//! `STATE/descriptor.toml` and prints it as one line on stdout.
+//! `STATE/descriptor.toml` and prints it as one line on stdout. With
+//! `--directory URL` it also registers its signed descriptor with that
+//! directory authority and heartbeats there until it stops
+//! ([`mixnn_node::announce`]); a directory that is down only costs warnings.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use mixnn_designer::{CascadeFile, HopInfo};
+use mixnn_directory::{Capabilities, DirectoryClient, SystemClock, MAX_LOCATION_LEN};
 use mixnn_net::{Created, LinkListener, NodeKeys};
+use mixnn_node::announce::{self, AnnounceConfig, Announcement, Announcer};
 use mixnn_node::{Limits, NodeConfig};
 
 /// `mixnn node`.
@@ -27,6 +34,71 @@ pub struct NodeArgs {
     /// Most training steps cached per session (steps in flight).
     #[arg(long, default_value_t = 64)]
     pub max_cached: usize,
+    /// Register with the directory authority at this URL
+    /// (`http://HOST:PORT`) and heartbeat there.
+    #[arg(long, value_name = "URL")]
+    pub directory: Option<String>,
+    /// Address published in the directory, when designers reach the node
+    /// at another address than it listens on (`--listen 0.0.0.0:…`, NAT):
+    /// `IP:PORT`, or `IP` for the listening port. Default: the bound address.
+    #[arg(long, value_name = "ADDR", value_parser = parse_advertise, requires = "directory")]
+    pub advertise: Option<Advertise>,
+    /// Location label published in the directory (at most 64 bytes).
+    #[arg(long, default_value = "", value_name = "LABEL", value_parser = parse_location,
+          requires = "directory")]
+    pub location: String,
+    /// Asking price per hour published in the directory (≥ 0).
+    #[arg(long, default_value_t = 0.0, value_name = "P", value_parser = parse_price,
+          allow_hyphen_values = true,
+          requires = "directory")]
+    pub price: f64,
+    /// Seconds between heartbeats to the directory.
+    #[arg(long, default_value_t = 10, value_name = "S",
+          value_parser = clap::value_parser!(u64).range(1..=3600), requires = "directory")]
+    pub heartbeat: u64,
+}
+
+/// The `--advertise` address: a full address, or an IP that keeps the
+/// listening port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advertise {
+    /// `IP:PORT`.
+    Addr(SocketAddr),
+    /// `IP`: the port is the one the node bound.
+    Ip(std::net::IpAddr),
+}
+
+impl Advertise {
+    /// The address to publish for a node bound to `bound`.
+    fn resolve(self, bound: SocketAddr) -> SocketAddr {
+        match self {
+            Advertise::Addr(addr) => addr,
+            Advertise::Ip(ip) => SocketAddr::new(ip, bound.port()),
+        }
+    }
+}
+
+fn parse_advertise(s: &str) -> Result<Advertise, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(Advertise::Addr(addr));
+    }
+    s.parse()
+        .map(Advertise::Ip)
+        .map_err(|_| format!("{s:?} is neither IP:PORT nor IP"))
+}
+
+fn parse_location(s: &str) -> Result<String, String> {
+    if s.len() > MAX_LOCATION_LEN {
+        return Err(format!("longer than {MAX_LOCATION_LEN} bytes"));
+    }
+    Ok(s.to_owned())
+}
+
+fn parse_price(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if p.is_finite() && p >= 0.0 => Ok(p),
+        _ => Err(format!("{s:?} is not a finite number ≥ 0")),
+    }
 }
 
 /// Prefix of the line a node prints once it listens.
@@ -34,6 +106,12 @@ pub const READY_LINE: &str = "mixnn node ready: ";
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
+    let directory = args
+        .directory
+        .as_deref()
+        .map(DirectoryClient::new)
+        .transpose()
+        .context("--directory")?;
     let (keys, created) = NodeKeys::load_or_create(&args.state)
         .with_context(|| format!("state directory {}", args.state.display()))?;
     match created {
@@ -48,6 +126,10 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
         let config = mixnn_node::link_config()?;
         let listener = LinkListener::bind(args.listen, keys.link().clone(), config).await?;
         let addr = listener.local_addr()?;
+        let announcer = match directory {
+            Some(client) => Some(start_announcing(args, &keys, addr, client)?),
+            None => None,
+        };
         let public = keys.public();
         let descriptor = CascadeFile {
             hop: vec![HopInfo {
@@ -72,12 +154,57 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
             max_links: args.max_links,
             learned_file: Some(args.state.join("learned-peers.txt")),
         };
-        mixnn_node::run(listener, &keys, node_config, shutdown_signal()).await?;
+        let served = mixnn_node::run(listener, &keys, node_config, shutdown_signal()).await;
+        if let Some(announcer) = announcer {
+            if announcer.stop(Duration::from_secs(2)).is_none() {
+                tracing::warn!("directory request still in flight at shutdown; not waiting");
+            }
+        }
+        served?;
         anyhow::Ok(())
     })
 }
 
-async fn shutdown_signal() {
+/// Registers the node bound to `bound` with the directory behind `client`
+/// and heartbeats there on a thread, until the returned [`Announcer`] stops.
+fn start_announcing(
+    args: &NodeArgs,
+    keys: &NodeKeys,
+    bound: SocketAddr,
+    client: DirectoryClient,
+) -> anyhow::Result<Announcer> {
+    let addr = args.advertise.map_or(bound, |a| a.resolve(bound));
+    if addr.ip().is_unspecified() || addr.port() == 0 {
+        anyhow::bail!(
+            "cannot publish {addr} in the directory: give the address designers reach this node at with --advertise"
+        );
+    }
+    let capabilities = Capabilities {
+        cores: announce::available_cores(),
+        memory_mb: announce::total_memory_mb(),
+        price_per_hour: args.price,
+        location: args.location.clone(),
+    };
+    let node = Announcement::new(keys, addr, capabilities);
+    node.descriptor(keys.identity(), 0)
+        .check_fields()
+        .context("node descriptor")?;
+    tracing::info!(%addr, directory = client.url(), "announcing to the directory");
+    let config = AnnounceConfig {
+        heartbeat: Duration::from_secs(args.heartbeat),
+        ..AnnounceConfig::default()
+    };
+    Ok(announce::spawn(
+        keys.identity(),
+        node,
+        client,
+        Arc::new(SystemClock),
+        config,
+    )?)
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut int), Ok(mut term)) = (
         signal(SignalKind::interrupt()),

@@ -11,6 +11,7 @@
 //! library exposes [`run`]; the `mixnn node` binary only parses arguments,
 //! loads keys and sets up logging.
 
+pub mod announce;
 pub mod core;
 mod error;
 

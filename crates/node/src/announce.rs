@@ -1,0 +1,454 @@
+//! Announcing a node to a directory authority: register its signed
+//! descriptor, then heartbeat until told to stop.
+//!
+//! ```text
+//!  register ──(refused / unreachable: warn, back off, retry)──► heartbeat every interval
+//!      ▲                                                              │
+//!      └──────────────── directory forgot the node (404) ─────────────┘
+//! ```
+//!
+//! The directory client is blocking (`ureq`), so [`announce`] runs on its own
+//! thread ([`spawn`]) and sleeps by waiting on its shutdown channel: dropping
+//! the [`Announcer`] (or calling [`Announcer::stop`]) wakes it at once. A
+//! directory that is down or refuses the node never stops the node: every
+//! failure is logged as a warning and retried.
+
+use std::net::SocketAddr;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use mixnn_directory::ed25519_dalek::SigningKey;
+use mixnn_directory::{
+    sign_descriptor, sign_heartbeat, Capabilities, Clock, Descriptor, DirectoryClient,
+    DirectoryError, PROTOCOL_VERSION,
+};
+use mixnn_net::NodeKeys;
+
+use crate::error::NodeError;
+
+/// What a node tells the directory about itself, besides its keys and the
+/// publication time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Announcement {
+    /// The address designers reach the node at (its advertised address).
+    pub addr: SocketAddr,
+    /// X25519 onion public key.
+    pub onion: [u8; 32],
+    /// Noise static link public key.
+    pub link: [u8; 32],
+    /// What the node offers.
+    pub capabilities: Capabilities,
+}
+
+impl Announcement {
+    /// The announcement of a node with `keys`, reachable at `addr`.
+    pub fn new(keys: &NodeKeys, addr: SocketAddr, capabilities: Capabilities) -> Self {
+        let public = keys.public();
+        Self {
+            addr,
+            onion: *public.onion.as_bytes(),
+            link: *public.link.as_bytes(),
+            capabilities,
+        }
+    }
+
+    /// The descriptor to sign, published at `now`.
+    pub fn descriptor(&self, identity: &SigningKey, now: u64) -> Descriptor {
+        Descriptor {
+            addr: self.addr,
+            identity: identity.verifying_key().to_bytes(),
+            onion: self.onion,
+            link: self.link,
+            version: PROTOCOL_VERSION,
+            capabilities: self.capabilities.clone(),
+            published: now,
+        }
+    }
+}
+
+/// Timing of the announce loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnnounceConfig {
+    /// Time between heartbeats (the directory expects 10 s by default).
+    pub heartbeat: Duration,
+    /// First wait after a failed registration; doubled after each failure.
+    pub retry_min: Duration,
+    /// Longest wait between registration attempts.
+    pub retry_max: Duration,
+}
+
+impl Default for AnnounceConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(10),
+            retry_min: Duration::from_millis(500),
+            retry_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What an announce loop did, returned when it stops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AnnounceStats {
+    /// Registrations the directory accepted.
+    pub registrations: u64,
+    /// Heartbeats the directory accepted.
+    pub heartbeats: u64,
+    /// Requests that failed (unreachable directory or refusal).
+    pub failures: u64,
+}
+
+/// Registers the node with the directory behind `client` and heartbeats
+/// every `config.heartbeat` until `shutdown` receives a message or its
+/// sender is dropped. Never fails: every failure is logged as a warning and
+/// retried (registration with exponential backoff between
+/// `config.retry_min` and `config.retry_max`). If the directory answers a
+/// heartbeat with *unknown node* (its database was replaced), the node
+/// registers again. Blocking; see [`spawn`].
+pub fn announce(
+    identity: &SigningKey,
+    node: &Announcement,
+    client: &DirectoryClient,
+    clock: &dyn Clock,
+    config: AnnounceConfig,
+    shutdown: &mpsc::Receiver<()>,
+) -> AnnounceStats {
+    let url = client.url();
+    let mut stats = AnnounceStats::default();
+    let mut backoff = config.retry_min;
+    let mut registered = false;
+    let mut last_heartbeat = 0;
+    loop {
+        let wait = if registered {
+            let timestamp = clock.now();
+            if timestamp <= last_heartbeat {
+                // Heartbeats carry whole seconds and must increase; a
+                // sub-second interval skips a beat rather than run ahead.
+                config.heartbeat
+            } else {
+                match heartbeat(client, identity, timestamp) {
+                    Ok(()) => {
+                        stats.heartbeats += 1;
+                        last_heartbeat = timestamp;
+                        tracing::debug!(timestamp, "heartbeat accepted by {url}");
+                    }
+                    Err(DirectoryError::Refused { status: 404, .. }) => {
+                        stats.failures += 1;
+                        tracing::warn!(
+                            "directory {url} no longer knows this node; registering again"
+                        );
+                        registered = false;
+                        backoff = config.retry_min;
+                        continue;
+                    }
+                    Err(e) => {
+                        stats.failures += 1;
+                        tracing::warn!("heartbeat to directory failed: {e}");
+                    }
+                }
+                config.heartbeat
+            }
+        } else {
+            let descriptor = node.descriptor(identity, clock.now());
+            match sign_descriptor(identity, &descriptor).and_then(|d| client.register(&d)) {
+                Ok(status) => {
+                    stats.registrations += 1;
+                    registered = true;
+                    tracing::info!(addr = %node.addr, ?status, "registered with directory {url}");
+                    config.heartbeat
+                }
+                Err(e) => {
+                    stats.failures += 1;
+                    tracing::warn!(
+                        "registration with directory failed (retrying in {:.1} s): {e}",
+                        backoff.as_secs_f64()
+                    );
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(config.retry_max);
+                    wait
+                }
+            }
+        };
+        match shutdown.recv_timeout(wait) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                tracing::debug!("announce loop stopped");
+                return stats;
+            }
+        }
+    }
+}
+
+fn heartbeat(
+    client: &DirectoryClient,
+    identity: &SigningKey,
+    timestamp: u64,
+) -> Result<(), DirectoryError> {
+    client.heartbeat(&sign_heartbeat(identity, timestamp)?)
+}
+
+/// A running announce loop on its own thread; dropping it stops the loop
+/// without waiting for it.
+#[derive(Debug)]
+pub struct Announcer {
+    stop: mpsc::Sender<()>,
+    done: mpsc::Receiver<AnnounceStats>,
+    thread: JoinHandle<()>,
+}
+
+/// Starts [`announce`] on a thread named `mixnn-announce`. The identity key
+/// is copied into the thread (and zeroized when it ends).
+pub fn spawn(
+    identity: &SigningKey,
+    node: Announcement,
+    client: DirectoryClient,
+    clock: Arc<dyn Clock>,
+    config: AnnounceConfig,
+) -> Result<Announcer, NodeError> {
+    let identity = identity.clone();
+    let (stop, shutdown) = mpsc::channel();
+    let (done_tx, done) = mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("mixnn-announce".into())
+        .spawn(move || {
+            let stats = announce(&identity, &node, &client, &*clock, config, &shutdown);
+            let _ = done_tx.send(stats);
+        })
+        .map_err(|e| NodeError::Refused(format!("cannot start the announce thread: {e}")))?;
+    Ok(Announcer { stop, done, thread })
+}
+
+impl Announcer {
+    /// Stops the loop and waits up to `grace` for it to finish (a request
+    /// in flight may take up to the client's timeout). Returns its stats,
+    /// or `None` if it did not finish in time (the thread is then left to
+    /// end by itself).
+    pub fn stop(self, grace: Duration) -> Option<AnnounceStats> {
+        let _ = self.stop.send(());
+        let stats = self.done.recv_timeout(grace).ok()?;
+        let _ = self.thread.join();
+        Some(stats)
+    }
+}
+
+/// CPU cores available to this process (1 if unknown).
+pub fn available_cores() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+        .unwrap_or(1)
+}
+
+/// Total memory in MiB from `/proc/meminfo` (0 if unknown, e.g. not Linux).
+pub fn total_memory_mb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| parse_meminfo_total_mb(&text))
+        .unwrap_or(0)
+}
+
+/// `MemTotal` of a `/proc/meminfo` text, in MiB.
+pub fn parse_meminfo_total_mb(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+    let mut fields = line.split_whitespace();
+    let value: u64 = fields.next()?.parse().ok()?;
+    match fields.next() {
+        Some("kB") | None => Some(value / 1024),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use mixnn_directory::{
+        serve, DirectoryConfig, DirectoryKeys, DirectoryState, ManualClock, Store, SystemClock,
+    };
+    use rand_chacha::rand_core::SeedableRng;
+
+    use super::*;
+
+    fn keys(seed: u64) -> NodeKeys {
+        NodeKeys::generate(&mut rand_chacha::ChaCha20Rng::seed_from_u64(seed))
+    }
+
+    fn capabilities() -> Capabilities {
+        Capabilities {
+            cores: 2,
+            memory_mb: 1024,
+            price_per_hour: 0.5,
+            location: "test".into(),
+        }
+    }
+
+    /// A directory served on `addr` by a background thread until dropped.
+    struct Served {
+        url: String,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Served {
+        fn start(state: DirectoryState, addr: &str) -> Served {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                rt.block_on(serve(listener, state, async {
+                    let _ = stopped.await;
+                }))
+                .unwrap();
+            });
+            Served {
+                url,
+                stop: Some(stop),
+                thread: Some(thread),
+            }
+        }
+    }
+
+    impl Drop for Served {
+        fn drop(&mut self) {
+            drop(self.stop.take());
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    #[test]
+    fn meminfo_total_is_read_in_mib() {
+        let text = "MemTotal:       16318540 kB\nMemFree:         1000 kB\n";
+        assert_eq!(parse_meminfo_total_mb(text), Some(15936));
+        assert_eq!(parse_meminfo_total_mb("MemFree: 1 kB\n"), None);
+        assert_eq!(parse_meminfo_total_mb("MemTotal: lots kB\n"), None);
+        assert!(available_cores() >= 1);
+    }
+
+    #[test]
+    fn announcement_carries_the_node_keys() {
+        let k = keys(1);
+        let addr: SocketAddr = "10.0.0.1:7000".parse().unwrap();
+        let d = Announcement::new(&k, addr, capabilities()).descriptor(k.identity(), 42);
+        let public = k.public();
+        assert_eq!(d.addr, addr);
+        assert_eq!(&d.identity, public.identity.as_bytes());
+        assert_eq!(&d.onion, public.onion.as_bytes());
+        assert_eq!(&d.link, public.link.as_bytes());
+        assert_eq!(d.published, 42);
+        d.check_fields().unwrap();
+    }
+
+    #[test]
+    fn registers_heartbeats_and_stops_on_request() {
+        let state = DirectoryState::new(
+            Store::open_in_memory().unwrap(),
+            DirectoryKeys::from_secret([3; 32]),
+            Arc::new(SystemClock),
+            DirectoryConfig::default(),
+        );
+        let served = Served::start(state.clone(), "127.0.0.1:0");
+        let k = keys(2);
+        let node = Announcement::new(&k, "127.0.0.1:7100".parse().unwrap(), capabilities());
+        let config = AnnounceConfig {
+            heartbeat: Duration::from_millis(200),
+            ..AnnounceConfig::default()
+        };
+        let client = DirectoryClient::new(&served.url).unwrap();
+        let announcer = spawn(k.identity(), node, client, Arc::new(SystemClock), config).unwrap();
+        let identity = *k.public().identity.as_bytes();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Heartbeats carry whole seconds and must increase: two take >= 1 s.
+        while state
+            .node(&identity)
+            .map_or(true, |r| r.history.heartbeats < 2)
+        {
+            assert!(Instant::now() < deadline, "no heartbeats in 10 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let record = state.node(&identity).unwrap();
+        assert_eq!(
+            record.descriptor.verify_signature().unwrap().addr,
+            "127.0.0.1:7100".parse().unwrap()
+        );
+        let started = Instant::now();
+        let stats = announcer.stop(Duration::from_secs(5)).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(stats.registrations, 1);
+        assert!(stats.heartbeats >= 2, "{stats:?}");
+    }
+
+    #[test]
+    fn unreachable_directory_is_retried_until_stopped() {
+        // Nothing listens on port 1.
+        let client = DirectoryClient::new("http://127.0.0.1:1").unwrap();
+        let k = keys(3);
+        let node = Announcement::new(&k, "127.0.0.1:7101".parse().unwrap(), capabilities());
+        let config = AnnounceConfig {
+            heartbeat: Duration::from_secs(1),
+            retry_min: Duration::from_millis(10),
+            retry_max: Duration::from_millis(40),
+        };
+        let clock = Arc::new(ManualClock::new(1_000));
+        let announcer = spawn(k.identity(), node, client, clock, config).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let stats = announcer.stop(Duration::from_secs(5)).unwrap();
+        assert_eq!(stats.registrations, 0);
+        assert!(stats.failures >= 3, "{stats:?}");
+    }
+
+    #[test]
+    fn forgotten_node_registers_again() {
+        let clock = ManualClock::new(mixnn_directory::unix_now());
+        let state = |secret| {
+            DirectoryState::new(
+                Store::open_in_memory().unwrap(),
+                DirectoryKeys::from_secret([secret; 32]),
+                Arc::new(clock.clone()),
+                DirectoryConfig::default(),
+            )
+        };
+        let first = state(4);
+        let served = Served::start(first.clone(), "127.0.0.1:0");
+        let addr = served.url.trim_start_matches("http://").to_owned();
+        let k = keys(4);
+        let identity = *k.public().identity.as_bytes();
+        let node = Announcement::new(&k, "127.0.0.1:7102".parse().unwrap(), capabilities());
+        let config = AnnounceConfig {
+            heartbeat: Duration::from_millis(20),
+            retry_min: Duration::from_millis(20),
+            retry_max: Duration::from_millis(20),
+        };
+        let client = DirectoryClient::new(&served.url).unwrap();
+        let announcer = spawn(k.identity(), node, client, Arc::new(clock.clone()), config).unwrap();
+        let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !done() {
+                assert!(Instant::now() < deadline, "{what}: not within 10 s");
+                clock.advance(1);
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        };
+        wait_for("heartbeat", &|| {
+            first
+                .node(&identity)
+                .is_ok_and(|r| r.history.heartbeats >= 1)
+        });
+        // The directory comes back on the same address with an empty
+        // database: the next heartbeat is refused as unknown, and the loop
+        // registers again.
+        drop(served);
+        let second = state(5);
+        let _served = Served::start(second.clone(), &addr);
+        wait_for("registration again", &|| second.node(&identity).is_ok());
+        let stats = announcer.stop(Duration::from_secs(5)).unwrap();
+        assert_eq!(stats.registrations, 2, "{stats:?}");
+        assert!(stats.failures >= 1, "{stats:?}");
+    }
+}
