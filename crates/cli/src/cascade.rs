@@ -257,8 +257,16 @@ pub fn run_cascade_with(
     );
     for e in runner.recoveries() {
         crate::progress::say(&format!(
-            "recovered: {} (bound T {:.1} s); replaced {:?}; back at step {} in {:.2} s",
-            e.cause, e.bound_s, e.replaced, e.resumed_at, e.recovery_s
+            "recovered: {} (bound T {:.1} s, detected at unix ms {}); replaced {:?}; back at step {} in {:.2} s",
+            e.cause, e.bound_s, e.detected_unix_ms, e.replaced, e.resumed_at, e.recovery_s
+        ));
+    }
+    let times = runner.checkpoint_times();
+    if !times.is_empty() {
+        crate::progress::say(&format!(
+            "checkpoints: {} taken, median {:.1} ms each",
+            times.len(),
+            crate::progress::median(times) * 1000.0
         ));
     }
     Ok(result?)

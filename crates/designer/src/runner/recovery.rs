@@ -100,6 +100,8 @@ pub struct RecoveryEvent {
     pub resumed_at: u64,
     /// Seconds from detection to training again.
     pub recovery_s: f64,
+    /// When the failure was detected (Unix time, milliseconds).
+    pub detected_unix_ms: u128,
 }
 
 /// The runner's checkpoint and recovery state.
@@ -509,6 +511,10 @@ impl CascadeRunner {
             return Err(cause);
         };
         let detected = Instant::now();
+        let detected_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
         let bound = self.detection_bound().as_secs_f64();
         let mut last_error = cause.to_string();
         for attempt in 1..=self.recovery.max_attempts {
@@ -542,6 +548,7 @@ impl CascadeRunner {
                         replaced,
                         resumed_at: c.step,
                         recovery_s: detected.elapsed().as_secs_f64(),
+                        detected_unix_ms,
                     };
                     tracing::warn!(
                         step = c.step,
