@@ -6,9 +6,11 @@
 //! neighbours and shrug off garbage.
 
 use std::collections::BTreeSet;
+use std::fs::File;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::process::Stdio;
+use std::path::Path;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 mod common;
