@@ -56,6 +56,41 @@ pub struct NodeArgs {
     #[arg(long, default_value_t = 10, value_name = "S",
           value_parser = clap::value_parser!(u64).range(1..=3600), requires = "directory")]
     pub heartbeat: u64,
+    /// Cover messages per second (Poisson) to random `--cover-peer`s;
+    /// 0 sends none.
+    #[arg(long, default_value_t = 0.0, value_name = "R", value_parser = parse_rate)]
+    pub cover_rate: f64,
+    /// A node cover messages may go to, as `ADDR=LINKKEY` (hex link key);
+    /// repeatable.
+    #[arg(long, value_name = "ADDR=LINKKEY", value_parser = parse_cover_peer)]
+    pub cover_peer: Vec<CoverPeer>,
+}
+
+/// A `--cover-peer`: address and link key.
+#[derive(Debug, Clone, Copy)]
+pub struct CoverPeer(pub SocketAddr, pub [u8; 32]);
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r >= 0.0 && r.is_finite() => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a rate (messages per second, 0 or more)"
+        )),
+    }
+}
+
+fn parse_cover_peer(s: &str) -> Result<CoverPeer, String> {
+    let (addr, key) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not ADDR=LINKKEY"))?;
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|e| format!("cover peer address {addr:?}: {e}"))?;
+    let key = hex::decode(key)
+        .ok()
+        .and_then(|v| <[u8; 32]>::try_from(v).ok())
+        .ok_or_else(|| format!("cover peer link key {key:?}: not 64 hex digits"))?;
+    Ok(CoverPeer(addr, key))
 }
 
 /// The `--advertise` address: a full address, or an IP that keeps the
@@ -153,6 +188,9 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
             },
             max_links: args.max_links,
             learned_file: Some(args.state.join("learned-peers.txt")),
+            cover_rate: args.cover_rate,
+            cover_peers: args.cover_peer.iter().map(|p| (p.0, p.1)).collect(),
+            ..NodeConfig::default()
         };
         let served = mixnn_node::run(listener, &keys, node_config, shutdown_signal()).await;
         if let Some(announcer) = announcer {

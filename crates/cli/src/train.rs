@@ -74,6 +74,11 @@ pub struct CascadeArgs {
     /// paper's rule) or `classes` (power-of-two size classes).
     #[arg(long, default_value = "uniform")]
     pub padding: String,
+
+    /// Loops per second (Poisson) sent through the whole cascade and back,
+    /// as cover and as health probes; 0 sends none.
+    #[arg(long, default_value_t = 0.0, value_name = "R")]
+    pub loop_rate: f64,
 }
 
 impl CascadeArgs {
@@ -88,7 +93,11 @@ impl CascadeArgs {
         if !(self.timeout > 0.0 && self.timeout.is_finite()) {
             anyhow::bail!("--timeout must be a positive number of seconds");
         }
+        if !(self.loop_rate >= 0.0 && self.loop_rate.is_finite()) {
+            anyhow::bail!("--loop-rate must be a number of loops per second, 0 or more");
+        }
         Ok(mixnn_designer::CascadeOptions {
+            loop_rate: self.loop_rate,
             keep_first,
             keep_last,
             window: self.window.max(1),

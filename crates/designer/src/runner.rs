@@ -36,7 +36,9 @@ use tokio::sync::mpsc;
 use crate::cascade::HopInfo;
 use crate::error::DesignerError;
 
+mod loops;
 mod recovery;
+pub use loops::LoopStats;
 pub use recovery::{Replacements, Spares};
 
 /// How the designer runs a cascade.
@@ -59,6 +61,10 @@ pub struct CascadeOptions {
     /// identity stage, see and send the same cells as real hops, and
     /// change nothing in the result (paper §2.2).
     pub dummies: Vec<usize>,
+    /// Loops per second (Poisson) the designer sends through the whole
+    /// cascade and back while it runs; 0 sends none. A loop not back within
+    /// the detection bound fails the run (see [`loops`]).
+    pub loop_rate: f64,
 }
 
 impl Default for CascadeOptions {
@@ -71,6 +77,7 @@ impl Default for CascadeOptions {
             uniform_padding: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             dummies: Vec::new(),
+            loop_rate: 0.0,
         }
     }
 }
@@ -131,6 +138,7 @@ pub struct CascadeRunner {
     cfg: TrainConfig,
     opts: CascadeOptions,
     recovery: recovery::State,
+    loops: loops::Loops,
 }
 
 /// Inserts identity stages at the hop positions `dummies` among the
@@ -230,6 +238,7 @@ impl CascadeRunner {
             s
         });
         let key = LinkKeypair::generate(&mut rng);
+        let loop_seed = rng.next_u64();
         let link_config = mixnn_node::link_config().map_err(|e| DesignerError::Config {
             message: e.to_string(),
         })?;
@@ -298,6 +307,7 @@ impl CascadeRunner {
             micro_batches,
             cfg: *cfg,
             recovery: recovery::State::new(model),
+            loops: loops::Loops::new(opts.loop_rate, loop_seed),
             hops,
             opts,
         };
@@ -411,8 +421,11 @@ impl CascadeRunner {
         let cells = encode_cells(CellKind::Init, &onion, &[], &self.policy, &mut self.rng)?;
         self.session = Some(session);
         self.pending.insert(rid.0, Await::Init);
+        // No loops until every hop has the session.
+        self.loops.pause();
         self.send_first(&cells)?;
         let (kind, _) = self.wait(Await::Init, self.step)?;
+        self.loops.resume();
         debug_assert_eq!(kind, Await::Init);
         Ok(())
     }
@@ -446,14 +459,25 @@ impl CascadeRunner {
     fn recv(&mut self, timeout: Duration) -> Result<Option<(Await, Vec<u8>)>, DesignerError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
+            // Wake for due loops (and overdue ones) while waiting.
+            let wake = self.loop_wake().map_or(deadline, |w| {
+                deadline.min(tokio::time::Instant::from_std(w))
+            });
             let got = self
                 .rt
-                .block_on(async { tokio::time::timeout_at(deadline, self.replies.recv()).await });
+                .block_on(async { tokio::time::timeout_at(wake, self.replies.recv()).await });
             let (rid, body) = match got {
                 Ok(Some(r)) => r,
                 Ok(None) => return Err(DesignerError::Reply("its links closed".into())),
+                Err(_) if wake < deadline => {
+                    self.loop_tick()?;
+                    continue;
+                }
                 Err(_) => return Ok(None),
             };
+            if self.loops.back(&rid) {
+                continue;
+            }
             match self.pending.remove(&rid) {
                 Some(kind) => return Ok(Some((kind, body))),
                 // Late answers of an abandoned session (after a recovery)

@@ -13,6 +13,7 @@
 
 pub mod announce;
 pub mod core;
+pub mod cover;
 mod error;
 
 use std::collections::HashMap;
@@ -41,6 +42,15 @@ pub struct NodeConfig {
     /// If set, the node writes every address it has learned (one per line)
     /// to this file after each change: an audit of what it knows.
     pub learned_file: Option<PathBuf>,
+    /// Cover messages per second (Poisson), sent to random
+    /// [`NodeConfig::cover_peers`]; 0 sends none.
+    pub cover_rate: f64,
+    /// Where cover messages may go: address and link key of other nodes.
+    pub cover_peers: Vec<cover::CoverPeer>,
+    /// Fault injection for tests: after this many session messages the
+    /// node silently stops sending anything (a node that drops packets).
+    /// `None` in production.
+    pub drop_after: Option<u64>,
 }
 
 impl Default for NodeConfig {
@@ -49,6 +59,9 @@ impl Default for NodeConfig {
             limits: Limits::default(),
             max_links: 256,
             learned_file: None,
+            cover_rate: 0.0,
+            cover_peers: Vec::new(),
+            drop_after: None,
         }
     }
 }
@@ -77,12 +90,27 @@ pub async fn run(
     let core = Core::new(onion, seed, config.limits);
     let (in_tx, in_rx) = mpsc::channel::<Inbound>(1024);
     let (out_tx, out_rx) = mpsc::unbounded_channel::<Outbound>();
-    let learned_file = config.learned_file.clone();
+    let sizes = Arc::new(cover::CellCounts::default());
+    let settings = CoreSettings {
+        learned_file: config.learned_file.clone(),
+        drop_after: config.drop_after,
+        sizes: Arc::clone(&sizes),
+    };
+    let core_tx = out_tx.clone();
     let core_thread = std::thread::Builder::new()
         .name("mixnn-core".into())
-        .spawn(move || core_loop(core, in_rx, out_tx, learned_file))
+        .spawn(move || core_loop(core, in_rx, core_tx, settings))
         .map_err(|e| NodeError::Refused(format!("cannot start the core thread: {e}")))?;
     let egress = tokio::spawn(egress_loop(out_rx, keys.link().clone()));
+    let mut cover_seed = [0u8; 32];
+    rand_core::OsRng.fill_bytes(&mut cover_seed);
+    let cover = tokio::spawn(cover::cover_loop(
+        config.cover_rate,
+        config.cover_peers.clone(),
+        sizes,
+        out_tx,
+        cover_seed,
+    ));
     let slots = Arc::new(Semaphore::new(config.max_links));
     let accept = async {
         loop {
@@ -118,6 +146,7 @@ pub async fn run(
         () = shutdown => tracing::info!("shutting down"),
     }
     egress.abort();
+    cover.abort();
     drop(in_tx);
     // The core thread ends when every reader has dropped its sender; do not
     // wait for readers blocked on idle links.
@@ -146,17 +175,33 @@ async fn read_loop(link: Link, tx: mpsc::Sender<Inbound>) {
     }
 }
 
+/// What the core thread needs besides the core.
+struct CoreSettings {
+    learned_file: Option<PathBuf>,
+    drop_after: Option<u64>,
+    sizes: Arc<cover::CellCounts>,
+}
+
 fn core_loop(
     mut core: Core,
     mut rx: mpsc::Receiver<Inbound>,
     tx: mpsc::UnboundedSender<Outbound>,
-    learned_file: Option<PathBuf>,
+    settings: CoreSettings,
 ) {
     let mut known = 0;
+    let mut handled = 0u64;
     while let Some(Inbound { from, peer, msg }) = rx.blocking_recv() {
+        let cover = msg.kind == mixnn_wire::CellKind::Cover;
         match core.handle(from, msg) {
             Ok(outs) => {
+                if !cover {
+                    handled += 1;
+                }
+                if settings.drop_after.is_some_and(|n| handled > n) {
+                    continue;
+                }
                 for o in outs {
+                    settings.sizes.record(o.cells.len() / CELL_SIZE);
                     if tx.send(o).is_err() {
                         return;
                     }
@@ -164,7 +209,7 @@ fn core_loop(
             }
             Err(e) => tracing::warn!("message from {peer} refused: {e}"),
         }
-        if let Some(path) = &learned_file {
+        if let Some(path) = &settings.learned_file {
             if core.learned_addresses().len() != known {
                 known = core.learned_addresses().len();
                 let text: String = core

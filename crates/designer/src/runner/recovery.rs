@@ -472,6 +472,7 @@ impl CascadeRunner {
     fn probe(&mut self) -> Option<usize> {
         let n = self.hops.len();
         self.pending.clear();
+        self.loops.pause();
         let mut back = vec![false; n];
         for j in 0..n {
             let rid = ReplyId::random(&mut self.rng);

@@ -1,0 +1,67 @@
+//! Shared by the in-process designer tests: nodes on their own threads on
+//! 127.0.0.1, and a small synthetic data set.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+
+use mixnn_designer::HopInfo;
+use mixnn_model::data::Dataset;
+use mixnn_model::init::rng;
+use mixnn_net::{LinkListener, NodeKeys};
+use mixnn_node::{NodeConfig, NodeError};
+use rand_core::{RngCore, SeedableRng};
+
+/// A data set of `n` 28×28 images whose pixels give their label away.
+pub fn dataset(n: usize, seed: u64) -> Dataset {
+    let mut r = rng(seed);
+    let labels: Vec<u8> = (0..n).map(|_| (r.next_u32() % 10) as u8).collect();
+    let pixels = labels
+        .iter()
+        .flat_map(|l| (0..784).map(move |i| if i % 10 == *l as usize { 180u8 } else { 30 }))
+        .map(|p| p.wrapping_add((r.next_u32() % 60) as u8))
+        .collect();
+    Dataset {
+        pixels,
+        labels,
+        rows: 28,
+        cols: 28,
+    }
+}
+
+/// Starts a node with `config` on its own thread; returns its address and
+/// keys.
+pub fn start_node_with(seed: u64, config: NodeConfig) -> HopInfo {
+    let keys = NodeKeys::generate(&mut rand_chacha::ChaCha20Rng::seed_from_u64(seed));
+    let public = keys.public();
+    let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = LinkListener::bind(
+                "127.0.0.1:0".parse().unwrap(),
+                keys.link().clone(),
+                mixnn_node::link_config().unwrap(),
+            )
+            .await
+            .unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            let r: Result<(), NodeError> =
+                mixnn_node::run(listener, &keys, config, std::future::pending()).await;
+            r.unwrap();
+        });
+    });
+    let addr = rx.recv().unwrap();
+    HopInfo {
+        addr,
+        onion: public.onion.to_string(),
+        link: public.link.to_string(),
+    }
+}
+
+/// Starts a node with the default configuration.
+pub fn start_node(seed: u64) -> HopInfo {
+    start_node_with(seed, NodeConfig::default())
+}
