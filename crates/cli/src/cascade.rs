@@ -325,6 +325,8 @@ pub struct NodeLaunch {
     pub prefix: Vec<OsString>,
     /// `--listen` address.
     pub listen: String,
+    /// More `mixnn node` arguments (e.g. `--directory URL`).
+    pub args: Vec<String>,
 }
 
 impl NodeLaunch {
@@ -333,7 +335,101 @@ impl NodeLaunch {
         NodeLaunch {
             prefix: Vec::new(),
             listen: "127.0.0.1:0".into(),
+            args: Vec::new(),
         }
+    }
+}
+
+/// A `mixnn directory` process on 127.0.0.1 (for the demo), stopped when
+/// this is dropped.
+pub struct LocalDirectory {
+    child: Child,
+    /// Its URL.
+    pub url: String,
+    /// Its public key (hex), which designers pin.
+    pub key: String,
+    key_bytes: [u8; 32],
+}
+
+impl LocalDirectory {
+    /// Starts a directory with its database in `dir`; nodes heartbeat
+    /// every second.
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("locating the mixnn binary")?;
+        let log = std::fs::File::create(dir.join("directory.log"))?;
+        let mut child = Command::new(exe)
+            .args([
+                "directory",
+                "--listen",
+                "127.0.0.1:0",
+                "--heartbeat-interval",
+                "1",
+                "--db",
+            ])
+            .arg(dir.join("directory.db"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("starting the directory")?;
+        if let Ok(mut v) = CHILDREN.lock() {
+            v.push(child.id());
+        }
+        let stdout = child.stdout.take().context("directory stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let mut me = LocalDirectory {
+            child,
+            url: String::new(),
+            key: String::new(),
+            key_bytes: [0; 32],
+        };
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .context("the directory did not start within 20 s")?;
+        let ready = crate::directory::parse_directory_ready_line(&line).with_context(|| {
+            format!(
+                "the directory did not start; see {}",
+                dir.join("directory.log").display()
+            )
+        })?;
+        me.url = ready.url;
+        me.key = hex::encode(ready.key);
+        me.key_bytes = ready.key;
+        Ok(me)
+    }
+
+    /// Waits until the directory's view lists `n` nodes.
+    pub fn wait_for(&self, n: usize) -> anyhow::Result<()> {
+        let client = mixnn_directory::DirectoryClient::new(&self.url)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let listed = client
+                .view()
+                .and_then(|v| v.verify(&[self.key_bytes], mixnn_directory::unix_now()))
+                .map(|v| v.nodes.len())
+                .unwrap_or(0);
+            if listed >= n {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("only {listed} of {n} nodes registered with the directory within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for LocalDirectory {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
     }
 }
 
@@ -379,6 +475,7 @@ impl LocalNodes {
             let mut child = command
                 .args(["node", "--listen", &launch.listen, "--state"])
                 .arg(&state)
+                .args(&launch.args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(log)

@@ -12,7 +12,10 @@ use std::path::PathBuf;
 use clap::Args;
 use mixnn_model::trainer::RunMetrics;
 
-use crate::cascade::{install_cleanup, run_cascade, LocalNodes};
+use crate::cascade::{
+    from_directory, install_cleanup, run_cascade, LocalDirectory, LocalNodes, NodeLaunch, Recovery,
+    SelectionArgs,
+};
 use crate::progress::{say, Progress};
 use crate::train::{self, CascadeArgs, TrainArgs};
 
@@ -26,6 +29,15 @@ pub struct DemoArgs {
     /// Where to draw Figure 3 (accuracy and time per epoch, both runs).
     #[arg(long, default_value = "mixnn-figure3.png", value_name = "PNG")]
     pub plot: PathBuf,
+
+    /// Dummy hops hidden among the real stages (paper §2.2).
+    #[arg(long, default_value_t = 2, value_name = "R")]
+    pub dummies: usize,
+
+    /// Skip the directory: start exactly one node per remote stage and use
+    /// them in order, without dummies.
+    #[arg(long)]
+    pub no_directory: bool,
 }
 
 /// Both runs of the demo, as written to `--metrics`.
@@ -58,25 +70,73 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let (local, local_weights) = train::run_local(&prepared, &mut observer)?;
     drop(observer);
 
-    say(&format!("starting {remote} node processes on 127.0.0.1 …"));
-    let nodes = LocalNodes::start(remote)?;
+    let mut opts = opts;
+    let (nodes, directory, hops) = if args.no_directory {
+        say(&format!("starting {remote} node processes on 127.0.0.1 …"));
+        let nodes = LocalNodes::start(remote)?;
+        let hops = nodes.hops.clone();
+        (nodes, None, hops)
+    } else {
+        // One more node than the cascade needs, so that the draw chooses.
+        let n = remote + args.dummies + 1;
+        let tmp = tempfile::Builder::new()
+            .prefix("mixnn-directory-")
+            .tempdir()?;
+        let directory = LocalDirectory::start(tmp.path())?;
+        say(&format!(
+            "directory at {} (key {}…); starting {n} node processes that register there …",
+            directory.url,
+            &directory.key[..16]
+        ));
+        let launch = NodeLaunch {
+            args: vec![
+                "--directory".into(),
+                directory.url.clone(),
+                "--heartbeat".into(),
+                "1".into(),
+            ],
+            ..NodeLaunch::loopback()
+        };
+        let nodes = LocalNodes::start_with(&vec![launch; n])?;
+        directory.wait_for(n)?;
+        let selection = SelectionArgs {
+            directory_keys: vec![directory.key.clone()],
+            quorum: 1,
+            dummies: args.dummies,
+            selection_seed: Some(prepared.cfg.seed),
+        };
+        let hops = from_directory(
+            std::slice::from_ref(&directory.url),
+            &selection,
+            &prepared,
+            &mut opts,
+            &mut Recovery::default(),
+        )?;
+        (nodes, Some((directory, tmp)), hops)
+    };
     say(&format!(
         "  state directories and logs under {}",
         nodes.dir.display()
     ));
-    for (i, h) in nodes.hops.iter().enumerate() {
+    for (i, h) in hops.iter().enumerate() {
         say(&format!(
-            "  node {} at {} (link key {}…)",
+            "  hop {} at {} (link key {}…){}",
             i + 1,
             h.addr,
-            &h.link[..16]
+            &h.link[..16],
+            if opts.dummies.contains(&i) {
+                ", dummy"
+            } else {
+                ""
+            }
         ));
     }
     say("cascade run:");
     let mut observer = Progress::with_label("cascade");
-    let result = run_cascade(&prepared, nodes.hops.clone(), opts, &mut observer);
+    let result = run_cascade(&prepared, hops, opts, &mut observer);
     drop(observer);
     drop(nodes);
+    drop(directory);
     let (cascade, cascade_weights) = result?;
 
     say(&table(&local, &cascade));

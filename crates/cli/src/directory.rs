@@ -42,7 +42,6 @@ pub struct DirectoryArgs {
 pub const DIRECTORY_READY_LINE: &str = "mixnn directory ready: ";
 
 /// What a directory's ready line says.
-#[allow(dead_code, reason = "for the demo and tools that start a directory")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectoryReady {
     /// Base URL of the directory (`http://ADDR`).
@@ -99,7 +98,6 @@ pub fn run(args: &DirectoryArgs) -> anyhow::Result<()> {
 }
 
 /// Parses a directory's ready line (`mixnn directory ready: url=… key=…`).
-#[allow(dead_code, reason = "for the demo and tools that start a directory")]
 pub fn parse_directory_ready_line(line: &str) -> Option<DirectoryReady> {
     let rest = line.trim().strip_prefix(DIRECTORY_READY_LINE)?;
     let mut url = None;

@@ -300,6 +300,7 @@ impl Wan {
                     .chain([OsString::from(ns_name(self.pid, i))])
                     .collect(),
                 listen: sock(real(self.subnet, node_host(i)), NODE_PORT).to_string(),
+                args: Vec::new(),
             })
             .collect()
     }

@@ -387,6 +387,7 @@ impl CascadeRunner {
                     stage: spec.clone(),
                     sgd: self.cfg.sgd,
                     seed: i.map_or(0, |i| stage_seed(self.cfg.seed, i)),
+                    start_step: self.step,
                     max_body,
                     prev_link: if k == 0 { my_link } else { links[k - 1] },
                     next_link: links.get(k + 1).copied().unwrap_or(my_link),

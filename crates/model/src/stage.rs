@@ -198,6 +198,12 @@ impl Stage {
         self.steps
     }
 
+    /// Counts `steps` updates as applied (a stage set up to continue a run
+    /// whose state is loaded afterwards, or that has no parameters).
+    pub fn start_at(&mut self, steps: u64) {
+        self.steps = steps;
+    }
+
     fn check_input(&self, x: &Tensor<2>, context: &'static str) -> Result<usize> {
         let [batch, features] = x.dims();
         // An identity stage (a dummy hop) passes anything through: after

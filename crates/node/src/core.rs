@@ -147,7 +147,8 @@ impl Core {
         };
         policy.check(msg.cells, msg.body.len())?;
         let id = hop.id();
-        let stage = Stage::new(&note.stage, note.seed, note.sgd);
+        let mut stage = Stage::new(&note.stage, note.seed, note.sgd);
+        stage.start_at(note.start_step);
         self.table.insert(hop)?;
         self.sessions.insert(
             id,

@@ -48,6 +48,7 @@ fn init_note(stage: StageSpec) -> InitNote {
         stage,
         sgd: Sgd::default(),
         seed: SEED,
+        start_step: 0,
         max_body: 0,
         prev_link: PREV,
         next_link: NEXT,

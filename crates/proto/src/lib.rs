@@ -111,6 +111,9 @@ pub struct InitNote {
     pub sgd: Sgd,
     /// Seed of the stage's parameter initialisation.
     pub seed: u64,
+    /// Training steps the stage counts as applied when it starts (0 for a
+    /// new run; a checkpoint's step when the designer rebuilds a cascade).
+    pub start_step: u64,
     /// Uniform padding target of the cascade (largest body), or 0 for
     /// size classes.
     pub max_body: u32,
@@ -162,6 +165,7 @@ impl InitNote {
         out.extend_from_slice(&self.sgd.lr.to_bits().to_le_bytes());
         out.extend_from_slice(&self.sgd.momentum.to_bits().to_le_bytes());
         out.extend_from_slice(&self.seed.to_le_bytes());
+        out.extend_from_slice(&self.start_step.to_le_bytes());
         out.extend_from_slice(&self.max_body.to_le_bytes());
         out.extend_from_slice(&self.prev_link);
         out.extend_from_slice(&self.next_link);
@@ -221,6 +225,7 @@ impl InitNote {
             stage,
             sgd,
             seed: r.u64()?,
+            start_step: r.u64()?,
             max_body: r.u32()?,
             prev_link: r.key()?,
             next_link: r.key()?,
@@ -457,6 +462,7 @@ mod tests {
             },
             sgd: Sgd::default(),
             seed: 99,
+            start_step: 7,
             max_body: 50_000,
             prev_link: [1; 32],
             next_link: [2; 32],

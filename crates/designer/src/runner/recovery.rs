@@ -255,7 +255,9 @@ impl CascadeRunner {
                 message: "the checkpoint was taken with other training settings (seed, batch, optimiser, micro-batches or epochs)".into(),
             });
         }
-        self.load_checkpoint(c)?;
+        // A fresh session whose init notes start every stage at the
+        // checkpoint's step, then the states.
+        self.rebuild(c)?;
         self.recovery.last = Some(c.clone());
         Ok(ResumePoint {
             epoch: c.epoch,
@@ -353,14 +355,17 @@ impl CascadeRunner {
     }
 
     /// Every remote stage's state, fetched in chunks (all hops at once).
+    /// Stages without parameters are not asked (so that they never learn
+    /// the designer's address): their state is their step counter.
     pub(super) fn fetch_states(&mut self) -> Result<Vec<StageState>, DesignerError> {
         let n = self.hops.len();
         let mut bytes: Vec<Vec<Option<Vec<u8>>>> = vec![Vec::new(); n];
         let mut totals: Vec<Option<usize>> = vec![None; n];
-        for j in 0..n {
+        let asked: Vec<bool> = self.remote.iter().map(|(_, s)| s.has_params()).collect();
+        for j in (0..n).filter(|j| asked[*j]) {
             self.send_chunk_request(j, 0, Op::Fetch, &[])?;
         }
-        let mut missing = n;
+        let mut missing = asked.iter().filter(|a| **a).count();
         while missing > 0 {
             let (kind, body) = self.wait(Await::Chunk(0, 0), self.step)?;
             let Await::Chunk(j, chunk) = kind else {
@@ -390,6 +395,12 @@ impl CascadeRunner {
             .zip(totals)
             .enumerate()
             .map(|(j, (chunks, total))| {
+                if !asked[j] {
+                    return Ok(StageState {
+                        steps: self.step,
+                        tensors: Vec::new(),
+                    });
+                }
                 let all: Vec<u8> = chunks.into_iter().flatten().flatten().collect();
                 if Some(all.len()) != total {
                     return Err(DesignerError::Reply(format!(
@@ -405,7 +416,12 @@ impl CascadeRunner {
     fn load_states(&mut self, states: &[StageState]) -> Result<(), DesignerError> {
         let room = self.chunk_room();
         let mut expected = 0usize;
+        // Stages without parameters start at the right step from their
+        // init note; only stages with parameters are loaded.
         for (j, state) in states.iter().enumerate() {
+            if !self.remote[j].1.has_params() {
+                continue;
+            }
             let all = encode_state(state);
             let total = all.len() as u32;
             for (k, part) in all.chunks(room).enumerate() {
@@ -581,6 +597,8 @@ impl CascadeRunner {
         )?;
         self.first_link = first;
         self.last_link = last;
+        // The init note tells every stage the step it starts at.
+        self.step = c.step;
         self.init()?;
         self.load_checkpoint(c)
     }
