@@ -2,39 +2,16 @@
 //! serves and the in-memory chain of the local trainer.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use mixnn_model::init::rng;
 use mixnn_model::spec::ModelSpec;
 use mixnn_model::stage::{Sgd, Stage};
 use mixnn_model::tensor_bytes::TensorBytes;
 use mixnn_model::trainer::{stage_seed, Batch, LocalModel, StepRunner};
 use mixnn_model::weights;
-use rand::RngCore;
+
+mod common;
+use common::synthetic_batches;
 
 const PAPER: &str = include_str!("../../../models/paper-mlp.toml");
-
-fn synthetic_batches(n: usize, rows: usize, seed: u64) -> Vec<Batch> {
-    let mut r = rng(seed);
-    (0..n)
-        .map(|_| {
-            let labels: Vec<u32> = (0..rows).map(|_| r.next_u32() % 10).collect();
-            // Pixels correlated with the label so that training does something.
-            let pixels = labels
-                .iter()
-                .flat_map(|l| {
-                    let l = *l as usize;
-                    (0..784).map(move |i| if i % 10 == l { 200u8 } else { 20 })
-                })
-                .zip(std::iter::repeat_with(|| r.next_u32()))
-                .map(|(p, noise)| p.saturating_add((noise % 40) as u8))
-                .collect();
-            Batch {
-                pixels,
-                labels,
-                rows,
-            }
-        })
-        .collect()
-}
 
 fn train_local(seed: u64, batches: &[Batch]) -> Vec<u8> {
     let model = ModelSpec::parse(PAPER, "paper").unwrap();

@@ -6,34 +6,14 @@ use mixnn_model::init::rng;
 use mixnn_model::spec::ModelSpec;
 use mixnn_model::stage::{Sgd, Stage};
 use mixnn_model::tensor_bytes::TensorBytes;
-use mixnn_model::trainer::{micro_ranges, stage_seed, Batch, LocalModel, StepRunner};
+use mixnn_model::trainer::{micro_ranges, stage_seed, LocalModel, StepRunner};
 use proptest::prelude::*;
 use rand::RngCore;
 
-const PAPER: &str = include_str!("../../../models/paper-mlp.toml");
+mod common;
+use common::synthetic_batches;
 
-fn batches(n: usize, rows: usize, seed: u64) -> Vec<Batch> {
-    let mut r = rng(seed);
-    (0..n)
-        .map(|_| {
-            let labels: Vec<u32> = (0..rows).map(|_| r.next_u32() % 10).collect();
-            let pixels = labels
-                .iter()
-                .flat_map(|l| {
-                    let l = *l as usize;
-                    (0..784).map(move |i| if i % 10 == l { 200u8 } else { 20 })
-                })
-                .zip(std::iter::repeat_with(|| r.next_u32()))
-                .map(|(p, noise)| p.saturating_add((noise % 40) as u8))
-                .collect();
-            Batch {
-                pixels,
-                labels,
-                rows,
-            }
-        })
-        .collect()
-}
+const PAPER: &str = include_str!("../../../models/paper-mlp.toml");
 
 fn flat(model: &mut LocalModel) -> Vec<f32> {
     model
@@ -48,7 +28,7 @@ fn flat(model: &mut LocalModel) -> Vec<f32> {
 #[test]
 fn micro_batch_updates_match_whole_batch_updates_up_to_rounding() {
     let model = ModelSpec::parse(PAPER, "paper").unwrap();
-    let data = batches(5, 64, 3);
+    let data = synthetic_batches(5, 64, 3);
     let mut whole = LocalModel::new(&model, 5, Sgd::default());
     let mut micro = LocalModel::new(&model, 5, Sgd::default()).with_micro_batches(4);
     let lw = whole.train_batches(&data, &mut |_| {}).unwrap();
@@ -80,7 +60,7 @@ fn micro_batch_updates_match_whole_batch_updates_up_to_rounding() {
 #[test]
 fn one_micro_batch_is_the_plain_step_bit_for_bit() {
     let model = ModelSpec::parse(PAPER, "paper").unwrap();
-    let data = batches(4, 64, 8);
+    let data = synthetic_batches(4, 64, 8);
     let mut plain = LocalModel::new(&model, 2, Sgd::default());
     let mut one = LocalModel::new(&model, 2, Sgd::default()).with_micro_batches(1);
     plain.train_batches(&data, &mut |_| {}).unwrap();
