@@ -321,7 +321,7 @@ fn a_link_observer_sees_equal_frames_and_no_addresses_or_activations() {
         seed: 3,
         micro_batches: 1,
     };
-    let order: Vec<u32> = (0..1280).collect();
+    let order: Vec<u32> = (0..3840).collect();
     let train = batches(&split.train, &order, cfg.batch);
     let test_order: Vec<u32> = (0..640).collect();
     let test = batches(&split.test, &test_order, cfg.batch);
@@ -407,12 +407,10 @@ fn a_link_observer_sees_equal_frames_and_no_addresses_or_activations() {
     assert!(get("h1→h2 loops").len() >= 10, "{table}");
     assert!(get("h2→h1 loops").len() >= 10, "{table}");
     // Timing still tells training from loops and cover alone at these
-    // rates (5% level): the observer learns when a cascade trains.
-    let ((_, _), d, p) = results[2];
-    assert!(
-        p < 0.05 && d > 0.3,
-        "training no longer stands out: {ks_lines}"
-    );
+    // rates (1% level, on either direction of the link): the observer
+    // learns when a cascade trains.
+    let p = results[2].2.min(results[3].2);
+    assert!(p < 0.01, "training no longer stands out: {ks_lines}");
 
     // (c) No address of a non-adjacent node, no run of pixel bytes.
     let streams: Vec<Vec<u8>> = [&forward.up, &backward.up, &designer_link.up]
