@@ -205,6 +205,11 @@ pub fn run_cascade_with(
     observer: &mut dyn Observer,
 ) -> anyhow::Result<(RunMetrics, Vec<u8>)> {
     let Prepared { model, split, cfg } = prepared;
+    let mut opts = opts;
+    if cfg.micro_batches > 1 && opts.audit_rate > 0.0 {
+        crate::progress::say("audits need one micro-batch per step: off for this run");
+        opts.audit_rate = 0.0;
+    }
     let dir = match &recovery.checkpoints {
         Some(d) => Some(CheckpointDir::open(d, 3)?),
         None => None,
@@ -259,6 +264,28 @@ pub fn run_cascade_with(
         crate::progress::say(&format!(
             "recovered: {} (bound T {:.1} s, detected at unix ms {}); replaced {:?}; back at step {} in {:.2} s",
             e.cause, e.bound_s, e.detected_unix_ms, e.replaced, e.resumed_at, e.recovery_s
+        ));
+    }
+    // The test-phase check of the last epoch (earlier ones are checked
+    // as the next epoch starts).
+    if let Ok((m, _)) = &result {
+        if let Some(e) = m.epochs.last() {
+            runner.check_accuracy(e.epoch, e.test_acc);
+        }
+    }
+    let audits = runner.audit_stats();
+    if audits.committed_steps > 0 {
+        crate::progress::say(&format!(
+            "audits: {} of {} steps' commitments, {} passed, {} failed{}",
+            audits.audits,
+            audits.committed_steps,
+            audits.passed,
+            audits.failures.len(),
+            if audits.suspect {
+                "; cascade suspect (test accuracy dropped)"
+            } else {
+                ""
+            }
         ));
     }
     let times = runner.checkpoint_times();
@@ -340,6 +367,18 @@ impl NodeLaunch {
     }
 }
 
+/// The first line a child process prints (its ready line), read on a
+/// thread so that the caller can wait with a timeout.
+fn first_line(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx
+}
+
 /// A `mixnn directory` process on 127.0.0.1 (for the demo), stopped when
 /// this is dropped.
 pub struct LocalDirectory {
@@ -376,19 +415,14 @@ impl LocalDirectory {
             v.push(child.id());
         }
         let stdout = child.stdout.take().context("directory stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
+        let line = first_line(stdout);
         let mut me = LocalDirectory {
             child,
             url: String::new(),
             key: String::new(),
             key_bytes: [0; 32],
         };
-        let line = rx
+        let line = line
             .recv_timeout(Duration::from_secs(20))
             .context("the directory did not start within 20 s")?;
         let ready = crate::directory::parse_directory_ready_line(&line).with_context(|| {
@@ -486,13 +520,7 @@ impl LocalNodes {
             }
             let stdout = child.stdout.take().context("node stdout")?;
             nodes.children.push(child);
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let mut line = String::new();
-                let _ = BufReader::new(stdout).read_line(&mut line);
-                let _ = tx.send(line);
-            });
-            let line = rx
+            let line = first_line(stdout)
                 .recv_timeout(Duration::from_secs(20))
                 .with_context(|| format!("node {i} did not start within 20 s"))?;
             let hop = parse_ready_line(line.trim()).with_context(|| {

@@ -2,81 +2,17 @@
 //! their own threads; results must equal the local trainer's bit for bit.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use mixnn_designer::{CascadeOptions, CascadeRunner, HopInfo};
-use mixnn_model::data::Dataset;
-use mixnn_model::init::rng;
 use mixnn_model::spec::ModelSpec;
 use mixnn_model::stage::Sgd;
 use mixnn_model::trainer::{run_training, LocalModel, Quiet, TrainConfig};
-use mixnn_net::{LinkListener, NodeKeys};
-use mixnn_node::{NodeConfig, NodeError};
-use rand_core::RngCore;
+
+mod common;
+use common::{dataset, start_node};
 
 const PAPER: &str = include_str!("../../../models/paper-mlp.toml");
-
-fn dataset(n: usize, seed: u64) -> Dataset {
-    let mut r = rng(seed);
-    let labels: Vec<u8> = (0..n).map(|_| (r.next_u32() % 10) as u8).collect();
-    let pixels = labels
-        .iter()
-        .flat_map(|l| (0..784).map(move |i| if i % 10 == *l as usize { 180u8 } else { 30 }))
-        .map(|p| p.wrapping_add((r.next_u32() % 60) as u8))
-        .collect();
-    Dataset {
-        pixels,
-        labels,
-        rows: 28,
-        cols: 28,
-    }
-}
-
-/// Starts a node on its own thread; returns its address and keys.
-pub fn start_node(seed: u64, learned: Option<std::path::PathBuf>) -> HopInfo {
-    let keys = NodeKeys::generate(&mut rand_chacha::ChaCha20Rng::seed_from_u64_compat(seed));
-    let public = keys.public();
-    let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = LinkListener::bind(
-                "127.0.0.1:0".parse().unwrap(),
-                keys.link().clone(),
-                mixnn_node::link_config().unwrap(),
-            )
-            .await
-            .unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            let config = NodeConfig {
-                learned_file: learned,
-                ..NodeConfig::default()
-            };
-            let r: Result<(), NodeError> =
-                mixnn_node::run(listener, &keys, config, std::future::pending()).await;
-            r.unwrap();
-        });
-    });
-    let addr = rx.recv().unwrap();
-    HopInfo {
-        addr,
-        onion: public.onion.to_string(),
-        link: public.link.to_string(),
-    }
-}
-
-trait SeedCompat {
-    fn seed_from_u64_compat(seed: u64) -> Self;
-}
-impl SeedCompat for rand_chacha::ChaCha20Rng {
-    fn seed_from_u64_compat(seed: u64) -> Self {
-        <Self as rand_core::SeedableRng>::seed_from_u64(seed)
-    }
-}
 
 fn run_both(keep_first: bool, keep_last: bool, window: usize) {
     run_both_micro(keep_first, keep_last, window, 1);
@@ -107,9 +43,7 @@ fn run_both_with(
     let (lm, lw) = run_training(&mut local, &model, &train, &test, &cfg, &mut Quiet).unwrap();
 
     let remote = 5 - usize::from(keep_first) - usize::from(keep_last) + dummies.len();
-    let hops: Vec<HopInfo> = (0..remote)
-        .map(|i| start_node(100 + i as u64, None))
-        .collect();
+    let hops: Vec<HopInfo> = (0..remote).map(|i| start_node(100 + i as u64)).collect();
     let opts = CascadeOptions {
         keep_first,
         keep_last,

@@ -6,10 +6,11 @@
 //!   momentum, step counter) in chunks, sent back to it alone over its own
 //!   Noise links. With a checkpoint directory it writes them to disk
 //!   atomically, with the data-order state (epoch, position, losses).
-//! - **Detection.** While recovery is on, an answer that takes longer than
-//!   the bound T fails the step, with T = 20 × the slowest answer seen so
-//!   far, at least 1 s and at most the configured timeout. (The paper's
-//!   T ≫ nδ + (n−1)t, measured instead of guessed.)
+//! - **Detection.** While replacements are configured, an answer that
+//!   takes longer than the bound T fails the step, with T = 20 × the
+//!   slowest answer seen so far, at least 1 s and at most the configured
+//!   timeout (the paper's T ≫ nδ + (n−1)t, measured instead of guessed).
+//!   Without replacements a failure ends the run, so T is the timeout.
 //! - **Recovery.** The designer probes the cascade with loops through its
 //!   first 1, 2, … n hops; the first prefix that does not come back ends at
 //!   the failed hop. It asks its [`Replacements`] for a new node, sets up a
@@ -110,6 +111,9 @@ pub(super) struct State {
     every: u64,
     replacements: Option<Box<dyn Replacements>>,
     last: Option<Checkpoint>,
+    /// The last few checkpoints, oldest first (audits roll back to the
+    /// last one before the first bad step).
+    kept: VecDeque<Checkpoint>,
     epoch: u32,
     epoch_start: u64,
     done_epochs: Vec<EpochMetrics>,
@@ -129,6 +133,7 @@ impl State {
             every: 0,
             replacements: None,
             last: None,
+            kept: VecDeque::new(),
             epoch: 0,
             epoch_start: 0,
             done_epochs: Vec::new(),
@@ -168,6 +173,25 @@ impl State {
         self.epoch_start = step - prefix.len() as u64;
     }
 
+    /// The checkpoints kept in memory, oldest first.
+    pub(super) fn kept(&self) -> &VecDeque<Checkpoint> {
+        &self.kept
+    }
+
+    /// Whether replacements are configured.
+    pub(super) fn can_replace(&self) -> bool {
+        self.replacements.is_some()
+    }
+
+    fn keep(&mut self, c: Checkpoint) {
+        self.kept.retain(|k| k.step < c.step);
+        self.kept.push_back(c.clone());
+        while self.kept.len() > KEPT_CHECKPOINTS {
+            self.kept.pop_front();
+        }
+        self.last = Some(c);
+    }
+
     /// Records how long an answer took (for the detection bound).
     pub(super) fn observe(&mut self, took: Duration) {
         self.slowest = self.slowest.max(took);
@@ -187,6 +211,9 @@ pub(super) fn params_only(tensors: Vec<NamedParam>) -> Vec<NamedParam> {
         .filter(|t| !t.name.ends_with(".velocity"))
         .collect()
 }
+
+/// Checkpoints kept in memory.
+const KEPT_CHECKPOINTS: usize = 8;
 
 fn recoverable(e: &DesignerError) -> bool {
     matches!(
@@ -228,7 +255,9 @@ impl CascadeRunner {
 
     /// The detection bound T on training and test answers.
     pub(super) fn detection_bound(&self) -> Duration {
-        if !self.recovery.enabled() {
+        // Only worth a tight bound when a failure can be repaired: without
+        // replacements a timeout ends the run, so wait the full timeout.
+        if self.recovery.replacements.is_none() {
             return self.opts.timeout;
         }
         (self.recovery.slowest * 20).clamp(
@@ -258,7 +287,7 @@ impl CascadeRunner {
         // A fresh session whose init notes start every stage at the
         // checkpoint's step, then the states.
         self.rebuild(c)?;
-        self.recovery.last = Some(c.clone());
+        self.recovery.keep(c.clone());
         Ok(ResumePoint {
             epoch: c.epoch,
             position: c.position,
@@ -347,7 +376,7 @@ impl CascadeRunner {
                 .map_err(|e| DesignerError::Checkpoint(e.to_string()))?;
             tracing::info!(step = c.step, path = %path.display(), "checkpoint written");
         }
-        self.recovery.last = Some(c);
+        self.recovery.keep(c);
         self.recovery
             .checkpoint_s
             .push(started.elapsed().as_secs_f64());
@@ -582,6 +611,50 @@ impl CascadeRunner {
             "gave up after {} attempts; last: {last_error}",
             self.recovery.max_attempts
         )))
+    }
+
+    /// Replaces hop `j` after misbehaviour `reason` at `step` (reported to
+    /// the directory), sets up a new session and loads `c`.
+    pub(super) fn replace_and_rebuild(
+        &mut self,
+        j: usize,
+        step: u64,
+        reason: &str,
+        c: &Checkpoint,
+    ) -> Result<(), DesignerError> {
+        let detected = Instant::now();
+        let detected_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let bad = self.hops[j].clone();
+        let in_use: Vec<HopInfo> = self.hops.iter().filter(|h| **h != bad).cloned().collect();
+        let r = self
+            .recovery
+            .replacements
+            .as_mut()
+            .ok_or_else(|| DesignerError::Recovery("no replacements configured".into()))?;
+        r.report(&bad, step, reason);
+        let new = r.replace(std::slice::from_ref(&bad), &in_use)?;
+        let h = new
+            .into_iter()
+            .next()
+            .ok_or_else(|| DesignerError::Config {
+                message: format!("no replacement for {}", bad.addr),
+            })?;
+        self.hops[j] = h;
+        self.rebuild(c)?;
+        self.recovery.kept.retain(|k| k.step <= c.step);
+        self.recovery.last = Some(c.clone());
+        self.recovery.events.push(RecoveryEvent {
+            cause: reason.to_string(),
+            bound_s: self.detection_bound().as_secs_f64(),
+            replaced: vec![bad.addr],
+            resumed_at: c.step,
+            recovery_s: detected.elapsed().as_secs_f64(),
+            detected_unix_ms,
+        });
+        Ok(())
     }
 
     /// A fresh session over `self.hops`, with the state of `c`.
