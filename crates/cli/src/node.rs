@@ -64,6 +64,11 @@ pub struct NodeArgs {
     /// repeatable.
     #[arg(long, value_name = "ADDR=LINKKEY", value_parser = parse_cover_peer)]
     pub cover_peer: Vec<CoverPeer>,
+    /// Misbehave from a step on, for tests of audits: `MODE@STEP`, MODE
+    /// `noise`, `flip-gradient` or `skip-update`.
+    #[cfg(feature = "adversary")]
+    #[arg(long, hide = true, value_name = "MODE@STEP")]
+    pub adversary: Option<mixnn_node::Adversary>,
 }
 
 /// A `--cover-peer`: address and link key.
@@ -190,6 +195,8 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
             learned_file: Some(args.state.join("learned-peers.txt")),
             cover_rate: args.cover_rate,
             cover_peers: args.cover_peer.iter().map(|p| (p.0, p.1)).collect(),
+            #[cfg(feature = "adversary")]
+            adversary: args.adversary,
             ..NodeConfig::default()
         };
         let served = mixnn_node::run(listener, &keys, node_config, shutdown_signal()).await;

@@ -79,7 +79,16 @@ pub struct CascadeArgs {
     /// as cover and as health probes; 0 sends none.
     #[arg(long, default_value_t = 0.0, value_name = "R")]
     pub loop_rate: f64,
+
+    /// Probability that the designer audits a given hop for a given step
+    /// (commitments, re-execution; 0 turns both off) [default: 0.02].
+    /// Audits need one micro-batch per step: with more they are off.
+    #[arg(long, value_name = "Q")]
+    pub audit_rate: Option<f64>,
 }
+
+/// Audit rate of `mixnn train --cascade` when `--audit-rate` is not given.
+pub const DEFAULT_AUDIT_RATE: f64 = 0.02;
 
 impl CascadeArgs {
     /// The designer's options.
@@ -96,8 +105,13 @@ impl CascadeArgs {
         if !(self.loop_rate >= 0.0 && self.loop_rate.is_finite()) {
             anyhow::bail!("--loop-rate must be a number of loops per second, 0 or more");
         }
+        let audit_rate = self.audit_rate.unwrap_or(DEFAULT_AUDIT_RATE);
+        if !(0.0..=1.0).contains(&audit_rate) {
+            anyhow::bail!("--audit-rate must be a probability, from 0 to 1");
+        }
         Ok(mixnn_designer::CascadeOptions {
             loop_rate: self.loop_rate,
+            audit_rate,
             keep_first,
             keep_last,
             window: self.window.max(1),

@@ -55,4 +55,16 @@ pub enum DesignerError {
     /// Recovery from a failed hop did not succeed.
     #[error("recovery: {0}")]
     Recovery(String),
+    /// A hop failed or refused an audit of a step it ran.
+    #[error("audit failed at hop {hop} ({addr}) for step {step}: {reason}")]
+    Audit {
+        /// The hop's position in the cascade.
+        hop: usize,
+        /// Its address.
+        addr: std::net::SocketAddr,
+        /// The audited step.
+        step: u64,
+        /// What did not check out.
+        reason: String,
+    },
 }

@@ -36,8 +36,10 @@ use tokio::sync::mpsc;
 use crate::cascade::HopInfo;
 use crate::error::DesignerError;
 
+mod audit;
 mod loops;
 mod recovery;
+pub use audit::{AuditFailure, AuditStats};
 pub use loops::LoopStats;
 pub use recovery::{Replacements, Spares};
 
@@ -65,6 +67,10 @@ pub struct CascadeOptions {
     /// cascade and back while it runs; 0 sends none. A loop not back within
     /// the detection bound fails the run (see [`loops`]).
     pub loop_rate: f64,
+    /// Probability that the designer audits a given hop (with parameters)
+    /// for a given step; 0 turns commitments and audits off (see
+    /// [`audit`]). Needs one micro-batch per step.
+    pub audit_rate: f64,
 }
 
 impl Default for CascadeOptions {
@@ -78,6 +84,7 @@ impl Default for CascadeOptions {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             dummies: Vec::new(),
             loop_rate: 0.0,
+            audit_rate: 0.0,
         }
     }
 }
@@ -98,6 +105,8 @@ enum Await {
     Loaded(usize, u32),
     /// A loop through the hops up to `.0` came back.
     Probe(usize),
+    /// Chunk `.1` of an audit opening from remote hop `.0`.
+    Opening(usize, u32),
 }
 
 /// Progress of one training step in flight.
@@ -139,6 +148,7 @@ pub struct CascadeRunner {
     opts: CascadeOptions,
     recovery: recovery::State,
     loops: loops::Loops,
+    audit: audit::Audits,
 }
 
 /// Inserts identity stages at the hop positions `dummies` among the
@@ -239,6 +249,7 @@ impl CascadeRunner {
         });
         let key = LinkKeypair::generate(&mut rng);
         let loop_seed = rng.next_u64();
+        let audits = audit::Audits::new(model, opts.audit_rate, cfg.micro_batches, rng.next_u64())?;
         let link_config = mixnn_node::link_config().map_err(|e| DesignerError::Config {
             message: e.to_string(),
         })?;
@@ -259,6 +270,10 @@ impl CascadeRunner {
             if k > 0 {
                 max_body = max_body.max(tensor(s.input));
             }
+        }
+        // Forward and backward bodies carry the commitment trailer.
+        if audits.on() {
+            max_body += mixnn_proto::audit::TRAILER_LEN;
         }
         let policy = if opts.uniform_padding {
             PaddingPolicy::Uniform { max_body }
@@ -308,6 +323,7 @@ impl CascadeRunner {
             cfg: *cfg,
             recovery: recovery::State::new(model),
             loops: loops::Loops::new(opts.loop_rate, loop_seed),
+            audit: audits,
             hops,
             opts,
         };
@@ -378,6 +394,8 @@ impl CascadeRunner {
             PaddingPolicy::Uniform { max_body } => max_body as u32,
             _ => 0,
         };
+        // Fresh commitment keys for every session.
+        self.audit.new_session(self.hops.len(), &mut self.rng);
         let notes: Vec<Vec<u8>> = self
             .remote
             .iter()
@@ -392,6 +410,7 @@ impl CascadeRunner {
                     prev_link: if k == 0 { my_link } else { links[k - 1] },
                     next_link: links.get(k + 1).copied().unwrap_or(my_link),
                     designer_link: my_link,
+                    audit_key: self.audit.key(k),
                 }
                 .encode()
             })
@@ -514,6 +533,7 @@ impl CascadeRunner {
                     Await::Chunk(..) => "the parameters",
                     Await::Loaded(..) => "a state load",
                     Await::Probe(..) => "a probe",
+                    Await::Opening(..) => "an audit opening",
                 },
                 step,
                 secs: timeout.as_secs_f64(),
@@ -643,7 +663,8 @@ impl CascadeRunner {
             })
             .collect();
         let path: Vec<usize> = (0..n).collect();
-        let cells = self.seal(&path, &fwd_blocks, &fwd_notes, body)?;
+        let body = self.audit.pad(body, &mut self.rng);
+        let cells = self.seal(&path, &fwd_blocks, &fwd_notes, &body)?;
         self.pending.insert(out_id.0, Await::Output(step, micro));
         self.send_first(&cells)?;
         // Tags are per hop and shared by a micro-batch's forward and
@@ -683,7 +704,8 @@ impl CascadeRunner {
             );
         }
         let path: Vec<usize> = (0..n).rev().collect();
-        let cells = self.seal(&path, &blocks, &notes, grad)?;
+        let grad = self.audit.pad(grad, &mut self.rng);
+        let cells = self.seal(&path, &blocks, &notes, &grad)?;
         self.pending.insert(done_id.0, Await::Done(step, micro));
         self.send_last(&cells)
     }
@@ -745,6 +767,10 @@ impl CascadeRunner {
             // Checkpoints are taken between steps: none in flight.
             if completed == next && completed > start {
                 let step = base + completed as u64;
+                if self.audit.queued() {
+                    self.step = step;
+                    self.run_audits(batches, base)?;
+                }
                 if self.recovery.wants_checkpoint(step) {
                     self.step = step;
                     self.checkpoint(losses)?;
@@ -752,7 +778,9 @@ impl CascadeRunner {
             }
             while next < len && next - completed < window {
                 let step = base + next as u64;
-                if next > completed && self.recovery.wants_checkpoint(step) {
+                if next > completed
+                    && (self.recovery.wants_checkpoint(step) || self.audit.due(step, window))
+                {
                     break;
                 }
                 for (m, c) in self
@@ -766,6 +794,7 @@ impl CascadeRunner {
             }
             let waiting = base + completed as u64;
             let (kind, body) = self.wait(Await::Output(waiting, 0), waiting)?;
+            let body = self.audit.take(kind, body, self.hops.len())?;
             let (s, m) = match kind {
                 Await::Output(s, m) | Await::Done(s, m) => (s, m),
                 other => return Err(DesignerError::Reply(format!("an unexpected {other:?}"))),
@@ -828,11 +857,15 @@ impl CascadeRunner {
                     loss = if m == 0 { *l } else { loss + *l };
                 }
                 losses.push(loss);
+                self.audit.step_done(base + completed as u64, &self.remote);
                 on_step(completed, loss);
                 completed += 1;
             }
         }
         self.step = base + len as u64;
+        if self.audit.queued() {
+            self.run_audits(batches, base)?;
+        }
         if self.recovery.enabled() {
             self.checkpoint(losses)?;
         }
@@ -900,6 +933,7 @@ impl StepRunner for CascadeRunner {
     type Error = DesignerError;
 
     fn begin_epoch(&mut self, epoch: u32, done: &[EpochMetrics], losses_so_far: &[f32]) {
+        self.audit.check_epochs(done);
         self.recovery
             .begin_epoch(epoch, done, losses_so_far, self.step);
     }
@@ -924,7 +958,10 @@ impl StepRunner for CascadeRunner {
             match self.train_from(batches, base, &mut losses, &mut tick) {
                 Ok(()) => return Ok(losses),
                 Err(e) => {
-                    let step = self.recover(e)?;
+                    let step = match e {
+                        DesignerError::Audit { .. } => self.recover_audit(e, batches, base)?,
+                        e => self.recover(e)?,
+                    };
                     let back = step.checked_sub(base).ok_or_else(|| {
                         DesignerError::Reply(format!(
                             "a checkpoint at step {step}, before this epoch's step {base}"

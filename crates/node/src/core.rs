@@ -15,6 +15,7 @@ use mixnn_wire::{
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
+use crate::audit::Auditor;
 use crate::error::NodeError;
 
 /// Bounds on what one node keeps in memory.
@@ -67,6 +68,8 @@ struct NodeSession {
     parked: Vec<Parked>,
     /// Chunks of a state being loaded (crash recovery).
     loading: Vec<u8>,
+    /// Commitments and openings, when the designer audits this session.
+    auditor: Option<Auditor>,
 }
 
 /// A node's state: its onion key, sessions and stages.
@@ -78,6 +81,8 @@ pub struct Core {
     rng: ChaCha8Rng,
     limits: Limits,
     learned: BTreeSet<SocketAddr>,
+    #[cfg(feature = "adversary")]
+    adversary: Option<crate::audit::Adversary>,
 }
 
 fn short(bytes: &[u8]) -> String {
@@ -96,7 +101,15 @@ impl Core {
             rng: ChaCha8Rng::from_seed(seed),
             limits,
             learned: BTreeSet::new(),
+            #[cfg(feature = "adversary")]
+            adversary: None,
         }
+    }
+
+    /// Makes this node misbehave (tests of audits only).
+    #[cfg(feature = "adversary")]
+    pub fn set_adversary(&mut self, adversary: Option<crate::audit::Adversary>) {
+        self.adversary = adversary;
     }
 
     /// Every address this node has learned from routing blocks: its
@@ -150,6 +163,7 @@ impl Core {
         let mut stage = Stage::new(&note.stage, note.seed, note.sgd);
         stage.start_at(note.start_step);
         self.table.insert(hop)?;
+        let auditor = note.audit_key.map(|k| Auditor::new(k, &stage));
         self.sessions.insert(
             id,
             NodeSession {
@@ -161,6 +175,7 @@ impl Core {
                 caches: HashMap::new(),
                 parked: Vec::new(),
                 loading: Vec::new(),
+                auditor,
             },
         );
         tracing::info!(
@@ -305,8 +320,19 @@ impl Core {
         out: &mut Vec<Outbound>,
     ) -> Result<(), NodeError> {
         let limits = self.limits;
+        #[cfg(feature = "adversary")]
+        let adversary = self.adversary;
         let s = self.session_mut(id)?;
         let op = peeled.op();
+        // Forward and backward bodies end with the commitment trailer
+        // when the session is audited.
+        let audited = s.auditor.is_some() && matches!(op, Op::Forward | Op::Backward);
+        let (body, trailer) = if audited {
+            let (p, t) = mixnn_proto::audit::split(&body)?;
+            (p.to_vec(), t.to_vec())
+        } else {
+            (body, Vec::new())
+        };
         let result: Vec<u8> = match op {
             Op::Forward => {
                 if s.caches.len() >= limits.max_cached {
@@ -320,8 +346,19 @@ impl Core {
                 let (y, cache) =
                     s.stage
                         .forward_micro_bytes(&body, labels, note.batch_rows as usize)?;
+                #[cfg(feature = "adversary")]
+                let y = match adversary {
+                    Some(a) => a.forward(note.step, y),
+                    None => y,
+                };
                 s.caches.insert(peeled.tag(), (note.step, cache));
-                y
+                match s.auditor.as_mut() {
+                    Some(a) => {
+                        let c = a.forward(peeled.tag(), note.step, &body, &y);
+                        mixnn_proto::audit::push(&y, &trailer, &c)
+                    }
+                    None => y,
+                }
             }
             Op::Backward => {
                 let (step, cache) = s
@@ -341,12 +378,30 @@ impl Core {
                     .stage
                     .backward_micro_bytes(cache, grad, note.need_input_grad, u32::from(note.micro))?
                     .unwrap_or_default();
+                #[cfg(feature = "adversary")]
+                let dx = match adversary {
+                    Some(a) => a.backward(note.step, dx),
+                    None => dx,
+                };
                 // The update waits for the gradients of every micro-batch
                 // of the step.
-                if s.stage.pending_micros() >= usize::from(note.micros) {
+                let applied = s.stage.pending_micros() >= usize::from(note.micros);
+                if applied {
+                    #[cfg(feature = "adversary")]
+                    match adversary {
+                        Some(a) => a.apply(note.step, &mut s.stage),
+                        None => s.stage.apply(),
+                    }
+                    #[cfg(not(feature = "adversary"))]
                     s.stage.apply();
                 }
-                dx
+                match s.auditor.as_mut() {
+                    Some(a) => {
+                        let c = a.backward(peeled.tag(), note.step, &body, &dx, &s.stage, applied);
+                        mixnn_proto::audit::push(&dx, &trailer, &c)
+                    }
+                    None => dx,
+                }
             }
             Op::Test => s.stage.eval_bytes(&body)?,
             Op::Loop => body,
@@ -356,6 +411,23 @@ impl Core {
             }
             Op::Fetch => {
                 let all = encode_state(&s.stage.state());
+                let room = s.policy.max_body().saturating_sub(4).max(1);
+                let start = (note.chunk as usize).saturating_mul(room).min(all.len());
+                let end = start.saturating_add(room).min(all.len());
+                ParamChunk {
+                    total: all.len() as u32,
+                    bytes: all[start..end].to_vec(),
+                }
+                .encode()
+            }
+            Op::Audit => {
+                // A step no longer kept (or never run) is refused with an
+                // empty opening.
+                let all = s
+                    .auditor
+                    .as_ref()
+                    .and_then(|a| a.opening(note.step))
+                    .unwrap_or_default();
                 let room = s.policy.max_body().saturating_sub(4).max(1);
                 let start = (note.chunk as usize).saturating_mul(room).min(all.len());
                 let end = start.saturating_add(room).min(all.len());
@@ -430,6 +502,9 @@ fn load_chunk(s: &mut NodeSession, note: &StepNote, body: &[u8]) -> Result<(), N
     if s.loading.len() == chunk.total as usize {
         let state = decode_state(&std::mem::take(&mut s.loading))?;
         s.stage.load_state(&state)?;
+        if let Some(a) = s.auditor.as_mut() {
+            a.reset(&s.stage);
+        }
         s.caches.clear();
         s.parked.clear();
         tracing::info!(step = state.steps, "stage state loaded");
@@ -461,6 +536,7 @@ fn op_name(op: Op) -> &'static str {
         Op::Fetch => "fetch",
         Op::Cover => "cover",
         Op::Load => "load",
+        Op::Audit => "audit",
         _ => "unknown op",
     }
 }

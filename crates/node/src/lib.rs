@@ -12,6 +12,7 @@
 //! loads keys and sets up logging.
 
 pub mod announce;
+pub mod audit;
 pub mod core;
 pub mod cover;
 mod error;
@@ -31,6 +32,8 @@ use tokio::sync::{mpsc, Semaphore};
 
 pub use crate::core::{Core, Limits, Outbound};
 pub use crate::error::NodeError;
+#[cfg(feature = "adversary")]
+pub use audit::{Adversary, AdversaryMode};
 
 /// How a node runs.
 #[derive(Debug, Clone)]
@@ -51,6 +54,9 @@ pub struct NodeConfig {
     /// node silently stops sending anything (a node that drops packets).
     /// `None` in production.
     pub drop_after: Option<u64>,
+    /// Misbehaviour for tests of audits (feature `adversary` only).
+    #[cfg(feature = "adversary")]
+    pub adversary: Option<audit::Adversary>,
 }
 
 impl Default for NodeConfig {
@@ -62,6 +68,8 @@ impl Default for NodeConfig {
             cover_rate: 0.0,
             cover_peers: Vec::new(),
             drop_after: None,
+            #[cfg(feature = "adversary")]
+            adversary: None,
         }
     }
 }
@@ -87,7 +95,10 @@ pub async fn run(
     let onion = OnionSecret::from_bytes(keys.onion().to_bytes());
     let mut seed = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut seed);
-    let core = Core::new(onion, seed, config.limits);
+    #[cfg_attr(not(feature = "adversary"), allow(unused_mut))]
+    let mut core = Core::new(onion, seed, config.limits);
+    #[cfg(feature = "adversary")]
+    core.set_adversary(config.adversary);
     let (in_tx, in_rx) = mpsc::channel::<Inbound>(1024);
     let (out_tx, out_rx) = mpsc::unbounded_channel::<Outbound>();
     let sizes = Arc::new(cover::CellCounts::default());

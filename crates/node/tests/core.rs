@@ -53,6 +53,7 @@ fn init_note(stage: StageSpec) -> InitNote {
         prev_link: PREV,
         next_link: NEXT,
         designer_link: DESIGNER,
+        audit_key: None,
     }
 }
 

@@ -19,6 +19,8 @@
 //!
 //! All integers are little-endian.
 
+pub mod audit;
+
 use mixnn_model::spec::{OpSpec, StageSpec};
 use mixnn_model::stage::{NamedParam, Sgd, StageState};
 
@@ -123,6 +125,10 @@ pub struct InitNote {
     pub next_link: [u8; 32],
     /// Link key of the designer (deliveries).
     pub designer_link: [u8; 32],
+    /// Key of this hop's audit commitments ([`audit`]), fresh per hop and
+    /// session; `None`: the hop commits to nothing and carries no
+    /// commitment trailer. Encoded only when present.
+    pub audit_key: Option<[u8; 32]>,
 }
 
 const OP_LINEAR: u8 = 1;
@@ -170,6 +176,9 @@ impl InitNote {
         out.extend_from_slice(&self.prev_link);
         out.extend_from_slice(&self.next_link);
         out.extend_from_slice(&self.designer_link);
+        if let Some(k) = &self.audit_key {
+            out.extend_from_slice(k);
+        }
         out
     }
 
@@ -230,6 +239,15 @@ impl InitNote {
             prev_link: r.key()?,
             next_link: r.key()?,
             designer_link: r.key()?,
+            audit_key: None,
+        };
+        let note = if r.at < r.bytes.len() {
+            InitNote {
+                audit_key: Some(r.key()?),
+                ..note
+            }
+        } else {
+            note
         };
         r.end()?;
         Ok(note)
@@ -467,6 +485,7 @@ mod tests {
             prev_link: [1; 32],
             next_link: [2; 32],
             designer_link: [3; 32],
+            audit_key: None,
         }
     }
 

@@ -47,11 +47,14 @@ pub enum Op {
     /// Load a checkpointed state (parameters, momentum, step) into the
     /// stage, one chunk per message (crash recovery).
     Load = 7,
+    /// Open a past step for an audit: the hop returns what it committed to
+    /// (state before, input, output, gradients), one chunk per message.
+    Audit = 8,
 }
 
 impl Op {
     /// Every op this version knows, in byte order.
-    pub const ALL: [Op; 8] = [
+    pub const ALL: [Op; 9] = [
         Op::Init,
         Op::Forward,
         Op::Backward,
@@ -60,6 +63,7 @@ impl Op {
         Op::Fetch,
         Op::Cover,
         Op::Load,
+        Op::Audit,
     ];
 }
 

@@ -1,0 +1,192 @@
+//! Byzantine hops: commitments and audits catch a hop that adds noise,
+//! flips gradients or skips updates; with spare nodes the run replaces it,
+//! rolls back before its first bad step and ends byte-identical to the
+//! local trainer. An honest run is never flagged.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{dataset, start_node, start_node_with};
+use mixnn_designer::{CascadeOptions, CascadeRunner, DesignerError, HopInfo, Spares};
+use mixnn_model::data::Dataset;
+use mixnn_model::spec::ModelSpec;
+use mixnn_model::stage::Sgd;
+use mixnn_model::trainer::{run_training, LocalModel, Quiet, RunMetrics, TrainConfig};
+use mixnn_node::{Adversary, AdversaryMode, NodeConfig};
+
+/// The paper's five stages, narrower (quick in debug builds).
+const MODEL: &str = r#"
+name = "narrow-paper-mlp"
+input = 784
+
+[[stage]]
+ops = [
+  { op = "normalize", mean = 0.5, std = 0.5 },
+  { op = "linear", in = 784, out = 16 },
+  { op = "relu" },
+]
+
+[[stage]]
+ops = [{ op = "linear", in = 16, out = 16 }, { op = "relu" }]
+
+[[stage]]
+ops = [{ op = "linear", in = 16, out = 10 }]
+
+[[stage]]
+ops = [{ op = "log_softmax" }]
+
+[[stage]]
+ops = [{ op = "nll_loss" }]
+"#;
+/// The adversary's first bad step.
+const FROM: u64 = 6;
+/// Hop 1 runs Linear 16 → 16 (it has parameters and sends a gradient).
+const BAD_HOP: usize = 1;
+const AUDIT_SEED: u64 = 11;
+
+fn cfg(epochs: u32) -> TrainConfig {
+    TrainConfig {
+        epochs,
+        batch: 16,
+        sgd: Sgd::default(),
+        seed: 5,
+        micro_batches: 1,
+    }
+}
+
+/// `steps` steps an epoch.
+fn data(steps: usize) -> (Dataset, Dataset) {
+    (dataset(16 * steps, 1), dataset(64, 2))
+}
+
+fn local(model: &ModelSpec, cfg: &TrainConfig, train: &Dataset, test: &Dataset) -> RunMetrics {
+    let mut local = LocalModel::new(model, cfg.seed, cfg.sgd);
+    run_training(&mut local, model, train, test, cfg, &mut Quiet)
+        .unwrap()
+        .0
+}
+
+fn cascade(base: u64, mode: AdversaryMode) -> Vec<HopInfo> {
+    (0..5)
+        .map(|i| {
+            let config = NodeConfig {
+                adversary: (i == BAD_HOP).then_some(Adversary {
+                    mode,
+                    from_step: FROM,
+                }),
+                ..NodeConfig::default()
+            };
+            start_node_with(base + i as u64, config)
+        })
+        .collect()
+}
+
+fn opts() -> CascadeOptions {
+    CascadeOptions {
+        audit_rate: 0.05,
+        ..CascadeOptions::default()
+    }
+}
+
+fn caught_and_recovered(base: u64, mode: AdversaryMode) {
+    let model = ModelSpec::parse(MODEL, "narrow").unwrap();
+    let (train, test) = data(FROM as usize + 60);
+    let cfg = cfg(1);
+    let lm = local(&model, &cfg, &train, &test);
+    let hops = cascade(base, mode);
+    let spares: Vec<HopInfo> = (0..2).map(|i| start_node(base + 10 + i)).collect();
+    let mut runner = CascadeRunner::connect(&model, hops.clone(), &cfg, opts())
+        .unwrap()
+        .with_checkpoints(None, 8)
+        .with_replacements(Box::new(Spares::new(spares.clone())))
+        .with_audit_seed(AUDIT_SEED);
+    let (cm, _) = run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).unwrap();
+    let stats = runner.audit_stats().clone();
+    assert_eq!(stats.failures.len(), 1, "{mode:?}: {stats:?}");
+    let f = &stats.failures[0];
+    assert_eq!(f.hop, BAD_HOP, "{mode:?}: {f:?}");
+    assert!(
+        f.step >= FROM && f.step < FROM + 60,
+        "{mode:?}: caught at step {}",
+        f.step
+    );
+    let events = runner.recoveries();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(events[0].cause.starts_with("audit failed"), "{events:?}");
+    assert_eq!(events[0].replaced, vec![hops[BAD_HOP].addr]);
+    assert!(events[0].resumed_at <= FROM, "{events:?}");
+    assert_eq!(runner.hops()[BAD_HOP], spares[0]);
+    assert_eq!(lm.weights_sha256, cm.weights_sha256, "{mode:?}");
+}
+
+#[test]
+fn noise_is_caught_and_the_run_ends_as_an_honest_one() {
+    caught_and_recovered(800, AdversaryMode::Noise);
+}
+
+#[test]
+fn flipped_gradients_are_caught_and_the_run_ends_as_an_honest_one() {
+    caught_and_recovered(820, AdversaryMode::FlipGradient);
+}
+
+#[test]
+fn skipped_updates_are_caught_and_the_run_ends_as_an_honest_one() {
+    caught_and_recovered(840, AdversaryMode::SkipUpdate);
+}
+
+#[test]
+fn without_spares_a_failed_audit_stops_the_run_naming_hop_and_step() {
+    let model = ModelSpec::parse(MODEL, "narrow").unwrap();
+    let (train, test) = data(FROM as usize + 60);
+    let cfg = cfg(1);
+    let hops = cascade(860, AdversaryMode::FlipGradient);
+    let mut runner = CascadeRunner::connect(&model, hops, &cfg, opts())
+        .unwrap()
+        .with_audit_seed(AUDIT_SEED);
+    let err = run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).unwrap_err();
+    match &err {
+        DesignerError::Audit { hop, step, .. } => {
+            assert_eq!(*hop, BAD_HOP);
+            assert!(*step >= FROM && *step < FROM + 60, "{err}");
+        }
+        other => panic!("not an audit failure: {other}"),
+    }
+    assert!(err.to_string().contains("audit failed at hop 1"), "{err}");
+}
+
+#[test]
+fn an_honest_run_over_two_epochs_is_never_flagged() {
+    let model = ModelSpec::parse(MODEL, "narrow").unwrap();
+    let (train, test) = data(40);
+    let cfg = cfg(2);
+    let lm = local(&model, &cfg, &train, &test);
+    let hops: Vec<HopInfo> = (0..5).map(|i| start_node(880 + i)).collect();
+    let mut runner = CascadeRunner::connect(&model, hops, &cfg, opts())
+        .unwrap()
+        .with_audit_seed(AUDIT_SEED);
+    let (cm, _) = run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).unwrap();
+    let last = cm.epochs.last().unwrap();
+    runner.check_accuracy(last.epoch, last.test_acc);
+    let stats = runner.audit_stats();
+    assert_eq!(stats.committed_steps, 80);
+    assert!(stats.audits > 0, "{stats:?}");
+    assert_eq!(stats.passed, stats.audits, "{stats:?}");
+    assert!(stats.failures.is_empty(), "{stats:?}");
+    assert!(!stats.suspect, "{stats:?}");
+    assert_eq!(lm.weights_sha256, cm.weights_sha256);
+}
+
+#[test]
+fn audits_refuse_micro_batches() {
+    let model = ModelSpec::parse(MODEL, "narrow").unwrap();
+    let cfg = TrainConfig {
+        micro_batches: 2,
+        ..cfg(1)
+    };
+    let hops: Vec<HopInfo> = (0..5).map(|i| start_node(890 + i)).collect();
+    match CascadeRunner::connect(&model, hops, &cfg, opts()) {
+        Err(DesignerError::Config { message }) => assert!(message.contains("micro-batch")),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("audits with micro-batches accepted"),
+    }
+}

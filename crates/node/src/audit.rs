@@ -1,0 +1,202 @@
+//! A hop's side of audits (Byzantine hops): it commits to every forward and
+//! backward it runs ([`mixnn_proto::audit`]) and keeps the openings of its
+//! last [`KEPT`] steps, so the designer can audit any of them after the
+//! fact. An audit of an older step is refused (and the designer treats a
+//! refusal as a failed audit).
+//!
+//! With the `adversary` feature (tests only), [`Adversary`] makes the node
+//! misbehave from a given step on.
+
+use std::collections::{HashMap, VecDeque};
+
+use mixnn_model::stage::Stage;
+use mixnn_proto::audit::{commit_backward, commit_forward, state_digest, Commitment, Opening};
+use mixnn_proto::encode_state;
+use mixnn_wire::HopTag;
+
+/// Steps whose openings a hop keeps.
+pub const KEPT: usize = 8;
+
+/// The commitments and openings of one session's stage.
+pub(crate) struct Auditor {
+    key: [u8; 32],
+    /// The stage's state now, encoded, and its digest.
+    state: Vec<u8>,
+    digest: [u8; 32],
+    /// Forwards waiting for their backward: step, state before, x, y.
+    forwards: HashMap<HopTag, Opening>,
+    openings: VecDeque<Opening>,
+}
+
+impl Auditor {
+    pub(crate) fn new(key: [u8; 32], stage: &Stage) -> Self {
+        let mut a = Auditor {
+            key,
+            state: Vec::new(),
+            digest: [0; 32],
+            forwards: HashMap::new(),
+            openings: VecDeque::new(),
+        };
+        a.reset(stage);
+        a
+    }
+
+    /// After a state load: the state is new, past steps are gone.
+    pub(crate) fn reset(&mut self, stage: &Stage) {
+        self.state = encode_state(&stage.state());
+        self.digest = state_digest(&self.state);
+        self.forwards.clear();
+        self.openings.clear();
+    }
+
+    /// Records a forward of `step` (tag `tag`) and returns its commitment.
+    pub(crate) fn forward(&mut self, tag: HopTag, step: u64, x: &[u8], y: &[u8]) -> Commitment {
+        let c = commit_forward(&self.key, step, x, y, &self.digest);
+        // The designer keeps few steps in flight; a forward whose backward
+        // never comes is dropped with the oldest.
+        if self.forwards.len() >= 4 * KEPT {
+            self.forwards.clear();
+        }
+        self.forwards.insert(
+            tag,
+            Opening {
+                step,
+                before: self.state.clone(),
+                x: x.to_vec(),
+                y: y.to_vec(),
+                g_in: Vec::new(),
+                g_out: Vec::new(),
+                after: [0; 32],
+            },
+        );
+        c
+    }
+
+    /// Records the backward of the forward under `tag`, after the stage
+    /// applied (`applied`) or kept (micro-batches) its update; returns its
+    /// commitment.
+    pub(crate) fn backward(
+        &mut self,
+        tag: HopTag,
+        step: u64,
+        g_in: &[u8],
+        g_out: &[u8],
+        stage: &Stage,
+        applied: bool,
+    ) -> Commitment {
+        if applied {
+            self.state = encode_state(&stage.state());
+            self.digest = state_digest(&self.state);
+        }
+        let c = commit_backward(&self.key, step, g_in, g_out, &self.digest);
+        if let Some(mut o) = self.forwards.remove(&tag) {
+            o.g_in = g_in.to_vec();
+            o.g_out = g_out.to_vec();
+            o.after = self.digest;
+            self.openings.push_back(o);
+            while self.openings.len() > KEPT {
+                self.openings.pop_front();
+            }
+        }
+        c
+    }
+
+    /// The encoded opening of `step`, if still kept.
+    pub(crate) fn opening(&self, step: u64) -> Option<Vec<u8>> {
+        self.openings
+            .iter()
+            .find(|o| o.step == step)
+            .map(Opening::encode)
+    }
+}
+
+/// How a test adversary misbehaves.
+#[cfg(feature = "adversary")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdversaryMode {
+    /// Adds noise to every forward output.
+    Noise,
+    /// Sends the negated input gradient back.
+    FlipGradient,
+    /// Advances the step counter but leaves parameters and momentum as
+    /// they were.
+    SkipUpdate,
+}
+
+/// A node that misbehaves from step `from_step` on (tests only). It commits
+/// to what it actually sends and holds, so an audit of it fails.
+#[cfg(feature = "adversary")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Adversary {
+    /// What it does.
+    pub mode: AdversaryMode,
+    /// The first step it does it in.
+    pub from_step: u64,
+}
+
+#[cfg(feature = "adversary")]
+impl std::str::FromStr for Adversary {
+    type Err = String;
+
+    /// `MODE@STEP`, MODE one of `noise`, `flip-gradient`, `skip-update`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mode, step) = s
+            .split_once('@')
+            .ok_or_else(|| format!("{s}: expected MODE@STEP"))?;
+        let mode = match mode {
+            "noise" => AdversaryMode::Noise,
+            "flip-gradient" => AdversaryMode::FlipGradient,
+            "skip-update" => AdversaryMode::SkipUpdate,
+            other => return Err(format!("unknown adversary mode {other}")),
+        };
+        let from_step = step.parse().map_err(|e| format!("{step}: {e}"))?;
+        Ok(Adversary { mode, from_step })
+    }
+}
+
+#[cfg(feature = "adversary")]
+impl Adversary {
+    fn active(&self, mode: AdversaryMode, step: u64) -> bool {
+        self.mode == mode && step >= self.from_step
+    }
+
+    /// The forward output it sends instead of `y`.
+    pub(crate) fn forward(&self, step: u64, y: Vec<u8>) -> Vec<u8> {
+        if !self.active(AdversaryMode::Noise, step) {
+            return y;
+        }
+        perturb(y, |i, v| v + if i % 2 == 0 { 0.05 } else { -0.05 })
+    }
+
+    /// The input gradient it sends instead of `dx`.
+    pub(crate) fn backward(&self, step: u64, dx: Vec<u8>) -> Vec<u8> {
+        if !self.active(AdversaryMode::FlipGradient, step) || dx.is_empty() {
+            return dx;
+        }
+        perturb(dx, |_, v| -v)
+    }
+
+    /// Applies (or pretends to apply) the step's update.
+    pub(crate) fn apply(&self, step: u64, stage: &mut Stage) {
+        if !self.active(AdversaryMode::SkipUpdate, step) {
+            return stage.apply();
+        }
+        let mut before = stage.state();
+        stage.apply();
+        before.steps = stage.steps();
+        if let Err(e) = stage.load_state(&before) {
+            tracing::warn!("adversary: {e}");
+        }
+    }
+}
+
+#[cfg(feature = "adversary")]
+fn perturb(bytes: Vec<u8>, f: impl Fn(usize, f32) -> f32) -> Vec<u8> {
+    match mixnn_model::tensor_bytes::TensorBytes::decode(&bytes) {
+        Ok(t) => {
+            let values: Vec<f32> = t.values.iter().enumerate().map(|(i, v)| f(i, *v)).collect();
+            mixnn_model::tensor_bytes::TensorBytes::encode_f32(&t.shape, &values)
+        }
+        Err(_) => bytes,
+    }
+}
