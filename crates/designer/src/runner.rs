@@ -65,7 +65,7 @@ pub struct CascadeOptions {
     pub dummies: Vec<usize>,
     /// Loops per second (Poisson) the designer sends through the whole
     /// cascade and back while it runs; 0 sends none. A loop not back within
-    /// the detection bound fails the run (see [`loops`]).
+    /// the detection bound fails the run (see `runner/loops.rs`).
     pub loop_rate: f64,
     /// Probability that the designer audits a given hop (with parameters)
     /// for a given step; 0 turns commitments and audits off (see
