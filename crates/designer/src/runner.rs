@@ -69,7 +69,7 @@ pub struct CascadeOptions {
     pub loop_rate: f64,
     /// Probability that the designer audits a given hop (with parameters)
     /// for a given step; 0 turns commitments and audits off (see
-    /// [`audit`]). Needs one micro-batch per step.
+    /// `runner/audit.rs`). Needs one micro-batch per step.
     pub audit_rate: f64,
 }
 
