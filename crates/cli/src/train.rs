@@ -85,6 +85,12 @@ pub struct CascadeArgs {
     /// Audits need one micro-batch per step: with more they are off.
     #[arg(long, value_name = "Q")]
     pub audit_rate: Option<f64>,
+
+    /// Seed of the audit draws (tests of audits only; by default the OS
+    /// seeds them, so no node can predict them).
+    #[cfg(feature = "adversary")]
+    #[arg(long, hide = true, value_name = "N")]
+    pub audit_seed: Option<u64>,
 }
 
 /// Audit rate of `mixnn train --cascade` when `--audit-rate` is not given.
@@ -112,6 +118,8 @@ impl CascadeArgs {
         Ok(mixnn_designer::CascadeOptions {
             loop_rate: self.loop_rate,
             audit_rate,
+            #[cfg(feature = "adversary")]
+            audit_seed: self.audit_seed,
             keep_first,
             keep_last,
             window: self.window.max(1),

@@ -71,6 +71,9 @@ pub struct CascadeOptions {
     /// for a given step; 0 turns commitments and audits off (see
     /// `runner/audit.rs`). Needs one micro-batch per step.
     pub audit_rate: f64,
+    /// Seed of the audit draws, for tests; `None` (the default) draws it
+    /// from the OS, so that no node can predict which steps are audited.
+    pub audit_seed: Option<u64>,
 }
 
 impl Default for CascadeOptions {
@@ -85,6 +88,7 @@ impl Default for CascadeOptions {
             dummies: Vec::new(),
             loop_rate: 0.0,
             audit_rate: 0.0,
+            audit_seed: None,
         }
     }
 }
@@ -249,7 +253,8 @@ impl CascadeRunner {
         });
         let key = LinkKeypair::generate(&mut rng);
         let loop_seed = rng.next_u64();
-        let audits = audit::Audits::new(model, opts.audit_rate, cfg.micro_batches, rng.next_u64())?;
+        let audit_seed = opts.audit_seed.unwrap_or_else(|| rng.next_u64());
+        let audits = audit::Audits::new(model, opts.audit_rate, cfg.micro_batches, audit_seed)?;
         let link_config = mixnn_node::link_config().map_err(|e| DesignerError::Config {
             message: e.to_string(),
         })?;

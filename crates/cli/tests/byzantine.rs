@@ -1,0 +1,114 @@
+//! Byzantine hops with real processes (`--features adversary`): a `mixnn
+//! node --adversary` that flips gradients from step 6 on is caught by an
+//! audit, replaced from the spares, and the run ends byte-identical to the
+//! local trainer's.
+#![cfg(feature = "adversary")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+mod common;
+use common::*;
+
+/// 1600 images in batches of 16: 100 steps.
+const RUN: &[&str] = &[
+    "--train-limit",
+    "1600",
+    "--test-limit",
+    "200",
+    "--batch",
+    "16",
+    "--epochs",
+    "1",
+    "--seed",
+    "5",
+];
+const FROM: u64 = 6;
+
+/// Starts `mixnn node --adversary MODE@STEP` and adds it to `nodes`.
+fn start_adversary(nodes: &mut Nodes, adversary: &str) {
+    let i = nodes.children.len();
+    let log = std::fs::File::create(nodes.log_path(i)).unwrap();
+    let mut child = mixnn()
+        .args(["node", "--listen", "127.0.0.1:0", "--adversary", adversary])
+        .arg("--state")
+        .arg(nodes.state(i))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    nodes.children.push(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    nodes.hops.push(parse_ready(&line));
+}
+
+#[test]
+fn a_node_that_flips_gradients_is_caught_replaced_and_the_run_ends_byte_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let local = train(dir, "local", &["--local"], RUN);
+
+    // Hops 0, 2, 3, 4 and two spares honest; hop 1 the adversary.
+    let mut nodes = Nodes::start(dir, 6);
+    start_adversary(&mut nodes, &format!("flip-gradient@{FROM}"));
+    let all = nodes.hops.clone();
+    let bad = all[6].clone();
+    nodes.hops = vec![
+        all[0].clone(),
+        bad.clone(),
+        all[1].clone(),
+        all[2].clone(),
+        all[3].clone(),
+    ];
+    let cascade = nodes.cascade_file("cascade.toml");
+    nodes.hops = all[4..6].to_vec();
+    let spares = nodes.cascade_file("spares.toml");
+    nodes.hops = all;
+
+    let out = train_cmd(
+        dir,
+        "cascade",
+        &["--cascade", cascade.to_str().unwrap()],
+        &[
+            RUN,
+            &[
+                "--spares",
+                spares.to_str().unwrap(),
+                "--checkpoint-every",
+                "10",
+                "--audit-rate",
+                "0.05",
+                "--audit-seed",
+                "11",
+            ],
+        ]
+        .concat(),
+    )
+    .output()
+    .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "designer failed: {said}");
+    assert!(said.contains("recovered: audit failed"), "{said}");
+    assert!(said.contains(&bad.addr.to_string()), "{said}");
+    assert!(said.contains("1 failed"), "{said}");
+    let cascade = Run {
+        metrics: serde_json::from_str(&std::fs::read_to_string(dir.join("cascade.json")).unwrap())
+            .unwrap(),
+        weights: std::fs::read(dir.join("cascade.safetensors")).unwrap(),
+    };
+    assert_same_run(&local, &cascade);
+}
