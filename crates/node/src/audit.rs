@@ -4,7 +4,7 @@
 //! fact. An audit of an older step is refused (and the designer treats a
 //! refusal as a failed audit).
 //!
-//! With the `adversary` feature (tests only), [`Adversary`] makes the node
+//! With the `adversary` feature (tests only), `Adversary` makes the node
 //! misbehave from a given step on.
 
 use std::collections::{HashMap, VecDeque};
