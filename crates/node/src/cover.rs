@@ -2,7 +2,7 @@
 //! to random peers at Poisson times; receivers drop them on arrival.
 //!
 //! A cover message must look like a data message to a link observer: it is
-//! [`CellKind::Cover`] (inside the link encryption), of the cell count the
+//! [`CellKind::Cover`](mixnn_wire::CellKind::Cover) (inside the link encryption), of the cell count the
 //! node sends most often ([`CellCounts`]). A node sends no cover before it
 //! has sent one real message, so that no cover message is of a size no
 //! cascade uses.
