@@ -8,31 +8,42 @@
 //! misbehave from a given step on.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
-use mixnn_model::stage::Stage;
-use mixnn_proto::audit::{commit_backward, commit_forward, state_digest, Commitment, Opening};
+use mixnn_model::stage::{Stage, StageState};
+use mixnn_proto::audit::{commit_backward, commit_forward, digest_state, Commitment, Opening};
 use mixnn_proto::encode_state;
 use mixnn_wire::HopTag;
 
 /// Steps whose openings a hop keeps.
-pub const KEPT: usize = 8;
+pub const KEPT: usize = 16;
 
 /// The commitments and openings of one session's stage.
 pub(crate) struct Auditor {
     key: [u8; 32],
-    /// The stage's state now, encoded, and its digest.
-    state: Vec<u8>,
+    /// The stage's state now (shared with the openings that start from
+    /// it) and its digest.
+    state: Arc<StageState>,
     digest: [u8; 32],
     /// Forwards waiting for their backward: step, state before, x, y.
-    forwards: HashMap<HopTag, Opening>,
-    openings: VecDeque<Opening>,
+    forwards: HashMap<HopTag, Kept>,
+    openings: VecDeque<Kept>,
+}
+
+/// An opening, with its state not yet encoded.
+struct Kept {
+    before: Arc<StageState>,
+    opening: Opening,
 }
 
 impl Auditor {
     pub(crate) fn new(key: [u8; 32], stage: &Stage) -> Self {
         let mut a = Auditor {
             key,
-            state: Vec::new(),
+            state: Arc::new(StageState {
+                steps: 0,
+                tensors: Vec::new(),
+            }),
             digest: [0; 32],
             forwards: HashMap::new(),
             openings: VecDeque::new(),
@@ -43,8 +54,8 @@ impl Auditor {
 
     /// After a state load: the state is new, past steps are gone.
     pub(crate) fn reset(&mut self, stage: &Stage) {
-        self.state = encode_state(&stage.state());
-        self.digest = state_digest(&self.state);
+        self.state = Arc::new(stage.state());
+        self.digest = digest_state(&self.state);
         self.forwards.clear();
         self.openings.clear();
     }
@@ -59,14 +70,17 @@ impl Auditor {
         }
         self.forwards.insert(
             tag,
-            Opening {
-                step,
-                before: self.state.clone(),
-                x: x.to_vec(),
-                y: y.to_vec(),
-                g_in: Vec::new(),
-                g_out: Vec::new(),
-                after: [0; 32],
+            Kept {
+                before: Arc::clone(&self.state),
+                opening: Opening {
+                    step,
+                    before: Vec::new(),
+                    x: x.to_vec(),
+                    y: y.to_vec(),
+                    g_in: Vec::new(),
+                    g_out: Vec::new(),
+                    after: [0; 32],
+                },
             },
         );
         c
@@ -85,15 +99,15 @@ impl Auditor {
         applied: bool,
     ) -> Commitment {
         if applied {
-            self.state = encode_state(&stage.state());
-            self.digest = state_digest(&self.state);
+            self.state = Arc::new(stage.state());
+            self.digest = digest_state(&self.state);
         }
         let c = commit_backward(&self.key, step, g_in, g_out, &self.digest);
-        if let Some(mut o) = self.forwards.remove(&tag) {
-            o.g_in = g_in.to_vec();
-            o.g_out = g_out.to_vec();
-            o.after = self.digest;
-            self.openings.push_back(o);
+        if let Some(mut k) = self.forwards.remove(&tag) {
+            k.opening.g_in = g_in.to_vec();
+            k.opening.g_out = g_out.to_vec();
+            k.opening.after = self.digest;
+            self.openings.push_back(k);
             while self.openings.len() > KEPT {
                 self.openings.pop_front();
             }
@@ -105,8 +119,14 @@ impl Auditor {
     pub(crate) fn opening(&self, step: u64) -> Option<Vec<u8>> {
         self.openings
             .iter()
-            .find(|o| o.step == step)
-            .map(Opening::encode)
+            .find(|k| k.opening.step == step)
+            .map(|k| {
+                Opening {
+                    before: encode_state(&k.before),
+                    ..k.opening.clone()
+                }
+                .encode()
+            })
     }
 }
 

@@ -21,6 +21,8 @@
 //! before it, the forward input and output, the backward gradient in and
 //! out, and the digest of the state after it claims.
 
+use mixnn_model::stage::StageState;
+
 use crate::{ProtoError, Reader};
 
 /// Bytes of one commitment.
@@ -36,6 +38,30 @@ pub type Commitment = [u8; COMMIT_LEN];
 /// Digest of an encoded stage state ([`crate::encode_state`]).
 pub fn state_digest(encoded_state: &[u8]) -> [u8; 32] {
     *blake3::hash(encoded_state).as_bytes()
+}
+
+/// [`state_digest`] of [`crate::encode_state`]`(state)`, without building
+/// the encoding (the same bytes, hashed as they are produced).
+pub fn digest_state(state: &StageState) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&state.steps.to_le_bytes());
+    h.update(&(state.tensors.len() as u16).to_le_bytes());
+    let mut buf = [0u8; 4096];
+    for p in &state.tensors {
+        h.update(&(p.name.len() as u16).to_le_bytes());
+        h.update(p.name.as_bytes());
+        h.update(&[p.shape.len() as u8]);
+        for d in &p.shape {
+            h.update(&(*d as u32).to_le_bytes());
+        }
+        for chunk in p.values.chunks(buf.len() / 4) {
+            for (b, v) in buf.chunks_exact_mut(4).zip(chunk) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+            h.update(&buf[..4 * chunk.len()]);
+        }
+    }
+    *h.finalize().as_bytes()
 }
 
 fn commit(key: &[u8; 32], label: &[u8], step: u64, a: &[u8], b: &[u8], d: &[u8; 32]) -> Commitment {
@@ -261,6 +287,29 @@ mod tests {
         let (_, t) = split(&body).unwrap();
         assert_eq!(slots(t, 3), vec![[2; 32], [1; 32], [0; 32]]);
         assert!(split(&[0; 10]).is_err());
+    }
+
+    #[test]
+    fn streamed_state_digest_is_the_digest_of_the_encoding() {
+        let state = StageState {
+            steps: 3,
+            tensors: vec![
+                mixnn_model::stage::NamedParam {
+                    name: "0.weight".into(),
+                    shape: vec![3, 1500],
+                    values: (0..4500).map(|i| i as f32 * 0.5).collect(),
+                },
+                mixnn_model::stage::NamedParam {
+                    name: "0.bias".into(),
+                    shape: vec![1500],
+                    values: vec![-1.0; 1500],
+                },
+            ],
+        };
+        assert_eq!(
+            digest_state(&state),
+            state_digest(&crate::encode_state(&state))
+        );
     }
 
     #[test]
