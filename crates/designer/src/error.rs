@@ -66,5 +66,8 @@ pub enum DesignerError {
         step: u64,
         /// What did not check out.
         reason: String,
+        /// Another hop that may be the culprit (the other side of a
+        /// boundary whose two openings disagree): replaced as well.
+        also: Option<usize>,
     },
 }

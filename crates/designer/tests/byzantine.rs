@@ -1,5 +1,6 @@
-//! Byzantine hops: commitments and audits catch a hop that adds noise,
-//! flips gradients or skips updates; with spare nodes the run replaces it,
+//! Byzantine hops: commitments and audits catch a hop that adds noise
+//! (committed or hidden behind honest commitments), flips gradients or
+//! skips updates; with spare nodes the run replaces it,
 //! rolls back before its first bad step and ends byte-identical to the
 //! local trainer. An honest run is never flagged.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -113,9 +114,20 @@ fn caught_and_recovered(base: u64, mode: AdversaryMode) {
     let events = runner.recoveries();
     assert_eq!(events.len(), 1, "{events:?}");
     assert!(events[0].cause.starts_with("audit failed"), "{events:?}");
-    assert_eq!(events[0].replaced, vec![hops[BAD_HOP].addr]);
     assert!(events[0].resumed_at <= FROM, "{events:?}");
     assert_eq!(runner.hops()[BAD_HOP], spares[0]);
+    if mode == AdversaryMode::HiddenNoise {
+        // Its commitments are honest: the boundary with hop 2 disagrees,
+        // and both sides are replaced.
+        assert!(f.reason.contains("disagree"), "{f:?}");
+        assert_eq!(
+            events[0].replaced,
+            vec![hops[BAD_HOP].addr, hops[BAD_HOP + 1].addr]
+        );
+        assert_eq!(runner.hops()[BAD_HOP + 1], spares[1]);
+    } else {
+        assert_eq!(events[0].replaced, vec![hops[BAD_HOP].addr]);
+    }
     assert_eq!(lm.weights_sha256, cm.weights_sha256, "{mode:?}");
 }
 
@@ -132,6 +144,11 @@ fn flipped_gradients_are_caught_and_the_run_ends_as_an_honest_one() {
 #[test]
 fn skipped_updates_are_caught_and_the_run_ends_as_an_honest_one() {
     caught_and_recovered(840, AdversaryMode::SkipUpdate);
+}
+
+#[test]
+fn noise_behind_honest_commitments_is_caught_at_the_boundary() {
+    caught_and_recovered(850, AdversaryMode::HiddenNoise);
 }
 
 #[test]

@@ -141,6 +141,9 @@ pub enum AdversaryMode {
     /// Advances the step counter but leaves parameters and momentum as
     /// they were.
     SkipUpdate,
+    /// Commits to its honest forward output but sends a noisy one (only
+    /// the neighbour checks of an audit catch it).
+    HiddenNoise,
 }
 
 /// A node that misbehaves from step `from_step` on (tests only). It commits
@@ -167,6 +170,7 @@ impl std::str::FromStr for Adversary {
             "noise" => AdversaryMode::Noise,
             "flip-gradient" => AdversaryMode::FlipGradient,
             "skip-update" => AdversaryMode::SkipUpdate,
+            "hidden-noise" => AdversaryMode::HiddenNoise,
             other => return Err(format!("unknown adversary mode {other}")),
         };
         let from_step = step.parse().map_err(|e| format!("{step}: {e}"))?;
@@ -183,6 +187,14 @@ impl Adversary {
     /// The forward output it sends instead of `y`.
     pub(crate) fn forward(&self, step: u64, y: Vec<u8>) -> Vec<u8> {
         if !self.active(AdversaryMode::Noise, step) {
+            return y;
+        }
+        perturb(y, |i, v| v + if i % 2 == 0 { 0.05 } else { -0.05 })
+    }
+
+    /// The forward output it sends instead of the `y` it committed to.
+    pub(crate) fn hidden(&self, step: u64, y: Vec<u8>) -> Vec<u8> {
+        if !self.active(AdversaryMode::HiddenNoise, step) {
             return y;
         }
         perturb(y, |i, v| v + if i % 2 == 0 { 0.05 } else { -0.05 })

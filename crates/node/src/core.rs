@@ -355,6 +355,11 @@ impl Core {
                 match s.auditor.as_mut() {
                     Some(a) => {
                         let c = a.forward(peeled.tag(), note.step, &body, &y);
+                        #[cfg(feature = "adversary")]
+                        let y = match adversary {
+                            Some(adv) => adv.hidden(note.step, y),
+                            None => y,
+                        };
                         mixnn_proto::audit::push(&y, &trailer, &c)
                     }
                     None => y,

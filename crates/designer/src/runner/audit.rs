@@ -16,10 +16,13 @@
 //!   through a loop prefix like a fetch, to open the step. It checks the
 //!   opening against both commitments, then re-executes the stage from the
 //!   opened state: output, input gradient and the digest of the state after
-//!   the update must all match bit for bit.
+//!   the update must all match bit for bit. It also opens the step at the
+//!   audited hop's neighbours that have parameters (checked the same way):
+//!   what one says it sent must be what the other says it received, both
+//!   ways; hop 0's input must be the designer's own batch.
 //! - **Response.** A mismatch or a refusal ([`DesignerError::Audit`]) →
 //!   with replacements, the hop is reported ("audit failed: …") and
-//!   replaced, and the run rolls back to the last kept checkpoint before
+//!   replaced (both hops of a boundary that disagrees: either may lie), and the run rolls back to the last kept checkpoint before
 //!   the first bad step. That step is found by re-executing the whole model
 //!   locally from the oldest checkpoint of the epoch the designer holds
 //!   and comparing with each later one: the first that differs is after
@@ -28,12 +31,12 @@
 //!   [`ACCURACY_DROP`] below the best so far marks the cascade suspect.
 //!
 //! Limits (see `SECURITY.md`): hops without parameters (dummies, softmax,
-//! loss) are not audited, so that they never learn the designer's address;
-//! an opening is checked on its own, not against its neighbours', so a hop
-//! that commits to honest values but sends others is not caught by audits;
-//! a hop that overwrites another hop's commitment in the trailer gets that
-//! hop blamed when it is audited (a failed audit either way: the cascade
-//! changes, training is not corrupted).
+//! loss) are neither audited nor asked as neighbours, so that they never
+//! learn the designer's address: what they do is covered only by the
+//! test-phase check (and, next to an audited hop, not at all); a hop that
+//! overwrites another hop's commitment in the trailer gets that hop blamed
+//! when it is audited (the cascade changes, training is not corrupted);
+//! two colluding neighbours can agree on a lie at their boundary.
 
 use std::collections::BTreeMap;
 
@@ -301,32 +304,91 @@ impl CascadeRunner {
                 .checked_sub(base)
                 .and_then(|i| batches.get(i as usize))
                 .ok_or_else(|| DesignerError::Reply(format!("an audit of step {step}")))?;
-            let outcome = match self.fetch_opening(j, step)? {
-                Some(o) => self.verify(j, step, &o, batch),
-                None => Err(format!("hop refused to open step {step}")),
-            };
+            let outcome = self.audit_one(j, step, batch)?;
             self.audit.stats.audits += 1;
             match outcome {
-                Ok(()) => self.audit.stats.passed += 1,
-                Err(reason) => {
-                    let addr = self.hops[j].addr;
-                    tracing::warn!(hop = j, %addr, step, "audit failed: {reason}");
+                None => self.audit.stats.passed += 1,
+                Some((hop, reason, also)) => {
+                    let addr = self.hops[hop].addr;
+                    tracing::warn!(hop, %addr, step, "audit failed: {reason}");
                     self.audit.stats.failures.push(AuditFailure {
-                        hop: j,
+                        hop,
                         addr,
                         step,
                         reason: reason.clone(),
                     });
                     return Err(DesignerError::Audit {
-                        hop: j,
+                        hop,
                         addr,
                         step,
                         reason,
+                        also,
                     });
                 }
             }
         }
         Ok(())
+    }
+
+    /// Audits hop `j` for `step`: its opening, then the openings of its
+    /// neighbours with parameters, which must agree with it at the
+    /// boundaries (what one sent is what the other received). `None` if
+    /// all checks out, else the hop to blame, why, and another one to
+    /// replace with it (the two sides of a boundary that disagrees: either
+    /// may have lied).
+    #[allow(clippy::type_complexity)]
+    fn audit_one(
+        &mut self,
+        j: usize,
+        step: u64,
+        batch: &Batch,
+    ) -> Result<Option<(usize, String, Option<usize>)>, DesignerError> {
+        let Some(o) = self.fetch_opening(j, step)? else {
+            return Ok(Some((j, format!("hop refused to open step {step}"), None)));
+        };
+        if let Err(r) = self.verify(j, step, &o, batch) {
+            return Ok(Some((j, r, None)));
+        }
+        if j == 0 && self.local_first.is_none() {
+            let x = TensorBytes::encode_pixels(&[batch.rows, self.input_features], &batch.pixels);
+            if o.x != x {
+                return Ok(Some((
+                    j,
+                    "forward input is not what the designer sent".into(),
+                    None,
+                )));
+            }
+        }
+        let n = self.hops.len();
+        for k in [j.checked_sub(1), (j + 1 < n).then_some(j + 1)]
+            .into_iter()
+            .flatten()
+        {
+            // Hops without parameters never answer the designer.
+            if !self.remote[k].1.has_params() {
+                continue;
+            }
+            let Some(p) = self.fetch_opening(k, step)? else {
+                return Ok(Some((k, format!("hop refused to open step {step}"), None)));
+            };
+            if let Err(r) = self.verify(k, step, &p, batch) {
+                return Ok(Some((k, r, None)));
+            }
+            // `a` sends the activation to `b`, `b` the gradient to `a`.
+            let ((a, oa), (b, ob)) = if k < j {
+                ((k, &p), (j, &o))
+            } else {
+                ((j, &o), (k, &p))
+            };
+            if oa.y != ob.x || oa.g_in != ob.g_out {
+                return Ok(Some((
+                    a,
+                    format!("hop {a} and hop {b} disagree on what passed between them"),
+                    Some(b),
+                )));
+            }
+        }
+        Ok(None)
     }
 
     fn send_audit_request(&mut self, j: usize, step: u64, chunk: u32) -> Result<(), DesignerError> {
@@ -453,7 +515,11 @@ impl CascadeRunner {
         base: u64,
     ) -> Result<u64, DesignerError> {
         let DesignerError::Audit {
-            hop, step, reason, ..
+            hop,
+            step,
+            reason,
+            also,
+            ..
         } = &cause
         else {
             return self.recover(cause);
@@ -461,10 +527,11 @@ impl CascadeRunner {
         if !self.recovery.can_replace() {
             return Err(cause);
         }
-        let (hop, step, reason) = (*hop, *step, format!("audit failed: {reason}"));
+        let (step, reason) = (*step, format!("audit failed: {reason}"));
+        let bad: Vec<usize> = std::iter::once(*hop).chain(*also).collect();
         let c = self.rollback_point(step, batches, base)?;
-        tracing::warn!(hop, step, back_to = c.step, "{reason}; replacing the hop");
-        self.replace_and_rebuild(hop, step, &reason, &c)?;
+        tracing::warn!(?bad, step, back_to = c.step, "{reason}; replacing");
+        self.replace_and_rebuild(&bad, step, &reason, &c)?;
         Ok(c.step)
     }
 

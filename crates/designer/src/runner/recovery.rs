@@ -613,11 +613,11 @@ impl CascadeRunner {
         )))
     }
 
-    /// Replaces hop `j` after misbehaviour `reason` at `step` (reported to
-    /// the directory), sets up a new session and loads `c`.
+    /// Replaces hops `bad` after misbehaviour `reason` at `step` (reported
+    /// to the directory), sets up a new session and loads `c`.
     pub(super) fn replace_and_rebuild(
         &mut self,
-        j: usize,
+        bad: &[usize],
         step: u64,
         reason: &str,
         c: &Checkpoint,
@@ -627,29 +627,37 @@ impl CascadeRunner {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or(0);
-        let bad = self.hops[j].clone();
-        let in_use: Vec<HopInfo> = self.hops.iter().filter(|h| **h != bad).cloned().collect();
+        let failed: Vec<HopInfo> = bad.iter().map(|j| self.hops[*j].clone()).collect();
+        let in_use: Vec<HopInfo> = self
+            .hops
+            .iter()
+            .filter(|h| !failed.contains(h))
+            .cloned()
+            .collect();
         let r = self
             .recovery
             .replacements
             .as_mut()
             .ok_or_else(|| DesignerError::Recovery("no replacements configured".into()))?;
-        r.report(&bad, step, reason);
-        let new = r.replace(std::slice::from_ref(&bad), &in_use)?;
-        let h = new
-            .into_iter()
-            .next()
-            .ok_or_else(|| DesignerError::Config {
-                message: format!("no replacement for {}", bad.addr),
-            })?;
-        self.hops[j] = h;
+        for f in &failed {
+            r.report(f, step, reason);
+        }
+        let new = r.replace(&failed, &in_use)?;
+        if new.len() != failed.len() {
+            return Err(DesignerError::Config {
+                message: format!("{} replacements for {} hops", new.len(), failed.len()),
+            });
+        }
+        for (j, h) in bad.iter().zip(new) {
+            self.hops[*j] = h;
+        }
         self.rebuild(c)?;
         self.recovery.kept.retain(|k| k.step <= c.step);
         self.recovery.last = Some(c.clone());
         self.recovery.events.push(RecoveryEvent {
             cause: reason.to_string(),
             bound_s: self.detection_bound().as_secs_f64(),
-            replaced: vec![bad.addr],
+            replaced: failed.iter().map(|h| h.addr).collect(),
             resumed_at: c.step,
             recovery_s: detected.elapsed().as_secs_f64(),
             detected_unix_ms,
