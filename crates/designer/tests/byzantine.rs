@@ -194,6 +194,31 @@ fn an_honest_run_over_two_epochs_is_never_flagged() {
 }
 
 #[test]
+fn an_honest_run_with_kept_stages_and_a_dummy_passes_its_audits() {
+    let model = ModelSpec::parse(MODEL, "narrow").unwrap();
+    let (train, test) = data(40);
+    let cfg = cfg(1);
+    let lm = local(&model, &cfg, &train, &test);
+    // Stages 2–4 remote, a dummy between the first two of them.
+    let hops: Vec<HopInfo> = (0..4).map(|i| start_node(895 + i)).collect();
+    let opts = CascadeOptions {
+        keep_first: true,
+        keep_last: true,
+        dummies: vec![1],
+        audit_rate: 0.2,
+        ..CascadeOptions::default()
+    };
+    let mut runner = CascadeRunner::connect(&model, hops, &cfg, opts)
+        .unwrap()
+        .with_audit_seed(AUDIT_SEED);
+    let (cm, _) = run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).unwrap();
+    let stats = runner.audit_stats();
+    assert!(stats.audits > 0, "{stats:?}");
+    assert_eq!(stats.passed, stats.audits, "{stats:?}");
+    assert_eq!(lm.weights_sha256, cm.weights_sha256);
+}
+
+#[test]
 fn audits_refuse_micro_batches() {
     let model = ModelSpec::parse(MODEL, "narrow").unwrap();
     let cfg = TrainConfig {
