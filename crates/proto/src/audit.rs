@@ -54,6 +54,12 @@ pub fn digest_state(state: &StageState) -> [u8; 32] {
         for d in &p.shape {
             h.update(&(*d as u32).to_le_bytes());
         }
+        // In memory, f32s are their little-endian encoding on
+        // little-endian targets.
+        if cfg!(target_endian = "little") {
+            h.update(bytemuck::cast_slice::<f32, u8>(&p.values));
+            continue;
+        }
         for chunk in p.values.chunks(buf.len() / 4) {
             for (b, v) in buf.chunks_exact_mut(4).zip(chunk) {
                 b.copy_from_slice(&v.to_le_bytes());
