@@ -1,7 +1,7 @@
 //! Byzantine hops with real processes (`--features adversary`): a `mixnn
-//! node --adversary` that flips gradients from step 6 on is caught by an
-//! audit, replaced from the spares, and the run ends byte-identical to the
-//! local trainer's.
+//! node --adversary` that adds noise, flips gradients or skips updates from
+//! step 6 on is caught by an audit, replaced from the spares, and the run
+//! ends byte-identical to the local trainer's.
 #![cfg(feature = "adversary")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -54,13 +54,29 @@ fn start_adversary(nodes: &mut Nodes, adversary: &str) {
 
 #[test]
 fn a_node_that_flips_gradients_is_caught_replaced_and_the_run_ends_byte_identical() {
+    caught_and_replaced("flip-gradient");
+}
+
+#[test]
+fn a_node_that_adds_noise_is_caught_replaced_and_the_run_ends_byte_identical() {
+    caught_and_replaced("noise");
+}
+
+#[test]
+fn a_node_that_skips_updates_is_caught_replaced_and_the_run_ends_byte_identical() {
+    caught_and_replaced("skip-update");
+}
+
+/// Hop 1 misbehaves in `mode` from step FROM on; audits at q = 0.05 catch
+/// it, it is replaced from the spares, and the run ends as an honest one.
+fn caught_and_replaced(mode: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let local = train(dir, "local", &["--local"], RUN);
 
     // Hops 0, 2, 3, 4 and two spares honest; hop 1 the adversary.
     let mut nodes = Nodes::start(dir, 6);
-    start_adversary(&mut nodes, &format!("flip-gradient@{FROM}"));
+    start_adversary(&mut nodes, &format!("{mode}@{FROM}"));
     let all = nodes.hops.clone();
     let bad = all[6].clone();
     nodes.hops = vec![
