@@ -5,10 +5,6 @@
 #![cfg(feature = "adversary")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
-use std::time::Duration;
-
 mod common;
 use common::*;
 
@@ -26,31 +22,6 @@ const RUN: &[&str] = &[
     "5",
 ];
 const FROM: u64 = 6;
-
-/// Starts `mixnn node --adversary MODE@STEP` and adds it to `nodes`.
-fn start_adversary(nodes: &mut Nodes, adversary: &str) {
-    let i = nodes.children.len();
-    let log = std::fs::File::create(nodes.log_path(i)).unwrap();
-    let mut child = mixnn()
-        .args(["node", "--listen", "127.0.0.1:0", "--adversary", adversary])
-        .arg("--state")
-        .arg(nodes.state(i))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    nodes.children.push(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx.recv_timeout(Duration::from_secs(30)).unwrap();
-    nodes.hops.push(parse_ready(&line));
-}
 
 #[test]
 fn a_node_that_flips_gradients_is_caught_replaced_and_the_run_ends_byte_identical() {
@@ -76,7 +47,7 @@ fn caught_and_replaced(mode: &str) {
 
     // Hops 0, 2, 3, 4 and two spares honest; hop 1 the adversary.
     let mut nodes = Nodes::start(dir, 6);
-    start_adversary(&mut nodes, &format!("{mode}@{FROM}"));
+    nodes.start_one(&["--adversary", &format!("{mode}@{FROM}")]);
     let all = nodes.hops.clone();
     let bad = all[6].clone();
     nodes.hops = vec![
@@ -112,19 +83,10 @@ fn caught_and_replaced(mode: &str) {
     )
     .output()
     .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "designer failed: {said}");
+    let said = said_ok(&out, "the designer");
     assert!(said.contains("recovered: audit failed"), "{said}");
     assert!(said.contains(&bad.addr.to_string()), "{said}");
     assert!(said.contains("1 failed"), "{said}");
-    let cascade = Run {
-        metrics: serde_json::from_str(&std::fs::read_to_string(dir.join("cascade.json")).unwrap())
-            .unwrap(),
-        weights: std::fs::read(dir.join("cascade.safetensors")).unwrap(),
-    };
+    let cascade = Run::load(dir, "cascade");
     assert_same_run(&local, &cascade);
 }

@@ -29,12 +29,7 @@ fn demo_with_a_directory_and_three_dummies_is_byte_identical() {
         .current_dir(tmp.path())
         .output()
         .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "demo failed: {said}");
+    let said = said_ok(&out, "demo");
     assert!(said.contains("byte-identical"), "{said}");
     // 5 real stages and 3 dummies, drawn from the 9 registered nodes.
     assert!(said.contains("9 nodes listed; drew 8 hops"), "{said}");

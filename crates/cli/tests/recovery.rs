@@ -123,20 +123,13 @@ fn a_node_killed_at_a_random_step_is_replaced_and_the_run_ends_byte_identical() 
     wait_for_checkpoint(&ckpt, at_step, &mut designer);
     nodes.kill_hard(victim);
     let out = designer.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "designer failed: {stderr}\n{stdout}");
-    let said = format!("{stdout}{stderr}");
+    let said = said_ok(&out, "the designer");
     assert!(said.contains("recovered:"), "no recovery reported: {said}");
     assert!(
         said.contains(&nodes.hops[victim].addr.to_string()),
         "the killed node is not the one replaced: {said}"
     );
-    let cascade = Run {
-        metrics: serde_json::from_str(&std::fs::read_to_string(dir.join("cascade.json")).unwrap())
-            .unwrap(),
-        weights: std::fs::read(dir.join("cascade.safetensors")).unwrap(),
-    };
+    let cascade = Run::load(dir, "cascade");
     assert_same_run(&local, &cascade);
 }
 
@@ -191,23 +184,14 @@ fn a_killed_designer_resumes_from_its_checkpoints_even_past_a_corrupt_one() {
     )
     .output()
     .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "resume failed: {said}");
+    let said = said_ok(&out, "resume");
     let previous = format!("step-{:010}.ckpt", steps[steps.len() - 2]);
     assert!(
         said.contains("warning:") && said.contains(&previous),
         "no warning naming the checkpoint used: {said}"
     );
     assert!(said.contains("resuming at step"), "{said}");
-    let resumed = Run {
-        metrics: serde_json::from_str(&std::fs::read_to_string(dir.join("resumed.json")).unwrap())
-            .unwrap(),
-        weights: std::fs::read(dir.join("resumed.safetensors")).unwrap(),
-    };
+    let resumed = Run::load(dir, "resumed");
     assert_same_run(&local, &resumed);
 }
 

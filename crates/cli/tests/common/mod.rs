@@ -62,35 +62,40 @@ impl Nodes {
             hops: Vec::new(),
             dir: dir.to_path_buf(),
         };
-        for i in 0..n {
-            let log = File::create(nodes.log_path(i)).unwrap();
-            let mut child = mixnn()
-                .args(["node", "--listen", "127.0.0.1:0", "--state"])
-                .arg(nodes.state(i))
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            let stdout = child.stdout.take().unwrap();
-            // Pushed before waiting, so the guard stops it if it never
-            // becomes ready.
-            nodes.children.push(child);
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let mut line = String::new();
-                let _ = BufReader::new(stdout).read_line(&mut line);
-                let _ = tx.send(line);
-            });
-            let line = rx
-                .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| {
-                    panic!("node {i} not ready in 30 s: {}", nodes.log(i));
-                });
-            assert!(!line.is_empty(), "node {i} exited: {}", nodes.log(i));
-            nodes.hops.push(parse_ready(&line));
+        for _ in 0..n {
+            nodes.start_one(&[]);
         }
         nodes
+    }
+
+    /// Starts one more `mixnn node` with `extra` arguments and adds it.
+    pub fn start_one(&mut self, extra: &[&str]) {
+        let i = self.children.len();
+        let log = File::create(self.log_path(i)).unwrap();
+        let mut child = mixnn()
+            .args(["node", "--listen", "127.0.0.1:0", "--state"])
+            .arg(self.state(i))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        // Pushed before waiting, so the guard stops it if it never becomes
+        // ready.
+        self.children.push(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("node {i} not ready in 30 s: {}", self.log(i)));
+        assert!(!line.is_empty(), "node {i} exited: {}", self.log(i));
+        self.hops.push(parse_ready(&line));
     }
 
     pub fn state(&self, i: usize) -> PathBuf {
@@ -181,6 +186,29 @@ pub struct Run {
     pub weights: Vec<u8>,
 }
 
+impl Run {
+    /// The metrics and weights a run named `name` wrote in `dir`.
+    pub fn load(dir: &Path, name: &str) -> Run {
+        let metrics = std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap();
+        Run {
+            metrics: serde_json::from_str(&metrics).unwrap(),
+            weights: std::fs::read(dir.join(format!("{name}.safetensors"))).unwrap(),
+        }
+    }
+}
+
+/// What a finished command printed, stdout then stderr; panics (with all
+/// of it) if it failed.
+pub fn said_ok(out: &Output, what: &str) -> String {
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{what} failed: {said}");
+    said
+}
+
 pub fn train(dir: &Path, name: &str, mode: &[&str], extra: &[&str]) -> Run {
     let out: Output = train_cmd(dir, name, mode, extra).output().unwrap();
     assert!(
@@ -189,11 +217,7 @@ pub fn train(dir: &Path, name: &str, mode: &[&str], extra: &[&str]) -> Run {
         String::from_utf8_lossy(&out.stderr),
         String::from_utf8_lossy(&out.stdout)
     );
-    let metrics = std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap();
-    Run {
-        metrics: serde_json::from_str(&metrics).unwrap(),
-        weights: std::fs::read(dir.join(format!("{name}.safetensors"))).unwrap(),
-    }
+    Run::load(dir, name)
 }
 
 /// Asserts two runs are the same run: weights file, its hash, and every
