@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use mixnn_model::stage::{Stage, StageCache};
 use mixnn_model::tensor_bytes::TensorBytes;
-use mixnn_proto::{decode_state, encode_params, encode_state, InitNote, ParamChunk, StepNote};
+use mixnn_proto::{decode_state, encode_state, InitNote, ParamChunk, StepNote};
 use mixnn_wire::{
     encode_cells, peel_init, CellKind, HopTag, InitReplayCache, Message, Onion, Op, PaddingPolicy,
     Peeled, SessionId, SessionTable, HEADER_LEN, NOTES_LEN,
@@ -481,8 +481,19 @@ impl Core {
 /// sends the chunks in order, while no step is in flight.
 fn load_chunk(s: &mut NodeSession, note: &StepNote, body: &[u8]) -> Result<(), NodeError> {
     let chunk = ParamChunk::decode(body)?;
-    // Parameters and momentum, with room for names and shapes.
-    let bound = 2 * encode_params(&s.stage.params()).len() + 4096;
+    // Parameters and momentum (f32 each), with room for names and shapes;
+    // from the stage's description, without encoding the parameters.
+    let values: usize = s
+        .stage
+        .spec()
+        .ops
+        .iter()
+        .map(|op| match *op {
+            mixnn_model::spec::OpSpec::Linear { input, output } => (input + 1) * output,
+            _ => 0,
+        })
+        .sum();
+    let bound = 2 * 4 * values + 64 * s.stage.spec().ops.len() * 4 + 4096;
     if chunk.total as usize > bound {
         return Err(NodeError::Refused(format!(
             "a state of {} bytes for a stage of at most {bound}",
