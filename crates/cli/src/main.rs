@@ -17,6 +17,14 @@ mod train;
 
 use std::process::ExitCode;
 
+/// mimalloc instead of glibc malloc: glibc gives the large activation and
+/// gradient buffers of a node's core thread back to the kernel after each
+/// step (madvise) and faults them in again on the next, which cost a node
+/// more time than its matrix products (measured with `perf`; see README,
+/// "Where the time goes").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 

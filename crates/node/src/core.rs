@@ -292,6 +292,13 @@ impl Core {
                 tracing::warn!(session = %short(&id.0), "parked message refused: {e}");
             }
         }
+        // Messages to the next hop first, answers to the designer last:
+        // the loss and "done" replies are off the step's critical path,
+        // the forward or backward they came with is on it.
+        if let Some(s) = self.sessions.get(&id) {
+            let designer = s.designer;
+            out.sort_by_key(|o| o.expect == designer);
+        }
         Ok(())
     }
 

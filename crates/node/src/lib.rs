@@ -2,14 +2,20 @@
 //! onion layer, runs its stage and sends the result on.
 //!
 //! ```text
-//!  links ──► reader tasks ──► core thread (peel, compute) ──► egress task ──► links
+//!  links ──► reader tasks (decrypt, peel, compute) ──► egress task ──► writer tasks ──► links
 //! ```
 //!
 //! The [`core::Core`] state machine owns the onion key, the sessions and the
-//! stages; it has no sockets and no clocks. Compute runs on its own OS
-//! thread so that link I/O (Noise decryption, TCP) overlaps with it. The
-//! library exposes [`run`]; the `mixnn node` binary only parses arguments,
-//! loads keys and sets up logging.
+//! stages; it has no sockets and no clocks. Everything runs on the caller's
+//! runtime (the `mixnn node` binary uses a single-threaded one): a reader
+//! task hands each whole message to the core and the core's answers go to
+//! the writer task of their link, so a message is decrypted, computed on,
+//! encrypted and written by one thread while it is hot in that core's
+//! cache. An earlier design ran the core on its own thread; moving every
+//! message between threads twice cost more than the overlap it bought (see
+//! the README, "Where the time goes"). The library exposes [`run`]; the
+//! `mixnn node` binary only parses arguments, loads keys and sets up
+//! logging.
 
 pub mod announce;
 pub mod audit;
@@ -21,7 +27,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use mixnn_net::{
     recv_message, Link, LinkConfig, LinkKeypair, LinkListener, NodeKeys, PublicLinkKey,
@@ -79,12 +85,6 @@ pub fn link_config() -> Result<LinkConfig, NodeError> {
     Ok(LinkConfig::new(CELL_SIZE)?)
 }
 
-struct Inbound {
-    from: [u8; 32],
-    peer: SocketAddr,
-    msg: Message,
-}
-
 /// Serves links on `listener` until `shutdown` completes.
 pub async fn run(
     listener: LinkListener,
@@ -99,19 +99,17 @@ pub async fn run(
     let mut core = Core::new(onion, seed, config.limits);
     #[cfg(feature = "adversary")]
     core.set_adversary(config.adversary);
-    let (in_tx, in_rx) = mpsc::channel::<Inbound>(1024);
     let (out_tx, out_rx) = mpsc::unbounded_channel::<Outbound>();
     let sizes = Arc::new(cover::CellCounts::default());
-    let settings = CoreSettings {
+    let shared = Arc::new(Mutex::new(Shared {
+        core,
         learned_file: config.learned_file.clone(),
         drop_after: config.drop_after,
         sizes: Arc::clone(&sizes),
-    };
-    let core_tx = out_tx.clone();
-    let core_thread = std::thread::Builder::new()
-        .name("mixnn-core".into())
-        .spawn(move || core_loop(core, in_rx, core_tx, settings))
-        .map_err(|e| NodeError::Refused(format!("cannot start the core thread: {e}")))?;
+        known: 0,
+        handled: 0,
+        tx: out_tx.clone(),
+    }));
     let egress = tokio::spawn(egress_loop(out_rx, keys.link().clone()));
     let mut cover_seed = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut cover_seed);
@@ -141,12 +139,12 @@ pub async fn run(
                 );
                 continue;
             };
-            let tx = in_tx.clone();
+            let shared = Arc::clone(&shared);
             tokio::spawn(async move {
                 let _permit = permit;
                 let peer = pending.peer_addr();
                 match pending.handshake().await {
-                    Ok(link) => read_loop(link, tx).await,
+                    Ok(link) => read_loop(link, shared).await,
                     Err(e) => tracing::warn!("link from {peer}: {e}"),
                 }
             });
@@ -158,14 +156,10 @@ pub async fn run(
     }
     egress.abort();
     cover.abort();
-    drop(in_tx);
-    // The core thread ends when every reader has dropped its sender; do not
-    // wait for readers blocked on idle links.
-    drop(core_thread);
     Ok(())
 }
 
-async fn read_loop(link: Link, tx: mpsc::Sender<Inbound>) {
+async fn read_loop(link: Link, shared: Arc<Mutex<Shared>>) {
     let from = *link.remote_key().as_bytes();
     let peer = link.peer_addr();
     let (mut reader, _writer) = link.into_split();
@@ -173,8 +167,14 @@ async fn read_loop(link: Link, tx: mpsc::Sender<Inbound>) {
     loop {
         match recv_message(&mut reader, &mut cell).await {
             Ok(msg) => {
-                if tx.send(Inbound { from, peer, msg }).await.is_err() {
-                    return;
+                let sent = match shared.lock() {
+                    Ok(mut s) => s.handle(from, peer, msg),
+                    Err(_) => return tracing::error!("core state poisoned by a panic"),
+                };
+                // Let the writers send what the core produced before this
+                // task reads (and decrypts) the next message.
+                if sent {
+                    tokio::task::yield_now().await;
                 }
             }
             Err(mixnn_net::NetError::Closed { .. }) => return,
@@ -186,55 +186,62 @@ async fn read_loop(link: Link, tx: mpsc::Sender<Inbound>) {
     }
 }
 
-/// What the core thread needs besides the core.
-struct CoreSettings {
+/// The core and what goes with it, shared by the reader tasks (which never
+/// hold it across an await).
+struct Shared {
+    core: Core,
     learned_file: Option<PathBuf>,
     drop_after: Option<u64>,
     sizes: Arc<cover::CellCounts>,
+    /// Addresses already written to `learned_file`.
+    known: usize,
+    /// Session messages handled (for `drop_after`).
+    handled: u64,
+    tx: mpsc::UnboundedSender<Outbound>,
 }
 
-fn core_loop(
-    mut core: Core,
-    mut rx: mpsc::Receiver<Inbound>,
-    tx: mpsc::UnboundedSender<Outbound>,
-    settings: CoreSettings,
-) {
-    let mut known = 0;
-    let mut handled = 0u64;
-    while let Some(Inbound { from, peer, msg }) = rx.blocking_recv() {
+impl Shared {
+    /// Handles one message and queues what it produces; true when
+    /// something was queued.
+    fn handle(&mut self, from: [u8; 32], peer: SocketAddr, msg: Message) -> bool {
         let cover = msg.kind == mixnn_wire::CellKind::Cover;
-        match core.handle(from, msg) {
+        let mut sent = false;
+        match self.core.handle(from, msg) {
             Ok(outs) => {
                 if !cover {
-                    handled += 1;
+                    self.handled += 1;
                 }
-                if settings.drop_after.is_some_and(|n| handled > n) {
-                    continue;
-                }
-                for o in outs {
-                    settings.sizes.record(o.cells.len() / CELL_SIZE);
-                    if tx.send(o).is_err() {
-                        return;
+                if self.drop_after.is_none_or(|n| self.handled <= n) {
+                    for o in outs {
+                        self.sizes.record(o.cells.len() / CELL_SIZE);
+                        // The egress task lives as long as the node.
+                        sent |= self.tx.send(o).is_ok();
                     }
                 }
             }
             Err(e) => tracing::warn!("message from {peer} refused: {e}"),
         }
-        if let Some(path) = &settings.learned_file {
-            if core.learned_addresses().len() != known {
-                known = core.learned_addresses().len();
-                let text: String = core
-                    .learned_addresses()
-                    .iter()
-                    .map(|a| format!("{a}\n"))
-                    .collect();
-                let tmp = path.with_extension("tmp");
-                if let Err(e) =
-                    std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path))
-                {
-                    tracing::warn!("cannot write {}: {e}", path.display());
-                }
-            }
+        self.write_learned();
+        sent
+    }
+
+    fn write_learned(&mut self) {
+        let Some(path) = &self.learned_file else {
+            return;
+        };
+        if self.core.learned_addresses().len() == self.known {
+            return;
+        }
+        self.known = self.core.learned_addresses().len();
+        let text: String = self
+            .core
+            .learned_addresses()
+            .iter()
+            .map(|a| format!("{a}\n"))
+            .collect();
+        let tmp = path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+            tracing::warn!("cannot write {}: {e}", path.display());
         }
     }
 }
