@@ -64,6 +64,18 @@ pub struct NodeArgs {
     /// repeatable.
     #[arg(long, value_name = "ADDR=LINKKEY", value_parser = parse_cover_peer)]
     pub cover_peer: Vec<CoverPeer>,
+    /// Constant-rate links: every outbound link sends exactly R whole
+    /// messages per second, the oldest queued message on each tick or a
+    /// cover message when none is queued (costs R × message size of
+    /// bandwidth per link, and up to one tick of delay per hop); 0 sends
+    /// each message as soon as it is ready.
+    #[arg(long, default_value_t = 0.0, value_name = "R", value_parser = parse_rate)]
+    pub link_rate: f64,
+    /// With `--link-rate`: each message leaves at a uniformly random offset
+    /// in [0, F/R) after its tick (F from 0, on the tick, to 1, anywhere in
+    /// its slot), which hides a busy node's late ticks (see SECURITY.md).
+    #[arg(long, default_value_t = 1.0, value_name = "F", value_parser = parse_fraction)]
+    pub link_jitter: f64,
     /// Misbehave from a step on, for tests of audits: `MODE@STEP`, MODE
     /// `noise`, `flip-gradient` or `skip-update`.
     #[cfg(feature = "adversary")]
@@ -81,6 +93,13 @@ fn parse_rate(s: &str) -> Result<f64, String> {
         _ => Err(format!(
             "{s:?} is not a rate (messages per second, 0 or more)"
         )),
+    }
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction from 0 to 1")),
     }
 }
 
@@ -195,6 +214,8 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
             learned_file: Some(args.state.join("learned-peers.txt")),
             cover_rate: args.cover_rate,
             cover_peers: args.cover_peer.iter().map(|p| (p.0, p.1)).collect(),
+            link_rate: args.link_rate,
+            link_jitter: args.link_jitter,
             #[cfg(feature = "adversary")]
             adversary: args.adversary,
             ..NodeConfig::default()

@@ -22,6 +22,7 @@ pub mod audit;
 pub mod core;
 pub mod cover;
 mod error;
+pub mod pacing;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -56,6 +57,18 @@ pub struct NodeConfig {
     pub cover_rate: f64,
     /// Where cover messages may go: address and link key of other nodes.
     pub cover_peers: Vec<cover::CoverPeer>,
+    /// Constant-rate links: messages per second on every outbound link,
+    /// one whole message per tick (the oldest queued one, else a cover
+    /// message; see [`pacing`]); 0 sends each message as soon as it is
+    /// ready (no pacing).
+    pub link_rate: f64,
+    /// On paced links, each message leaves at a uniformly random offset
+    /// in `[0, link_jitter / link_rate)` after its tick (0: on the tick;
+    /// see [`pacing::LinkPace::jitter`]).
+    pub link_jitter: f64,
+    /// Messages a paced link may queue before it logs an error (once);
+    /// it never drops one.
+    pub link_queue_bound: usize,
     /// Fault injection for tests: after this many session messages the
     /// node silently stops sending anything (a node that drops packets).
     /// `None` in production.
@@ -73,6 +86,9 @@ impl Default for NodeConfig {
             learned_file: None,
             cover_rate: 0.0,
             cover_peers: Vec::new(),
+            link_rate: 0.0,
+            link_jitter: 1.0,
+            link_queue_bound: pacing::DEFAULT_QUEUE_BOUND,
             drop_after: None,
             #[cfg(feature = "adversary")]
             adversary: None,
@@ -110,7 +126,12 @@ pub async fn run(
         handled: 0,
         tx: out_tx.clone(),
     }));
-    let egress = tokio::spawn(egress_loop(out_rx, keys.link().clone()));
+    let pace =
+        pacing::LinkPace::new(config.link_rate, config.link_jitter).map(|p| pacing::LinkPace {
+            bound: config.link_queue_bound,
+            ..p
+        });
+    let egress = tokio::spawn(egress_loop(out_rx, keys.link().clone(), pace));
     let mut cover_seed = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut cover_seed);
     let cover = tokio::spawn(cover::cover_loop(
@@ -246,7 +267,11 @@ impl Shared {
     }
 }
 
-async fn egress_loop(mut rx: mpsc::UnboundedReceiver<Outbound>, key: LinkKeypair) {
+async fn egress_loop(
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
+    key: LinkKeypair,
+    pace: Option<pacing::LinkPace>,
+) {
     let key = Arc::new(key);
     let mut links: HashMap<(SocketAddr, [u8; 32]), mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
     while let Some(o) = rx.recv().await {
@@ -261,7 +286,7 @@ async fn egress_loop(mut rx: mpsc::UnboundedReceiver<Outbound>, key: LinkKeypair
         let (tx, wrx) = mpsc::unbounded_channel();
         let _ = tx.send(cells);
         links.insert(slot, tx);
-        tokio::spawn(write_loop(o.addr, o.expect, Arc::clone(&key), wrx));
+        tokio::spawn(write_loop(o.addr, o.expect, Arc::clone(&key), wrx, pace));
     }
 }
 
@@ -270,6 +295,7 @@ async fn write_loop(
     expect: [u8; 32],
     key: Arc<LinkKeypair>,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    pace: Option<pacing::LinkPace>,
 ) {
     let config = match link_config() {
         Ok(c) => c,
@@ -281,9 +307,25 @@ async fn write_loop(
             Err(e) => return tracing::warn!("cannot reach {addr}: {e}"),
         };
     let (_reader, mut writer) = link.into_split();
-    while let Some(cells) = rx.recv().await {
-        if let Err(e) = writer.send_cells(&cells).await {
-            return tracing::warn!("link to {addr} failed: {e}");
+    let Some(pace) = pace else {
+        while let Some(cells) = rx.recv().await {
+            if let Err(e) = writer.send_cells(&cells).await {
+                return tracing::warn!("link to {addr} failed: {e}");
+            }
+        }
+        return;
+    };
+    // Constant rate: one whole message per tick, for as long as the link
+    // and the node last.
+    let mut seed = [0u8; 32];
+    rand_core::OsRng.fill_bytes(&mut seed);
+    let mut pacer = pacing::Pacer::new(addr, pace, rx, seed);
+    while let Some(paced) = pacer.next().await {
+        if let Err(e) = writer.send_cells(paced.cells()).await {
+            let lost = pacer.queued() + usize::from(matches!(paced, pacing::Paced::Real(_)));
+            return tracing::warn!(
+                "link to {addr} failed: {e}; {lost} queued messages to it are lost"
+            );
         }
     }
 }
