@@ -9,6 +9,7 @@ mod cascade;
 mod demo;
 mod directory;
 mod fetch;
+mod memcpy;
 mod netns;
 mod node;
 mod plot;
@@ -63,6 +64,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    memcpy::tune();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     match run(cli.command) {

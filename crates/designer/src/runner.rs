@@ -443,7 +443,7 @@ impl CascadeRunner {
             })
             .collect();
         let (onion, session) = wrap_init(&publics, &layers, &mut self.rng)?;
-        let cells = encode_cells(CellKind::Init, &onion, &[], &self.policy, &mut self.rng)?;
+        let cells = encode_cells(CellKind::Init, &onion, &[], &self.policy)?;
         self.session = Some(session);
         self.pending.insert(rid.0, Await::Init);
         // No loops until every hop has the session.
@@ -593,13 +593,7 @@ impl CascadeRunner {
             .as_mut()
             .ok_or_else(|| DesignerError::Reply("no session set up".into()))?;
         let onion = session.wrap(path, &layers, &mut self.rng)?;
-        Ok(encode_cells(
-            CellKind::Session,
-            &onion,
-            body,
-            &self.policy,
-            &mut self.rng,
-        )?)
+        Ok(encode_cells(CellKind::Session, &onion, body, &self.policy)?)
     }
 
     /// Sends the forward (and, without a kept last stage, the backward)

@@ -189,7 +189,7 @@ impl Core {
                 Outbound {
                     addr: f.next.0,
                     expect: note.next_link,
-                    cells: encode_cells(CellKind::Init, &f.onion, &[], &policy, &mut self.rng)?,
+                    cells: encode_cells(CellKind::Init, &f.onion, &[], &policy)?,
                 }
             }
             Peeled::Deliver(d) => {
@@ -212,7 +212,7 @@ impl Core {
         Ok(Outbound {
             addr,
             expect,
-            cells: encode_cells(CellKind::Session, &onion, body, policy, &mut self.rng)?,
+            cells: encode_cells(CellKind::Session, &onion, body, policy)?,
         })
     }
 
@@ -465,13 +465,7 @@ impl Core {
                 Outbound {
                     addr: f.next.0,
                     expect,
-                    cells: encode_cells(
-                        CellKind::Session,
-                        &f.onion,
-                        &result,
-                        &policy,
-                        &mut self.rng,
-                    )?,
+                    cells: encode_cells(CellKind::Session, &f.onion, &result, &policy)?,
                 }
             }
             Peeled::Deliver(d) => {

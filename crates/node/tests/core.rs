@@ -57,13 +57,8 @@ fn init_note(stage: StageSpec) -> InitNote {
     }
 }
 
-fn message(
-    kind: CellKind,
-    onion: &mixnn_wire::Onion,
-    body: &[u8],
-    rng: &mut ChaCha20Rng,
-) -> Message {
-    let cells = encode_cells(kind, onion, body, &POLICY, rng).unwrap();
+fn message(kind: CellKind, onion: &mixnn_wire::Onion, body: &[u8]) -> Message {
+    let cells = encode_cells(kind, onion, body, &POLICY).unwrap();
     decode_cells(&cells, &POLICY).unwrap()
 }
 
@@ -112,7 +107,7 @@ impl Rig {
         let (onion, session) =
             wrap_init(&[self.onion], &[HopLayer { block, note }], &mut self.rng).unwrap();
         self.session = Some(session);
-        (message(CellKind::Init, &onion, &[], &mut self.rng), rid)
+        (message(CellKind::Init, &onion, &[]), rid)
     }
 
     /// Sets up a valid session; asserts the acknowledgement.
@@ -150,10 +145,7 @@ impl Rig {
             .unwrap()
             .wrap(&[0], &[HopLayer { block, note: &note }], &mut self.rng)
             .unwrap();
-        (
-            message(CellKind::Session, &onion, body, &mut self.rng),
-            rid.0,
-        )
+        (message(CellKind::Session, &onion, body), rid.0)
     }
 
     fn tag(&mut self) -> HopTag {

@@ -151,13 +151,11 @@ fn peel(c: &mut Criterion) {
     let policy = PaddingPolicy::Uniform {
         max_body: activation.len(),
     };
-    let mut pad_rng = Rng::seed_from_u64(3);
     c.bench_function("hop_per_batch_32KB/open+decode+peel+encode+seal", |b| {
         b.iter_batched(
             || {
                 let o = s.designer.wrap(&path, &layers(&bl), &mut rng).unwrap();
-                let mut cells =
-                    encode_cells(CellKind::Session, &o, &activation, &policy, &mut rng).unwrap();
+                let mut cells = encode_cells(CellKind::Session, &o, &activation, &policy).unwrap();
                 let tag = aead
                     .encrypt_in_place_detached(&nonce, b"", &mut cells)
                     .unwrap();
@@ -173,14 +171,8 @@ fn peel(c: &mut Criterion) {
                 else {
                     unreachable!()
                 };
-                let mut out = encode_cells(
-                    CellKind::Session,
-                    &f.onion,
-                    &msg.body,
-                    &policy,
-                    &mut pad_rng,
-                )
-                .unwrap();
+                let mut out =
+                    encode_cells(CellKind::Session, &f.onion, &msg.body, &policy).unwrap();
                 let tag = aead
                     .encrypt_in_place_detached(&nonce, b"", &mut out)
                     .unwrap();

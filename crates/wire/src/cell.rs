@@ -7,7 +7,7 @@
 //! node before init) read the whole message; it checks the count against
 //! the session's policy after peeling ([`PaddingPolicy::check`]).
 //! next cells    body bytes
-//! last cell     … ‖ random padding up to the cell count the policy gives
+//! last cell     … ‖ zero padding up to the cell count the policy gives
 //! ```
 //!
 //! The link (Noise) encrypts the stream, so an observer sees only a number of
@@ -127,13 +127,18 @@ impl PaddingPolicy {
 }
 
 /// Encodes a message as cells: `kind`, header, notes and body, padded per
-/// `policy` with random bytes. The result is a multiple of [`CELL_SIZE`].
-pub fn encode_cells<R: RngCore + CryptoRng>(
+/// `policy` with zero bytes. The result is a multiple of [`CELL_SIZE`].
+///
+/// The padding is zero rather than random because nobody who could read it
+/// learns anything from it: on the wire it is inside the link encryption,
+/// and the next hop, which sees it in the clear, reads the body length from
+/// the first cell anyway. Random padding cost a hop about as much as its
+/// link encryption did.
+pub fn encode_cells(
     kind: CellKind,
     onion: &Onion,
     body: &[u8],
     policy: &PaddingPolicy,
-    rng: &mut R,
 ) -> Result<Vec<u8>, WireError> {
     let cells = policy.cells_for(body.len())?;
     let len = u32::try_from(body.len()).map_err(|_| WireError::BodyTooLong {
@@ -148,9 +153,7 @@ pub fn encode_cells<R: RngCore + CryptoRng>(
     out.extend_from_slice(onion.header.as_bytes());
     out.extend_from_slice(onion.notes.as_bytes());
     out.extend_from_slice(body);
-    let used = out.len();
     out.resize(cells * CELL_SIZE, 0);
-    rng.fill_bytes(&mut out[used..]);
     Ok(out)
 }
 
@@ -347,8 +350,7 @@ mod tests {
             3 * CELL_SIZE + 5,
         ] {
             let body: Vec<u8> = (0..len).map(|i| i as u8).collect();
-            let bytes =
-                encode_cells(CellKind::Session, &onion(), &body, &policy, &mut rng()).unwrap();
+            let bytes = encode_cells(CellKind::Session, &onion(), &body, &policy).unwrap();
             assert_eq!(bytes.len() % CELL_SIZE, 0);
             let msg = decode_cells(&bytes, &policy).unwrap();
             assert_eq!(
@@ -364,7 +366,7 @@ mod tests {
         let sizes: Vec<usize> = [0, 2_500, 32_768, 200_000]
             .iter()
             .map(|&len| {
-                encode_cells(CellKind::Init, &onion(), &vec![1; len], &policy, &mut rng())
+                encode_cells(CellKind::Init, &onion(), &vec![1; len], &policy)
                     .unwrap()
                     .len()
             })
@@ -427,14 +429,7 @@ mod tests {
     #[test]
     fn reader_rejects_truncation_extra_cells_and_unknown_kind() {
         let policy = PaddingPolicy::Classes;
-        let bytes = encode_cells(
-            CellKind::Session,
-            &onion(),
-            &vec![1; 20_000],
-            &policy,
-            &mut rng(),
-        )
-        .unwrap();
+        let bytes = encode_cells(CellKind::Session, &onion(), &vec![1; 20_000], &policy).unwrap();
         assert!(matches!(
             decode_cells(&bytes[..bytes.len() - 1], &policy),
             Err(WireError::CellCount { .. })

@@ -125,7 +125,7 @@ proptest! {
         let policy = PaddingPolicy::Uniform { max_body: 40_000 };
         for round in 0..2 {
             let mut onion = c.designer.wrap(&path, &layers(&bl, &notes), &mut rng).unwrap();
-            let mut cells = encode_cells(CellKind::Session, &onion, &body, &policy, &mut rng).unwrap();
+            let mut cells = encode_cells(CellKind::Session, &onion, &body, &policy).unwrap();
             for (k, &node) in path.iter().enumerate() {
                 let msg = decode_cells(&cells, &policy).unwrap();
                 prop_assert_eq!(&msg.body, &body);
@@ -135,7 +135,7 @@ proptest! {
                 prop_assert_eq!(peeled.note(), &notes[k][..]);
                 if let Peeled::Forward(f) = peeled {
                     onion = f.onion;
-                    let next = encode_cells(CellKind::Session, &onion, &body, &policy, &mut rng).unwrap();
+                    let next = encode_cells(CellKind::Session, &onion, &body, &policy).unwrap();
                     prop_assert_eq!(next.len(), cells.len());
                     cells = next;
                 }

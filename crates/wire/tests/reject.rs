@@ -138,14 +138,7 @@ fn truncated_inputs_are_rejected_with_length_errors() {
         Err(WireError::Length { .. })
     ));
     let policy = PaddingPolicy::Uniform { max_body: 50_000 };
-    let cells = encode_cells(
-        CellKind::Session,
-        &onion,
-        &[3; 30_000],
-        &policy,
-        &mut rng(8),
-    )
-    .unwrap();
+    let cells = encode_cells(CellKind::Session, &onion, &[3; 30_000], &policy).unwrap();
     for cut in [1, CELL_SIZE, cells.len() - CELL_SIZE, cells.len() - 1] {
         assert!(
             decode_cells(&cells[..cut], &policy).is_err(),

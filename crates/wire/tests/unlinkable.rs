@@ -83,7 +83,7 @@ fn every_cell_has_the_same_length_for_every_op_and_hop_position() {
     let publics: Vec<OnionPublic> = fresh.iter().map(OnionSecret::public).collect();
     let (init, _) = wrap_init(&publics, &layers(&bl, &no_notes), &mut rng).unwrap();
     lengths.insert(
-        encode_cells(CellKind::Init, &init, &[], &policy, &mut rng)
+        encode_cells(CellKind::Init, &init, &[], &policy)
             .unwrap()
             .len(),
     );
@@ -108,7 +108,7 @@ fn every_cell_has_the_same_length_for_every_op_and_hop_position() {
             .unwrap();
         let peeled = run_session(&mut c, &route, onion.clone());
         lengths.insert(
-            encode_cells(CellKind::Session, &onion, &vec![0; body], &policy, &mut rng)
+            encode_cells(CellKind::Session, &onion, &vec![0; body], &policy)
                 .unwrap()
                 .len(),
         );
@@ -116,14 +116,8 @@ fn every_cell_has_the_same_length_for_every_op_and_hop_position() {
             if let Peeled::Forward(f) = p {
                 assert_eq!(f.onion.header.as_bytes().len(), HEADER_LEN);
                 assert_eq!(f.onion.notes.as_bytes().len(), NOTES_LEN);
-                let cells = encode_cells(
-                    CellKind::Session,
-                    &f.onion,
-                    &vec![0; body],
-                    &policy,
-                    &mut rng,
-                )
-                .unwrap();
+                let cells =
+                    encode_cells(CellKind::Session, &f.onion, &vec![0; body], &policy).unwrap();
                 lengths.insert(cells.len());
             }
         }
