@@ -67,6 +67,7 @@ mod keyfile;
 mod keys;
 mod link;
 mod message;
+pub mod pacing;
 mod pubkey;
 mod transport;
 

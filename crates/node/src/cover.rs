@@ -8,17 +8,15 @@
 //! cascade uses.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mixnn_wire::{encode_cover, PaddingPolicy, CELL_SIZE, FIRST_CELL_BODY};
+pub use mixnn_net::pacing::{cover_message, CellCounts};
 use rand_chacha::ChaCha8Rng;
-use rand_core::{CryptoRng, RngCore, SeedableRng};
+use rand_core::{RngCore, SeedableRng};
 use tokio::sync::mpsc;
 
 use crate::core::Outbound;
-use crate::error::NodeError;
 
 /// The gap to the next event of a Poisson process of `rate` events per
 /// second; `None` for a rate of 0 (or not a positive finite number).
@@ -29,51 +27,6 @@ pub fn poisson_gap(rate: f64, rng: &mut impl RngCore) -> Option<Duration> {
     // u in (0, 1]: 53 random bits, never 0.
     let u = ((rng.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64;
     Some(Duration::from_secs_f64(-u.ln() / rate))
-}
-
-/// The cell counts of the messages a node has sent, and the most common
-/// one (what its cover messages use).
-#[derive(Debug, Default)]
-pub struct CellCounts {
-    counts: std::sync::Mutex<Vec<u64>>,
-    mode: AtomicUsize,
-}
-
-impl CellCounts {
-    /// Records one sent message of `cells` cells.
-    pub fn record(&self, cells: usize) {
-        let Ok(mut counts) = self.counts.lock() else {
-            return;
-        };
-        if counts.len() <= cells {
-            counts.resize(cells + 1, 0);
-        }
-        counts[cells] += 1;
-        // Ties go to the larger count of cells.
-        let mode = counts
-            .iter()
-            .enumerate()
-            .max_by_key(|(c, n)| (**n, *c))
-            .map_or(0, |(c, _)| c);
-        self.mode.store(mode, Ordering::Relaxed);
-    }
-
-    /// The most common cell count so far; 0 before any message.
-    pub fn mode(&self) -> usize {
-        self.mode.load(Ordering::Relaxed)
-    }
-}
-
-/// One cover message of `cells` cells (at least 1): random header, notes,
-/// body and padding.
-pub fn cover_message<R: RngCore + CryptoRng>(
-    cells: usize,
-    rng: &mut R,
-) -> Result<Vec<u8>, NodeError> {
-    let policy = PaddingPolicy::Uniform {
-        max_body: FIRST_CELL_BODY + cells.saturating_sub(1) * CELL_SIZE,
-    };
-    Ok(encode_cover(0, &policy, rng)?)
 }
 
 /// A peer cover traffic may go to: its address and link key.
@@ -122,7 +75,6 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use mixnn_wire::{decode_cells, CellKind};
 
     #[test]
     fn poisson_gaps_have_the_rates_mean() {
@@ -135,26 +87,5 @@ mod tests {
         assert!((mean - 0.2).abs() < 0.01, "mean gap {mean}");
         assert!(poisson_gap(0.0, &mut rng).is_none());
         assert!(poisson_gap(f64::NAN, &mut rng).is_none());
-    }
-
-    #[test]
-    fn cover_takes_the_most_common_cell_count() {
-        let c = CellCounts::default();
-        assert_eq!(c.mode(), 0);
-        c.record(4);
-        c.record(1);
-        c.record(4);
-        assert_eq!(c.mode(), 4);
-        let mut rng = ChaCha8Rng::seed_from_u64(1);
-        for cells in [1, 4] {
-            let m = cover_message(cells, &mut rng).unwrap();
-            assert_eq!(m.len(), cells * CELL_SIZE);
-            let policy = PaddingPolicy::Uniform {
-                max_body: FIRST_CELL_BODY + (cells - 1) * CELL_SIZE,
-            };
-            let msg = decode_cells(&m, &policy).unwrap();
-            assert_eq!(msg.kind, CellKind::Cover);
-            assert_eq!(msg.cells, cells);
-        }
     }
 }

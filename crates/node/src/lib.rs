@@ -22,7 +22,7 @@ pub mod audit;
 pub mod core;
 pub mod cover;
 mod error;
-pub mod pacing;
+pub use mixnn_net::pacing;
 
 use std::collections::HashMap;
 use std::future::Future;

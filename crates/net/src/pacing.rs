@@ -1,4 +1,4 @@
-//! Constant-rate links (`mixnn node --link-rate R`): each outbound link
+//! Constant-rate links (`--link-rate R`): each outbound link
 //! sends exactly one whole message per tick of period 1/R — the oldest
 //! queued message if there is one, else a cover message — so that a link
 //! observer sees the same gaps whether the link carries training, tests,
@@ -11,18 +11,67 @@
 //! link whose queue grows past its bound (the traffic wants more than R
 //! messages a second) logs an error once and keeps sending them all, in
 //! order, at R a second.
+//!
+//! Nodes pace their links to other nodes (`mixnn node --link-rate R`); the
+//! designer paces its links into the cascade
+//! (`mixnn train --cascade … --link-rate R`).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use mixnn_wire::CELL_SIZE;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use mixnn_wire::{encode_cover, PaddingPolicy, WireError, CELL_SIZE, FIRST_CELL_BODY};
 use rand_chacha::ChaCha8Rng;
-use rand_core::{RngCore, SeedableRng};
+use rand_core::{CryptoRng, RngCore, SeedableRng};
 use tokio::sync::mpsc;
 use tokio::time::{Interval, MissedTickBehavior};
 
-use crate::cover::{cover_message, CellCounts};
+/// The cell counts of the messages a node has sent, and the most common
+/// one (what its cover messages use).
+#[derive(Debug, Default)]
+pub struct CellCounts {
+    counts: std::sync::Mutex<Vec<u64>>,
+    mode: AtomicUsize,
+}
+
+impl CellCounts {
+    /// Records one sent message of `cells` cells.
+    pub fn record(&self, cells: usize) {
+        let Ok(mut counts) = self.counts.lock() else {
+            return;
+        };
+        if counts.len() <= cells {
+            counts.resize(cells + 1, 0);
+        }
+        counts[cells] += 1;
+        // Ties go to the larger count of cells.
+        let mode = counts
+            .iter()
+            .enumerate()
+            .max_by_key(|(c, n)| (**n, *c))
+            .map_or(0, |(c, _)| c);
+        self.mode.store(mode, Ordering::Relaxed);
+    }
+
+    /// The most common cell count so far; 0 before any message.
+    pub fn mode(&self) -> usize {
+        self.mode.load(Ordering::Relaxed)
+    }
+}
+
+/// One cover message of `cells` cells (at least 1): random header, notes,
+/// body and padding.
+pub fn cover_message<R: RngCore + CryptoRng>(
+    cells: usize,
+    rng: &mut R,
+) -> Result<Vec<u8>, WireError> {
+    let policy = PaddingPolicy::Uniform {
+        max_body: FIRST_CELL_BODY + cells.saturating_sub(1) * CELL_SIZE,
+    };
+    encode_cover(0, &policy, rng)
+}
 
 /// Messages a paced link holds before it reports that its rate is too
 /// low for its traffic (it still sends them all).
@@ -414,5 +463,26 @@ mod tests {
             panic!("expected a cover")
         };
         assert!(is_cover(&c, 2));
+    }
+
+    #[test]
+    fn cover_takes_the_most_common_cell_count() {
+        let c = CellCounts::default();
+        assert_eq!(c.mode(), 0);
+        c.record(4);
+        c.record(1);
+        c.record(4);
+        assert_eq!(c.mode(), 4);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for cells in [1, 4] {
+            let m = cover_message(cells, &mut rng).unwrap();
+            assert_eq!(m.len(), cells * CELL_SIZE);
+            let policy = PaddingPolicy::Uniform {
+                max_body: FIRST_CELL_BODY + (cells - 1) * CELL_SIZE,
+            };
+            let msg = decode_cells(&m, &policy).unwrap();
+            assert_eq!(msg.kind, CellKind::Cover);
+            assert_eq!(msg.cells, cells);
+        }
     }
 }
