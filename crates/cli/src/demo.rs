@@ -71,9 +71,24 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     drop(observer);
 
     let mut opts = opts;
+    // Constant-rate links: the nodes pace theirs as the designer does.
+    let paced: Vec<String> = if opts.link_rate > 0.0 {
+        vec![
+            "--link-rate".into(),
+            opts.link_rate.to_string(),
+            "--link-jitter".into(),
+            opts.link_jitter.to_string(),
+        ]
+    } else {
+        Vec::new()
+    };
     let (nodes, directory, hops) = if args.no_directory {
         say(&format!("starting {remote} node processes on 127.0.0.1 …"));
-        let nodes = LocalNodes::start(remote)?;
+        let launch = NodeLaunch {
+            args: paced.clone(),
+            ..NodeLaunch::loopback()
+        };
+        let nodes = LocalNodes::start_with(&vec![launch; remote])?;
         let hops = nodes.hops.clone();
         (nodes, None, hops)
     } else {
@@ -89,12 +104,16 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             &directory.key[..16]
         ));
         let launch = NodeLaunch {
-            args: vec![
-                "--directory".into(),
-                directory.url.clone(),
-                "--heartbeat".into(),
-                "1".into(),
-            ],
+            args: [
+                vec![
+                    "--directory".into(),
+                    directory.url.clone(),
+                    "--heartbeat".into(),
+                    "1".into(),
+                ],
+                paced,
+            ]
+            .concat(),
             ..NodeLaunch::loopback()
         };
         let nodes = LocalNodes::start_with(&vec![launch; n])?;

@@ -86,6 +86,18 @@ pub struct CascadeArgs {
     #[arg(long, value_name = "Q")]
     pub audit_rate: Option<f64>,
 
+    /// Constant-rate links: messages per second on each of the designer's
+    /// links into the cascade, one per tick, cover when idle (pair it with
+    /// `mixnn node --link-rate`; `mixnn demo` passes it to its nodes); 0
+    /// sends each message at once.
+    #[arg(long, default_value_t = 0.0, value_name = "R")]
+    pub link_rate: f64,
+
+    /// Random offset of each paced message within its slot, as a fraction
+    /// of the period (0: on the tick; 1: anywhere in the slot).
+    #[arg(long, default_value_t = 1.0, value_name = "F")]
+    pub link_jitter: f64,
+
     /// Seed of the audit draws (tests of audits only; by default the OS
     /// seeds them, so no node can predict them).
     #[cfg(feature = "adversary")]
@@ -111,12 +123,20 @@ impl CascadeArgs {
         if !(self.loop_rate >= 0.0 && self.loop_rate.is_finite()) {
             anyhow::bail!("--loop-rate must be a number of loops per second, 0 or more");
         }
+        if !(self.link_rate >= 0.0 && self.link_rate.is_finite()) {
+            anyhow::bail!("--link-rate must be a number of messages per second, 0 or more");
+        }
+        if !(0.0..=1.0).contains(&self.link_jitter) {
+            anyhow::bail!("--link-jitter must be a fraction of the period, from 0 to 1");
+        }
         let audit_rate = self.audit_rate.unwrap_or(DEFAULT_AUDIT_RATE);
         if !(0.0..=1.0).contains(&audit_rate) {
             anyhow::bail!("--audit-rate must be a probability, from 0 to 1");
         }
         Ok(mixnn_designer::CascadeOptions {
             loop_rate: self.loop_rate,
+            link_rate: self.link_rate,
+            link_jitter: self.link_jitter,
             audit_rate,
             #[cfg(feature = "adversary")]
             audit_seed: self.audit_seed,

@@ -20,9 +20,8 @@ use mixnn_model::trainer::{
     argmax_slice, micro_ranges, stage_seed, Batch, EpochMetrics, StepRunner, TrainConfig,
 };
 use mixnn_model::weights::StageParams;
-use mixnn_net::{
-    recv_message, Link, LinkConfig, LinkKeypair, LinkListener, LinkWriter, PublicLinkKey,
-};
+use mixnn_net::pacing::LinkPace;
+use mixnn_net::{recv_message, Link, LinkConfig, LinkKeypair, LinkListener, PublicLinkKey};
 use mixnn_proto::{InitNote, StepNote};
 use mixnn_wire::{
     encode_cells, wrap_init, CellKind, DesignerSession, HopAddr, HopLayer, HopTag, Next,
@@ -38,6 +37,7 @@ use crate::error::DesignerError;
 
 mod audit;
 mod loops;
+mod out;
 mod recovery;
 pub use audit::{AuditFailure, AuditStats};
 pub use loops::LoopStats;
@@ -74,6 +74,14 @@ pub struct CascadeOptions {
     /// Seed of the audit draws, for tests; `None` (the default) draws it
     /// from the OS, so that no node can predict which steps are audited.
     pub audit_seed: Option<u64>,
+    /// Constant-rate links: messages per second on each of the designer's
+    /// links into the cascade (to the first and the last hop), one whole
+    /// message per tick, cover on empty ticks
+    /// ([`mixnn_net::pacing`]); 0 sends each message at once.
+    pub link_rate: f64,
+    /// Random offset of each paced message within its slot, as a fraction
+    /// of the period ([`mixnn_net::pacing::LinkPace::jitter`]).
+    pub link_jitter: f64,
 }
 
 impl Default for CascadeOptions {
@@ -89,6 +97,8 @@ impl Default for CascadeOptions {
             loop_rate: 0.0,
             audit_rate: 0.0,
             audit_seed: None,
+            link_rate: 0.0,
+            link_jitter: 1.0,
         }
     }
 }
@@ -131,8 +141,8 @@ pub struct CascadeRunner {
     me: HopAddr,
     /// The session's hop keys (set by the init loop).
     session: Option<DesignerSession>,
-    first_link: LinkWriter,
-    last_link: LinkWriter,
+    first_link: out::OutLink,
+    last_link: out::OutLink,
     replies: mpsc::UnboundedReceiver<([u8; 16], Vec<u8>)>,
     pending: HashMap<[u8; 16], Await>,
     policy: PaddingPolicy,
@@ -240,12 +250,22 @@ impl CascadeRunner {
                 });
             }
         }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| DesignerError::Config {
-                message: format!("cannot start the runtime: {e}"),
-            })?;
+        // Paced links need their ticks on time while this thread builds
+        // onions: one worker thread runs the runtime's tasks then.
+        let pace = LinkPace::new(opts.link_rate, opts.link_jitter);
+        let rt = if pace.is_some() {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+        } else {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        }
+        .map_err(|e| DesignerError::Config {
+            message: format!("cannot start the runtime: {e}"),
+        })?;
         let mut rng = ChaCha8Rng::from_seed({
             let mut s = [0u8; 32];
             rand_core::OsRng.fill_bytes(&mut s);
@@ -303,7 +323,8 @@ impl CascadeRunner {
         let local_last = opts
             .keep_last
             .then(|| Stage::new(&model.stages[n - 1], stage_seed(cfg.seed, n - 1), cfg.sgd));
-        let (first_link, last_link) = Self::open_links(&rt, &key, link_config, &allowed, &hops)?;
+        let (first_link, last_link) =
+            Self::open_links(&rt, &key, link_config, &allowed, &hops, pace, &mut rng)?;
         let mut runner = CascadeRunner {
             rt,
             key,
@@ -337,15 +358,17 @@ impl CascadeRunner {
         Ok(runner)
     }
 
-    /// Opens links to the first and last hops of `hops`, allowing all of
-    /// them to connect back.
+    /// Opens links to the first and last hops of `hops` (paced as `pace`
+    /// says), allowing all of them to connect back.
     fn open_links(
         rt: &Runtime,
         key: &LinkKeypair,
         config: LinkConfig,
         allowed: &Mutex<Vec<[u8; 32]>>,
         hops: &[HopInfo],
-    ) -> Result<(LinkWriter, LinkWriter), DesignerError> {
+        pace: Option<LinkPace>,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<(out::OutLink, out::OutLink), DesignerError> {
         let keys: Vec<[u8; 32]> = hops
             .iter()
             .map(HopInfo::link_key)
@@ -378,7 +401,15 @@ impl CascadeRunner {
                 .map_err(|_| DesignerError::Reply(format!("no link to {} in 10 s", last.addr)))??;
             Ok::<_, DesignerError>((a.into_split().1, z.into_split().1))
         })?;
-        Ok((first_link, last_link))
+        let mut seed = || {
+            let mut s = [0u8; 32];
+            rng.fill_bytes(&mut s);
+            s
+        };
+        Ok((
+            out::OutLink::new(rt, first.addr, first_link, pace, seed()),
+            out::OutLink::new(rt, last.addr, last_link, pace, seed()),
+        ))
     }
 
     /// Sends the init loop through every hop (each builds its stage from
@@ -466,17 +497,11 @@ impl CascadeRunner {
     }
 
     fn send_first(&mut self, cells: &[u8]) -> Result<(), DesignerError> {
-        let addr = self.hops[0].addr;
-        self.rt
-            .block_on(self.first_link.send_cells(cells))
-            .map_err(link_err(addr))
+        self.first_link.send(&self.rt, cells)
     }
 
     fn send_last(&mut self, cells: &[u8]) -> Result<(), DesignerError> {
-        let addr = self.hops[self.hops.len() - 1].addr;
-        self.rt
-            .block_on(self.last_link.send_cells(cells))
-            .map_err(link_err(addr))
+        self.last_link.send(&self.rt, cells)
     }
 
     /// Waits up to `timeout` for the next reply this runner expects;

@@ -669,12 +669,15 @@ impl CascadeRunner {
     fn rebuild(&mut self, c: &Checkpoint) -> Result<(), DesignerError> {
         self.pending.clear();
         self.tags.clear();
+        let pace = mixnn_net::pacing::LinkPace::new(self.opts.link_rate, self.opts.link_jitter);
         let (first, last) = Self::open_links(
             &self.rt,
             &self.key,
             self.link_config,
             &self.allowed,
             &self.hops,
+            pace,
+            &mut self.rng,
         )?;
         self.first_link = first;
         self.last_link = last;
