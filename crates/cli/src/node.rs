@@ -5,6 +5,9 @@
 //! `--directory URL` it also registers its signed descriptor with that
 //! directory authority and heartbeats there until it stops
 //! ([`mixnn_node::announce`]); a directory that is down only costs warnings.
+//! With `--cover-rate R` and no `--cover-peer`, such a node sends its cover
+//! to the other nodes of the directory's view, verified with
+//! `--directory-key` and refreshed at every heartbeat.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,7 +19,7 @@ use clap::Args;
 use mixnn_designer::{CascadeFile, HopInfo};
 use mixnn_directory::{Capabilities, DirectoryClient, SystemClock, MAX_LOCATION_LEN};
 use mixnn_net::{Created, LinkListener, NodeKeys};
-use mixnn_node::announce::{self, AnnounceConfig, Announcement, Announcer};
+use mixnn_node::announce::{self, AnnounceConfig, Announcement, Announcer, CoverView};
 use mixnn_node::{Limits, NodeConfig};
 
 /// `mixnn node`.
@@ -52,16 +55,24 @@ pub struct NodeArgs {
           allow_hyphen_values = true,
           requires = "directory")]
     pub price: f64,
-    /// Seconds between heartbeats to the directory.
+    /// Public key of the directory (64 hex digits, as it printed when it
+    /// started) its view must be signed by; repeatable. Needed to take
+    /// cover peers from the view (`--cover-rate` without `--cover-peer`).
+    #[arg(long = "directory-key", value_name = "HEX", value_parser = parse_directory_key,
+          requires = "directory")]
+    pub directory_keys: Vec<[u8; 32]>,
+    /// Seconds between heartbeats to the directory (and between fetches
+    /// of its view, for cover peers).
     #[arg(long, default_value_t = 10, value_name = "S",
           value_parser = clap::value_parser!(u64).range(1..=3600), requires = "directory")]
     pub heartbeat: u64,
-    /// Cover messages per second (Poisson) to random `--cover-peer`s;
+    /// Cover messages per second (Poisson) to random `--cover-peer`s, or,
+    /// without any, to random other nodes of the `--directory`'s view;
     /// 0 sends none.
     #[arg(long, default_value_t = 0.0, value_name = "R", value_parser = parse_rate)]
     pub cover_rate: f64,
     /// A node cover messages may go to, as `ADDR=LINKKEY` (hex link key);
-    /// repeatable.
+    /// repeatable. Given by hand, these win over the directory's view.
     #[arg(long, value_name = "ADDR=LINKKEY", value_parser = parse_cover_peer)]
     pub cover_peer: Vec<CoverPeer>,
     /// Constant-rate links: every outbound link sends exactly R whole
@@ -115,6 +126,45 @@ fn parse_cover_peer(s: &str) -> Result<CoverPeer, String> {
         .and_then(|v| <[u8; 32]>::try_from(v).ok())
         .ok_or_else(|| format!("cover peer link key {key:?}: not 64 hex digits"))?;
     Ok(CoverPeer(addr, key))
+}
+
+fn parse_directory_key(s: &str) -> Result<[u8; 32], String> {
+    mixnn_directory::parse_key_hex("directory key", s.trim())
+        .map_err(|_| format!("{s:?} is not 64 hex digits"))
+}
+
+/// Where a node's cover peers come from, given its arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CoverSource {
+    /// No cover (rate 0), or no peers to send it to.
+    None,
+    /// The `--cover-peer`s given by hand.
+    Hand,
+    /// The other nodes of the directory's verified view.
+    Directory,
+}
+
+/// Chooses the cover peers' source; an error (one line) when the view
+/// would be needed but cannot be verified.
+fn cover_source(args: &NodeArgs) -> anyhow::Result<CoverSource> {
+    if args.cover_rate <= 0.0 {
+        return Ok(CoverSource::None);
+    }
+    if !args.cover_peer.is_empty() {
+        return Ok(CoverSource::Hand);
+    }
+    if args.directory.is_none() {
+        tracing::warn!(
+            "--cover-rate without --cover-peer or --directory: no peers, sending no cover"
+        );
+        return Ok(CoverSource::None);
+    }
+    if args.directory_keys.is_empty() {
+        anyhow::bail!(
+            "--cover-rate without --cover-peer takes cover peers from the directory's view, which needs --directory-key HEX (the key the directory printed when it started) to verify it"
+        );
+    }
+    Ok(CoverSource::Directory)
 }
 
 /// The `--advertise` address: a full address, or an IP that keeps the
@@ -171,6 +221,13 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
         .map(DirectoryClient::new)
         .transpose()
         .context("--directory")?;
+    let cover_source = cover_source(args)?;
+    let (cover_view, cover_peers) = if cover_source == CoverSource::Directory {
+        let (view, peers) = CoverView::new(args.directory_keys.clone());
+        (Some(view), Some(peers))
+    } else {
+        (None, None)
+    };
     let (keys, created) = NodeKeys::load_or_create(&args.state)
         .with_context(|| format!("state directory {}", args.state.display()))?;
     match created {
@@ -186,7 +243,7 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
         let listener = LinkListener::bind(args.listen, keys.link().clone(), config).await?;
         let addr = listener.local_addr()?;
         let announcer = match directory {
-            Some(client) => Some(start_announcing(args, &keys, addr, client)?),
+            Some(client) => Some(start_announcing(args, &keys, addr, client, cover_view)?),
             None => None,
         };
         let public = keys.public();
@@ -214,6 +271,7 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
             learned_file: Some(args.state.join("learned-peers.txt")),
             cover_rate: args.cover_rate,
             cover_peers: args.cover_peer.iter().map(|p| (p.0, p.1)).collect(),
+            cover_view: cover_peers,
             link_rate: args.link_rate,
             link_jitter: args.link_jitter,
             #[cfg(feature = "adversary")]
@@ -232,12 +290,14 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
 }
 
 /// Registers the node bound to `bound` with the directory behind `client`
-/// and heartbeats there on a thread, until the returned [`Announcer`] stops.
+/// and heartbeats there on a thread, until the returned [`Announcer`] stops;
+/// with `cover`, it also keeps the cover peers from the directory's view.
 fn start_announcing(
     args: &NodeArgs,
     keys: &NodeKeys,
     bound: SocketAddr,
     client: DirectoryClient,
+    cover: Option<CoverView>,
 ) -> anyhow::Result<Announcer> {
     let addr = args.advertise.map_or(bound, |a| a.resolve(bound));
     if addr.ip().is_unspecified() || addr.port() == 0 {
@@ -256,6 +316,9 @@ fn start_announcing(
         .check_fields()
         .context("node descriptor")?;
     tracing::info!(%addr, directory = client.url(), "announcing to the directory");
+    if cover.is_some() {
+        tracing::info!("cover peers: the other nodes of the directory's verified view");
+    }
     let config = AnnounceConfig {
         heartbeat: Duration::from_secs(args.heartbeat),
         ..AnnounceConfig::default()
@@ -266,6 +329,7 @@ fn start_announcing(
         client,
         Arc::new(SystemClock),
         config,
+        cover,
     )?)
 }
 

@@ -12,6 +12,12 @@
 //! the [`Announcer`] (or calling [`Announcer::stop`]) wakes it at once. A
 //! directory that is down or refuses the node never stops the node: every
 //! failure is logged as a warning and retried.
+//!
+//! With a [`CoverView`], the loop also fetches the directory's signed view
+//! after each accepted registration or heartbeat, verifies it against the
+//! pinned directory keys and publishes the other nodes in it as the node's
+//! cover peers ([`crate::cover::peers_from_view`]). A view that cannot be
+//! fetched or verified is logged and the previous peers are kept.
 
 use std::net::SocketAddr;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -25,7 +31,9 @@ use mixnn_directory::{
     DirectoryError, PROTOCOL_VERSION,
 };
 use mixnn_net::NodeKeys;
+use tokio::sync::watch;
 
+use crate::cover::{peers_from_view, CoverPeer};
 use crate::error::NodeError;
 
 /// What a node tells the directory about itself, besides its keys and the
@@ -98,6 +106,51 @@ pub struct AnnounceStats {
     pub heartbeats: u64,
     /// Requests that failed (unreachable directory or refusal).
     pub failures: u64,
+    /// Views fetched, verified and turned into cover peers.
+    pub views: u64,
+    /// Views that could not be fetched or did not verify.
+    pub view_failures: u64,
+}
+
+/// Cover peers from the directory: the announce loop fetches the signed
+/// view after each accepted registration or heartbeat, verifies it with
+/// `pinned`, and sends the other nodes in it on the channel that
+/// [`crate::NodeConfig::cover_view`] reads.
+#[derive(Debug)]
+pub struct CoverView {
+    /// Directory keys a view must be signed by (the node refuses any
+    /// other view).
+    pub pinned: Vec<[u8; 32]>,
+    /// Where each verified view's peers go.
+    pub peers: watch::Sender<Vec<CoverPeer>>,
+}
+
+impl CoverView {
+    /// A cover view verified with `pinned`, and the receiving end for
+    /// [`crate::NodeConfig::cover_view`] (empty until the first view).
+    pub fn new(pinned: Vec<[u8; 32]>) -> (Self, watch::Receiver<Vec<CoverPeer>>) {
+        let (peers, rx) = watch::channel(Vec::new());
+        (Self { pinned, peers }, rx)
+    }
+
+    /// Fetches and verifies the view and publishes its nodes other than
+    /// `node` (signed by `identity`) as cover peers; returns how many.
+    fn refresh(
+        &self,
+        client: &DirectoryClient,
+        clock: &dyn Clock,
+        identity: &SigningKey,
+        node: &Announcement,
+    ) -> Result<usize, DirectoryError> {
+        let view = client.view()?.verify(&self.pinned, clock.now())?;
+        let peers = peers_from_view(&view, &identity.verifying_key().to_bytes(), &node.link);
+        let n = peers.len();
+        let old = self.peers.send_replace(peers);
+        if old.len() != n {
+            tracing::info!("cover peers from the directory's view: {n} nodes");
+        }
+        Ok(n)
+    }
 }
 
 /// Registers the node with the directory behind `client` and heartbeats
@@ -106,13 +159,15 @@ pub struct AnnounceStats {
 /// retried (registration with exponential backoff between
 /// `config.retry_min` and `config.retry_max`). If the directory answers a
 /// heartbeat with *unknown node* (its database was replaced), the node
-/// registers again. Blocking; see [`spawn`].
+/// registers again. With `cover`, the view is fetched after each accepted
+/// registration or heartbeat (see [`CoverView`]). Blocking; see [`spawn`].
 pub fn announce(
     identity: &SigningKey,
     node: &Announcement,
     client: &DirectoryClient,
     clock: &dyn Clock,
     config: AnnounceConfig,
+    cover: Option<&CoverView>,
     shutdown: &mpsc::Receiver<()>,
 ) -> AnnounceStats {
     let url = client.url();
@@ -121,6 +176,7 @@ pub fn announce(
     let mut registered = false;
     let mut last_heartbeat = 0;
     loop {
+        let mut accepted = false;
         let wait = if registered {
             let timestamp = clock.now();
             if timestamp <= last_heartbeat {
@@ -130,6 +186,7 @@ pub fn announce(
             } else {
                 match heartbeat(client, identity, timestamp) {
                     Ok(()) => {
+                        accepted = true;
                         stats.heartbeats += 1;
                         last_heartbeat = timestamp;
                         tracing::debug!(timestamp, "heartbeat accepted by {url}");
@@ -154,6 +211,7 @@ pub fn announce(
             let descriptor = node.descriptor(identity, clock.now());
             match sign_descriptor(identity, &descriptor).and_then(|d| client.register(&d)) {
                 Ok(status) => {
+                    accepted = true;
                     stats.registrations += 1;
                     registered = true;
                     tracing::info!(addr = %node.addr, ?status, "registered with directory {url}");
@@ -171,6 +229,21 @@ pub fn announce(
                 }
             }
         };
+        if let Some(cover) = cover.filter(|_| accepted) {
+            match cover.refresh(client, clock, identity, node) {
+                Ok(n) => {
+                    stats.views += 1;
+                    tracing::debug!("directory view verified: {n} cover peers");
+                }
+                Err(e) => {
+                    stats.view_failures += 1;
+                    tracing::warn!(
+                        "cover peers: directory view refused, keeping the previous {} peers: {e}",
+                        cover.peers.borrow().len()
+                    );
+                }
+            }
+        }
         match shutdown.recv_timeout(wait) {
             Err(RecvTimeoutError::Timeout) => {}
             Ok(()) | Err(RecvTimeoutError::Disconnected) => {
@@ -206,6 +279,7 @@ pub fn spawn(
     client: DirectoryClient,
     clock: Arc<dyn Clock>,
     config: AnnounceConfig,
+    cover: Option<CoverView>,
 ) -> Result<Announcer, NodeError> {
     let identity = identity.clone();
     let (stop, shutdown) = mpsc::channel();
@@ -213,7 +287,15 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("mixnn-announce".into())
         .spawn(move || {
-            let stats = announce(&identity, &node, &client, &*clock, config, &shutdown);
+            let stats = announce(
+                &identity,
+                &node,
+                &client,
+                &*clock,
+                config,
+                cover.as_ref(),
+                &shutdown,
+            );
             let _ = done_tx.send(stats);
         })
         .map_err(|e| NodeError::Refused(format!("cannot start the announce thread: {e}")))?;
@@ -361,7 +443,15 @@ mod tests {
             ..AnnounceConfig::default()
         };
         let client = DirectoryClient::new(&served.url).unwrap();
-        let announcer = spawn(k.identity(), node, client, Arc::new(SystemClock), config).unwrap();
+        let announcer = spawn(
+            k.identity(),
+            node,
+            client,
+            Arc::new(SystemClock),
+            config,
+            None,
+        )
+        .unwrap();
         let identity = *k.public().identity.as_bytes();
         let deadline = Instant::now() + Duration::from_secs(10);
         // Heartbeats carry whole seconds and must increase: two take >= 1 s.
@@ -384,6 +474,109 @@ mod tests {
         assert!(stats.heartbeats >= 2, "{stats:?}");
     }
 
+    /// Registers node `seed` at 127.0.0.1:`port` with `state` directly.
+    fn register_other(state: &DirectoryState, seed: u64, port: u16) -> [u8; 32] {
+        let k = keys(seed);
+        let a = Announcement::new(&k, ([127, 0, 0, 1], port).into(), capabilities());
+        let d = a.descriptor(k.identity(), mixnn_directory::unix_now());
+        state
+            .register(&sign_descriptor(k.identity(), &d).unwrap())
+            .unwrap();
+        a.link
+    }
+
+    #[test]
+    fn cover_peers_follow_the_verified_view() {
+        let state = DirectoryState::new(
+            Store::open_in_memory().unwrap(),
+            DirectoryKeys::from_secret([6; 32]),
+            Arc::new(SystemClock),
+            DirectoryConfig::default(),
+        );
+        let served = Served::start(state.clone(), "127.0.0.1:0");
+        let link_a = register_other(&state, 20, 7201);
+        let k = keys(21);
+        let node = Announcement::new(&k, "127.0.0.1:7200".parse().unwrap(), capabilities());
+        let (cover, mut peers) = CoverView::new(vec![state.public_key()]);
+        let config = AnnounceConfig {
+            heartbeat: Duration::from_millis(100),
+            ..AnnounceConfig::default()
+        };
+        let client = DirectoryClient::new(&served.url).unwrap();
+        let announcer = spawn(
+            k.identity(),
+            node,
+            client,
+            Arc::new(SystemClock),
+            config,
+            Some(cover),
+        )
+        .unwrap();
+        let wait_for = |peers: &mut watch::Receiver<Vec<CoverPeer>>, n: usize| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while peers.borrow_and_update().len() != n {
+                assert!(Instant::now() < deadline, "not {n} cover peers within 10 s");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peers.borrow().clone()
+        };
+        // The view lists the node itself and node A: A is its only peer.
+        assert_eq!(
+            wait_for(&mut peers, 1),
+            vec![("127.0.0.1:7201".parse().unwrap(), link_a)]
+        );
+        // A node that comes later is picked up at a later heartbeat.
+        let link_b = register_other(&state, 22, 7202);
+        let got = wait_for(&mut peers, 2);
+        assert!(got.contains(&("127.0.0.1:7202".parse().unwrap(), link_b)));
+        let stats = announcer.stop(Duration::from_secs(5)).unwrap();
+        assert!(stats.views >= 2 && stats.view_failures == 0, "{stats:?}");
+    }
+
+    #[test]
+    fn a_view_signed_by_another_key_is_not_used() {
+        let state = DirectoryState::new(
+            Store::open_in_memory().unwrap(),
+            DirectoryKeys::from_secret([7; 32]),
+            Arc::new(SystemClock),
+            DirectoryConfig::default(),
+        );
+        let served = Served::start(state.clone(), "127.0.0.1:0");
+        register_other(&state, 30, 7301);
+        let k = keys(31);
+        let node = Announcement::new(&k, "127.0.0.1:7300".parse().unwrap(), capabilities());
+        let other = DirectoryKeys::from_secret([8; 32]).public();
+        let (cover, peers) = CoverView::new(vec![other]);
+        let config = AnnounceConfig {
+            heartbeat: Duration::from_millis(50),
+            ..AnnounceConfig::default()
+        };
+        let client = DirectoryClient::new(&served.url).unwrap();
+        let announcer = spawn(
+            k.identity(),
+            node,
+            client,
+            Arc::new(SystemClock),
+            config,
+            Some(cover),
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while state.node(&identity_of(&k)).is_err() {
+            assert!(Instant::now() < deadline, "not registered within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let stats = announcer.stop(Duration::from_secs(5)).unwrap();
+        assert!(peers.borrow().is_empty());
+        assert_eq!(stats.views, 0, "{stats:?}");
+        assert!(stats.view_failures >= 1, "{stats:?}");
+    }
+
+    fn identity_of(k: &NodeKeys) -> [u8; 32] {
+        *k.public().identity.as_bytes()
+    }
+
     #[test]
     fn unreachable_directory_is_retried_until_stopped() {
         // Nothing listens on port 1.
@@ -396,7 +589,7 @@ mod tests {
             retry_max: Duration::from_millis(40),
         };
         let clock = Arc::new(ManualClock::new(1_000));
-        let announcer = spawn(k.identity(), node, client, clock, config).unwrap();
+        let announcer = spawn(k.identity(), node, client, clock, config, None).unwrap();
         std::thread::sleep(Duration::from_millis(300));
         let stats = announcer.stop(Duration::from_secs(5)).unwrap();
         assert_eq!(stats.registrations, 0);
@@ -426,7 +619,15 @@ mod tests {
             retry_max: Duration::from_millis(20),
         };
         let client = DirectoryClient::new(&served.url).unwrap();
-        let announcer = spawn(k.identity(), node, client, Arc::new(clock.clone()), config).unwrap();
+        let announcer = spawn(
+            k.identity(),
+            node,
+            client,
+            Arc::new(clock.clone()),
+            config,
+            None,
+        )
+        .unwrap();
         let wait_for = |what: &str, done: &dyn Fn() -> bool| {
             let deadline = Instant::now() + Duration::from_secs(10);
             while !done() {

@@ -129,6 +129,10 @@ impl Core {
             CellKind::Init => self.handle_init(from, msg),
             CellKind::Session => self.handle_session(from, msg),
             // Cover cells are dropped on arrival.
+            CellKind::Cover => {
+                tracing::debug!(from = %mixnn_net::PublicLinkKey::from_bytes(from), "cover message dropped");
+                Ok(Vec::new())
+            }
             _ => Ok(Vec::new()),
         }
     }

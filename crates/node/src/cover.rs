@@ -6,15 +6,22 @@
 //! node sends most often ([`CellCounts`]). A node sends no cover before it
 //! has sent one real message, so that no cover message is of a size no
 //! cascade uses.
+//!
+//! The peers are given by hand ([`CoverPeers::Fixed`]) or are the other
+//! nodes of the directory's signed view ([`CoverPeers::Live`], kept up to
+//! date by [`crate::announce`] with [`peers_from_view`]); the cover loop
+//! reads the latest list before each message, so a changed list takes
+//! effect without a restart.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mixnn_directory::VerifiedView;
 pub use mixnn_net::pacing::{cover_message, CellCounts};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::core::Outbound;
 
@@ -32,18 +39,79 @@ pub fn poisson_gap(rate: f64, rng: &mut impl RngCore) -> Option<Duration> {
 /// A peer cover traffic may go to: its address and link key.
 pub type CoverPeer = (SocketAddr, [u8; 32]);
 
+/// Where a node's cover messages go.
+#[derive(Debug, Clone)]
+pub enum CoverPeers {
+    /// A list that never changes (`--cover-peer`, given by hand).
+    Fixed(Vec<CoverPeer>),
+    /// The latest list sent on the channel (the other nodes of the
+    /// directory's view, refreshed while the node runs).
+    Live(watch::Receiver<Vec<CoverPeer>>),
+}
+
+impl CoverPeers {
+    /// The peers a node uses: the hand-given ones if there are any (they
+    /// win), else the live list if there is one, else none.
+    pub fn choose(hand: Vec<CoverPeer>, live: Option<watch::Receiver<Vec<CoverPeer>>>) -> Self {
+        match live {
+            Some(live) if hand.is_empty() => CoverPeers::Live(live),
+            _ => CoverPeers::Fixed(hand),
+        }
+    }
+
+    /// The peers as they are now.
+    pub fn current(&self) -> Vec<CoverPeer> {
+        match self {
+            CoverPeers::Fixed(peers) => peers.clone(),
+            CoverPeers::Live(live) => live.borrow().clone(),
+        }
+    }
+
+    /// One peer drawn uniformly from the current list; `None` while it is
+    /// empty.
+    pub fn pick(&self, rng: &mut impl RngCore) -> Option<CoverPeer> {
+        let draw = |peers: &[CoverPeer], rng: &mut dyn RngCore| {
+            if peers.is_empty() {
+                return None;
+            }
+            Some(peers[(rng.next_u64() % peers.len() as u64) as usize])
+        };
+        match self {
+            CoverPeers::Fixed(peers) => draw(peers, rng),
+            CoverPeers::Live(live) => draw(&live.borrow(), rng),
+        }
+    }
+
+    /// Whether this list can never hold a peer (a fixed, empty one).
+    fn never_any(&self) -> bool {
+        matches!(self, CoverPeers::Fixed(p) if p.is_empty())
+    }
+}
+
+/// The cover peers of a verified directory view: address and link key of
+/// every node in it except the node itself (recognised by its identity key
+/// `me` or its link key `my_link`), in the view's order.
+pub fn peers_from_view(view: &VerifiedView, me: &[u8; 32], my_link: &[u8; 32]) -> Vec<CoverPeer> {
+    view.nodes
+        .iter()
+        .map(|n| &n.descriptor)
+        .filter(|d| &d.identity != me && &d.link != my_link)
+        .map(|d| (d.addr, d.link))
+        .collect()
+}
+
 /// Sends cover messages at `rate` per second to peers drawn uniformly from
-/// `peers`, until `tx` closes. `seed` seeds the times, the peers and the
-/// content.
+/// `peers` (read anew for every message; none while it is empty), until
+/// `tx` closes. `seed` seeds the times, the peers and the content.
 pub(crate) async fn cover_loop(
     rate: f64,
-    peers: Vec<CoverPeer>,
+    peers: CoverPeers,
     sizes: Arc<CellCounts>,
     tx: mpsc::UnboundedSender<Outbound>,
     seed: [u8; 32],
 ) {
     let mut rng = ChaCha8Rng::from_seed(seed);
-    if peers.is_empty() {
+    if peers.never_any() {
         return;
     }
     while let Some(gap) = poisson_gap(rate, &mut rng) {
@@ -52,7 +120,9 @@ pub(crate) async fn cover_loop(
         if cells == 0 {
             continue;
         }
-        let (addr, expect) = peers[(rng.next_u64() % peers.len() as u64) as usize];
+        let Some((addr, expect)) = peers.pick(&mut rng) else {
+            continue;
+        };
         let cells = match cover_message(cells, &mut rng) {
             Ok(c) => c,
             Err(e) => return tracing::error!("cover: {e}"),
@@ -75,6 +145,141 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    use mixnn_directory::ed25519_dalek::SigningKey;
+    use mixnn_directory::{sign_descriptor, Capabilities, Descriptor, ViewNode, PROTOCOL_VERSION};
+
+    /// Node `i`: identity from seed `i`, link key `[i; 32]`, port 7000 + i.
+    fn view_node(i: u8) -> ViewNode {
+        let key = SigningKey::from_bytes(&[i; 32]);
+        let descriptor = Descriptor {
+            addr: ([127, 0, 0, 1], 7000 + u16::from(i)).into(),
+            identity: key.verifying_key().to_bytes(),
+            onion: [i; 32],
+            link: [i; 32],
+            version: PROTOCOL_VERSION,
+            capabilities: Capabilities {
+                cores: 1,
+                memory_mb: 1,
+                price_per_hour: 0.0,
+                location: String::new(),
+            },
+            published: 1_000,
+        };
+        ViewNode {
+            signed: sign_descriptor(&key, &descriptor).unwrap(),
+            descriptor,
+            uptime_fraction: 1.0,
+            missed_heartbeats: 0,
+            recent_failures: 0,
+        }
+    }
+
+    fn view(ids: &[u8]) -> VerifiedView {
+        VerifiedView {
+            directory: [0; 32],
+            issued: 1_000,
+            valid_until: 2_000,
+            nodes: ids.iter().map(|&i| view_node(i)).collect(),
+        }
+    }
+
+    fn peer(i: u8) -> CoverPeer {
+        (([127, 0, 0, 1], 7000 + u16::from(i)).into(), [i; 32])
+    }
+
+    fn identity(i: u8) -> [u8; 32] {
+        SigningKey::from_bytes(&[i; 32]).verifying_key().to_bytes()
+    }
+
+    #[test]
+    fn view_peers_are_the_other_nodes() {
+        let v = view(&[1, 2, 3]);
+        assert_eq!(
+            peers_from_view(&v, &identity(2), &[2; 32]),
+            vec![peer(1), peer(3)]
+        );
+        // Not in the view: every node is a peer.
+        assert_eq!(peers_from_view(&v, &identity(9), &[9; 32]).len(), 3);
+        // Recognised by either key alone.
+        assert_eq!(
+            peers_from_view(&v, &identity(1), &[9; 32]),
+            vec![peer(2), peer(3)]
+        );
+        assert_eq!(
+            peers_from_view(&v, &identity(9), &[3; 32]),
+            vec![peer(1), peer(2)]
+        );
+        // Alone in the view: no peers.
+        assert!(peers_from_view(&view(&[4]), &identity(4), &[4; 32]).is_empty());
+    }
+
+    #[test]
+    fn hand_given_peers_win_over_the_view() {
+        let (tx, rx) = watch::channel(vec![peer(1), peer(2)]);
+        let peers = CoverPeers::choose(vec![peer(7)], Some(rx.clone()));
+        assert_eq!(peers.current(), vec![peer(7)]);
+        tx.send_replace(vec![peer(3)]);
+        assert_eq!(peers.current(), vec![peer(7)]);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        assert_eq!(peers.pick(&mut rng), Some(peer(7)));
+        // No hand-given peers: the live list, as it changes.
+        let live = CoverPeers::choose(Vec::new(), Some(rx));
+        assert_eq!(live.current(), vec![peer(3)]);
+        // Neither: none, for good.
+        let none = CoverPeers::choose(Vec::new(), None);
+        assert!(none.never_any() && none.pick(&mut rng).is_none());
+        assert!(!live.never_any());
+    }
+
+    #[test]
+    fn a_refreshed_view_replaces_the_list() {
+        let (tx, rx) = watch::channel(Vec::new());
+        let peers = CoverPeers::choose(Vec::new(), Some(rx));
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        assert_eq!(peers.pick(&mut rng), None, "no peers yet");
+        tx.send_replace(peers_from_view(&view(&[1, 2, 3]), &identity(1), &[1; 32]));
+        let drawn: std::collections::BTreeSet<_> =
+            (0..100).filter_map(|_| peers.pick(&mut rng)).collect();
+        assert_eq!(drawn, [peer(2), peer(3)].into_iter().collect());
+        // Node 2 left, node 4 came: only the new list is drawn from.
+        tx.send_replace(peers_from_view(&view(&[1, 3, 4]), &identity(1), &[1; 32]));
+        let drawn: std::collections::BTreeSet<_> =
+            (0..100).filter_map(|_| peers.pick(&mut rng)).collect();
+        assert_eq!(drawn, [peer(3), peer(4)].into_iter().collect());
+    }
+
+    #[tokio::test]
+    async fn the_cover_loop_follows_a_changing_list() {
+        let (peers_tx, peers_rx) = watch::channel(Vec::new());
+        let sizes = Arc::new(CellCounts::default());
+        sizes.record(2);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let cover = tokio::spawn(cover_loop(
+            1_000.0,
+            CoverPeers::choose(Vec::new(), Some(peers_rx)),
+            sizes,
+            tx,
+            [3; 32],
+        ));
+        // No peers yet: nothing is sent, and the loop keeps running.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err());
+        assert!(!cover.is_finished());
+        peers_tx.send_replace(vec![peer(1)]);
+        let first = rx.recv().await.unwrap();
+        assert_eq!((first.addr, first.expect), peer(1));
+        assert_eq!(first.cells.len(), 2 * mixnn_wire::CELL_SIZE);
+        peers_tx.send_replace(vec![peer(2)]);
+        // Drain what was queued before the change, then only peer 2.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        while rx.try_recv().is_ok() {}
+        for _ in 0..5 {
+            let o = rx.recv().await.unwrap();
+            assert_eq!((o.addr, o.expect), peer(2));
+        }
+        cover.abort();
+    }
 
     #[test]
     fn poisson_gaps_have_the_rates_mean() {

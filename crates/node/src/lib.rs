@@ -56,7 +56,12 @@ pub struct NodeConfig {
     /// [`NodeConfig::cover_peers`]; 0 sends none.
     pub cover_rate: f64,
     /// Where cover messages may go: address and link key of other nodes.
+    /// When not empty, these win over [`NodeConfig::cover_view`].
     pub cover_peers: Vec<cover::CoverPeer>,
+    /// Cover peers that change while the node runs: the latest list sent
+    /// on this channel (the other nodes of the directory's view, see
+    /// [`announce::CoverView`]). Used only when `cover_peers` is empty.
+    pub cover_view: Option<tokio::sync::watch::Receiver<Vec<cover::CoverPeer>>>,
     /// Constant-rate links: messages per second on every outbound link,
     /// one whole message per tick (the oldest queued one, else a cover
     /// message; see [`pacing`]); 0 sends each message as soon as it is
@@ -86,6 +91,7 @@ impl Default for NodeConfig {
             learned_file: None,
             cover_rate: 0.0,
             cover_peers: Vec::new(),
+            cover_view: None,
             link_rate: 0.0,
             link_jitter: 1.0,
             link_queue_bound: pacing::DEFAULT_QUEUE_BOUND,
@@ -136,7 +142,7 @@ pub async fn run(
     rand_core::OsRng.fill_bytes(&mut cover_seed);
     let cover = tokio::spawn(cover::cover_loop(
         config.cover_rate,
-        config.cover_peers.clone(),
+        cover::CoverPeers::choose(config.cover_peers.clone(), config.cover_view.clone()),
         sizes,
         out_tx,
         cover_seed,

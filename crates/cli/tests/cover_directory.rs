@@ -1,0 +1,194 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Cover peers from the directory, process by process: `mixnn node
+//! --directory URL --directory-key HEX --cover-rate R` with no
+//! `--cover-peer` sends its cover to the other nodes of the directory's
+//! signed view, and they drop it (SECURITY.md, "Timing and cover traffic").
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use mixnn_directory::{parse_key_hex, unix_now, DirectoryClient};
+
+mod common;
+use common::*;
+
+/// One stage does everything, so a cascade of one node (the cover node)
+/// can train: the other nodes see no session traffic at all.
+const ONE_STAGE: &str = r#"
+name = "one-stage"
+input = 784
+
+[[stage]]
+ops = [
+  { op = "linear", in = 784, out = 10 },
+  { op = "log_softmax" },
+  { op = "nll_loss" },
+]
+"#;
+
+/// A `mixnn directory` on a free port; stopped on drop.
+struct Directory {
+    child: Child,
+    url: String,
+    key: String,
+}
+
+impl Directory {
+    fn start(dir: &Path) -> Directory {
+        let mut child = mixnn()
+            .args(["directory", "--listen", "127.0.0.1:0", "--db"])
+            .arg(dir.join("directory.db"))
+            .args(["--heartbeat-interval", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(dir.join("directory.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                .to_owned()
+        };
+        let (url, key) = (field("url"), field("key"));
+        Directory { child, url, key }
+    }
+}
+
+impl Drop for Directory {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` every 100 ms until it holds, for at most `secs`.
+fn wait_until(secs: u64, what: impl Fn() -> String, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check() {
+        assert!(Instant::now() < deadline, "not within {secs} s: {}", what());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Cover messages from the node with link key `from` that node `i` dropped,
+/// as its debug log says.
+fn covers_from(nodes: &Nodes, i: usize, from: &str) -> usize {
+    nodes
+        .log(i)
+        .lines()
+        .filter(|l| l.contains("cover message dropped") && l.contains(from))
+        .count()
+}
+
+#[test]
+fn a_node_sends_cover_to_the_other_nodes_of_the_view() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let directory = Directory::start(dir);
+    let announce = ["--directory", &directory.url, "--heartbeat", "1", "-vv"];
+    // Nodes 0 and 1 only listen; node 2 sends cover and names no peer.
+    let mut nodes = Nodes::start(dir, 0);
+    nodes.start_one(&announce);
+    nodes.start_one(&announce);
+    let mut cover_args = announce.to_vec();
+    cover_args.extend(["--directory-key", &directory.key, "--cover-rate", "20"]);
+    nodes.start_one(&cover_args);
+    let client = DirectoryClient::new(&directory.url).unwrap();
+    let key = parse_key_hex("key", &directory.key).unwrap();
+    let listed = || {
+        client
+            .view()
+            .ok()
+            .and_then(|v| v.verify(&[key], unix_now()).ok())
+            .map_or(0, |v| v.nodes.len())
+    };
+    wait_until(15, || "3 nodes in the view".into(), || listed() == 3);
+
+    // A node sends no cover before its first real message (so no cover is
+    // of a size no cascade uses): a short run through node 2 alone.
+    std::fs::write(dir.join("one-stage.toml"), ONE_STAGE).unwrap();
+    let hop = &nodes.hops[2];
+    let cascade = dir.join("cascade.toml");
+    std::fs::write(
+        &cascade,
+        format!(
+            "[[hop]]\naddr = \"{}\"\nonion = \"{}\"\nlink = \"{}\"\n",
+            hop.addr, hop.onion, hop.link
+        ),
+    )
+    .unwrap();
+    let out = train_cmd(
+        dir,
+        "run",
+        &["--cascade", cascade.to_str().unwrap()],
+        &[
+            "--model",
+            "one-stage.toml",
+            "--epochs",
+            "1",
+            "--train-limit",
+            "256",
+            "--test-limit",
+            "64",
+        ],
+    )
+    .output()
+    .unwrap();
+    said_ok(&out, "train through the cover node");
+
+    // At 20/s over two peers, each gets about 10 a second.
+    let from = nodes.hops[2].link.clone();
+    for i in [0, 1] {
+        wait_until(
+            10,
+            || format!("cover from node 2 at node {i}: {}", nodes.log(i)),
+            || covers_from(&nodes, i, &from) >= 3,
+        );
+    }
+    // Never to itself, and nobody else sends cover.
+    assert_eq!(covers_from(&nodes, 2, &from), 0, "{}", nodes.log(2));
+    for i in [0, 1] {
+        let all = nodes
+            .log(i)
+            .lines()
+            .filter(|l| l.contains("cover message dropped"))
+            .count();
+        assert_eq!(all, covers_from(&nodes, i, &from), "{}", nodes.log(i));
+    }
+    assert!(
+        nodes
+            .log(2)
+            .contains("cover peers from the directory's view: 2 nodes"),
+        "{}",
+        nodes.log(2)
+    );
+    nodes.stop();
+}
+
+#[test]
+fn cover_from_the_view_needs_the_directory_key() {
+    let t = tempfile::tempdir().unwrap();
+    let out = mixnn()
+        .args(["node", "--listen", "127.0.0.1:0", "--state"])
+        .arg(t.path().join("node"))
+        .args(["--directory", "http://127.0.0.1:1", "--cover-rate", "5"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains("--directory-key HEX"),
+        "{err}"
+    );
+}
