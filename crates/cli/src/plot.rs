@@ -18,7 +18,8 @@ use crate::progress::say;
 
 /// DejaVu Sans (Bitstream Vera licence; see `assets/DejaVuSans-LICENSE.txt`).
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
-const FONT_FAMILY: &str = "sans-serif";
+/// The family the built-in font is registered under ([`register_font`]).
+pub const FONT_FAMILY: &str = "sans-serif";
 /// Size of the PNG, in pixels.
 pub const SIZE: (u32, u32) = (1200, 500);
 
@@ -68,7 +69,8 @@ pub fn figure3(local: &RunMetrics, cascade: &RunMetrics, out: &Path) -> anyhow::
     draw_runs(&[(LOCAL_LABEL, local), (CASCADE_LABEL, cascade)], out)
 }
 
-fn register_font() -> anyhow::Result<()> {
+/// Registers the built-in font under [`FONT_FAMILY`] (once per process).
+pub fn register_font() -> anyhow::Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| {
         plotters::style::register_font(FONT_FAMILY, FontStyle::Normal, FONT).is_ok()

@@ -19,11 +19,11 @@ use anyhow::{bail, Context};
 use clap::Args;
 use mixnn_model::trainer::{RunMetrics, TrainConfig};
 use plotters::prelude::*;
-use plotters::style::FontStyle;
 use serde::Serialize;
 
 use crate::cascade::{install_cleanup, run_cascade, LocalNodes};
 use crate::netns::{self, MeasuredRtt, Wan};
+use crate::plot::FONT_FAMILY;
 use crate::progress::{self, say, Progress};
 use crate::train::{self, CascadeArgs, TrainArgs};
 
@@ -397,17 +397,8 @@ pub fn table(results: &Results) -> String {
     out
 }
 
-/// The bundled DejaVu Sans (`assets/`), under its own family name.
-const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
-const FONT_FAMILY: &str = "mixnn-bench-sans";
-
 fn ratio_plot(k: usize, points: &[(f64, f64)], out: &Path) -> anyhow::Result<()> {
-    static FONT_OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !*FONT_OK.get_or_init(|| {
-        plotters::style::register_font(FONT_FAMILY, FontStyle::Normal, FONT).is_ok()
-    }) {
-        bail!("the built-in font does not parse");
-    }
+    crate::plot::register_font()?;
     let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", out.display());
     let root = BitMapBackend::new(out, (800, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
