@@ -317,6 +317,7 @@ static HOOKS: Mutex<Vec<fn()>> = Mutex::new(Vec::new());
 /// the demo.
 pub fn install_cleanup() {
     let _ = ctrlc::set_handler(|| {
+        INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
         kill_all();
         let hooks = HOOKS.lock().map(|v| v.clone()).unwrap_or_default();
         for hook in hooks {
@@ -325,6 +326,17 @@ pub fn install_cleanup() {
         eprintln!("interrupted: stopped the node processes");
         std::process::exit(130);
     });
+}
+
+/// Set by the signal handler of [`install_cleanup`] before it stops the
+/// nodes: an error the designer reports after that (its links closing) is
+/// the interruption, not a failure.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether Ctrl-C (SIGINT/SIGTERM) was caught; the handler then ends the
+/// process with status 130 once it has stopped every node.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// Adds `hook` to what the signal handler of [`install_cleanup`] runs

@@ -69,6 +69,12 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
+        // Interrupted: the signal handler is stopping the nodes and ends
+        // the process with 130; the error is only their links closing.
+        Err(_) if cascade::interrupted() => {
+            std::thread::sleep(std::time::Duration::from_secs(10));
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {}", one_line(&format!("{e:#}")));
             ExitCode::FAILURE
