@@ -485,21 +485,39 @@ mod tests {
         a.link
     }
 
-    #[test]
-    fn cover_peers_follow_the_verified_view() {
+    /// A directory (key from `secret`) with node `other` registered at
+    /// 127.0.0.1:`other_port`, and node `seed` announcing itself there at
+    /// 127.0.0.1:`port` every `heartbeat`, taking cover peers from views
+    /// it verifies with `trusted` (the directory's own key if `None`).
+    struct CoverSetup {
+        state: DirectoryState,
+        _served: Served,
+        node: NodeKeys,
+        other_link: [u8; 32],
+        announcer: Announcer,
+        peers: watch::Receiver<Vec<CoverPeer>>,
+    }
+
+    fn cover_setup(
+        secret: u8,
+        (other, other_port): (u64, u16),
+        (seed, port): (u64, u16),
+        heartbeat: Duration,
+        trusted: Option<[u8; 32]>,
+    ) -> CoverSetup {
         let state = DirectoryState::new(
             Store::open_in_memory().unwrap(),
-            DirectoryKeys::from_secret([6; 32]),
+            DirectoryKeys::from_secret([secret; 32]),
             Arc::new(SystemClock),
             DirectoryConfig::default(),
         );
         let served = Served::start(state.clone(), "127.0.0.1:0");
-        let link_a = register_other(&state, 20, 7201);
-        let k = keys(21);
-        let node = Announcement::new(&k, "127.0.0.1:7200".parse().unwrap(), capabilities());
-        let (cover, mut peers) = CoverView::new(vec![state.public_key()]);
+        let other_link = register_other(&state, other, other_port);
+        let k = keys(seed);
+        let node = Announcement::new(&k, ([127, 0, 0, 1], port).into(), capabilities());
+        let (cover, peers) = CoverView::new(vec![trusted.unwrap_or_else(|| state.public_key())]);
         let config = AnnounceConfig {
-            heartbeat: Duration::from_millis(100),
+            heartbeat,
             ..AnnounceConfig::default()
         };
         let client = DirectoryClient::new(&served.url).unwrap();
@@ -512,6 +530,26 @@ mod tests {
             Some(cover),
         )
         .unwrap();
+        CoverSetup {
+            state,
+            _served: served,
+            node: k,
+            other_link,
+            announcer,
+            peers,
+        }
+    }
+
+    #[test]
+    fn cover_peers_follow_the_verified_view() {
+        let CoverSetup {
+            state,
+            _served,
+            other_link: link_a,
+            announcer,
+            mut peers,
+            ..
+        } = cover_setup(6, (20, 7201), (21, 7200), Duration::from_millis(100), None);
         let wait_for = |peers: &mut watch::Receiver<Vec<CoverPeer>>, n: usize| {
             let deadline = Instant::now() + Duration::from_secs(10);
             while peers.borrow_and_update().len() != n {
@@ -535,32 +573,21 @@ mod tests {
 
     #[test]
     fn a_view_signed_by_another_key_is_not_used() {
-        let state = DirectoryState::new(
-            Store::open_in_memory().unwrap(),
-            DirectoryKeys::from_secret([7; 32]),
-            Arc::new(SystemClock),
-            DirectoryConfig::default(),
-        );
-        let served = Served::start(state.clone(), "127.0.0.1:0");
-        register_other(&state, 30, 7301);
-        let k = keys(31);
-        let node = Announcement::new(&k, "127.0.0.1:7300".parse().unwrap(), capabilities());
         let other = DirectoryKeys::from_secret([8; 32]).public();
-        let (cover, peers) = CoverView::new(vec![other]);
-        let config = AnnounceConfig {
-            heartbeat: Duration::from_millis(50),
-            ..AnnounceConfig::default()
-        };
-        let client = DirectoryClient::new(&served.url).unwrap();
-        let announcer = spawn(
-            k.identity(),
-            node,
-            client,
-            Arc::new(SystemClock),
-            config,
-            Some(cover),
-        )
-        .unwrap();
+        let CoverSetup {
+            state,
+            _served,
+            node: k,
+            announcer,
+            peers,
+            ..
+        } = cover_setup(
+            7,
+            (30, 7301),
+            (31, 7300),
+            Duration::from_millis(50),
+            Some(other),
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while state.node(&identity_of(&k)).is_err() {
             assert!(Instant::now() < deadline, "not registered within 10 s");
