@@ -68,6 +68,10 @@ struct NodeSession {
     parked: Vec<Parked>,
     /// Chunks of a state being loaded (crash recovery).
     loading: Vec<u8>,
+    /// The encoded state last fetched and the step it is of: a fetch asks
+    /// for it chunk by chunk, and the state changes only with the step (or
+    /// a load, which clears this).
+    fetched: Option<(u64, Vec<u8>)>,
     /// Commitments and openings, when the designer audits this session.
     auditor: Option<Auditor>,
 }
@@ -179,6 +183,7 @@ impl Core {
                 caches: HashMap::new(),
                 parked: Vec::new(),
                 loading: Vec::new(),
+                fetched: None,
                 auditor,
             },
         );
@@ -426,15 +431,12 @@ impl Core {
                 Vec::new()
             }
             Op::Fetch => {
-                let all = encode_state(&s.stage.state());
-                let room = s.policy.max_body().saturating_sub(4).max(1);
-                let start = (note.chunk as usize).saturating_mul(room).min(all.len());
-                let end = start.saturating_add(room).min(all.len());
-                ParamChunk {
-                    total: all.len() as u32,
-                    bytes: all[start..end].to_vec(),
+                let step = s.stage.steps();
+                if s.fetched.as_ref().is_none_or(|(at, _)| *at != step) {
+                    s.fetched = Some((step, encode_state(&s.stage.state())));
                 }
-                .encode()
+                let all = s.fetched.as_ref().map_or(&[][..], |(_, b)| b);
+                state_chunk(all, note.chunk, &s.policy)
             }
             Op::Audit => {
                 // A step no longer kept (or never run) is refused with an
@@ -444,14 +446,7 @@ impl Core {
                     .as_ref()
                     .and_then(|a| a.opening(note.step))
                     .unwrap_or_default();
-                let room = s.policy.max_body().saturating_sub(4).max(1);
-                let start = (note.chunk as usize).saturating_mul(room).min(all.len());
-                let end = start.saturating_add(room).min(all.len());
-                ParamChunk {
-                    total: all.len() as u32,
-                    bytes: all[start..end].to_vec(),
-                }
-                .encode()
+                state_chunk(&all, note.chunk, &s.policy)
             }
             other => {
                 return Err(NodeError::Refused(format!(
@@ -480,6 +475,19 @@ impl Core {
         out.push(o);
         Ok(())
     }
+}
+
+/// Chunk `chunk` of `all` (a state or an opening), as big as a message
+/// under `policy` carries, with the total length.
+fn state_chunk(all: &[u8], chunk: u32, policy: &PaddingPolicy) -> Vec<u8> {
+    let room = policy.max_body().saturating_sub(4).max(1);
+    let start = (chunk as usize).saturating_mul(room).min(all.len());
+    let end = start.saturating_add(room).min(all.len());
+    ParamChunk {
+        total: all.len() as u32,
+        bytes: all[start..end].to_vec(),
+    }
+    .encode()
 }
 
 /// Adds one chunk of a state to load; loads it once complete. The designer
@@ -528,6 +536,7 @@ fn load_chunk(s: &mut NodeSession, note: &StepNote, body: &[u8]) -> Result<(), N
         }
         s.caches.clear();
         s.parked.clear();
+        s.fetched = None;
         tracing::info!(step = state.steps, "stage state loaded");
     }
     Ok(())
