@@ -28,6 +28,8 @@ pub(crate) struct Auditor {
     /// Forwards waiting for their backward: step, state before, x, y.
     forwards: HashMap<HopTag, Kept>,
     openings: VecDeque<Kept>,
+    /// The opening last encoded, with its step.
+    encoded: Option<(u64, Vec<u8>)>,
 }
 
 /// An opening, with its state not yet encoded.
@@ -47,6 +49,7 @@ impl Auditor {
             digest: [0; 32],
             forwards: HashMap::new(),
             openings: VecDeque::new(),
+            encoded: None,
         };
         a.reset(stage);
         a
@@ -58,6 +61,7 @@ impl Auditor {
         self.digest = digest_state(&self.state);
         self.forwards.clear();
         self.openings.clear();
+        self.encoded = None;
     }
 
     /// Records a forward of `step` (tag `tag`) and returns its commitment.
@@ -115,18 +119,19 @@ impl Auditor {
         c
     }
 
-    /// The encoded opening of `step`, if still kept.
-    pub(crate) fn opening(&self, step: u64) -> Option<Vec<u8>> {
-        self.openings
-            .iter()
-            .find(|k| k.opening.step == step)
-            .map(|k| {
-                Opening {
-                    before: encode_state(&k.before),
-                    ..k.opening.clone()
-                }
-                .encode()
-            })
+    /// The encoded opening of `step`, if still kept. The designer asks for
+    /// it chunk by chunk, so the last one encoded is kept too.
+    pub(crate) fn opening(&mut self, step: u64) -> Option<&[u8]> {
+        if self.encoded.as_ref().is_none_or(|(at, _)| *at != step) {
+            let k = self.openings.iter().find(|k| k.opening.step == step)?;
+            let bytes = Opening {
+                before: encode_state(&k.before),
+                ..k.opening.clone()
+            }
+            .encode();
+            self.encoded = Some((step, bytes));
+        }
+        self.encoded.as_ref().map(|(_, b)| b.as_slice())
     }
 }
 

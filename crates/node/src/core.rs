@@ -443,10 +443,10 @@ impl Core {
                 // empty opening.
                 let all = s
                     .auditor
-                    .as_ref()
+                    .as_mut()
                     .and_then(|a| a.opening(note.step))
                     .unwrap_or_default();
-                state_chunk(&all, note.chunk, &s.policy)
+                state_chunk(all, note.chunk, &s.policy)
             }
             other => {
                 return Err(NodeError::Refused(format!(
