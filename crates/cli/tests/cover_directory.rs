@@ -5,7 +5,6 @@
 //! signed view, and they drop it (SECURITY.md, "Timing and cover traffic").
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -47,10 +46,7 @@ impl Directory {
             .stderr(File::create(dir.join("directory.log")).unwrap())
             .spawn()
             .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let line = ready_line(child.stdout.take().unwrap()).expect("directory ready in 30 s");
         let field = |name: &str| {
             line.split_whitespace()
                 .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))

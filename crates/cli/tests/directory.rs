@@ -5,8 +5,9 @@
 //! on the same database keeps registrations and history; a directory that
 //! is down never stops a node.
 
+mod common;
+
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -47,15 +48,8 @@ impl Proc {
             log,
             ready: String::new(),
         };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("{args:?} not ready in 30 s: {}", proc.log()));
+        let line = common::ready_line(stdout)
+            .unwrap_or_else(|| panic!("{args:?} not ready in 30 s: {}", proc.log()));
         assert!(!line.is_empty(), "{args:?} exited: {}", proc.log());
         proc.ready = line.trim().to_owned();
         proc

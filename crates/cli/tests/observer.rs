@@ -30,14 +30,14 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{mixnn, parse_ready, Hop, DATA};
+use common::{mixnn, parse_ready, ready_line, Hop, DATA};
 use mixnn_designer::{CascadeOptions, CascadeRunner, HopInfo};
 use mixnn_model::spec::ModelSpec;
 use mixnn_model::stage::Sgd;
@@ -190,10 +190,7 @@ fn start_node(dir: &Path, i: usize, listen: &str, extra: &[String]) -> Node {
         .stderr(log)
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = ready_line(child.stdout.take().unwrap()).expect("node ready in 30 s");
     assert!(!line.is_empty(), "node {i} exited");
     Node {
         hop: parse_ready(&line),

@@ -28,6 +28,18 @@ pub struct Hop {
     pub link: String,
 }
 
+/// The first line a child process writes to `stdout` (its ready line;
+/// empty if it exits first), or `None` after 30 s.
+pub fn ready_line(stdout: std::process::ChildStdout) -> Option<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(Duration::from_secs(30)).ok()
+}
+
 pub fn parse_ready(line: &str) -> Hop {
     let rest = line
         .trim()
@@ -85,15 +97,8 @@ impl Nodes {
         // Pushed before waiting, so the guard stops it if it never becomes
         // ready.
         self.children.push(child);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("node {i} not ready in 30 s: {}", self.log(i)));
+        let line = ready_line(stdout)
+            .unwrap_or_else(|| panic!("node {i} not ready in 30 s: {}", self.log(i)));
         assert!(!line.is_empty(), "node {i} exited: {}", self.log(i));
         self.hops.push(parse_ready(&line));
     }
