@@ -14,6 +14,7 @@ mod netns;
 mod node;
 mod plot;
 mod progress;
+mod selftest;
 mod train;
 
 use std::process::ExitCode;
@@ -61,6 +62,9 @@ enum Command {
     /// Run a directory authority: nodes register and heartbeat, designers
     /// fetch the signed view of the live nodes.
     Directory(directory::DirectoryArgs),
+    /// Check that this machine computes the MixNN arithmetic (every kernel
+    /// path it supports) and show which path is active.
+    Selftest(selftest::SelfTestArgs),
 }
 
 fn main() -> ExitCode {
@@ -90,6 +94,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(&args),
         Command::Node(args) => node::run(&args),
         Command::Directory(args) => directory::run(&args),
+        Command::Selftest(args) => selftest::run(&args),
     }
 }
 

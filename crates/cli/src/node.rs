@@ -215,6 +215,7 @@ pub const READY_LINE: &str = "mixnn node ready: ";
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
+    crate::selftest::check_active().context("refusing to serve")?;
     let directory = args
         .directory
         .as_deref()

@@ -235,6 +235,9 @@ impl TrainArgs {
     /// Loads the model and the data (fetching the data if needed) and
     /// checks that they fit each other.
     pub fn prepare(&self) -> anyhow::Result<Prepared> {
+        // The designer re-runs audited steps and computes kept stages: its
+        // arithmetic must be the protocol's too.
+        crate::selftest::check_active()?;
         let model = load_model(self.model.as_deref())?;
         let dir = fetch::data_dir(&self.data)?;
         let split = data::load_dir(&dir)?;

@@ -739,9 +739,11 @@ impl CascadeRunner {
     fn output_to_classes(&self, body: &[u8]) -> Result<Vec<u32>, DesignerError> {
         let mut out = TensorBytes::decode(body)?;
         if let Some(last) = &self.local_last {
-            let t = out.into_tensor(last.device())?;
-            let y = last.forward_eval(t)?;
-            out = TensorBytes::decode(&TensorBytes::encode_tensor(&y)?)?;
+            let y = last.forward_eval(out.into_matrix()?)?;
+            out = TensorBytes {
+                shape: y.dims().to_vec(),
+                values: y.into_vec(),
+            };
         }
         match out.shape.as_slice() {
             [rows, cols] => Ok(argmax_slice(&out.values, *rows, *cols)),

@@ -8,6 +8,9 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use mixnn_model::arith::dispatch::with_path;
+use mixnn_model::arith::gemm::View;
+use mixnn_model::arith::{ops, KernelPath, Matrix};
 use mixnn_model::spec::ModelSpec;
 use mixnn_model::stage::{Sgd, Stage};
 use mixnn_model::tensor_bytes::TensorBytes;
@@ -111,11 +114,58 @@ fn local_step(c: &mut Criterion) {
     });
 }
 
+/// Every kernel path this machine supports, forced: the paper's largest
+/// product (stage 1 forward, 64 × 784 · 784 × 128), its weight gradient
+/// (784 × 64 · 64 × 128) and one whole local training step.
+fn kernel_paths(c: &mut Criterion) {
+    let model = model();
+    let x = Matrix::new(
+        BATCH,
+        784,
+        (0..BATCH * 784).map(|i| (i % 255) as f32 / 255.0).collect(),
+    )
+    .unwrap();
+    let w = Matrix::new(
+        784,
+        128,
+        (0..784 * 128).map(|i| (i % 97) as f32 * 1e-3).collect(),
+    )
+    .unwrap();
+    let dy = Matrix::new(
+        BATCH,
+        128,
+        (0..BATCH * 128).map(|i| (i % 13) as f32 * 1e-2).collect(),
+    )
+    .unwrap();
+    let batch = Batch {
+        pixels: pixels(),
+        labels: labels(),
+        rows: BATCH,
+    };
+    let mut group = c.benchmark_group("kernel_path");
+    for path in KernelPath::supported_paths() {
+        with_path(path, || {
+            group.bench_function(format!("forward_64x784x128/{path}"), |b| {
+                b.iter(|| black_box(ops::matmul(View::of(&x), View::of(&w))))
+            });
+            group.bench_function(format!("weight_grad_784x64x128/{path}"), |b| {
+                b.iter(|| black_box(ops::matmul(View::of(&x).t(), View::of(&dy))))
+            });
+            let mut local = LocalModel::new(&model, 1, Sgd::default());
+            group.bench_function(format!("local_train_step/{path}"), |b| {
+                b.iter(|| black_box(local.train_step(black_box(&batch)).unwrap()))
+            });
+        })
+        .unwrap();
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = stages, local_step
+    targets = stages, local_step, kernel_paths
 }
 criterion_main!(benches);

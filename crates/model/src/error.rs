@@ -62,6 +62,10 @@ pub enum ModelError {
         /// What is wrong.
         message: String,
     },
+    /// The kernel path cannot be used (unknown or unsupported
+    /// `MIXNN_KERNELS`), or the arithmetic self-test failed.
+    #[error("kernels: {0}")]
+    Kernels(String),
     /// An I/O error while reading or writing a file.
     #[error("{}: {source}", path.display())]
     Io {

@@ -3,8 +3,11 @@
 //! trainer that every cascade run is compared with bit for bit.
 //!
 //! - [`spec`]: a model is a list of stages, a stage a list of ops (TOML).
-//! - [`stage`]: forward/backward of one stage on burn's Flex CPU backend,
-//!   with explicit per-op gradients and PyTorch's SGD rule.
+//! - [`arith`]: the arithmetic every node computes bit for bit on any CPU
+//!   (`docs/arithmetic.md`, [`arith::ARITH_VERSION`]): matrix kernels with a
+//!   fixed order of operations, `exp`/`ln` without libm, the self-test.
+//! - [`stage`]: forward/backward of one stage, with explicit per-op
+//!   gradients and PyTorch's SGD rule.
 //! - [`tensor_bytes`]: the only form in which activations and gradients
 //!   cross a stage boundary (shape + little-endian bytes).
 //! - [`data`]: IDX files and the seeded batch order.
@@ -24,9 +27,11 @@
 //! assert!(loss > 0.0);
 //! ```
 
+pub mod arith;
 pub mod data;
 pub mod error;
 pub mod init;
+pub mod selftest;
 pub mod spec;
 pub mod stage;
 pub mod tensor_bytes;

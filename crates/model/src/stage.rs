@@ -1,7 +1,8 @@
 //! The stage engine: what one node runs.
 //!
 //! A [`Stage`] holds the parameters of its ops and their SGD momentum. Each
-//! op has an explicit backward written on burn tensors (no autodiff graph):
+//! op has an explicit backward (no autodiff graph), computed with the
+//! reproducible arithmetic of [`crate::arith`] (`docs/arithmetic.md`):
 //!
 //! | op | forward | backward |
 //! |---|---|---|
@@ -13,9 +14,11 @@
 //! Parameters follow PyTorch's SGD: `v = μ·v + g` (`v = g` on the first
 //! step), `p = p − lr·v`; no dampening, no weight decay.
 
-use burn::tensor::{activation::relu, Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::arith::gemm::View;
+use crate::arith::matrix::Matrix;
+use crate::arith::ops;
 use crate::error::{ModelError, Result};
 use crate::init;
 use crate::spec::{OpSpec, StageSpec};
@@ -39,23 +42,21 @@ impl Default for Sgd {
     }
 }
 
-/// The device every stage computes on: burn's Flex CPU backend. Nodes and
-/// the local trainer must all use it, or results stop being bit-identical.
-pub fn device() -> Device {
-    Device::flex()
-}
-
-struct Param<const D: usize> {
-    value: Tensor<D>,
-    velocity: Option<Tensor<D>>,
+/// One parameter tensor (row-major), its momentum buffer and the
+/// gradients of the current step's micro-batches.
+struct Param {
+    shape: Vec<usize>,
+    value: Vec<f32>,
+    velocity: Option<Vec<f32>>,
     /// Gradients of the micro-batches of the current step, by micro index,
     /// not yet applied.
-    pending: Vec<(u32, Tensor<D>)>,
+    pending: Vec<(u32, Vec<f32>)>,
 }
 
-impl<const D: usize> Param<D> {
-    fn new(value: Tensor<D>) -> Self {
+impl Param {
+    fn new(shape: Vec<usize>, value: Vec<f32>) -> Self {
         Param {
+            shape,
             value,
             velocity: None,
             pending: Vec::new(),
@@ -63,41 +64,45 @@ impl<const D: usize> Param<D> {
     }
 
     /// Adds the gradients of the current step in micro-batch order (so the
-    /// sum is the same whatever order they arrived in) and applies them.
+    /// sum is the same whatever order they arrived in: `g₀ ⊕ g₁ ⊕ …`) and
+    /// applies them.
     fn apply(&mut self, sgd: Sgd) {
         let mut pending = std::mem::take(&mut self.pending);
         pending.sort_by_key(|(m, _)| *m);
-        let mut sum: Option<Tensor<D>> = None;
-        for (_, g) in pending {
-            sum = Some(match sum {
-                Some(s) => s.add(g),
-                None => g,
-            });
+        let mut grads = pending.into_iter().map(|(_, g)| g);
+        let Some(mut sum) = grads.next() else {
+            return;
+        };
+        for g in grads {
+            ops::add_assign(&mut sum, &g);
         }
-        if let Some(g) = sum {
-            self.step(g, sgd);
-        }
+        ops::sgd_step(
+            &mut self.value,
+            &mut self.velocity,
+            sum,
+            sgd.lr,
+            sgd.momentum,
+        );
     }
 
-    fn step(&mut self, grad: Tensor<D>, sgd: Sgd) {
-        let update = if sgd.momentum != 0.0 {
-            let v = match self.velocity.take() {
-                Some(v) => v.mul_scalar(sgd.momentum).add(grad),
-                None => grad,
-            };
-            self.velocity = Some(v.clone());
-            v
-        } else {
-            grad
-        };
-        self.value = self.value.clone().sub(update.mul_scalar(sgd.lr));
+    fn load(&mut self, name: &str, p: &NamedParam) -> Result<()> {
+        expect_shape(name, &p.shape, &self.shape)?;
+        self.value = p.values.clone();
+        Ok(())
     }
 }
 
-#[allow(clippy::large_enum_variant)] // one per op, built once per stage
 enum OpState {
-    Linear { w: Param<2>, b: Param<1> },
-    Normalize { mean: f32, std: f32 },
+    Linear {
+        input: usize,
+        output: usize,
+        w: Param,
+        b: Param,
+    },
+    Normalize {
+        mean: f32,
+        std: f32,
+    },
     Relu,
     Identity,
     LogSoftmax,
@@ -106,8 +111,8 @@ enum OpState {
 
 /// What one op saved in forward for its backward.
 enum Saved {
-    Input(Tensor<2>),
-    Output(Tensor<2>),
+    Input(Matrix),
+    Output(Matrix),
     Nothing,
     Loss {
         labels: Vec<u32>,
@@ -122,6 +127,29 @@ enum Saved {
 /// one per step in flight, under the step's per-hop tag.
 pub struct StageCache {
     saved: Vec<Saved>,
+    /// Rows of the forward's input: the backward's gradient must have as
+    /// many.
+    rows: usize,
+}
+
+impl StageCache {
+    /// Rows of the forward this cache belongs to.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Bytes of activations the cache holds (what a node counts against
+    /// its memory bound).
+    pub fn bytes(&self) -> usize {
+        self.saved
+            .iter()
+            .map(|s| match s {
+                Saved::Input(m) | Saved::Output(m) => 4 * m.as_slice().len(),
+                Saved::Loss { labels, .. } => 4 * labels.len(),
+                Saved::Nothing => 0,
+            })
+            .sum()
+    }
 }
 
 /// One named parameter tensor, as exported to weights files.
@@ -129,7 +157,7 @@ pub struct StageCache {
 pub struct NamedParam {
     /// `"{op}.weight"` or `"{op}.bias"`, `op` the 0-based op index.
     pub name: String,
-    /// Shape in burn's layout (`linear` weights are `[in, out]`).
+    /// Shape in the engine's layout (`linear` weights are `[in, out]`).
     pub shape: Vec<usize>,
     /// Row-major values.
     pub values: Vec<f32>,
@@ -140,7 +168,6 @@ pub struct Stage {
     spec: StageSpec,
     ops: Vec<OpState>,
     sgd: Sgd,
-    device: Device,
     steps: u64,
     /// Micro-batch indices whose gradients wait for [`Stage::apply`].
     pending: Vec<u32>,
@@ -150,7 +177,6 @@ impl Stage {
     /// Builds a stage, initialising parameters from `seed` (one seed per
     /// stage; ops draw from streams derived from it).
     pub fn new(spec: &StageSpec, seed: u64, sgd: Sgd) -> Self {
-        let device = device();
         let ops = spec
             .ops
             .iter()
@@ -159,11 +185,10 @@ impl Stage {
                 OpSpec::Linear { input, output } => {
                     let (w, b) = init::linear(init::derive_seed(seed, i as u64), input, output);
                     OpState::Linear {
-                        w: Param::new(Tensor::from_data(
-                            TensorData::new(w, [input, output]),
-                            &device,
-                        )),
-                        b: Param::new(Tensor::from_data(TensorData::new(b, [output]), &device)),
+                        input,
+                        output,
+                        w: Param::new(vec![input, output], w),
+                        b: Param::new(vec![output], b),
                     }
                 }
                 OpSpec::Normalize { mean, std } => OpState::Normalize { mean, std },
@@ -177,7 +202,6 @@ impl Stage {
             spec: spec.clone(),
             ops,
             sgd,
-            device,
             steps: 0,
             pending: Vec::new(),
         }
@@ -186,11 +210,6 @@ impl Stage {
     /// The stage's description.
     pub fn spec(&self) -> &StageSpec {
         &self.spec
-    }
-
-    /// The device its tensors live on.
-    pub fn device(&self) -> &Device {
-        &self.device
     }
 
     /// Training steps applied so far.
@@ -204,7 +223,7 @@ impl Stage {
         self.steps = steps;
     }
 
-    fn check_input(&self, x: &Tensor<2>, context: &'static str) -> Result<usize> {
+    fn check_input(&self, x: &Matrix, context: &'static str) -> Result<usize> {
         let [batch, features] = x.dims();
         // An identity stage (a dummy hop) passes anything through: after
         // the loss stage it sees the loss in training and the
@@ -221,12 +240,8 @@ impl Stage {
     }
 
     /// Training forward. A loss stage needs `labels` (one class per row) and
-    /// returns the mean loss as a `[1, 1]` tensor.
-    pub fn forward_train(
-        &self,
-        x: Tensor<2>,
-        labels: Option<&[u32]>,
-    ) -> Result<(Tensor<2>, StageCache)> {
+    /// returns the mean loss as a `[1, 1]` matrix.
+    pub fn forward_train(&self, x: Matrix, labels: Option<&[u32]>) -> Result<(Matrix, StageCache)> {
         self.forward_micro(x, labels, 0)
     }
 
@@ -236,10 +251,10 @@ impl Stage {
     /// losses and gradients add up to the whole batch's.
     pub fn forward_micro(
         &self,
-        x: Tensor<2>,
+        x: Matrix,
         labels: Option<&[u32]>,
         batch_rows: usize,
-    ) -> Result<(Tensor<2>, StageCache)> {
+    ) -> Result<(Matrix, StageCache)> {
         let batch = self.check_input(&x, "stage forward")?;
         let rows = if batch_rows == 0 { batch } else { batch_rows };
         if rows < batch {
@@ -251,12 +266,18 @@ impl Stage {
         let mut h = x;
         for op in &self.ops {
             h = match op {
-                OpState::Linear { w, b } => {
-                    saved.push(Saved::Input(h.clone()));
-                    linear(h, &w.value, &b.value)
+                OpState::Linear {
+                    input,
+                    output,
+                    w,
+                    b,
+                } => {
+                    let y = ops::linear_forward(&h, weight(&w.value, *input, *output), &b.value);
+                    saved.push(Saved::Input(h));
+                    y
                 }
                 OpState::Relu => {
-                    let y = relu(h);
+                    let y = ops::relu_forward(h);
                     saved.push(Saved::Output(y.clone()));
                     y
                 }
@@ -266,48 +287,48 @@ impl Stage {
                 }
                 OpState::Normalize { mean, std } => {
                     saved.push(Saved::Nothing);
-                    h.sub_scalar(*mean).div_scalar(*std)
+                    ops::normalize_forward(h, *mean, *std)
                 }
                 OpState::LogSoftmax => {
-                    let y = log_softmax(h);
+                    let y = ops::log_softmax_forward(h);
                     saved.push(Saved::Output(y.clone()));
                     y
                 }
                 OpState::NllLoss => {
                     let labels = labels
                         .ok_or_else(|| ModelError::Labels("the loss stage got no labels".into()))?;
-                    let classes = h.dims()[1];
+                    let classes = h.cols();
                     check_labels(labels, batch, classes)?;
-                    let mask = one_hot_scaled(labels, classes, 1.0, &self.device);
-                    let loss = h
-                        .mul(mask)
-                        .sum()
-                        .mul_scalar(-1.0 / rows as f32)
-                        .reshape([1, 1]);
+                    let loss = ops::nll_forward(&h, labels, rows);
                     saved.push(Saved::Loss {
                         labels: labels.to_vec(),
                         classes,
                         rows,
                     });
-                    loss
+                    Matrix::scalar(loss)
                 }
             };
         }
-        Ok((h, StageCache { saved }))
+        Ok((h, StageCache { saved, rows: batch }))
     }
 
     /// Inference forward: no cache, no update. A loss stage passes its
     /// input through (the designer reads log-probabilities before the loss).
-    pub fn forward_eval(&self, x: Tensor<2>) -> Result<Tensor<2>> {
+    pub fn forward_eval(&self, x: Matrix) -> Result<Matrix> {
         self.check_input(&x, "stage eval")?;
         let mut h = x;
         for op in &self.ops {
             h = match op {
-                OpState::Linear { w, b } => linear(h, &w.value, &b.value),
-                OpState::Normalize { mean, std } => h.sub_scalar(*mean).div_scalar(*std),
-                OpState::Relu => relu(h),
+                OpState::Linear {
+                    input,
+                    output,
+                    w,
+                    b,
+                } => ops::linear_forward(&h, weight(&w.value, *input, *output), &b.value),
+                OpState::Normalize { mean, std } => ops::normalize_forward(h, *mean, *std),
+                OpState::Relu => ops::relu_forward(h),
                 OpState::Identity | OpState::NllLoss => h,
-                OpState::LogSoftmax => log_softmax(h),
+                OpState::LogSoftmax => ops::log_softmax_forward(h),
             };
         }
         Ok(h)
@@ -320,25 +341,47 @@ impl Stage {
     pub fn backward(
         &mut self,
         cache: StageCache,
-        grad_out: Option<Tensor<2>>,
+        grad_out: Option<Matrix>,
         need_input_grad: bool,
-    ) -> Result<Option<Tensor<2>>> {
+    ) -> Result<Option<Matrix>> {
         let dx = self.backward_micro(cache, grad_out, need_input_grad, 0)?;
         self.apply();
         Ok(dx)
     }
 
+    /// The shape the output gradient of a backward on `cache` must have:
+    /// `[rows, output]` (none for a loss stage). Checked before any math.
+    fn check_grad(&self, cache: &StageCache, grad_out: Option<&Matrix>) -> Result<()> {
+        if self.spec.is_loss() {
+            return Ok(());
+        }
+        let Some(g) = grad_out else {
+            return Ok(());
+        };
+        let any_width = self.ops.iter().all(|o| matches!(o, OpState::Identity));
+        let want = self.spec.output();
+        if g.rows() != cache.rows || (g.cols() != want && !any_width) {
+            return Err(ModelError::Shape {
+                context: "stage backward",
+                expected: format!("[{}, {want}]", cache.rows),
+                actual: format!("[{}, {}]", g.rows(), g.cols()),
+            });
+        }
+        Ok(())
+    }
+
     /// Backward of micro-batch `micro` of the current step: like
     /// [`Stage::backward`], but the parameter gradients wait until
     /// [`Stage::apply`], which adds them up in micro-batch order and makes
-    /// one update (GPipe; no stale weights).
+    /// one update (GPipe; no stale weights). A gradient whose shape does
+    /// not fit the cache is refused before anything changes.
     pub fn backward_micro(
         &mut self,
         cache: StageCache,
-        grad_out: Option<Tensor<2>>,
+        grad_out: Option<Matrix>,
         need_input_grad: bool,
         micro: u32,
-    ) -> Result<Option<Tensor<2>>> {
+    ) -> Result<Option<Matrix>> {
         if cache.saved.len() != self.ops.len() {
             return Err(ModelError::Misuse("cache from another stage".into()));
         }
@@ -348,15 +391,18 @@ impl Stage {
                 self.steps
             )));
         }
+        self.check_grad(&cache, grad_out.as_ref())?;
         let mut g = grad_out;
         let last = self.ops.len() - 1;
-        let mut first_param_op = self.ops.len();
-        for (i, op) in self.ops.iter().enumerate() {
-            if matches!(op, OpState::Linear { .. }) {
-                first_param_op = first_param_op.min(i);
-            }
-        }
-        for (i, (op, saved)) in self.ops.iter_mut().zip(cache.saved).enumerate().rev() {
+        let first_param_op = self
+            .ops
+            .iter()
+            .position(|op| matches!(op, OpState::Linear { .. }))
+            .unwrap_or(self.ops.len());
+        // Parameter gradients are kept aside until the whole backward has
+        // succeeded, so a refused backward changes nothing.
+        let mut grads: Vec<(usize, Vec<f32>, Vec<f32>)> = Vec::new();
+        for (i, (op, saved)) in self.ops.iter().zip(cache.saved).enumerate().rev() {
             // Below the first op that has parameters, the gradient is only
             // needed if the caller wants the input gradient.
             let need_dx = need_input_grad || i > first_param_op;
@@ -372,40 +418,43 @@ impl Stage {
                     if i != last {
                         return Err(ModelError::Misuse("nll_loss not last".into()));
                     }
-                    let n = rows as f32;
-                    Some(one_hot_scaled(&labels, classes, -1.0 / n, &self.device))
+                    Some(ops::nll_backward(&labels, classes, rows))
                 }
                 (OpState::LogSoftmax, Saved::Output(y)) => {
-                    let dy = need_grad(g)?;
-                    let sum = dy.clone().sum_dim(1);
-                    Some(dy.sub(y.exp().mul(sum)))
+                    Some(ops::log_softmax_backward(&y, need_grad(g)?))
                 }
-                (OpState::Relu, Saved::Output(y)) => {
-                    let dy = need_grad(g)?;
-                    Some(dy.mask_fill(y.lower_equal_elem(0.0), 0.0))
-                }
+                (OpState::Relu, Saved::Output(y)) => Some(ops::relu_backward(&y, need_grad(g)?)),
                 (OpState::Identity, Saved::Nothing) => g,
                 (OpState::Normalize { std, .. }, Saved::Nothing) => {
                     // Only needed below the first parameter op if asked.
                     if need_dx {
-                        Some(need_grad(g)?.div_scalar(*std))
+                        Some(ops::normalize_backward(need_grad(g)?, *std))
                     } else {
                         None
                     }
                 }
-                (OpState::Linear { w, b }, Saved::Input(x)) => {
+                (
+                    OpState::Linear {
+                        input, output, w, ..
+                    },
+                    Saved::Input(x),
+                ) => {
                     let dy = need_grad(g)?;
-                    let dx = need_dx.then(|| dy.clone().matmul(w.value.clone().transpose()));
-                    let dw = x.transpose().matmul(dy.clone());
-                    let db = dy.sum_dim(0).squeeze::<1>();
-                    w.pending.push((micro, dw));
-                    b.pending.push((micro, db));
+                    let (dx, dw, db) =
+                        ops::linear_backward(&x, weight(&w.value, *input, *output), &dy, need_dx);
+                    grads.push((i, dw.into_vec(), db));
                     dx
                 }
                 _ => return Err(ModelError::Misuse("cache does not match the ops".into())),
             };
             if g.is_none() && i > 0 && need_dx {
                 return Err(ModelError::Misuse("missing gradient".into()));
+            }
+        }
+        for (i, dw, db) in grads {
+            if let Some(OpState::Linear { w, b, .. }) = self.ops.get_mut(i) {
+                w.pending.push((micro, dw));
+                b.pending.push((micro, db));
             }
         }
         self.pending.push(micro);
@@ -424,7 +473,7 @@ impl Stage {
     pub fn apply(&mut self) {
         let sgd = self.sgd;
         for op in &mut self.ops {
-            if let OpState::Linear { w, b } = op {
+            if let OpState::Linear { w, b, .. } = op {
                 w.apply(sgd);
                 b.apply(sgd);
             }
@@ -450,9 +499,9 @@ impl Stage {
         labels: Option<&[u32]>,
         batch_rows: usize,
     ) -> Result<(Vec<u8>, StageCache)> {
-        let x = TensorBytes::decode(input)?.into_tensor(&self.device)?;
+        let x = TensorBytes::decode(input)?.into_matrix()?;
         let (y, cache) = self.forward_micro(x, labels, batch_rows)?;
-        Ok((TensorBytes::encode_tensor(&y)?, cache))
+        Ok((TensorBytes::encode_matrix(&y), cache))
     }
 
     /// [`Stage::backward`] on tensor messages.
@@ -476,27 +525,27 @@ impl Stage {
         micro: u32,
     ) -> Result<Option<Vec<u8>>> {
         let g = match grad_out {
-            Some(b) => Some(TensorBytes::decode(b)?.into_tensor(&self.device)?),
+            Some(b) => Some(TensorBytes::decode(b)?.into_matrix()?),
             None => None,
         };
-        self.backward_micro(cache, g, need_input_grad, micro)?
-            .map(|t| TensorBytes::encode_tensor(&t))
-            .transpose()
+        Ok(self
+            .backward_micro(cache, g, need_input_grad, micro)?
+            .map(|t| TensorBytes::encode_matrix(&t)))
     }
 
     /// [`Stage::forward_eval`] on tensor messages.
     pub fn eval_bytes(&self, input: &[u8]) -> Result<Vec<u8>> {
-        let x = TensorBytes::decode(input)?.into_tensor(&self.device)?;
-        TensorBytes::encode_tensor(&self.forward_eval(x)?)
+        let x = TensorBytes::decode(input)?.into_matrix()?;
+        Ok(TensorBytes::encode_matrix(&self.forward_eval(x)?))
     }
 
-    /// The stage's parameters, in op order.
+    /// The stage's parameters, in op order (NaNs canonical).
     pub fn params(&self) -> Vec<NamedParam> {
         let mut out = Vec::new();
         for (i, op) in self.ops.iter().enumerate() {
-            if let OpState::Linear { w, b } = op {
-                out.push(named(format!("{i}.weight"), &w.value.to_data()));
-                out.push(named(format!("{i}.bias"), &b.value.to_data()));
+            if let OpState::Linear { w, b, .. } = op {
+                out.push(named(format!("{i}.weight"), &w.shape, &w.value));
+                out.push(named(format!("{i}.bias"), &b.shape, &b.value));
             }
         }
         out
@@ -504,34 +553,39 @@ impl Stage {
 
     /// Replaces parameters (and clears momentum) from exported tensors.
     pub fn load_params(&mut self, params: &[NamedParam]) -> Result<()> {
-        for (i, op) in self.ops.iter_mut().enumerate() {
-            if let OpState::Linear { w, b } = op {
-                for (slot, suffix) in [(0, "weight"), (1, "bias")] {
+        let find = |name: &str| {
+            params
+                .iter()
+                .find(|p| p.name == name)
+                .ok_or_else(|| ModelError::Misuse(format!("parameter {name} missing")))
+        };
+        // Every tensor is checked before any is replaced.
+        for (i, op) in self.ops.iter().enumerate() {
+            if let OpState::Linear { w, b, .. } = op {
+                for (param, suffix) in [(w, "weight"), (b, "bias")] {
                     let name = format!("{i}.{suffix}");
-                    let p = params
-                        .iter()
-                        .find(|p| p.name == name)
-                        .ok_or_else(|| ModelError::Misuse(format!("parameter {name} missing")))?;
-                    if slot == 0 {
-                        expect_shape(&name, &p.shape, &w.value.dims())?;
-                        w.value = Tensor::from_data(
-                            TensorData::new(p.values.clone(), [p.shape[0], p.shape[1]]),
-                            &self.device,
-                        );
-                        w.velocity = None;
-                    } else {
-                        expect_shape(&name, &p.shape, &b.value.dims())?;
-                        b.value = Tensor::from_data(
-                            TensorData::new(p.values.clone(), [p.shape[0]]),
-                            &self.device,
-                        );
-                        b.velocity = None;
-                    }
+                    expect_shape(&name, &find(&name)?.shape, &param.shape)?;
+                }
+            }
+        }
+        for (i, op) in self.ops.iter_mut().enumerate() {
+            if let OpState::Linear { w, b, .. } = op {
+                for (param, suffix) in [(w, "weight"), (b, "bias")] {
+                    let name = format!("{i}.{suffix}");
+                    param.load(&name, find(&name)?)?;
+                    param.velocity = None;
                 }
             }
         }
         Ok(())
     }
+}
+
+/// A `linear` weight, `[input, output]` row-major. Its length is
+/// `input × output` by construction (initialisation, and loads that check
+/// the shape).
+fn weight(values: &[f32], input: usize, output: usize) -> View<'_> {
+    View::rows_of(values, input, output)
 }
 
 /// Everything a stage needs to continue training where it stopped: its
@@ -547,16 +601,15 @@ pub struct StageState {
 }
 
 impl Stage {
-    /// The stage's state, for a checkpoint.
+    /// The stage's state, for a checkpoint (NaNs canonical).
     pub fn state(&self) -> StageState {
         let mut tensors = self.params();
         for (i, op) in self.ops.iter().enumerate() {
-            if let OpState::Linear { w, b } = op {
-                if let Some(v) = &w.velocity {
-                    tensors.push(named(format!("{i}.weight.velocity"), &v.to_data()));
-                }
-                if let Some(v) = &b.velocity {
-                    tensors.push(named(format!("{i}.bias.velocity"), &v.to_data()));
+            if let OpState::Linear { w, b, .. } = op {
+                for (param, suffix) in [(w, "weight"), (b, "bias")] {
+                    if let Some(v) = &param.velocity {
+                        tensors.push(named(format!("{i}.{suffix}.velocity"), &param.shape, v));
+                    }
                 }
             }
         }
@@ -567,37 +620,28 @@ impl Stage {
     }
 
     /// Restores a state from [`Stage::state`]: parameters, momentum and the
-    /// step counter. Gradients waiting for an update are dropped.
+    /// step counter. Gradients waiting for an update are dropped. Every
+    /// tensor is checked before anything changes.
     pub fn load_state(&mut self, state: &StageState) -> Result<()> {
-        self.load_params(&state.tensors)?;
-        let device = self.device.clone();
         let find = |name: &str| state.tensors.iter().find(|p| p.name == name);
+        for (i, op) in self.ops.iter().enumerate() {
+            if let OpState::Linear { w, b, .. } = op {
+                for (param, suffix) in [(w, "weight"), (b, "bias")] {
+                    let name = format!("{i}.{suffix}.velocity");
+                    if let Some(p) = find(&name) {
+                        expect_shape(&name, &p.shape, &param.shape)?;
+                    }
+                }
+            }
+        }
+        self.load_params(&state.tensors)?;
         for (i, op) in self.ops.iter_mut().enumerate() {
-            if let OpState::Linear { w, b } = op {
-                let name = format!("{i}.weight.velocity");
-                w.velocity = match find(&name) {
-                    Some(p) => {
-                        expect_shape(&name, &p.shape, &w.value.dims())?;
-                        Some(Tensor::from_data(
-                            TensorData::new(p.values.clone(), [p.shape[0], p.shape[1]]),
-                            &device,
-                        ))
-                    }
-                    None => None,
-                };
-                let name = format!("{i}.bias.velocity");
-                b.velocity = match find(&name) {
-                    Some(p) => {
-                        expect_shape(&name, &p.shape, &b.value.dims())?;
-                        Some(Tensor::from_data(
-                            TensorData::new(p.values.clone(), [p.shape[0]]),
-                            &device,
-                        ))
-                    }
-                    None => None,
-                };
-                w.pending.clear();
-                b.pending.clear();
+            if let OpState::Linear { w, b, .. } = op {
+                for (param, suffix) in [(w, "weight"), (b, "bias")] {
+                    param.velocity =
+                        find(&format!("{i}.{suffix}.velocity")).map(|p| p.values.clone());
+                    param.pending.clear();
+                }
             }
         }
         self.pending.clear();
@@ -617,29 +661,16 @@ fn expect_shape(name: &str, got: &[usize], want: &[usize]) -> Result<()> {
     Ok(())
 }
 
-fn named(name: String, data: &TensorData) -> NamedParam {
+fn named(name: String, shape: &[usize], values: &[f32]) -> NamedParam {
     NamedParam {
         name,
-        shape: data.shape().to_vec(),
-        values: data
-            .as_slice::<f32>()
-            .map(<[f32]>::to_vec)
-            .unwrap_or_default(),
+        shape: shape.to_vec(),
+        values: values.iter().copied().map(ops::canonical).collect(),
     }
 }
 
-fn need_grad(g: Option<Tensor<2>>) -> Result<Tensor<2>> {
+fn need_grad(g: Option<Matrix>) -> Result<Matrix> {
     g.ok_or_else(|| ModelError::Misuse("backward needs the output gradient".into()))
-}
-
-fn linear(x: Tensor<2>, w: &Tensor<2>, b: &Tensor<1>) -> Tensor<2> {
-    x.matmul(w.clone()).add(b.clone().unsqueeze::<2>())
-}
-
-fn log_softmax(x: Tensor<2>) -> Tensor<2> {
-    let shifted = x.clone().sub(x.max_dim(1));
-    let lse = shifted.clone().exp().sum_dim(1).log();
-    shifted.sub(lse)
 }
 
 fn check_labels(labels: &[u32], batch: usize, classes: usize) -> Result<()> {
@@ -655,12 +686,4 @@ fn check_labels(labels: &[u32], batch: usize, classes: usize) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-fn one_hot_scaled(labels: &[u32], classes: usize, value: f32, device: &Device) -> Tensor<2> {
-    let mut m = vec![0.0f32; labels.len() * classes];
-    for (row, l) in labels.iter().enumerate() {
-        m[row * classes + *l as usize] = value;
-    }
-    Tensor::from_data(TensorData::new(m, [labels.len(), classes]), device)
 }

@@ -10,8 +10,8 @@
 //! ships raw images to the first stage: four times smaller, and decoded to
 //! exactly the bits the local trainer computes).
 
-use burn::tensor::{Device, Tensor, TensorData};
-
+use crate::arith::matrix::Matrix;
+use crate::arith::ops::canonical;
 use crate::error::{ModelError, Result};
 
 /// Element encodings of [`TensorBytes`].
@@ -46,11 +46,13 @@ pub struct TensorBytes {
 }
 
 impl TensorBytes {
-    /// Encodes `f32` values with their shape.
+    /// Encodes `f32` values with their shape; every NaN is written as the
+    /// canonical NaN (`docs/arithmetic.md`), so honest senders on any CPU
+    /// send the same bytes.
     pub fn encode_f32(shape: &[usize], values: &[f32]) -> Vec<u8> {
         let mut out = header(DType::F32, shape, values.len() * 4);
         for v in values {
-            out.extend_from_slice(&v.to_le_bytes());
+            out.extend_from_slice(&canonical(*v).to_le_bytes());
         }
         out
     }
@@ -62,14 +64,9 @@ impl TensorBytes {
         out
     }
 
-    /// Encodes a rank-2 tensor.
-    pub fn encode_tensor(t: &Tensor<2>) -> Result<Vec<u8>> {
-        let dims = t.dims();
-        let data = t.to_data();
-        let values = data
-            .as_slice::<f32>()
-            .map_err(|e| ModelError::TensorBytes(format!("tensor is not f32: {e:?}")))?;
-        Ok(Self::encode_f32(&dims, values))
+    /// Encodes a matrix as a rank-2 message.
+    pub fn encode_matrix(m: &Matrix) -> Vec<u8> {
+        Self::encode_f32(&m.dims(), m.as_slice())
     }
 
     /// Decodes a message; every byte may come from an attacker.
@@ -123,8 +120,8 @@ impl TensorBytes {
         Ok(TensorBytes { shape, values })
     }
 
-    /// Turns the message into a `[batch, features]` tensor.
-    pub fn into_tensor(self, device: &Device) -> Result<Tensor<2>> {
+    /// Turns the message into a `[batch, features]` matrix.
+    pub fn into_matrix(self) -> Result<Matrix> {
         let [rows, cols] = match self.shape.as_slice() {
             [r, c] => [*r, *c],
             other => {
@@ -135,10 +132,7 @@ impl TensorBytes {
                 })
             }
         };
-        Ok(Tensor::from_data(
-            TensorData::new(self.values, [rows, cols]),
-            device,
-        ))
+        Matrix::new(rows, cols, self.values)
     }
 }
 
@@ -184,6 +178,8 @@ mod tests {
         let mut extra = bytes.clone();
         extra.push(0);
         assert!(TensorBytes::decode(&extra).is_err());
+        let nan = TensorBytes::encode_f32(&[1, 2], &[f32::from_bits(0xffc0_0000), 1.0]);
+        assert_eq!(&nan[10..14], &0x7fc0_0000u32.to_le_bytes());
         let mut huge = vec![0u8, 2];
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         huge.extend_from_slice(&u32::MAX.to_le_bytes());

@@ -9,13 +9,13 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::arith::matrix::Matrix;
 use crate::data::{epoch_order, Dataset};
 use crate::error::{ModelError, Result};
 use crate::spec::ModelSpec;
 use crate::stage::{Sgd, Stage, StageCache};
 use crate::tensor_bytes::pixel_to_f32;
 use crate::weights::{self, StageParams};
-use burn::tensor::{Tensor, TensorData};
 
 /// Settings of a training run (the paper's protocol by default).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -304,7 +304,7 @@ impl LocalModel {
         &self.stages
     }
 
-    fn input(&self, batch: &Batch) -> Result<Tensor<2>> {
+    fn input(&self, batch: &Batch) -> Result<Matrix> {
         let first = self
             .stages
             .first()
@@ -318,10 +318,7 @@ impl LocalModel {
             });
         }
         let values: Vec<f32> = batch.pixels.iter().copied().map(pixel_to_f32).collect();
-        Ok(Tensor::from_data(
-            TensorData::new(values, [batch.rows, features]),
-            first.device(),
-        ))
+        Matrix::new(batch.rows, features, values)
     }
 
     /// One training step: forward and backward through all stages, one
@@ -342,7 +339,9 @@ impl LocalModel {
                 caches.push(cache);
                 h = out;
             }
-            let l: f32 = h.into_scalar();
+            let l = h
+                .first()
+                .ok_or_else(|| ModelError::Misuse("the last stage is not a loss".into()))?;
             loss = if m == 0 { l } else { loss + l };
             all_caches.push(caches);
         }
@@ -373,15 +372,11 @@ impl LocalModel {
     }
 }
 
-/// Argmax over the feature axis of a `[batch, classes]` tensor (first
+/// Argmax over the feature axis of a `[batch, classes]` matrix (first
 /// maximum wins, as `torch.argmax`).
-pub fn argmax_rows(t: &Tensor<2>) -> Result<Vec<u32>> {
+pub fn argmax_rows(t: &Matrix) -> Result<Vec<u32>> {
     let [rows, cols] = t.dims();
-    let data = t.to_data();
-    let v = data
-        .as_slice::<f32>()
-        .map_err(|e| ModelError::TensorBytes(format!("{e:?}")))?;
-    Ok(argmax_slice(v, rows, cols))
+    Ok(argmax_slice(t.as_slice(), rows, cols))
 }
 
 /// Argmax per row of a row-major `rows × cols` slice.

@@ -19,7 +19,7 @@ use crate::stage::NamedParam;
 /// The parameters of one stage.
 pub type StageParams = Vec<NamedParam>;
 
-/// Serialises every stage's parameters (burn layout in, PyTorch layout out).
+/// Serialises every stage's parameters (engine layout in, PyTorch layout out).
 pub fn to_safetensors(model: &ModelSpec, stages: &[StageParams]) -> Result<Vec<u8>> {
     let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (s, params) in stages.iter().enumerate() {
@@ -48,7 +48,7 @@ pub fn to_safetensors(model: &ModelSpec, stages: &[StageParams]) -> Result<Vec<u
         .map_err(|e| ModelError::Misuse(format!("safetensors: {e}")))
 }
 
-/// Parses a weights file back into per-stage parameters (burn layout).
+/// Parses a weights file back into per-stage parameters (engine layout).
 pub fn from_safetensors(bytes: &[u8], stages: usize) -> Result<Vec<StageParams>> {
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| ModelError::Misuse(format!("safetensors: {e}")))?;
@@ -97,7 +97,7 @@ pub fn from_safetensors(bytes: &[u8], stages: usize) -> Result<Vec<StageParams>>
     Ok(out)
 }
 
-/// A row-major `rows × cols` matrix as its `cols × rows` transpose (burn
+/// A row-major `rows × cols` matrix as its `cols × rows` transpose (engine
 /// keeps `linear` weights `[in, out]`, PyTorch `[out, in]`).
 fn transpose(rows: usize, cols: usize, values: &[f32]) -> (Vec<usize>, Vec<f32>) {
     let mut t = vec![0.0f32; values.len()];

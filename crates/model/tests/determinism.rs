@@ -98,14 +98,14 @@ fn exported_safetensors_have_pytorch_names_and_shapes() {
             ("stage2.0.weight".to_string(), vec![10, 64]),
         ]
     );
-    // PyTorch layout: weight[out][in] is burn's W[in][out].
+    // PyTorch layout: weight[out][in] is the engine's W[in][out].
     let w = st.tensor("stage0.1.weight").unwrap();
-    let burn_w = &local.stage_params()[0][0];
+    let engine_w = &local.stage_params()[0][0];
     let at = |o: usize, i: usize| {
         let k = (o * 784 + i) * 4;
         f32::from_le_bytes(w.data()[k..k + 4].try_into().unwrap())
     };
-    assert_eq!(at(5, 700), burn_w.values[700 * 128 + 5]);
+    assert_eq!(at(5, 700), engine_w.values[700 * 128 + 5]);
     let back = weights::from_safetensors(&bytes, 5).unwrap();
     assert!(
         back == local.stage_params(),

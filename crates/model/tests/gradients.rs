@@ -1,19 +1,19 @@
 //! Every op's explicit backward against central finite differences.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use burn::tensor::{Tensor, TensorData};
+use mixnn_model::arith::Matrix;
 use mixnn_model::init::{rng, uniform};
 use mixnn_model::spec::{OpSpec, StageSpec};
-use mixnn_model::stage::{device, Sgd, Stage};
+use mixnn_model::stage::{Sgd, Stage};
 
 const EPS: f32 = 1e-2;
 
-fn tensor(v: &[f32], rows: usize, cols: usize) -> Tensor<2> {
-    Tensor::from_data(TensorData::new(v.to_vec(), [rows, cols]), &device())
+fn tensor(v: &[f32], rows: usize, cols: usize) -> Matrix {
+    Matrix::new(rows, cols, v.to_vec()).unwrap()
 }
 
-fn values(t: Tensor<2>) -> Vec<f32> {
-    t.into_data().as_slice::<f32>().unwrap().to_vec()
+fn values(t: Matrix) -> Vec<f32> {
+    t.into_vec()
 }
 
 fn random(n: usize, seed: u64, away_from_zero: bool) -> Vec<f32> {
@@ -208,7 +208,7 @@ fn stage_forward(stage: &Stage, x: &[f32], labels: &[u32], rows: usize, cols: us
     let (y, _) = stage
         .forward_train(tensor(x, rows, cols), Some(labels))
         .unwrap();
-    (y.into_scalar(), ())
+    (y.first().unwrap(), ())
 }
 
 #[test]

@@ -1,0 +1,249 @@
+//! Every op's forward and backward, the loss and the SGD update, as the
+//! sequences of binary32 operations `docs/arithmetic.md` defines. Matrix
+//! products go through [`super::dispatch`]; everything else is elementwise
+//! or a per-row reduction written as one loop in a fixed order, which the
+//! compiler may vectorise across independent outputs but never reorders.
+
+use crate::arith::dispatch::gemm_into;
+use crate::arith::gemm::View;
+use crate::arith::math;
+use crate::arith::matrix::Matrix;
+
+/// The one NaN that leaves a stage (messages, states, weights files):
+/// `0x7FC0_0000`. Which NaN an operation produces differs between CPUs
+/// and compilers; whether it produces one does not.
+pub const CANONICAL_NAN: u32 = 0x7fc0_0000;
+
+/// `v` with any NaN replaced by [`CANONICAL_NAN`].
+#[inline]
+pub fn canonical(v: f32) -> f32 {
+    if v.is_nan() {
+        f32::from_bits(CANONICAL_NAN)
+    } else {
+        v
+    }
+}
+
+/// `C = A·B`.
+pub fn matmul(a: View<'_>, b: View<'_>) -> Matrix {
+    let mut c = Matrix::zeros(a.rows(), b.cols());
+    gemm_into(a, b, c.as_mut_slice());
+    c
+}
+
+/// `y = x·W ⊕ b`: the product first, then the bias added to each row.
+pub fn linear_forward(x: &Matrix, w: View<'_>, b: &[f32]) -> Matrix {
+    let mut y = matmul(View::of(x), w);
+    let n = y.cols();
+    for row in y.as_mut_slice().chunks_exact_mut(n.max(1)) {
+        for (v, bias) in row.iter_mut().zip(b) {
+            *v += *bias;
+        }
+    }
+    y
+}
+
+/// The gradients of `linear`: `dX = dY·Wᵀ` (when asked), `dW = Xᵀ·dY`,
+/// `db = Σ_rows dY` (rows in order, from +0).
+pub fn linear_backward(
+    x: &Matrix,
+    w: View<'_>,
+    dy: &Matrix,
+    need_dx: bool,
+) -> (Option<Matrix>, Matrix, Vec<f32>) {
+    let dx = need_dx.then(|| matmul(View::of(dy), w.t()));
+    let dw = matmul(View::of(x).t(), View::of(dy));
+    (dx, dw, sum_rows(dy))
+}
+
+/// `s[j] = Σ_i m[i, j]`, `i` in order from +0.
+pub fn sum_rows(m: &Matrix) -> Vec<f32> {
+    let mut s = vec![0.0f32; m.cols()];
+    for row in m.as_slice().chunks_exact(m.cols().max(1)) {
+        for (acc, v) in s.iter_mut().zip(row) {
+            *acc += *v;
+        }
+    }
+    s
+}
+
+/// `relu(x) = x if x > 0 or x is NaN, else +0`.
+pub fn relu_forward(x: Matrix) -> Matrix {
+    let mut y = x;
+    y.map_in_place(|v| if v > 0.0 || v.is_nan() { v } else { 0.0 });
+    y
+}
+
+/// `dX = dY where y > 0, else +0`.
+pub fn relu_backward(y: &Matrix, dy: Matrix) -> Matrix {
+    let mut dx = dy;
+    for (g, out) in dx.as_mut_slice().iter_mut().zip(y.as_slice()) {
+        *g = if *out > 0.0 { *g } else { 0.0 };
+    }
+    dx
+}
+
+/// `(x ⊖ mean) ⊘ std`.
+pub fn normalize_forward(x: Matrix, mean: f32, std: f32) -> Matrix {
+    let mut y = x;
+    y.map_in_place(|v| (v - mean) / std);
+    y
+}
+
+/// `dX = dY ⊘ std`.
+pub fn normalize_backward(dy: Matrix, std: f32) -> Matrix {
+    let mut dx = dy;
+    dx.map_in_place(|g| g / std);
+    dx
+}
+
+/// Per row: `m = max` (first element, then each later one that is `>`),
+/// `s = Σ exp(x_j ⊖ m)` in order from +0, `l = ln s`,
+/// `y_j = (x_j ⊖ m) ⊖ l`.
+pub fn log_softmax_forward(x: Matrix) -> Matrix {
+    let mut y = x;
+    let n = y.cols();
+    for row in y.as_mut_slice().chunks_exact_mut(n.max(1)) {
+        let mut m = row[0];
+        for v in &row[1..] {
+            if *v > m {
+                m = *v;
+            }
+        }
+        let mut s = 0.0f32;
+        for v in row.iter() {
+            s += math::exp(*v - m);
+        }
+        let l = math::ln(s);
+        for v in row.iter_mut() {
+            *v = (*v - m) - l;
+        }
+    }
+    y
+}
+
+/// Per row: `S = Σ dY_j` in order from +0, `dX_j = dY_j ⊖ exp(y_j) ⊗ S`.
+pub fn log_softmax_backward(y: &Matrix, dy: Matrix) -> Matrix {
+    let mut dx = dy;
+    let n = dx.cols();
+    for (grow, yrow) in dx
+        .as_mut_slice()
+        .chunks_exact_mut(n.max(1))
+        .zip(y.as_slice().chunks_exact(n.max(1)))
+    {
+        let mut s = 0.0f32;
+        for g in grow.iter() {
+            s += *g;
+        }
+        for (g, out) in grow.iter_mut().zip(yrow) {
+            *g -= math::exp(*out) * s;
+        }
+    }
+    dx
+}
+
+/// `c = (−1) ⊘ rows`, the factor of the mean negative log-likelihood.
+fn nll_factor(rows: usize) -> f32 {
+    -1.0 / rows as f32
+}
+
+/// `loss = (Σ_i y[i, t_i], i in order from +0) ⊗ c`, `c = −1 ⊘ rows`.
+/// Labels are the caller's to check (one per row, each `< classes`).
+pub fn nll_forward(y: &Matrix, labels: &[u32], rows: usize) -> f32 {
+    let mut s = 0.0f32;
+    for (i, t) in labels.iter().enumerate() {
+        s += y.row(i)[*t as usize];
+    }
+    s * nll_factor(rows)
+}
+
+/// `dX[i, t_i] = c`, every other entry `+0`.
+pub fn nll_backward(labels: &[u32], classes: usize, rows: usize) -> Matrix {
+    let mut dx = Matrix::zeros(labels.len(), classes);
+    let c = nll_factor(rows);
+    for (row, t) in dx
+        .as_mut_slice()
+        .chunks_exact_mut(classes.max(1))
+        .zip(labels)
+    {
+        row[*t as usize] = c;
+    }
+    dx
+}
+
+/// `acc ⊕= g`, elementwise (the sum of a step's micro-batch gradients,
+/// taken in micro-batch order by the caller).
+pub fn add_assign(acc: &mut [f32], g: &[f32]) {
+    for (a, v) in acc.iter_mut().zip(g) {
+        *a += *v;
+    }
+}
+
+/// One SGD step on one parameter tensor, PyTorch's rule: with momentum
+/// `μ ≠ 0`, `v = g` on the first step and `v = μ ⊗ v ⊕ g` after, then
+/// `p = p ⊖ lr ⊗ v`; without, `p = p ⊖ lr ⊗ g`.
+pub fn sgd_step(p: &mut [f32], velocity: &mut Option<Vec<f32>>, g: Vec<f32>, lr: f32, mu: f32) {
+    if mu != 0.0 {
+        let v = match velocity.take() {
+            Some(mut v) => {
+                for (vi, gi) in v.iter_mut().zip(&g) {
+                    *vi = mu * *vi + *gi;
+                }
+                v
+            }
+            None => g,
+        };
+        for (pi, vi) in p.iter_mut().zip(&v) {
+            *pi -= lr * *vi;
+        }
+        *velocity = Some(v);
+    } else {
+        for (pi, gi) in p.iter_mut().zip(&g) {
+            *pi -= lr * *gi;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_softmax_rows_sum_to_one_and_survive_large_inputs() {
+        let x = Matrix::new(2, 3, vec![1.0, 2.0, 3.0, 1000.0, -1000.0, 1000.0]).unwrap();
+        let y = log_softmax_forward(x);
+        for r in 0..2 {
+            let s: f64 = y.row(r).iter().map(|v| f64::from(*v).exp()).sum();
+            assert!((s - 1.0).abs() < 1e-6, "row {r}: {s}");
+        }
+        assert!((y.row(1)[0] - (-std::f32::consts::LN_2)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn relu_keeps_nan_and_zeroes_negative_zero() {
+        let y = relu_forward(Matrix::new(1, 4, vec![-0.0, -1.0, 2.0, f32::NAN]).unwrap());
+        assert_eq!(y.as_slice()[0].to_bits(), 0.0f32.to_bits());
+        assert_eq!(y.as_slice()[1], 0.0);
+        assert_eq!(y.as_slice()[2], 2.0);
+        assert!(y.as_slice()[3].is_nan());
+    }
+
+    #[test]
+    fn sgd_first_step_takes_the_gradient_as_velocity() {
+        let mut p = vec![1.0f32, 2.0];
+        let mut v = None;
+        sgd_step(&mut p, &mut v, vec![0.5, -0.5], 0.1, 0.9);
+        assert_eq!(p, vec![1.0 - 0.1 * 0.5, 2.0 + 0.1 * 0.5]);
+        assert_eq!(v, Some(vec![0.5, -0.5]));
+        sgd_step(&mut p, &mut v, vec![1.0, 1.0], 0.1, 0.9);
+        assert_eq!(v, Some(vec![0.9 * 0.5 + 1.0, 0.9 * -0.5 + 1.0]));
+    }
+
+    #[test]
+    fn canonical_replaces_every_nan_payload() {
+        for bits in [0x7fc0_0001u32, 0xffc0_0000, 0x7f80_0001] {
+            assert_eq!(canonical(f32::from_bits(bits)).to_bits(), CANONICAL_NAN);
+        }
+        assert_eq!(canonical(-0.0).to_bits(), (-0.0f32).to_bits());
+    }
+}
