@@ -226,22 +226,27 @@ impl Core {
     }
 
     fn handle_session(&mut self, from: [u8; 32], msg: Message) -> Result<Vec<Outbound>, NodeError> {
-        let prefix = msg.onion.header.prefix();
-        let mut sid = [0u8; 16];
-        sid.copy_from_slice(&prefix[..16]);
-        let id = SessionId(sid);
+        // The header's lookup token names the session (and the packet's
+        // counter). Who sent it is checked before the packet is peeled
+        // (which uses up its counter); the MAC is checked with the
+        // session's keys before anything else is read.
+        let id = self
+            .table
+            .session_of(&msg.onion.header)
+            .ok_or_else(|| NodeError::UnknownSession("no session has this token".into()))?;
         let session = self
             .sessions
             .get(&id)
-            .ok_or_else(|| NodeError::UnknownSession(short(&sid)))?;
+            .ok_or_else(|| NodeError::UnknownSession(short(&id.0)))?;
         if from != session.prev && from != session.next && from != session.designer {
             return Err(NodeError::UnknownPeer {
-                session: short(&sid),
+                session: short(&id.0),
                 peer: short(&from),
             });
         }
         session.policy.check(msg.cells, msg.body.len())?;
-        let peeled = self.table.peel(&msg.onion.header, &msg.onion.notes)?;
+        let (peeled_id, peeled) = self.table.peel(&msg.onion.header, &msg.onion.notes)?;
+        debug_assert_eq!(peeled_id, id);
         let note = StepNote::decode(peeled.note())?;
         let mut out = Vec::new();
         self.dispatch(id, peeled, note, msg.body, &mut out)?;

@@ -70,6 +70,11 @@ pub const MAX_CELLS: usize = 1 + (MAX_BODY_LEN - FIRST_CELL_BODY).div_ceil(CELL_
 /// Counters a hop remembers behind the highest one it has seen (replay window).
 pub const REPLAY_WINDOW: u64 = 1024;
 
+/// Counters ahead of the highest one seen whose lookup tokens a hop keeps
+/// ready (packets the designer built but the hop has not seen yet, e.g.
+/// a backward that overtakes forwards).
+pub const TOKEN_LOOKAHEAD: u64 = 1024;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use curve25519_dalek::scalar::Scalar;
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-use crate::constants::{CTR_FIELD_LEN, KEY_LEN, MAC_LEN, PREFIX_LEN};
+use crate::constants::{CTR_FIELD_LEN, ID_LEN, KEY_LEN, MAC_LEN, PREFIX_LEN};
 use crate::error::WireError;
 
 const CTX_INIT_KEYS: &str = "mixnn-wire v1 2025 init hop keys";
@@ -25,6 +25,7 @@ const CTX_SESSION_ROOT: &str = "mixnn-wire v1 2025 session root";
 const CTX_REPLAY_TAG: &str = "mixnn-wire v1 2025 init replay tag";
 const CTX_BLIND: &str = "mixnn-wire v1 2025 sphinx blinding factor";
 const CTX_PRP: &str = "mixnn-wire v1 2025 counter prp";
+const CTX_TOKEN: &str = "mixnn-wire v2 2026 session lookup token prp";
 const CTX_PACKET: &str = "mixnn-wire v1 2025 session packet keys";
 
 /// The three keys one hop uses on one packet.
@@ -119,6 +120,8 @@ pub(crate) struct SessionRoot {
     packet: [u8; KEY_LEN],
     #[zeroize(skip)] // `aes` zeroizes its round keys on drop (feature "zeroize").
     prp: Aes128,
+    #[zeroize(skip)]
+    token: Aes128,
 }
 
 impl SessionRoot {
@@ -131,7 +134,22 @@ impl SessionRoot {
         let mut prp_key = blake3::derive_key(CTX_PRP, &packet);
         let prp = Aes128::new((&prp_key[..16]).into());
         prp_key.zeroize();
-        Self { packet, prp }
+        let mut token_key = blake3::derive_key(CTX_TOKEN, &packet);
+        let token = Aes128::new((&token_key[..16]).into());
+        token_key.zeroize();
+        Self { packet, prp, token }
+    }
+
+    /// The lookup token of packet `counter`: how the hop finds the session
+    /// of a session header. A pseudo-random function of the counter under
+    /// a key only this hop and the designer hold, so tokens of different
+    /// packets cannot be linked (unlike a fixed session id).
+    pub fn token(&self, counter: u64) -> [u8; ID_LEN] {
+        let mut block = [0u8; ID_LEN];
+        block[..8].copy_from_slice(&counter.to_le_bytes());
+        let mut b = block.into();
+        self.token.encrypt_block(&mut b);
+        b.into()
     }
 
     /// Encrypts a counter into the 16-byte field a hop sees.
@@ -218,6 +236,16 @@ mod tests {
         let mut f = root.seal_counter(5);
         f[3] ^= 1;
         assert_eq!(root.open_counter(&f), Err(WireError::BadCounter));
+    }
+
+    #[test]
+    fn tokens_differ_per_counter_and_per_hop_and_from_the_counter_field() {
+        let a = SessionRoot::from_shared(&[1; 32]);
+        let b = SessionRoot::from_shared(&[2; 32]);
+        assert_ne!(a.token(9), a.token(10));
+        assert_ne!(a.token(9), b.token(9));
+        assert_ne!(a.token(9), a.seal_counter(9));
+        assert_eq!(a.token(9), SessionRoot::from_shared(&[1; 32]).token(9));
     }
 
     #[test]

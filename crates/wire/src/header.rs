@@ -6,8 +6,9 @@
 //! │ prefix (32)  │ β: MAX_HOPS × BLOCK_LEN routing bytes    │ γ 16 │
 //! └──────────────┴──────────────────────────────────────────┴──────┘
 //!   init:    α, the hop's blinded X25519 group element
-//!   session: sid (16) ‖ ctr_field (16), the hop's session id and its
-//!            AES-encrypted packet counter
+//!   session: token (16) ‖ ctr_field (16): the packet's lookup token
+//!            (a PRF of the hop's packet counter) and the AES-encrypted
+//!            counter; both differ in every packet
 //! ```
 //!
 //! γ is a MAC over `prefix ‖ β ‖ notes` under the hop's key, so a change to
@@ -44,15 +45,15 @@ impl Header {
         &self.0
     }
 
-    /// The prefix: α (init) or `sid ‖ ctr_field` (session).
+    /// The prefix: α (init) or `token ‖ ctr_field` (session).
     pub fn prefix(&self) -> [u8; PREFIX_LEN] {
         let mut p = [0u8; PREFIX_LEN];
         p.copy_from_slice(&self.0[..PREFIX_LEN]);
         p
     }
 
-    /// The session id part of a session prefix.
-    pub(crate) fn session_id(&self) -> [u8; ID_LEN] {
+    /// The lookup token of a session prefix.
+    pub(crate) fn token(&self) -> [u8; ID_LEN] {
         let mut id = [0u8; ID_LEN];
         id.copy_from_slice(&self.0[..ID_LEN]);
         id

@@ -8,14 +8,14 @@
 //! Both check the MAC γ over the whole header and the notes before parsing
 //! anything, and both reject replays.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use rand_core::{CryptoRng, RngCore};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 use crate::block::{BlockPlaintext, HopAddr, HopTag, Next, Op, ReplyId, RoutingBlock, SessionId};
-use crate::constants::{CTR_FIELD_LEN, ID_LEN, PREFIX_LEN};
+use crate::constants::{CTR_FIELD_LEN, ID_LEN, PREFIX_LEN, REPLAY_WINDOW, TOKEN_LOOKAHEAD};
 use crate::crypto::{self, HopKeys, SessionRoot};
 use crate::error::WireError;
 use crate::header::{Header, Notes, Onion};
@@ -256,6 +256,12 @@ pub fn peel_init(
 }
 
 /// A hop's state for one cascade: session id, session secret, replay window.
+///
+/// The session id is the hop's own name for the session (chosen by the
+/// designer at init, seen by no other hop); session headers do not carry
+/// it. They carry a lookup token, a pseudo-random function of the packet
+/// counter ([`SessionTable`] keeps the tokens of the counters it may see
+/// next), so no two packets share header bytes.
 pub struct HopSession {
     id: SessionId,
     root: SessionRoot,
@@ -271,19 +277,37 @@ impl std::fmt::Debug for HopSession {
 }
 
 impl HopSession {
-    /// The session id (the first 16 bytes of this hop's session headers).
+    /// The session id (this hop's name for the session).
     pub fn id(&self) -> SessionId {
         self.id
     }
 
-    /// Peels a session onion: symmetric crypto only.
+    /// Peels a session onion: symmetric crypto only. The header's token
+    /// must be this session's for the counter its counter field holds.
     pub fn peel(&mut self, header: &Header, notes: &Notes) -> Result<Peeled, WireError> {
-        if header.session_id() != self.id.0 {
+        let counter = self.open(header)?;
+        if header.token() != self.root.token(counter) {
             return Err(WireError::UnknownSession);
         }
+        self.peel_counter(counter, header, notes)
+    }
+
+    fn open(&self, header: &Header) -> Result<u64, WireError> {
         let mut field = [0u8; CTR_FIELD_LEN];
         field.copy_from_slice(&header.prefix()[ID_LEN..]);
-        let counter = self.root.open_counter(&field)?;
+        self.root.open_counter(&field)
+    }
+
+    /// Peels a packet whose token named `counter`.
+    fn peel_counter(
+        &mut self,
+        counter: u64,
+        header: &Header,
+        notes: &Notes,
+    ) -> Result<Peeled, WireError> {
+        if self.open(header)? != counter {
+            return Err(WireError::BadCounter);
+        }
         self.window.check(counter)?;
         let keys = HopKeys::session(&self.root, counter);
         let raw = peel_raw(&keys, header, notes)?;
@@ -304,6 +328,11 @@ impl HopSession {
         Ok(finish(raw, |plain| plain.next_prefix))
     }
 
+    /// The highest counter accepted so far.
+    fn highest(&self) -> Option<u64> {
+        self.window.highest()
+    }
+
     /// A session straight from a shared secret (fuzzing and tests).
     pub(crate) fn from_shared(id: SessionId, shared: &[u8; 32]) -> Self {
         Self {
@@ -314,10 +343,26 @@ impl HopSession {
     }
 }
 
-/// A hop's sessions, by session id.
+/// One session in a [`SessionTable`], with the tokens it is listed under.
+#[derive(Debug)]
+struct Listed {
+    session: HopSession,
+    /// Tokens of counters `from .. from + tokens.len()`.
+    from: u64,
+    tokens: VecDeque<[u8; ID_LEN]>,
+}
+
+/// A hop's sessions, found by the lookup token of each session header.
+///
+/// For every session the table keeps the tokens of the counters the
+/// designer may send next: from [`REPLAY_WINDOW`] behind the highest
+/// accepted counter to [`TOKEN_LOOKAHEAD`] ahead of it. A token is one AES
+/// block, so keeping them costs about 40 bytes per counter and one AES
+/// operation per packet.
 #[derive(Debug, Default)]
 pub struct SessionTable {
-    sessions: HashMap<SessionId, HopSession>,
+    sessions: HashMap<SessionId, Listed>,
+    tokens: HashMap<[u8; ID_LEN], (SessionId, u64)>,
 }
 
 impl SessionTable {
@@ -328,18 +373,61 @@ impl SessionTable {
 
     /// Adds a session from [`peel_init`]; refuses to replace an existing id.
     pub fn insert(&mut self, session: HopSession) -> Result<(), WireError> {
-        match self.sessions.entry(session.id) {
-            std::collections::hash_map::Entry::Occupied(_) => Err(WireError::DuplicateSession),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(session);
-                Ok(())
-            }
+        let id = session.id;
+        if self.sessions.contains_key(&id) {
+            return Err(WireError::DuplicateSession);
+        }
+        let mut listed = Listed {
+            session,
+            from: 0,
+            tokens: VecDeque::new(),
+        };
+        self.extend(&mut listed, TOKEN_LOOKAHEAD);
+        self.sessions.insert(id, listed);
+        Ok(())
+    }
+
+    /// Lists tokens up to counter `until` (exclusive).
+    fn extend(&mut self, listed: &mut Listed, until: u64) {
+        let id = listed.session.id;
+        let mut next = listed.from + listed.tokens.len() as u64;
+        while next < until {
+            let token = listed.session.root.token(next);
+            // A 128-bit collision between two sessions' tokens is not
+            // expected; if it happened, the older entry would win and the
+            // newer packet would be refused as unknown (never misrouted:
+            // the counter field and the MAC are checked with the session's
+            // own keys).
+            self.tokens.entry(token).or_insert((id, next));
+            listed.tokens.push_back(token);
+            next += 1;
         }
     }
 
-    /// Drops a session (its secret is zeroized).
+    /// Forgets tokens below counter `from`.
+    fn trim(&mut self, listed: &mut Listed, from: u64) {
+        while listed.from < from {
+            let Some(token) = listed.tokens.pop_front() else {
+                listed.from = from;
+                break;
+            };
+            if self
+                .tokens
+                .get(&token)
+                .is_some_and(|(id, _)| *id == listed.session.id)
+            {
+                self.tokens.remove(&token);
+            }
+            listed.from += 1;
+        }
+    }
+
+    /// Drops a session (its secret is zeroized) and its tokens.
     pub fn remove(&mut self, id: &SessionId) -> Option<HopSession> {
-        self.sessions.remove(id)
+        let mut listed = self.sessions.remove(id)?;
+        let end = listed.from + listed.tokens.len() as u64;
+        self.trim(&mut listed, end);
+        Some(listed.session)
     }
 
     /// Number of sessions.
@@ -352,13 +440,33 @@ impl SessionTable {
         self.sessions.is_empty()
     }
 
-    /// Finds the session named in the header and peels with it.
-    pub fn peel(&mut self, header: &Header, notes: &Notes) -> Result<Peeled, WireError> {
-        let id = SessionId(header.session_id());
-        self.sessions
-            .get_mut(&id)
-            .ok_or(WireError::UnknownSession)?
-            .peel(header, notes)
+    /// The session a session header's token names, without peeling (so a
+    /// caller can check who sent it before the packet's counter is used).
+    pub fn session_of(&self, header: &Header) -> Option<SessionId> {
+        self.tokens.get(&header.token()).map(|(id, _)| *id)
+    }
+
+    /// Finds the session the header's token names and peels with it;
+    /// returns the session's id with the result.
+    pub fn peel(
+        &mut self,
+        header: &Header,
+        notes: &Notes,
+    ) -> Result<(SessionId, Peeled), WireError> {
+        let (id, counter) = *self
+            .tokens
+            .get(&header.token())
+            .ok_or(WireError::UnknownSession)?;
+        let mut listed = self.sessions.remove(&id).ok_or(WireError::UnknownSession)?;
+        let result = listed.session.peel_counter(counter, header, notes);
+        if result.is_ok() {
+            if let Some(highest) = listed.session.highest() {
+                self.trim(&mut listed, (highest + 1).saturating_sub(REPLAY_WINDOW));
+                self.extend(&mut listed, highest.saturating_add(1 + TOKEN_LOOKAHEAD));
+            }
+        }
+        self.sessions.insert(id, listed);
+        result.map(|p| (id, p))
     }
 }
 
@@ -368,7 +476,7 @@ pub fn peel_session(
     header: &Header,
     notes: &Notes,
 ) -> Result<Peeled, WireError> {
-    table.peel(header, notes)
+    table.peel(header, notes).map(|(_, p)| p)
 }
 
 #[cfg(test)]

@@ -34,6 +34,11 @@ impl ReplayWindow {
         ((bit / 64) as usize, 1u64 << (bit % 64))
     }
 
+    /// The highest counter recorded, if any.
+    pub fn highest(&self) -> Option<u64> {
+        self.highest
+    }
+
     /// Would `counter` be accepted? Does not record it.
     pub fn check(&self, counter: u64) -> Result<(), WireError> {
         let Some(highest) = self.highest else {

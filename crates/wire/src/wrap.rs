@@ -225,7 +225,7 @@ impl DesignerSession {
             let counter = counters[index];
             counters[index] = counter.checked_add(1).ok_or(WireError::CounterExhausted)?;
             let mut prefix = [0u8; PREFIX_LEN];
-            prefix[..16].copy_from_slice(&hop.sid.0);
+            prefix[..16].copy_from_slice(&hop.root.token(counter));
             prefix[16..].copy_from_slice(&hop.root.seal_counter(counter));
             plans.push(Plan {
                 keys: HopKeys::session(&hop.root, counter),

@@ -1,5 +1,6 @@
 //! Test vectors for a 3-hop init, a session forward pass and its cells, with
-//! fixed onion keys and a seeded RNG. Checked both ways: the designer's wrap
+//! fixed onion keys and a seeded RNG (session prefixes: lookup token ‖
+//! counter field, wire v2). Checked both ways: the designer's wrap
 //! re-encodes to the recorded bytes, and peeling them decodes to the
 //! recorded blocks and notes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -19,13 +20,13 @@ const INIT_PREFIX: &str = "004f780d017dc46defba311bac02446adc8efceaa618233a114bc
 const INIT_MAC: &str = "339221687a6ebe9372f2608cd02067a1";
 const INIT_HEADER_B3: &str = "325b698c8a45cf3aba396c1d160246ab9a730d64f4fdebef6de93a7832f86496";
 const INIT_NOTES_B3: &str = "28a5d43880753aa7c827b33cef212517aa93bb7d3c212fe7078c7df55c6f9c60";
-const FWD_PREFIX: &str = "9191ab66d3f08cb081c83476cd02747fb9a7551efd0a2085b6c659e4a68fc7f4";
-const FWD_MAC: &str = "c5e62d8e7252cd70977844ea5d9655c9";
-const FWD_HEADER_B3: &str = "5f084cabfea3b2e68bc58adf0e24ed31da4495003fa8b41280948c634556cfeb";
+const FWD_PREFIX: &str = "30933eb6ecc760b17d3bf2fc4ab6a8d6b9a7551efd0a2085b6c659e4a68fc7f4";
+const FWD_MAC: &str = "147a57059a8ea8f95c9586eb8fcc27d4";
+const FWD_HEADER_B3: &str = "6b5c6961bd31d30070a45ccd5791dc9af684cd78d0e8e96844c1c096447d741b";
 const FWD_NOTES_B3: &str = "b3b28102c9d5376ea4fcd47a6857eaf479ddb390e378bb39dbfb58ac9d616d1f";
 const CELLS_LEN: usize = 32768;
-const CELLS_HEAD: &str = "0202000a0000009191ab66d3f08cb081c83476cd02747fb9a7551efd0a2085b6c659e4a68fc7f4f524423eb906209dfe";
-const CELLS_B3: &str = "7bdf266c085cc8d5f2b1fd47b617257079076baaf8129bb8bbf9949e86d55a23";
+const CELLS_HEAD: &str = "0202000a00000030933eb6ecc760b17d3bf2fc4ab6a8d6b9a7551efd0a2085b6c659e4a68fc7f4f524423eb906209dfe";
+const CELLS_B3: &str = "c5bd479e0755d07f8f82bb3debc41601f8952624db838bb21abec375cb7d2b57";
 
 fn b3(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()

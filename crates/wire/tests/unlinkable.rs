@@ -125,3 +125,61 @@ fn every_cell_has_the_same_length_for_every_op_and_hop_position() {
     assert_eq!(lengths.len(), 1, "{lengths:?}");
     assert_eq!(lengths.into_iter().next().unwrap() % CELL_SIZE, 0);
 }
+
+/// Every 8-byte string of `bytes`, at every offset.
+fn windows8(bytes: &[u8], into: &mut HashSet<[u8; 8]>) {
+    for w in bytes.windows(8) {
+        into.insert(w.try_into().unwrap());
+    }
+}
+
+/// Two hops that are not neighbours, following the protocol and pooling
+/// what they see: every header and notes area they receive and send on,
+/// forward and backward, over several packets. With a fixed session id in
+/// each prefix, hop i wrote hop i+1's id into its forward output and hop
+/// i+2 wrote it into its backward output: the colluders found a common
+/// 16-byte string in every packet. Lookup tokens differ per packet.
+#[test]
+fn hops_two_apart_see_no_common_header_bytes_forward_and_backward() {
+    let mut rng = rng(3);
+    let n = 5;
+    let no_notes = vec![Vec::new(); n];
+    let mut c = init(n, &no_notes, &mut rng);
+    let forward: Vec<usize> = (0..n).collect();
+    let backward: Vec<usize> = forward.iter().rev().copied().collect();
+    let mut seen: Vec<HashSet<[u8; 8]>> = vec![HashSet::new(); n];
+    for _ in 0..4 {
+        for route in [&forward, &backward] {
+            // Fresh random tags, as the designer draws them.
+            let bl: Vec<RoutingBlock> = blocks(Op::Forward, route)
+                .into_iter()
+                .map(|b| RoutingBlock {
+                    tag: HopTag::random(&mut rng),
+                    ..b
+                })
+                .collect();
+            let mut onion = c
+                .designer
+                .wrap(route, &layers(&bl, &no_notes), &mut rng)
+                .unwrap();
+            for &hop in route.iter() {
+                windows8(onion.header.as_bytes(), &mut seen[hop]);
+                windows8(onion.notes.as_bytes(), &mut seen[hop]);
+                let peeled = peel_session(&mut c.tables[hop], &onion.header, &onion.notes).unwrap();
+                windows8(&peeled.tag().0, &mut seen[hop]);
+                if let Peeled::Forward(f) = peeled {
+                    windows8(f.onion.header.as_bytes(), &mut seen[hop]);
+                    windows8(f.onion.notes.as_bytes(), &mut seen[hop]);
+                    onion = f.onion;
+                }
+            }
+        }
+    }
+    for a in 0..n {
+        for b in a + 2..n {
+            let common = seen[a].intersection(&seen[b]).count();
+
+            assert_eq!(common, 0, "hops {a} and {b} share {common} 8-byte strings");
+        }
+    }
+}
