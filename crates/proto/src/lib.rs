@@ -20,6 +20,7 @@
 //! All integers are little-endian.
 
 pub mod audit;
+pub mod trailer;
 
 use mixnn_model::spec::{OpSpec, StageSpec};
 use mixnn_model::stage::{NamedParam, Sgd, StageState};
