@@ -195,7 +195,7 @@ pub fn open(
         let (digest, more) = rest.split_at(32);
         let (commitment, more) = more.split_at(COMMIT_LEN);
         let (tag, more) = more.split_at(TAG_LEN);
-        let valid = bool::from(subtle_eq(&keys.tag(ctx, digest, commitment), tag));
+        let valid = subtle_eq(&keys.tag(ctx, digest, commitment), tag);
         slots.push(if valid {
             let mut s = Slot {
                 digest: [0; 32],
