@@ -451,7 +451,7 @@ impl LocalDirectory {
 
     /// Waits until the directory's view lists `n` nodes.
     pub fn wait_for(&self, n: usize) -> anyhow::Result<()> {
-        let client = mixnn_directory::DirectoryClient::new(&self.url)?;
+        let client = mixnn_directory_client::DirectoryClient::new(&self.url)?;
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             let listed = client

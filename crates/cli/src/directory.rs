@@ -9,9 +9,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use mixnn_directory::{
-    parse_key_hex, DirectoryConfig, DirectoryKeys, DirectoryState, Store, SystemClock,
-};
+use mixnn_directory::{parse_key_hex, DirectoryKeys, SystemClock};
+use mixnn_directory_server::{DirectoryConfig, DirectoryState, Store};
 use mixnn_net::PublicIdentityKey;
 
 /// `mixnn directory`.
@@ -91,7 +90,7 @@ pub fn run(args: &DirectoryArgs) -> anyhow::Result<()> {
             "{DIRECTORY_READY_LINE}url=http://{addr} key={}",
             PublicIdentityKey::from_bytes(state.public_key())
         );
-        mixnn_directory::serve(listener, state, crate::node::shutdown_signal()).await?;
+        mixnn_directory_server::serve(listener, state, crate::node::shutdown_signal()).await?;
         tracing::info!("directory stopped");
         anyhow::Ok(())
     })

@@ -17,7 +17,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use mixnn_designer::{CascadeFile, HopInfo};
-use mixnn_directory::{Capabilities, DirectoryClient, SystemClock, MAX_LOCATION_LEN};
+use mixnn_directory::{Capabilities, SystemClock, MAX_LOCATION_LEN};
+use mixnn_directory_client::DirectoryClient;
 use mixnn_net::{Created, LinkListener, NodeKeys};
 use mixnn_node::announce::{self, AnnounceConfig, Announcement, Announcer, CoverView};
 use mixnn_node::{Limits, NodeConfig};
@@ -240,7 +241,7 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(async {
-        let config = mixnn_node::link_config()?;
+        let config = mixnn_net::LinkConfig::mixnn();
         let listener = LinkListener::bind(args.listen, keys.link().clone(), config).await?;
         let addr = listener.local_addr()?;
         let announcer = match directory {

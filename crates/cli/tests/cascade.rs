@@ -277,7 +277,7 @@ fn send_over_link(hop: &Hop, cells: &[u8]) {
         .unwrap();
     rt.block_on(async {
         let key = mixnn_net::LinkKeypair::generate_os();
-        let config = mixnn_node::link_config().unwrap();
+        let config = mixnn_net::LinkConfig::mixnn();
         let mut link = mixnn_net::Link::connect(hop.addr, &key, Some(expect), config)
             .await
             .unwrap();

@@ -9,7 +9,8 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use mixnn_directory::{parse_key_hex, unix_now, DirectoryClient};
+use mixnn_directory::{parse_key_hex, unix_now};
+use mixnn_directory_client::DirectoryClient;
 
 mod common;
 use common::*;

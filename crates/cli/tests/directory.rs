@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use mixnn_directory::{parse_key_hex, unix_now, DirectoryClient, VerifiedView};
+use mixnn_directory::{parse_key_hex, unix_now, VerifiedView};
+use mixnn_directory_client::DirectoryClient;
 
 fn mixnn() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_mixnn"));

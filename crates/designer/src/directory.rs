@@ -9,8 +9,9 @@ use std::net::SocketAddr;
 
 use mixnn_directory::ed25519_dalek::SigningKey;
 use mixnn_directory::{
-    select, sign_failure_report, unix_now, verify_quorum, DirectoryClient, VerifiedView, ViewNode,
+    select, sign_failure_report, unix_now, verify_quorum, VerifiedView, ViewNode,
 };
+use mixnn_directory_client::DirectoryClient;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 

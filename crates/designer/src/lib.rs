@@ -14,11 +14,3 @@ pub mod runner;
 pub use cascade::{CascadeFile, HopInfo};
 pub use error::DesignerError;
 pub use runner::{CascadeOptions, CascadeRunner, Replacements, Spares};
-
-impl From<mixnn_node::NodeError> for DesignerError {
-    fn from(e: mixnn_node::NodeError) -> Self {
-        DesignerError::Config {
-            message: e.to_string(),
-        }
-    }
-}

@@ -22,7 +22,7 @@ use mixnn_model::trainer::{
 use mixnn_model::weights::StageParams;
 use mixnn_net::pacing::LinkPace;
 use mixnn_net::{recv_message, Link, LinkConfig, LinkKeypair, LinkListener, PublicLinkKey};
-use mixnn_proto::{InitNote, StepNote};
+use mixnn_proto::{BackwardNote, ForwardNote, InitNote, Micro, SessionNote};
 use mixnn_wire::{
     encode_cells, wrap_init, CellKind, DesignerSession, HopAddr, HopLayer, HopTag, Next,
     OnionPublic, Op, PaddingPolicy, ReplyId, RoutingBlock, CELL_SIZE,
@@ -275,9 +275,7 @@ impl CascadeRunner {
         let loop_seed = rng.next_u64();
         let audit_seed = opts.audit_seed.unwrap_or_else(|| rng.next_u64());
         let audits = audit::Audits::new(model, opts.audit_rate, cfg.micro_batches, audit_seed)?;
-        let link_config = mixnn_node::link_config().map_err(|e| DesignerError::Config {
-            message: e.to_string(),
-        })?;
+        let link_config = LinkConfig::mixnn();
 
         // Largest body of the cascade: inputs, activations, gradients of
         // one micro-batch (batches, test ones too, travel in micro-batches).
@@ -665,17 +663,17 @@ impl CascadeRunner {
             b.tag = *tag;
             fwd_blocks.push(b);
         }
-        let note = StepNote {
-            micro,
-            micros,
+        let note = ForwardNote {
+            step,
+            micro: Micro::new(micro, micros)?,
             batch_rows: batch_rows as u32,
-            ..StepNote::at(step)
+            labels: Vec::new(),
         };
-        let plain = note.encode();
-        let with_labels = StepNote {
+        let plain = SessionNote::Forward(note.clone()).encode();
+        let with_labels = SessionNote::Forward(ForwardNote {
             labels: labels.to_vec(),
             ..note
-        }
+        })
         .encode();
         let fwd_notes: Vec<&[u8]> = (0..n)
             .map(|k| {
@@ -718,12 +716,11 @@ impl CascadeRunner {
             b.tag = tags[n - 1 - k];
             blocks.push(b);
             notes.push(
-                StepNote {
+                SessionNote::Backward(BackwardNote {
+                    step,
+                    micro: Micro::new(micro, micros)?,
                     need_input_grad: k < n - 1 || self.local_first.is_some(),
-                    micro,
-                    micros,
-                    ..StepNote::at(step)
-                }
+                })
                 .encode(),
             );
         }
@@ -929,7 +926,7 @@ impl CascadeRunner {
                     let blocks: Vec<RoutingBlock> = (0..n)
                         .map(|k| self.block(Op::Test, k, n - 1, rid, false))
                         .collect();
-                    let notes = vec![StepNote::at(self.step).encode(); n];
+                    let notes = vec![SessionNote::Test { step: self.step }.encode(); n];
                     let path: Vec<usize> = (0..n).collect();
                     let cells = self.seal(&path, &blocks, &notes, &body)?;
                     self.pending.insert(rid.0, Await::Test(next, m as u16));
@@ -1089,9 +1086,7 @@ async fn accept_loop(
             loop {
                 match recv_message(&mut reader, &mut cell).await {
                     Ok(msg) => {
-                        let mut rid = [0u8; 16];
-                        rid.copy_from_slice(&msg.onion.header.prefix()[..16]);
-                        if tx.send((rid, msg.body)).is_err() {
+                        if tx.send((msg.onion.header.reply_id().0, msg.body)).is_err() {
                             return;
                         }
                     }

@@ -3,7 +3,11 @@
 use std::path::PathBuf;
 
 /// Everything that can go wrong in the directory: verification, storage,
-/// selection, the server and the client.
+/// selection, the server and the client. The pure documents of this crate
+/// raise the verification and selection variants; the server
+/// (`mixnn-directory-server`) and the client (`mixnn-directory-client`)
+/// return the same type, so that one error names one HTTP status on both
+/// ends.
 ///
 /// Each variant maps to one HTTP status ([`DirectoryError::http_status`]);
 /// the server sends `{"error": "<Display of the variant>"}`.
@@ -212,18 +216,11 @@ impl DirectoryError {
         }
     }
 
-    pub(crate) fn malformed(what: &'static str, reason: impl std::fmt::Display) -> Self {
+    /// A [`DirectoryError::Malformed`] for `what`, with `reason` as text.
+    pub fn malformed(what: &'static str, reason: impl std::fmt::Display) -> Self {
         Self::Malformed {
             what,
             reason: reason.to_string(),
-        }
-    }
-}
-
-impl From<rusqlite::Error> for DirectoryError {
-    fn from(e: rusqlite::Error) -> Self {
-        Self::Database {
-            reason: e.to_string(),
         }
     }
 }

@@ -56,21 +56,30 @@ pub struct NodeRecord {
     pub recent_reports: Vec<FailureRecord>,
 }
 
-/// The raw counters of one node, before they are read against the clock.
+/// The raw counters of one node, as a store keeps them, before they are
+/// read against the clock ([`Counters::history`]).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Counters {
-    pub(crate) first_seen: u64,
-    pub(crate) last_seen: u64,
-    pub(crate) heartbeats: u64,
-    pub(crate) last_heartbeat: Option<u64>,
-    pub(crate) uptime_secs: u64,
-    pub(crate) failures: u64,
-    pub(crate) recent_failures: u64,
+pub struct Counters {
+    /// First registration (directory clock, unix s).
+    pub first_seen: u64,
+    /// Last registration or heartbeat.
+    pub last_seen: u64,
+    /// Heartbeats accepted.
+    pub heartbeats: u64,
+    /// Timestamp of the last accepted heartbeat.
+    pub last_heartbeat: Option<u64>,
+    /// Seconds known up.
+    pub uptime_secs: u64,
+    /// Failure reports ever.
+    pub failures: u64,
+    /// Failure reports within the failure window.
+    pub recent_failures: u64,
 }
 
 impl Counters {
-    /// Derives uptime fraction and missed heartbeats as of `now`.
-    pub(crate) fn history(self, now: u64, interval: u64) -> History {
+    /// Derives uptime fraction and missed heartbeats as of `now`, with
+    /// heartbeats expected every `interval` seconds.
+    pub fn history(self, now: u64, interval: u64) -> History {
         let interval = interval.max(1);
         let observed = now.saturating_sub(self.first_seen);
         // The node is presumed up since its last heartbeat while that is

@@ -1,21 +1,33 @@
-//! MixNN directory authority: signed node descriptors, reliability history,
-//! a signed view of the live nodes, and random cascade selection with dummy
-//! hops (paper §2.2).
+//! MixNN directory documents: signed node descriptors, heartbeats and
+//! failure reports, reliability history, the signed view of the live nodes,
+//! and random cascade selection with dummy hops (paper §2.2). Pure: no
+//! sockets, no database, no runtime; time comes from a [`Clock`].
+//!
+//! The directory is three crates, so that a node or a designer links
+//! neither a web server nor a database:
+//!
+//! | crate | job |
+//! |---|---|
+//! | `mixnn-directory` (this one) | the documents, their signatures, selection, the API's answer types |
+//! | `mixnn-directory-client` | blocking HTTP client (ureq), for nodes and designers |
+//! | `mixnn-directory-server` | the authority: SQLite store, state, HTTP server (axum) |
 //!
 //! # Model
 //!
 //! * A **node** publishes a [`Descriptor`] (address, identity, onion and
 //!   link keys, protocol version, capabilities, publication time), signed
 //!   by its Ed25519 identity key ([`sign_descriptor`]), and then sends a
-//!   signed [`Heartbeat`] every [`DirectoryConfig::heartbeat_interval`]
+//!   signed [`Heartbeat`] every `DirectoryConfig::heartbeat_interval`
 //!   seconds ([`sign_heartbeat`]).
-//! * The **directory** ([`DirectoryState`] over a SQLite [`Store`]) verifies
+//! * The **directory** (`DirectoryState` over a SQLite `Store`, in
+//!   `mixnn-directory-server`) verifies
 //!   everything it receives, refuses an address already held by another
 //!   identity key, keeps each node's history (uptime, missed heartbeats,
 //!   failures designers reported with [`sign_failure_report`]), and serves a
 //!   [`SignedView`] of the live nodes, signed by its own key
-//!   ([`DirectoryKeys`]) and valid for [`DirectoryConfig::view_ttl`].
-//!   [`serve`] puts it on HTTP; the routes are in `docs/directory-api.md`.
+//!   ([`DirectoryKeys`]) and valid for `DirectoryConfig::view_ttl`.
+//!   `serve` puts it on HTTP; the routes are in `docs/directory-api.md`,
+//!   the answers' types in [`api`].
 //! * A **designer** pins the directory keys it trusts, verifies the view
 //!   ([`SignedView::verify`], or [`verify_quorum`] for k of N directories)
 //!   and draws a cascade with [`select`]: p real and r dummy hops, distinct
@@ -29,19 +41,14 @@
 //! # Example
 //!
 //! ```
-//! use std::sync::Arc;
 //! use mixnn_directory::*;
 //! use mixnn_directory::ed25519_dalek::SigningKey;
 //! use rand::SeedableRng;
 //!
 //! # fn main() -> Result<(), DirectoryError> {
-//! let clock = ManualClock::new(1_000);
-//! let directory = DirectoryState::new(
-//!     Store::open_in_memory()?,
-//!     DirectoryKeys::from_secret([1; 32]),
-//!     Arc::new(clock.clone()),
-//!     DirectoryConfig::default(),
-//! );
+//! let now = 1_000;
+//! let directory = DirectoryKeys::from_secret([1; 32]);
+//! let mut nodes = Vec::new();
 //! for i in 0..5u8 {
 //!     let key = SigningKey::from_bytes(&[i + 10; 32]);
 //!     let descriptor = Descriptor {
@@ -53,11 +60,17 @@
 //!         capabilities: Capabilities {
 //!             cores: 2, memory_mb: 4096, price_per_hour: 0.0, location: "lab".into(),
 //!         },
-//!         published: clock.now(),
+//!         published: now,
 //!     };
-//!     directory.register(&sign_descriptor(&key, &descriptor)?)?;
+//!     nodes.push(NodeEntry {
+//!         descriptor: sign_descriptor(&key, &descriptor)?,
+//!         uptime_fraction: 1.0,
+//!         missed_heartbeats: 0,
+//!         recent_failures: 0,
+//!     });
 //! }
-//! let view = directory.view()?.verify(&[directory.public_key()], clock.now())?;
+//! let view = View { directory: directory.public(), issued: now, valid_until: now + 600, nodes };
+//! let view = SignedView::sign(&directory, &view)?.verify(&[directory.public()], now)?;
 //! let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
 //! let cascade = select(&view.nodes, 3, 2, &mut rng)?;
 //! assert_eq!(cascade.hops.len(), 5);
@@ -66,7 +79,7 @@
 //! # }
 //! ```
 
-mod client;
+pub mod api;
 mod clock;
 mod descriptor;
 mod error;
@@ -74,30 +87,23 @@ mod history;
 mod keys;
 mod report;
 mod select;
-mod server;
 mod signed;
-mod state;
-mod store;
 mod view;
 
-pub use client::{DirectoryClient, CLIENT_TIMEOUT};
 pub use clock::{unix_now, Clock, ManualClock, SystemClock};
 pub use descriptor::{
     sign_descriptor, Capabilities, Descriptor, SignedDescriptor, CLOCK_SKEW_SECS, MAX_LOCATION_LEN,
     PROTOCOL_VERSION,
 };
 pub use error::{DirectoryError, Result};
-pub use history::{FailureRecord, History, NodeRecord};
+pub use history::{Counters, FailureRecord, History, NodeRecord};
 pub use keys::DirectoryKeys;
 pub use report::{
     sign_failure_report, sign_heartbeat, FailureReport, Heartbeat, SignedFailureReport,
     SignedHeartbeat, MAX_REASON_LEN,
 };
 pub use select::{select, weight, Selection, MIN_WEIGHT};
-pub use server::{router, serve, ErrorBody, FailureResponse, Health, RegisterResponse, MAX_BODY};
 pub use signed::parse_key_hex;
-pub use state::{DirectoryConfig, DirectoryState};
-pub use store::{FailureOutcome, Registration, Store};
 pub use view::{verify_quorum, NodeEntry, SignedView, VerifiedView, View, ViewNode};
 
 /// Re-exported so callers sign with the same Ed25519 implementation.

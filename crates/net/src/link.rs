@@ -56,6 +56,18 @@ impl LinkConfig {
         })
     }
 
+    /// The configuration every MixNN endpoint (node and designer) uses:
+    /// cells of [`mixnn_wire::CELL_SIZE`] bytes, the default handshake
+    /// timeout. Both ends of a link must agree on it, so it lives here,
+    /// below both.
+    pub fn mixnn() -> Self {
+        const _: () = assert!(mixnn_wire::CELL_SIZE > 0 && mixnn_wire::CELL_SIZE <= MAX_CELL_SIZE);
+        Self {
+            cell_size: mixnn_wire::CELL_SIZE,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+
     /// Sets the limit for TCP connect plus handshake.
     #[must_use]
     pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {

@@ -77,6 +77,17 @@ pub fn cover_message<R: RngCore + CryptoRng>(
 /// low for its traffic (it still sends them all).
 pub const DEFAULT_QUEUE_BOUND: usize = 1024;
 
+/// The gap to the next event of a Poisson process of `rate` events per
+/// second; `None` for a rate of 0 (or not a positive finite number).
+pub fn poisson_gap(rate: f64, rng: &mut impl RngCore) -> Option<Duration> {
+    if !(rate > 0.0 && rate.is_finite()) {
+        return None;
+    }
+    // u in (0, 1]: 53 random bits, never 0.
+    let u = ((rng.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64;
+    Some(Duration::from_secs_f64(-u.ln() / rate))
+}
+
 /// The tick period for `rate` messages per second; `None` for 0 (not
 /// paced) or a rate that is not a positive finite number.
 pub fn period(rate: f64) -> Option<Duration> {
@@ -317,8 +328,22 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
     use mixnn_wire::{decode_cells, CellKind, PaddingPolicy, FIRST_CELL_BODY};
     use tokio::time::Instant;
+
+    #[test]
+    fn poisson_gaps_have_the_rates_mean() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let n = 20_000;
+        let total: f64 = (0..n)
+            .map(|_| poisson_gap(5.0, &mut rng).unwrap().as_secs_f64())
+            .sum();
+        let mean = total / f64::from(n);
+        assert!((mean - 0.2).abs() < 0.01, "mean gap {mean}");
+        assert!(poisson_gap(0.0, &mut rng).is_none());
+        assert!(poisson_gap(f64::NAN, &mut rng).is_none());
+    }
 
     fn addr() -> SocketAddr {
         "127.0.0.1:9".parse().unwrap()

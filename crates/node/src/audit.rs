@@ -15,8 +15,7 @@ use mixnn_proto::audit::{commit_backward, commit_forward, digest_state, Commitme
 use mixnn_proto::encode_state;
 use mixnn_wire::HopTag;
 
-/// Steps whose openings a hop keeps.
-pub const KEPT: usize = 16;
+pub use mixnn_proto::audit::KEPT;
 
 /// The commitments and openings of one session's stage.
 pub(crate) struct Auditor {

@@ -6,14 +6,16 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 
 use mixnn_model::stage::{Stage, StageCache};
-use mixnn_model::tensor_bytes::TensorBytes;
-use mixnn_proto::{decode_state, encode_state, InitNote, ParamChunk, StepNote};
+use mixnn_proto::{
+    decode_state, encode_state, BackwardNote, ChunkNote, ForwardNote, InitNote, ParamChunk,
+    SessionNote,
+};
 use mixnn_wire::{
     encode_cells, peel_init, CellKind, HopTag, InitReplayCache, Message, Onion, Op, PaddingPolicy,
-    Peeled, SessionId, SessionTable, HEADER_LEN, NOTES_LEN,
+    Peeled, ReplyId, SessionId, SessionTable,
 };
 use rand_chacha::ChaCha8Rng;
-use rand_core::{RngCore, SeedableRng};
+use rand_core::SeedableRng;
 
 use crate::audit::Auditor;
 use crate::error::NodeError;
@@ -54,7 +56,7 @@ pub struct Outbound {
 struct Parked {
     step: u64,
     peeled: Peeled,
-    note: StepNote,
+    note: SessionNote,
     body: Vec<u8>,
 }
 
@@ -203,7 +205,7 @@ impl Core {
             }
             Peeled::Deliver(d) => {
                 self.learned.insert(d.addr.0);
-                self.reply(d.addr.0, note.designer_link, d.reply_id.0, &[], &policy)?
+                self.reply(d.addr.0, note.designer_link, d.reply_id, &[], &policy)?
             }
         };
         Ok(vec![out])
@@ -213,11 +215,11 @@ impl Core {
         &mut self,
         addr: SocketAddr,
         expect: [u8; 32],
-        reply_id: [u8; 16],
+        reply_id: ReplyId,
         body: &[u8],
         policy: &PaddingPolicy,
     ) -> Result<Outbound, NodeError> {
-        let onion = reply_onion(&mut self.rng, reply_id)?;
+        let onion = Onion::reply(reply_id, &mut self.rng);
         Ok(Outbound {
             addr,
             expect,
@@ -247,7 +249,14 @@ impl Core {
         session.policy.check(msg.cells, msg.body.len())?;
         let (peeled_id, peeled) = self.table.peel(&msg.onion.header, &msg.onion.notes)?;
         debug_assert_eq!(peeled_id, id);
-        let note = StepNote::decode(peeled.note())?;
+        let op = peeled.op();
+        if matches!(op, Op::Init | Op::Cover) {
+            return Err(NodeError::Refused(format!(
+                "op {} in a session message",
+                op_name(op)
+            )));
+        }
+        let note = SessionNote::decode(op, peeled.note())?;
         let mut out = Vec::new();
         self.dispatch(id, peeled, note, msg.body, &mut out)?;
         Ok(out)
@@ -257,25 +266,26 @@ impl Core {
         &mut self,
         id: SessionId,
         peeled: Peeled,
-        note: StepNote,
+        note: SessionNote,
         body: Vec<u8>,
         out: &mut Vec<Outbound>,
     ) -> Result<(), NodeError> {
         let limits = self.limits;
         let s = self.session_mut(id)?;
         let at = s.stage.steps();
+        let step = note.step();
         let op = peeled.op();
         let gated = matches!(op, Op::Forward | Op::Test | Op::Fetch);
         let early = match op {
-            _ if gated => note.step > at,
+            _ if gated => step > at,
             Op::Backward => !s.caches.contains_key(&peeled.tag()),
             _ => false,
         };
-        if (gated || op == Op::Backward) && note.step < at {
+        if (gated || op == Op::Backward) && step < at {
             return Err(NodeError::Stale {
                 session: short(&id.0),
                 op: op_name(op),
-                step: note.step,
+                step,
                 at,
             });
         }
@@ -288,7 +298,7 @@ impl Core {
                 )));
             }
             s.parked.push(Parked {
-                step: note.step,
+                step,
                 peeled,
                 note,
                 body,
@@ -336,26 +346,20 @@ impl Core {
         &mut self,
         id: SessionId,
         peeled: Peeled,
-        note: StepNote,
+        note: SessionNote,
         body: Vec<u8>,
         out: &mut Vec<Outbound>,
     ) -> Result<(), NodeError> {
         let limits = self.limits;
         #[cfg(feature = "adversary")]
         let adversary = self.adversary;
+        #[cfg(not(feature = "adversary"))]
+        let adversary = NoAdversary;
         let s = self.session_mut(id)?;
         let op = peeled.op();
-        // Forward and backward bodies end with the commitment trailer
-        // when the session is audited.
-        let audited = s.auditor.is_some() && matches!(op, Op::Forward | Op::Backward);
-        let (body, trailer) = if audited {
-            let (p, t) = mixnn_proto::audit::split(&body)?;
-            (p.to_vec(), t.to_vec())
-        } else {
-            (body, Vec::new())
-        };
-        let result: Vec<u8> = match op {
-            Op::Forward => {
+        let tag = peeled.tag();
+        let result: Vec<u8> = match &note {
+            SessionNote::Forward(n) => {
                 if s.caches.len() >= limits.max_cached {
                     return Err(NodeError::Limit(format!(
                         "{} cached steps in session {}",
@@ -363,101 +367,32 @@ impl Core {
                         short(&id.0)
                     )));
                 }
-                let labels = s.stage.spec().is_loss().then_some(note.labels.as_slice());
-                let (y, cache) =
-                    s.stage
-                        .forward_micro_bytes(&body, labels, note.batch_rows as usize)?;
-                #[cfg(feature = "adversary")]
-                let y = match adversary {
-                    Some(a) => a.forward(note.step, y),
-                    None => y,
-                };
-                s.caches.insert(peeled.tag(), (note.step, cache));
-                match s.auditor.as_mut() {
-                    Some(a) => {
-                        let c = a.forward(peeled.tag(), note.step, &body, &y);
-                        #[cfg(feature = "adversary")]
-                        let y = match adversary {
-                            Some(adv) => adv.hidden(note.step, y),
-                            None => y,
-                        };
-                        mixnn_proto::audit::push(&y, &trailer, &c)
-                    }
-                    None => y,
-                }
+                forward(s, tag, n, body, adversary)?
             }
-            Op::Backward => {
-                let (step, cache) = s
-                    .caches
-                    .remove(&peeled.tag())
-                    .ok_or_else(|| NodeError::Refused("backward without forward".into()))?;
-                if step != note.step || step != s.stage.steps() {
-                    return Err(NodeError::Stale {
-                        session: short(&id.0),
-                        op: "backward",
-                        step: note.step,
-                        at: s.stage.steps(),
-                    });
-                }
-                let grad = (!body.is_empty()).then_some(body.as_slice());
-                let dx = s
-                    .stage
-                    .backward_micro_bytes(cache, grad, note.need_input_grad, u32::from(note.micro))?
-                    .unwrap_or_default();
-                #[cfg(feature = "adversary")]
-                let dx = match adversary {
-                    Some(a) => a.backward(note.step, dx),
-                    None => dx,
-                };
-                // The update waits for the gradients of every micro-batch
-                // of the step.
-                let applied = s.stage.pending_micros() >= usize::from(note.micros);
-                if applied {
-                    #[cfg(feature = "adversary")]
-                    match adversary {
-                        Some(a) => a.apply(note.step, &mut s.stage),
-                        None => s.stage.apply(),
-                    }
-                    #[cfg(not(feature = "adversary"))]
-                    s.stage.apply();
-                }
-                match s.auditor.as_mut() {
-                    Some(a) => {
-                        let c = a.backward(peeled.tag(), note.step, &body, &dx, &s.stage, applied);
-                        mixnn_proto::audit::push(&dx, &trailer, &c)
-                    }
-                    None => dx,
-                }
-            }
-            Op::Test => s.stage.eval_bytes(&body)?,
-            Op::Loop => body,
-            Op::Load => {
-                load_chunk(s, &note, &body)?;
+            SessionNote::Backward(n) => backward(s, id, tag, n, body, adversary)?,
+            SessionNote::Test { .. } => s.stage.eval_bytes(&body)?,
+            SessionNote::Loop { .. } => body,
+            SessionNote::Load(n) => {
+                load_chunk(s, n, &body)?;
                 Vec::new()
             }
-            Op::Fetch => {
+            SessionNote::Fetch(n) => {
                 let step = s.stage.steps();
                 if s.fetched.as_ref().is_none_or(|(at, _)| *at != step) {
                     s.fetched = Some((step, encode_state(&s.stage.state())));
                 }
                 let all = s.fetched.as_ref().map_or(&[][..], |(_, b)| b);
-                state_chunk(all, note.chunk, &s.policy)
+                state_chunk(all, n.chunk, &s.policy)
             }
-            Op::Audit => {
+            SessionNote::Audit(n) => {
                 // A step no longer kept (or never run) is refused with an
                 // empty opening.
                 let all = s
                     .auditor
                     .as_mut()
-                    .and_then(|a| a.opening(note.step))
+                    .and_then(|a| a.opening(n.step))
                     .unwrap_or_default();
-                state_chunk(all, note.chunk, &s.policy)
-            }
-            other => {
-                return Err(NodeError::Refused(format!(
-                    "op {} in a session message",
-                    op_name(other)
-                )))
+                state_chunk(all, n.chunk, &s.policy)
             }
         };
         let policy = s.policy;
@@ -474,12 +409,126 @@ impl Core {
             }
             Peeled::Deliver(d) => {
                 self.learned.insert(d.addr.0);
-                self.reply(d.addr.0, designer, d.reply_id.0, &result, &policy)?
+                self.reply(d.addr.0, designer, d.reply_id, &result, &policy)?
             }
         };
         out.push(o);
         Ok(())
     }
+}
+
+/// No test adversary (builds without the `adversary` feature).
+#[cfg(not(feature = "adversary"))]
+#[derive(Clone, Copy)]
+struct NoAdversary;
+
+#[cfg(feature = "adversary")]
+type MaybeAdversary = Option<crate::audit::Adversary>;
+#[cfg(not(feature = "adversary"))]
+type MaybeAdversary = NoAdversary;
+
+/// Splits the commitment trailer off a forward or backward body when the
+/// session is audited.
+fn strip_trailer(s: &NodeSession, body: Vec<u8>) -> Result<(Vec<u8>, Vec<u8>), NodeError> {
+    if s.auditor.is_none() {
+        return Ok((body, Vec::new()));
+    }
+    let (p, t) = mixnn_proto::audit::split(&body)?;
+    Ok((p.to_vec(), t.to_vec()))
+}
+
+/// Runs a forward: caches its input under `tag`, commits to it when
+/// audited; returns the body to send on.
+#[cfg_attr(not(feature = "adversary"), allow(unused_variables))]
+fn forward(
+    s: &mut NodeSession,
+    tag: HopTag,
+    note: &ForwardNote,
+    body: Vec<u8>,
+    adversary: MaybeAdversary,
+) -> Result<Vec<u8>, NodeError> {
+    let (body, trailer) = strip_trailer(s, body)?;
+    let labels = s.stage.spec().is_loss().then_some(note.labels.as_slice());
+    let (y, cache) = s
+        .stage
+        .forward_micro_bytes(&body, labels, note.batch_rows as usize)?;
+    #[cfg(feature = "adversary")]
+    let y = match adversary {
+        Some(a) => a.forward(note.step, y),
+        None => y,
+    };
+    s.caches.insert(tag, (note.step, cache));
+    Ok(match s.auditor.as_mut() {
+        Some(a) => {
+            let c = a.forward(tag, note.step, &body, &y);
+            #[cfg(feature = "adversary")]
+            let y = match adversary {
+                Some(adv) => adv.hidden(note.step, y),
+                None => y,
+            };
+            mixnn_proto::audit::push(&y, &trailer, &c)
+        }
+        None => y,
+    })
+}
+
+/// Runs a backward on the forward cached under `tag`; applies the update
+/// once the step's last micro-batch is in; returns the body to send on.
+#[cfg_attr(not(feature = "adversary"), allow(unused_variables))]
+fn backward(
+    s: &mut NodeSession,
+    id: SessionId,
+    tag: HopTag,
+    note: &BackwardNote,
+    body: Vec<u8>,
+    adversary: MaybeAdversary,
+) -> Result<Vec<u8>, NodeError> {
+    let (body, trailer) = strip_trailer(s, body)?;
+    let (step, cache) = s
+        .caches
+        .remove(&tag)
+        .ok_or_else(|| NodeError::Refused("backward without forward".into()))?;
+    if step != note.step || step != s.stage.steps() {
+        return Err(NodeError::Stale {
+            session: short(&id.0),
+            op: "backward",
+            step: note.step,
+            at: s.stage.steps(),
+        });
+    }
+    let grad = (!body.is_empty()).then_some(body.as_slice());
+    let dx = s
+        .stage
+        .backward_micro_bytes(
+            cache,
+            grad,
+            note.need_input_grad,
+            u32::from(note.micro.index()),
+        )?
+        .unwrap_or_default();
+    #[cfg(feature = "adversary")]
+    let dx = match adversary {
+        Some(a) => a.backward(note.step, dx),
+        None => dx,
+    };
+    // The update waits for the gradients of every micro-batch of the step.
+    let applied = s.stage.pending_micros() >= usize::from(note.micro.count());
+    if applied {
+        #[cfg(feature = "adversary")]
+        match adversary {
+            Some(a) => a.apply(note.step, &mut s.stage),
+            None => s.stage.apply(),
+        }
+        #[cfg(not(feature = "adversary"))]
+        s.stage.apply();
+    }
+    Ok(match s.auditor.as_mut() {
+        Some(a) => {
+            let c = a.backward(tag, note.step, &body, &dx, &s.stage, applied);
+            mixnn_proto::audit::push(&dx, &trailer, &c)
+        }
+        None => dx,
+    })
 }
 
 /// Chunk `chunk` of `all` (a state or an opening), as big as a message
@@ -497,7 +546,7 @@ fn state_chunk(all: &[u8], chunk: u32, policy: &PaddingPolicy) -> Vec<u8> {
 
 /// Adds one chunk of a state to load; loads it once complete. The designer
 /// sends the chunks in order, while no step is in flight.
-fn load_chunk(s: &mut NodeSession, note: &StepNote, body: &[u8]) -> Result<(), NodeError> {
+fn load_chunk(s: &mut NodeSession, note: &ChunkNote, body: &[u8]) -> Result<(), NodeError> {
     let chunk = ParamChunk::decode(body)?;
     // Parameters and momentum (f32 each), with room for names and shapes;
     // from the stage's description, without encoding the parameters.
@@ -547,20 +596,6 @@ fn load_chunk(s: &mut NodeSession, note: &StepNote, body: &[u8]) -> Result<(), N
     Ok(())
 }
 
-/// A message to the designer: the reply id in the first 16 header bytes,
-/// random bytes elsewhere, so it looks like any other message on the link.
-pub fn reply_onion(rng: &mut impl RngCore, reply_id: [u8; 16]) -> Result<Onion, NodeError> {
-    let mut header = vec![0u8; HEADER_LEN];
-    rng.fill_bytes(&mut header);
-    header[..16].copy_from_slice(&reply_id);
-    let mut notes = vec![0u8; NOTES_LEN];
-    rng.fill_bytes(&mut notes);
-    Ok(Onion {
-        header: mixnn_wire::Header::from_bytes(&header)?,
-        notes: mixnn_wire::Notes::from_bytes(&notes)?,
-    })
-}
-
 fn op_name(op: Op) -> &'static str {
     match op {
         Op::Init => "init",
@@ -583,9 +618,4 @@ fn describe(stage: &mixnn_model::spec::StageSpec) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(" → ")
-}
-
-/// Decodes a tensor reply body (helper for designers and tests).
-pub fn decode_tensor(body: &[u8]) -> Result<TensorBytes, NodeError> {
-    Ok(TensorBytes::decode(body)?)
 }

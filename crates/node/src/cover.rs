@@ -15,26 +15,14 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use mixnn_directory::VerifiedView;
-pub use mixnn_net::pacing::{cover_message, CellCounts};
+pub use mixnn_net::pacing::{cover_message, poisson_gap, CellCounts};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use tokio::sync::{mpsc, watch};
 
 use crate::core::Outbound;
-
-/// The gap to the next event of a Poisson process of `rate` events per
-/// second; `None` for a rate of 0 (or not a positive finite number).
-pub fn poisson_gap(rate: f64, rng: &mut impl RngCore) -> Option<Duration> {
-    if !(rate > 0.0 && rate.is_finite()) {
-        return None;
-    }
-    // u in (0, 1]: 53 random bits, never 0.
-    let u = ((rng.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64;
-    Some(Duration::from_secs_f64(-u.ln() / rate))
-}
 
 /// A peer cover traffic may go to: its address and link key.
 pub type CoverPeer = (SocketAddr, [u8; 32]);
@@ -145,6 +133,8 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    use std::time::Duration;
 
     use mixnn_directory::ed25519_dalek::SigningKey;
     use mixnn_directory::{sign_descriptor, Capabilities, Descriptor, ViewNode, PROTOCOL_VERSION};
@@ -279,18 +269,5 @@ mod tests {
             assert_eq!((o.addr, o.expect), peer(2));
         }
         cover.abort();
-    }
-
-    #[test]
-    fn poisson_gaps_have_the_rates_mean() {
-        let mut rng = ChaCha8Rng::seed_from_u64(7);
-        let n = 20_000;
-        let total: f64 = (0..n)
-            .map(|_| poisson_gap(5.0, &mut rng).unwrap().as_secs_f64())
-            .sum();
-        let mean = total / f64::from(n);
-        assert!((mean - 0.2).abs() < 0.01, "mean gap {mean}");
-        assert!(poisson_gap(0.0, &mut rng).is_none());
-        assert!(poisson_gap(f64::NAN, &mut rng).is_none());
     }
 }

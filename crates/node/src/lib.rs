@@ -102,11 +102,6 @@ impl Default for NodeConfig {
     }
 }
 
-/// The link configuration every MixNN endpoint uses.
-pub fn link_config() -> Result<LinkConfig, NodeError> {
-    Ok(LinkConfig::new(CELL_SIZE)?)
-}
-
 /// Serves links on `listener` until `shutdown` completes.
 pub async fn run(
     listener: LinkListener,
@@ -303,10 +298,7 @@ async fn write_loop(
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     pace: Option<pacing::LinkPace>,
 ) {
-    let config = match link_config() {
-        Ok(c) => c,
-        Err(e) => return tracing::error!("{e}"),
-    };
+    let config = LinkConfig::mixnn();
     let link =
         match Link::connect(addr, &key, Some(PublicLinkKey::from_bytes(expect)), config).await {
             Ok(l) => l,

@@ -8,7 +8,7 @@ use mixnn_model::spec::{OpSpec, StageSpec};
 use mixnn_model::stage::{Sgd, Stage};
 use mixnn_model::tensor_bytes::TensorBytes;
 use mixnn_node::{Core, Limits, NodeError, Outbound};
-use mixnn_proto::{InitNote, StepNote};
+use mixnn_proto::{BackwardNote, ForwardNote, InitNote, Micro, SessionNote};
 use mixnn_wire::{
     decode_cells, encode_cells, wrap_init, CellKind, DesignerSession, HopLayer, HopTag, Message,
     Next, OnionSecret, Op, PaddingPolicy, ReplyId, RoutingBlock,
@@ -67,9 +67,7 @@ fn delivered(o: &Outbound) -> ([u8; 16], Vec<u8>) {
     assert_eq!(o.addr, designer_addr());
     assert_eq!(o.expect, DESIGNER);
     let m = decode_cells(&o.cells, &POLICY).unwrap();
-    let mut rid = [0u8; 16];
-    rid.copy_from_slice(&m.onion.header.prefix()[..16]);
-    (rid, m.body)
+    (m.onion.header.reply_id().0, m.body)
 }
 
 /// A designer and one node.
@@ -126,7 +124,7 @@ impl Rig {
         &mut self,
         op: Op,
         tag: HopTag,
-        note: StepNote,
+        note: SessionNote,
         body: &[u8],
     ) -> (Message, [u8; 16]) {
         let rid = ReplyId::random(&mut self.rng);
@@ -153,16 +151,27 @@ impl Rig {
     }
 
     fn forward(&mut self, step: u64, tag: HopTag) -> (Message, [u8; 16]) {
-        let note = StepNote {
-            labels: labels(step),
-            ..StepNote::at(step)
-        };
-        self.session_msg(Op::Forward, tag, note, &input(step))
+        self.session_msg(Op::Forward, tag, forward_note(step), &input(step))
     }
 
     fn backward(&mut self, step: u64, tag: HopTag) -> (Message, [u8; 16]) {
-        self.session_msg(Op::Backward, tag, StepNote::at(step), &[])
+        let note = SessionNote::Backward(BackwardNote {
+            step,
+            micro: Micro::WHOLE,
+            need_input_grad: false,
+        });
+        self.session_msg(Op::Backward, tag, note, &[])
     }
+}
+
+/// The note of step `step`'s forward, with its labels.
+fn forward_note(step: u64) -> SessionNote {
+    SessionNote::Forward(ForwardNote {
+        step,
+        micro: Micro::WHOLE,
+        batch_rows: 0,
+        labels: labels(step),
+    })
 }
 
 /// Two samples of 4 features, different per step.
@@ -361,10 +370,7 @@ fn a_released_message_that_fails_does_not_swallow_the_output_before_it() {
     // Step 1's forward with a body of the wrong shape: parked, and it can
     // only fail once released.
     let t1 = rig.tag();
-    let note = StepNote {
-        labels: labels(1),
-        ..StepNote::at(1)
-    };
+    let note = forward_note(1);
     let bad = TensorBytes::encode_f32(&[2, 5], &[0.0; 10]);
     let (f1, _) = rig.session_msg(Op::Forward, t1, note, &bad);
     assert!(rig.core.handle(PREV, f1).unwrap().is_empty());

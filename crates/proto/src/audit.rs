@@ -25,6 +25,12 @@ use mixnn_model::stage::StageState;
 
 use crate::{ProtoError, Reader};
 
+/// The audit window: steps whose openings a hop keeps after running them,
+/// so that the designer can still audit any of them. The designer drains
+/// its pipeline before an audit it has drawn would leave this window; a
+/// hop refuses (with an empty opening) an audit of an older step.
+pub const KEPT: usize = 16;
+
 /// Bytes of one commitment.
 pub const COMMIT_LEN: usize = 32;
 /// Commitment slots in a trailer: the longest cascade (wire's `MAX_HOPS`).

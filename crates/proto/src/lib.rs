@@ -4,13 +4,16 @@
 //! | op | note (designer → this hop) | body in | body out |
 //! |---|---|---|---|
 //! | init | [`InitNote`]: stage spec, SGD, seed, padding, neighbours' link keys | empty | empty |
-//! | forward | [`StepNote`] with the labels for the loss stage | activation | activation, or the loss to the designer |
-//! | backward | [`StepNote`] (`need_input_grad`) | gradient (empty at the loss stage) | gradient, or empty to the designer |
-//! | test | [`StepNote`] | activation | activation / output to the designer |
-//! | loop | [`StepNote`] | anything | unchanged |
-//! | fetch | [`StepNote`] with the chunk index | empty | [`ParamChunk`] of [`encode_state`] to the designer |
-//! | load | [`StepNote`] with the chunk index | [`ParamChunk`] of [`encode_state`] | empty, to the designer |
+//! | forward | [`ForwardNote`]: micro-batch, batch rows, labels for the loss stage | activation | activation, or the loss to the designer |
+//! | backward | [`BackwardNote`]: micro-batch, `need_input_grad` | gradient (empty at the loss stage) | gradient, or empty to the designer |
+//! | test | [`SessionNote::Test`] | activation | activation / output to the designer |
+//! | loop | [`SessionNote::Loop`] | anything | unchanged |
+//! | fetch | [`ChunkNote`] | empty | [`ParamChunk`] of [`encode_state`] to the designer |
+//! | load | [`ChunkNote`] | [`ParamChunk`] of [`encode_state`] | empty, to the designer |
+//! | audit | [`ChunkNote`] | empty | [`ParamChunk`] of an [`audit::Opening`] to the designer |
 //!
+//! A session note is decoded for the op of the routing block it came with
+//! ([`SessionNote::decode`]), so each op reads only its own fields.
 //! Every session note carries the training step it belongs to. A hop runs a
 //! forward or test for step `s` only once it has applied `s` updates, and
 //! refuses anything older: so packets may arrive early (the designer
@@ -20,10 +23,14 @@
 //! All integers are little-endian.
 
 pub mod audit;
+mod init;
+mod note;
+mod state;
 pub mod trailer;
 
-use mixnn_model::spec::{OpSpec, StageSpec};
-use mixnn_model::stage::{NamedParam, Sgd, StageState};
+pub use init::{InitNote, MAX_OPS, MAX_WIDTH};
+pub use note::{BackwardNote, ChunkNote, ForwardNote, Micro, SessionNote, MAX_LABELS};
+pub use state::{decode_params, decode_state, encode_params, encode_state, ParamChunk};
 
 /// A malformed note or body.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -47,19 +54,20 @@ pub enum ProtoError {
     },
 }
 
-type Result<T> = std::result::Result<T, ProtoError>;
+pub(crate) type Result<T> = std::result::Result<T, ProtoError>;
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
+/// Bounds-checked little-endian reader.
+pub(crate) struct Reader<'a> {
+    pub(crate) bytes: &'a [u8],
+    pub(crate) at: usize,
     what: &'static str,
 }
 
 impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8], what: &'static str) -> Self {
+    pub(crate) fn new(bytes: &'a [u8], what: &'static str) -> Self {
         Reader { bytes, at: 0, what }
     }
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         let end = self.at.checked_add(n).filter(|e| *e <= self.bytes.len());
         let end = end.ok_or(ProtoError::Truncated {
             what: self.what,
@@ -69,32 +77,32 @@ impl<'a> Reader<'a> {
         self.at = end;
         Ok(s)
     }
-    fn u8(&mut self) -> Result<u8> {
+    pub(crate) fn u8(&mut self) -> Result<u8> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Result<u16> {
+    pub(crate) fn u16(&mut self) -> Result<u16> {
         let b = self.take(2)?;
         Ok(u16::from_le_bytes([b[0], b[1]]))
     }
-    fn u32(&mut self) -> Result<u32> {
+    pub(crate) fn u32(&mut self) -> Result<u32> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
-    fn u64(&mut self) -> Result<u64> {
+    pub(crate) fn u64(&mut self) -> Result<u64> {
         let b = self.take(8)?;
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
         Ok(u64::from_le_bytes(a))
     }
-    fn f32(&mut self) -> Result<f32> {
+    pub(crate) fn f32(&mut self) -> Result<f32> {
         Ok(f32::from_bits(self.u32()?))
     }
-    fn key(&mut self) -> Result<[u8; 32]> {
+    pub(crate) fn key(&mut self) -> Result<[u8; 32]> {
         let mut k = [0u8; 32];
         k.copy_from_slice(self.take(32)?);
         Ok(k)
     }
-    fn end(&self) -> Result<()> {
+    pub(crate) fn end(&self) -> Result<()> {
         if self.at != self.bytes.len() {
             return Err(ProtoError::Invalid {
                 what: self.what,
@@ -102,476 +110,5 @@ impl<'a> Reader<'a> {
             });
         }
         Ok(())
-    }
-}
-
-/// What a hop learns at init, besides its routing block.
-#[derive(Debug, Clone, PartialEq)]
-pub struct InitNote {
-    /// The stage it runs (an identity stage for a dummy hop).
-    pub stage: StageSpec,
-    /// Optimiser settings.
-    pub sgd: Sgd,
-    /// Seed of the stage's parameter initialisation.
-    pub seed: u64,
-    /// Training steps the stage counts as applied when it starts (0 for a
-    /// new run; a checkpoint's step when the designer rebuilds a cascade).
-    pub start_step: u64,
-    /// Uniform padding target of the cascade (largest body), or 0 for
-    /// size classes.
-    pub max_body: u32,
-    /// Link key of whoever sends it forward traffic (previous hop or designer).
-    pub prev_link: [u8; 32],
-    /// Link key of whoever it sends forward traffic to (next hop or designer).
-    pub next_link: [u8; 32],
-    /// Link key of the designer (deliveries).
-    pub designer_link: [u8; 32],
-    /// Key of this hop's audit commitments ([`audit`]), fresh per hop and
-    /// session; `None`: the hop commits to nothing and carries no
-    /// commitment trailer. Encoded only when present.
-    pub audit_key: Option<[u8; 32]>,
-}
-
-const OP_LINEAR: u8 = 1;
-const OP_RELU: u8 = 2;
-const OP_IDENTITY: u8 = 3;
-const OP_LOG_SOFTMAX: u8 = 4;
-const OP_NLL_LOSS: u8 = 5;
-const OP_NORMALIZE: u8 = 6;
-/// Largest stage input/width accepted from a note.
-pub const MAX_WIDTH: u32 = 1 << 20;
-/// Most ops in one stage.
-pub const MAX_OPS: usize = 64;
-
-impl InitNote {
-    /// Encodes the note.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(160);
-        out.extend_from_slice(&(self.stage.input as u32).to_le_bytes());
-        // At most MAX_OPS ops (checked when stages are built by the designer).
-        out.push(self.stage.ops.len().min(255) as u8);
-        for op in &self.stage.ops {
-            match *op {
-                OpSpec::Linear { input, output } => {
-                    out.push(OP_LINEAR);
-                    out.extend_from_slice(&(input as u32).to_le_bytes());
-                    out.extend_from_slice(&(output as u32).to_le_bytes());
-                }
-                OpSpec::Normalize { mean, std } => {
-                    out.push(OP_NORMALIZE);
-                    out.extend_from_slice(&mean.to_bits().to_le_bytes());
-                    out.extend_from_slice(&std.to_bits().to_le_bytes());
-                }
-                OpSpec::Relu => out.push(OP_RELU),
-                OpSpec::LogSoftmax => out.push(OP_LOG_SOFTMAX),
-                OpSpec::NllLoss => out.push(OP_NLL_LOSS),
-                // Identity and any op added later without a wire code.
-                _ => out.push(OP_IDENTITY),
-            }
-        }
-        out.extend_from_slice(&self.sgd.lr.to_bits().to_le_bytes());
-        out.extend_from_slice(&self.sgd.momentum.to_bits().to_le_bytes());
-        out.extend_from_slice(&self.seed.to_le_bytes());
-        out.extend_from_slice(&self.start_step.to_le_bytes());
-        out.extend_from_slice(&self.max_body.to_le_bytes());
-        out.extend_from_slice(&self.prev_link);
-        out.extend_from_slice(&self.next_link);
-        out.extend_from_slice(&self.designer_link);
-        if let Some(k) = &self.audit_key {
-            out.extend_from_slice(k);
-        }
-        out
-    }
-
-    /// Decodes and checks a note (the stage spec must chain).
-    pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let what = "init note";
-        let mut r = Reader::new(bytes, what);
-        let input = r.u32()?;
-        let n = usize::from(r.u8()?);
-        let invalid = |reason: String| ProtoError::Invalid { what, reason };
-        if input == 0 || input > MAX_WIDTH || n == 0 || n > MAX_OPS {
-            return Err(invalid(format!("stage input {input} with {n} ops")));
-        }
-        let mut ops = Vec::with_capacity(n);
-        for _ in 0..n {
-            ops.push(match r.u8()? {
-                OP_LINEAR => {
-                    let (i, o) = (r.u32()?, r.u32()?);
-                    if i == 0 || o == 0 || i > MAX_WIDTH || o > MAX_WIDTH {
-                        return Err(invalid(format!("linear({i}, {o})")));
-                    }
-                    OpSpec::Linear {
-                        input: i as usize,
-                        output: o as usize,
-                    }
-                }
-                OP_NORMALIZE => OpSpec::Normalize {
-                    mean: r.f32()?,
-                    std: r.f32()?,
-                },
-                OP_RELU => OpSpec::Relu,
-                OP_IDENTITY => OpSpec::Identity,
-                OP_LOG_SOFTMAX => OpSpec::LogSoftmax,
-                OP_NLL_LOSS => OpSpec::NllLoss,
-                other => return Err(invalid(format!("unknown op code {other}"))),
-            });
-        }
-        let stage = StageSpec {
-            input: input as usize,
-            ops,
-        };
-        // The same checks as a model file: dimensions chain, loss last.
-        mixnn_model::spec::ModelSpec::from_stages("stage".into(), stage.input, vec![stage.clone()])
-            .map_err(|e| invalid(e.to_string()))?;
-        let sgd = Sgd {
-            lr: r.f32()?,
-            momentum: r.f32()?,
-        };
-        if !sgd.lr.is_finite() || !sgd.momentum.is_finite() {
-            return Err(invalid("non-finite optimiser settings".into()));
-        }
-        let note = InitNote {
-            stage,
-            sgd,
-            seed: r.u64()?,
-            start_step: r.u64()?,
-            max_body: r.u32()?,
-            prev_link: r.key()?,
-            next_link: r.key()?,
-            designer_link: r.key()?,
-            audit_key: None,
-        };
-        let note = if r.at < r.bytes.len() {
-            InitNote {
-                audit_key: Some(r.key()?),
-                ..note
-            }
-        } else {
-            note
-        };
-        r.end()?;
-        Ok(note)
-    }
-}
-
-/// The note of every session message: which step it belongs to, and what
-/// else this hop needs for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StepNote {
-    /// Updates the stage must have applied before it acts (forward, test,
-    /// fetch), or the step being completed (backward).
-    pub step: u64,
-    /// Backward: whether to compute and send the input gradient.
-    pub need_input_grad: bool,
-    /// Forward at the loss stage: one class per row.
-    pub labels: Vec<u32>,
-    /// Fetch: which chunk of the parameters to return.
-    pub chunk: u32,
-    /// Forward/backward: which micro-batch of the step this is (0-based).
-    pub micro: u16,
-    /// Backward: how many micro-batches the step has; the hop applies the
-    /// update once it has the gradients of all of them.
-    pub micros: u16,
-    /// Forward at the loss stage: rows of the whole batch, which the loss
-    /// is averaged over (0: the micro-batch's own rows).
-    pub batch_rows: u32,
-}
-
-/// Most labels in one note.
-pub const MAX_LABELS: usize = 1024;
-
-impl StepNote {
-    /// A note for `step` with nothing else.
-    pub fn at(step: u64) -> Self {
-        StepNote {
-            step,
-            need_input_grad: false,
-            labels: Vec::new(),
-            chunk: 0,
-            micro: 0,
-            micros: 1,
-            batch_rows: 0,
-        }
-    }
-
-    /// Encodes the note.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(23 + 2 * self.labels.len());
-        out.extend_from_slice(&self.step.to_le_bytes());
-        out.push(u8::from(self.need_input_grad));
-        out.extend_from_slice(&self.chunk.to_le_bytes());
-        out.extend_from_slice(&self.micro.to_le_bytes());
-        out.extend_from_slice(&self.micros.to_le_bytes());
-        out.extend_from_slice(&self.batch_rows.to_le_bytes());
-        // At most MAX_LABELS (the designer's batches are far smaller).
-        out.extend_from_slice(&(self.labels.len().min(MAX_LABELS) as u16).to_le_bytes());
-        for l in self.labels.iter().take(MAX_LABELS) {
-            // Classes above u16 are refused by the designer before this.
-            out.extend_from_slice(&(*l as u16).to_le_bytes());
-        }
-        out
-    }
-
-    /// Decodes a note.
-    pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let what = "step note";
-        let mut r = Reader::new(bytes, what);
-        let step = r.u64()?;
-        let need_input_grad = match r.u8()? {
-            0 => false,
-            1 => true,
-            other => {
-                return Err(ProtoError::Invalid {
-                    what,
-                    reason: format!("flag byte {other}"),
-                })
-            }
-        };
-        let chunk = r.u32()?;
-        let micro = r.u16()?;
-        let micros = r.u16()?;
-        let batch_rows = r.u32()?;
-        if micros == 0 || micro >= micros {
-            return Err(ProtoError::Invalid {
-                what,
-                reason: format!("micro-batch {micro} of {micros}"),
-            });
-        }
-        let n = usize::from(r.u16()?);
-        if n > MAX_LABELS {
-            return Err(ProtoError::Invalid {
-                what,
-                reason: format!("{n} labels"),
-            });
-        }
-        let labels = (0..n)
-            .map(|_| r.u16().map(u32::from))
-            .collect::<Result<Vec<u32>>>()?;
-        r.end()?;
-        Ok(StepNote {
-            step,
-            need_input_grad,
-            labels,
-            chunk,
-            micro,
-            micros,
-            batch_rows,
-        })
-    }
-}
-
-/// One chunk of a stage's serialised parameters, as a fetch returns it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParamChunk {
-    /// Length of the whole serialisation.
-    pub total: u32,
-    /// This chunk's bytes.
-    pub bytes: Vec<u8>,
-}
-
-impl ParamChunk {
-    /// Encodes `total ‖ bytes`.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + self.bytes.len());
-        out.extend_from_slice(&self.total.to_le_bytes());
-        out.extend_from_slice(&self.bytes);
-        out
-    }
-
-    /// Decodes a chunk.
-    pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let mut r = Reader::new(bytes, "parameter chunk");
-        let total = r.u32()?;
-        Ok(ParamChunk {
-            total,
-            bytes: bytes[4..].to_vec(),
-        })
-    }
-}
-
-/// Serialises a stage's state (a fetch's answer, a load's payload):
-/// `steps u64 ‖` [`encode_params`] of its tensors.
-pub fn encode_state(state: &StageState) -> Vec<u8> {
-    let mut out = state.steps.to_le_bytes().to_vec();
-    out.extend_from_slice(&encode_params(&state.tensors));
-    out
-}
-
-/// Parses [`encode_state`] output.
-pub fn decode_state(bytes: &[u8]) -> Result<StageState> {
-    let mut r = Reader::new(bytes, "stage state");
-    let steps = r.u64()?;
-    Ok(StageState {
-        steps,
-        tensors: decode_params(&bytes[8..])?,
-    })
-}
-
-/// Serialises parameters: `count u16`, then per tensor `name_len u16 ‖ name
-/// ‖ rank u8 ‖ dims u32… ‖ f32…`.
-pub fn encode_params(params: &[NamedParam]) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&(params.len() as u16).to_le_bytes());
-    for p in params {
-        out.extend_from_slice(&(p.name.len() as u16).to_le_bytes());
-        out.extend_from_slice(p.name.as_bytes());
-        out.push(p.shape.len() as u8);
-        for d in &p.shape {
-            out.extend_from_slice(&(*d as u32).to_le_bytes());
-        }
-        for v in &p.values {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-    out
-}
-
-/// Parses [`encode_params`] output.
-pub fn decode_params(bytes: &[u8]) -> Result<Vec<NamedParam>> {
-    let what = "parameters";
-    let mut r = Reader::new(bytes, what);
-    let n = r.u16()?;
-    let mut out = Vec::with_capacity(usize::from(n));
-    for _ in 0..n {
-        let len = usize::from(r.u16()?);
-        let name = String::from_utf8(r.take(len)?.to_vec()).map_err(|_| ProtoError::Invalid {
-            what,
-            reason: "name is not UTF-8".into(),
-        })?;
-        let rank = usize::from(r.u8()?);
-        let mut shape = Vec::with_capacity(rank);
-        let mut count = 1usize;
-        for _ in 0..rank {
-            let d = r.u32()? as usize;
-            count = count.saturating_mul(d);
-            shape.push(d);
-        }
-        let raw = r.take(count.saturating_mul(4))?;
-        let values = raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        out.push(NamedParam {
-            name,
-            shape,
-            values,
-        });
-    }
-    r.end()?;
-    Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn note() -> InitNote {
-        InitNote {
-            stage: StageSpec {
-                input: 784,
-                ops: vec![
-                    OpSpec::Linear {
-                        input: 784,
-                        output: 128,
-                    },
-                    OpSpec::Relu,
-                ],
-            },
-            sgd: Sgd::default(),
-            seed: 99,
-            start_step: 7,
-            max_body: 50_000,
-            prev_link: [1; 32],
-            next_link: [2; 32],
-            designer_link: [3; 32],
-            audit_key: None,
-        }
-    }
-
-    #[test]
-    fn init_note_round_trips_and_is_compact() {
-        let n = note();
-        let b = n.encode();
-        assert_eq!(InitNote::decode(&b).unwrap(), n);
-        assert!(b.len() < 160, "{}", b.len());
-    }
-
-    #[test]
-    fn init_note_rejects_a_broken_stage() {
-        let mut n = note();
-        n.stage.ops.push(OpSpec::Linear {
-            input: 64,
-            output: 10,
-        });
-        let err = InitNote::decode(&n.encode()).unwrap_err().to_string();
-        assert!(
-            err.contains("expects 64 input features but the previous op gives 128"),
-            "{err}"
-        );
-        let mut b = note().encode();
-        b[5] = 77;
-        assert!(InitNote::decode(&b)
-            .unwrap_err()
-            .to_string()
-            .contains("unknown op code 77"));
-    }
-
-    #[test]
-    fn step_note_rejects_a_micro_batch_outside_the_step() {
-        for (micro, micros) in [(0u16, 0u16), (4, 4), (9, 2)] {
-            let n = StepNote {
-                micro,
-                micros,
-                ..StepNote::at(3)
-            };
-            let err = StepNote::decode(&n.encode()).unwrap_err().to_string();
-            assert!(err.contains("micro-batch"), "{err}");
-        }
-    }
-
-    #[test]
-    fn state_round_trips() {
-        let s = StageState {
-            steps: 77,
-            tensors: vec![NamedParam {
-                name: "1.weight.velocity".into(),
-                shape: vec![1, 2],
-                values: vec![0.5, -1.5],
-            }],
-        };
-        assert_eq!(decode_state(&encode_state(&s)).unwrap(), s);
-        assert!(decode_state(&encode_state(&s)[..12]).is_err());
-    }
-
-    #[test]
-    fn params_round_trip() {
-        let p = vec![NamedParam {
-            name: "0.weight".into(),
-            shape: vec![2, 3],
-            values: vec![1.0, 2.0, 3.0, 4.0, 5.0, -6.0],
-        }];
-        assert_eq!(decode_params(&encode_params(&p)).unwrap(), p);
-    }
-
-    proptest! {
-        #[test]
-        fn step_note_round_trips(step: u64, grad: bool, chunk: u32,
-                                 (micros, micro) in (1u16..=64).prop_flat_map(|k| (Just(k), 0..k)),
-                                 batch_rows: u32,
-                                 labels in proptest::collection::vec(0u32..65536, 0..200)) {
-            let n = StepNote { step, need_input_grad: grad, labels, chunk, micro, micros, batch_rows };
-            prop_assert_eq!(StepNote::decode(&n.encode()).unwrap(), n);
-        }
-
-        #[test]
-        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
-            let _ = InitNote::decode(&bytes);
-            let _ = StepNote::decode(&bytes);
-            let _ = decode_params(&bytes);
-            let _ = ParamChunk::decode(&bytes);
-            let _ = decode_state(&bytes);
-        }
     }
 }

@@ -13,7 +13,16 @@
 //!
 //! γ is a MAC over `prefix ‖ β ‖ notes` under the hop's key, so a change to
 //! any byte of the header or the notes is caught before anything is parsed.
+//!
+//! A delivery to the designer ([`Onion::reply`]) has no onion layer left:
+//! its header starts with the [`ReplyId`] the designer put in the last
+//! hop's routing block, and is random after it, so on the link it looks
+//! like any other message. Both ends read and write that id here, through
+//! [`Onion::reply`] and [`Header::reply_id`], never by offset.
 
+use rand_core::RngCore;
+
+use crate::block::ReplyId;
 use crate::constants::{BETA_LEN, HEADER_LEN, ID_LEN, MAC_LEN, NOTES_LEN, PREFIX_LEN};
 use crate::error::WireError;
 
@@ -54,6 +63,17 @@ impl Header {
 
     /// The lookup token of a session prefix.
     pub(crate) fn token(&self) -> [u8; ID_LEN] {
+        self.id()
+    }
+
+    /// The reply id a delivery's header starts with ([`Onion::reply`]).
+    pub fn reply_id(&self) -> ReplyId {
+        ReplyId(self.id())
+    }
+
+    /// The first [`ID_LEN`] bytes: a session header's token or a
+    /// delivery's reply id.
+    fn id(&self) -> [u8; ID_LEN] {
         let mut id = [0u8; ID_LEN];
         id.copy_from_slice(&self.0[..ID_LEN]);
         id
@@ -136,6 +156,21 @@ pub struct Onion {
     pub notes: Notes,
 }
 
+impl Onion {
+    /// What the last hop of a path sends the designer: `reply_id` first in
+    /// the header, random bytes everywhere else (header and notes), so the
+    /// message looks like any other on the link. The designer reads the id
+    /// back with [`Header::reply_id`].
+    pub fn reply(reply_id: ReplyId, rng: &mut impl RngCore) -> Onion {
+        let mut header = Header::zeroed();
+        rng.fill_bytes(&mut header.0[..]);
+        header.0[..ID_LEN].copy_from_slice(&reply_id.0);
+        let mut notes = Notes::zeroed();
+        rng.fill_bytes(&mut notes.0[..]);
+        Onion { header, notes }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +185,20 @@ mod tests {
             Notes::from_bytes(&[0u8; NOTES_LEN + 1]),
             Err(WireError::Length { what: "notes", .. })
         ));
+    }
+
+    #[test]
+    fn a_reply_carries_its_id_and_nothing_else_fixed() {
+        use rand_chacha::rand_core::SeedableRng;
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+        let rid = ReplyId([0x5a; ID_LEN]);
+        let a = Onion::reply(rid, &mut rng);
+        let b = Onion::reply(rid, &mut rng);
+        assert_eq!(a.header.reply_id(), rid);
+        assert_eq!(b.header.reply_id(), rid);
+        // Past the id, two replies share no header or notes bytes pattern.
+        assert_ne!(a.header.as_bytes()[ID_LEN..], b.header.as_bytes()[ID_LEN..]);
+        assert_ne!(a.notes, b.notes);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //!   each hop with parameters with probability `audit_rate`; nothing on the
 //!   wire depends on the draw until the audit is sent, after the step. The
 //!   pipeline drains before the opening could leave the hop's window
-//!   ([`mixnn_node::audit::KEPT`] steps), and the designer asks the hop,
+//!   ([`mixnn_proto::audit::KEPT`] steps), and the designer asks the hop,
 //!   through a loop prefix like a fetch, to open the step. It checks the
 //!   opening against both commitments, then re-executes the stage from the
 //!   opened state: output, input gradient and the digest of the state after
@@ -45,7 +45,7 @@ use mixnn_model::stage::Stage;
 use mixnn_model::tensor_bytes::TensorBytes;
 use mixnn_model::trainer::{Batch, EpochMetrics};
 use mixnn_proto::audit::{slots, split, state_digest, Commitment, Opening, TRAILER_LEN};
-use mixnn_proto::{decode_state, encode_state, ParamChunk, StepNote};
+use mixnn_proto::{decode_state, encode_state, ChunkNote, ParamChunk, SessionNote};
 use mixnn_wire::{Op, ReplyId};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
@@ -209,7 +209,7 @@ impl Audits {
         }
         self.stats.committed_steps += 1;
         // Only steps still in the hops' windows can be audited.
-        let horizon = step.saturating_sub(4 * mixnn_node::audit::KEPT as u64);
+        let horizon = step.saturating_sub(4 * mixnn_proto::audit::KEPT as u64);
         self.ledger.retain(|s, _| *s >= horizon);
         for (j, (_, spec)) in remote.iter().enumerate() {
             // One draw per hop and step whatever the hop, so the draws do
@@ -232,7 +232,7 @@ impl Audits {
         let Some(oldest) = self.queue.iter().map(|q| q.0).min() else {
             return false;
         };
-        let slack = mixnn_node::audit::KEPT.saturating_sub(window).max(1) as u64;
+        let slack = mixnn_proto::audit::KEPT.saturating_sub(window).max(1) as u64;
         step >= oldest + slack
     }
 
@@ -398,13 +398,12 @@ impl CascadeRunner {
         for k in 0..=j {
             let o = if k == j { Op::Audit } else { Op::Loop };
             blocks.push(self.block(o, k, j, rid, false));
-            notes.push(
-                StepNote {
-                    chunk,
-                    ..StepNote::at(step)
-                }
-                .encode(),
-            );
+            let note = if k == j {
+                SessionNote::Audit(ChunkNote { step, chunk })
+            } else {
+                SessionNote::Loop { step }
+            };
+            notes.push(note.encode());
         }
         let path: Vec<usize> = (0..=j).collect();
         let cells = self.seal(&path, &blocks, &notes, &[])?;

@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use mixnn_node::cover::poisson_gap;
-use mixnn_proto::StepNote;
+use mixnn_net::pacing::poisson_gap;
+use mixnn_proto::SessionNote;
 use mixnn_wire::{Op, ReplyId};
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
@@ -153,7 +153,7 @@ impl CascadeRunner {
         let blocks: Vec<_> = (0..n)
             .map(|k| self.block(Op::Loop, k, n - 1, rid, false))
             .collect();
-        let notes = vec![StepNote::at(self.step).encode(); n];
+        let notes = vec![SessionNote::Loop { step: self.step }.encode(); n];
         let path: Vec<usize> = (0..n).collect();
         let cells = self.seal(&path, &blocks, &notes, &[])?;
         self.loops.out.insert(rid.0, Instant::now());

@@ -26,7 +26,7 @@ use mixnn_model::spec::ModelSpec;
 use mixnn_model::stage::{NamedParam, StageState};
 use mixnn_model::trainer::{EpochMetrics, ResumePoint, TrainConfig};
 use mixnn_model::weights::sha256_hex;
-use mixnn_proto::{decode_state, encode_state, ParamChunk, StepNote};
+use mixnn_proto::{decode_state, encode_state, ChunkNote, ParamChunk, SessionNote};
 use mixnn_wire::{Op, ReplyId};
 
 use super::{Await, CascadeRunner};
@@ -492,13 +492,13 @@ impl CascadeRunner {
         for k in 0..=j {
             let o = if k == j { op } else { Op::Loop };
             blocks.push(self.block(o, k, j, rid, false));
-            notes.push(
-                StepNote {
-                    chunk,
-                    ..StepNote::at(self.step)
-                }
-                .encode(),
-            );
+            let step = self.step;
+            let note = match o {
+                Op::Load => SessionNote::Load(ChunkNote { step, chunk }),
+                Op::Fetch => SessionNote::Fetch(ChunkNote { step, chunk }),
+                _ => SessionNote::Loop { step },
+            };
+            notes.push(note.encode());
         }
         let path: Vec<usize> = (0..=j).collect();
         let cells = self.seal(&path, &blocks, &notes, body)?;
@@ -524,7 +524,7 @@ impl CascadeRunner {
             let blocks: Vec<_> = (0..=j)
                 .map(|k| self.block(Op::Loop, k, j, rid, false))
                 .collect();
-            let notes = vec![StepNote::at(self.step).encode(); j + 1];
+            let notes = vec![SessionNote::Loop { step: self.step }.encode(); j + 1];
             let path: Vec<usize> = (0..=j).collect();
             let sent = self
                 .seal(&path, &blocks, &notes, &[])

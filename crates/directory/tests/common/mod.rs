@@ -1,8 +1,8 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests: test nodes' keys and
+//! descriptors (the server's tests have the same, with a directory).
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use mixnn_directory::ed25519_dalek::SigningKey;
 use mixnn_directory::*;
@@ -37,18 +37,6 @@ pub fn descriptor(key: &SigningKey, port: u16, published: u64) -> Descriptor {
 pub fn signed(i: u8, published: u64) -> SignedDescriptor {
     let key = node_key(i);
     sign_descriptor(&key, &descriptor(&key, 7000 + u16::from(i), published)).unwrap()
-}
-
-/// A directory over an in-memory store with a manual clock at `T0`.
-pub fn directory() -> (DirectoryState, ManualClock) {
-    let clock = ManualClock::new(T0);
-    let state = DirectoryState::new(
-        Store::open_in_memory().unwrap(),
-        DirectoryKeys::from_secret([0xd1; 32]),
-        Arc::new(clock.clone()),
-        DirectoryConfig::default(),
-    );
-    (state, clock)
 }
 
 /// Replaces `from` by `to` once in the JSON of `value` and parses it back.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use mixnn_directory::*;
+use mixnn_directory_server::*;
 
 fn directory_with_key(secret: u8, clock: &ManualClock) -> DirectoryState {
     DirectoryState::new(

@@ -1,6 +1,13 @@
-//! Shared by the in-process designer tests: nodes on their own threads on
-//! 127.0.0.1, and a small synthetic data set.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! In-process cascades for tests: nodes on their own threads on
+//! 127.0.0.1 with real links and real onions, driven by a real designer,
+//! and a small synthetic data set.
+//!
+//! This test-only crate sits above both role crates: the designer does not
+//! depend on the node (not even for its tests), so the tests that need
+//! both in one process live here (`tests/in_process.rs`, `tests/loops.rs`,
+//! `tests/byzantine.rs`). The process-level tests, which start `mixnn node`
+//! processes, live with the binary (`crates/cli/tests`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 
@@ -10,6 +17,9 @@ use mixnn_model::init::rng;
 use mixnn_net::{LinkListener, NodeKeys};
 use mixnn_node::{NodeConfig, NodeError};
 use rand_core::{RngCore, SeedableRng};
+
+/// The paper's model description (`models/paper-mlp.toml`).
+pub const PAPER: &str = include_str!("../../../models/paper-mlp.toml");
 
 /// A data set of `n` 28×28 images whose pixels give their label away.
 pub fn dataset(n: usize, seed: u64) -> Dataset {
@@ -43,7 +53,7 @@ pub fn start_node_with(seed: u64, config: NodeConfig) -> HopInfo {
             let listener = LinkListener::bind(
                 "127.0.0.1:0".parse().unwrap(),
                 keys.link().clone(),
-                mixnn_node::link_config().unwrap(),
+                mixnn_net::LinkConfig::mixnn(),
             )
             .await
             .unwrap();

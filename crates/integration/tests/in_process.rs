@@ -9,10 +9,7 @@ use mixnn_model::spec::ModelSpec;
 use mixnn_model::stage::Sgd;
 use mixnn_model::trainer::{run_training, LocalModel, Quiet, TrainConfig};
 
-mod common;
-use common::{dataset, start_node};
-
-const PAPER: &str = include_str!("../../../models/paper-mlp.toml");
+use mixnn_integration::{dataset, start_node, PAPER};
 
 fn run_both(keep_first: bool, keep_last: bool, window: usize) {
     run_both_micro(keep_first, keep_last, window, 1);

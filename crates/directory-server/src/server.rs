@@ -10,59 +10,19 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use mixnn_directory::api::{ErrorBody, FailureResponse, Health, RegisterResponse};
+use mixnn_directory::{
+    parse_key_hex, DirectoryError, NodeRecord, Result, SignedDescriptor, SignedFailureReport,
+    SignedHeartbeat, SignedView,
+};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::net::TcpListener;
 
-use crate::descriptor::SignedDescriptor;
-use crate::error::{DirectoryError, Result};
-use crate::history::NodeRecord;
-use crate::report::{SignedFailureReport, SignedHeartbeat};
-use crate::signed::{hex32, parse_key_hex};
 use crate::state::DirectoryState;
-use crate::store::{FailureOutcome, Registration};
-use crate::view::SignedView;
 
 /// Largest accepted request body (bytes).
 pub const MAX_BODY: usize = 64 * 1024;
-
-/// Answer to `POST /v1/descriptors`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RegisterResponse {
-    /// What the registration did.
-    pub status: Registration,
-    /// The node's identity key.
-    #[serde(with = "hex32")]
-    pub identity: [u8; 32],
-}
-
-/// Answer to `POST /v1/failures`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FailureResponse {
-    /// Whether the report was new.
-    pub status: FailureOutcome,
-}
-
-/// Answer to `GET /v1/health`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Health {
-    /// Always `"ok"`.
-    pub status: String,
-    /// The directory's public key.
-    #[serde(with = "hex32")]
-    pub directory: [u8; 32],
-    /// Registered nodes, live or not.
-    pub nodes: u64,
-    /// The directory's clock.
-    pub now: u64,
-}
-
-/// The error body of every failed request: `{"error": "one line"}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    /// What went wrong.
-    pub error: String,
-}
 
 /// The directory's routes over `state` (for embedding or tests; [`serve`]
 /// is the usual entry point).

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use common::*;
 use mixnn_directory::ed25519_dalek::SigningKey;
 use mixnn_directory::*;
+use mixnn_directory::api::*;
+use mixnn_directory_server::*;
 
 #[test]
 fn register_accepts_a_valid_descriptor_and_refuses_the_same_again_unless_identical() {

@@ -8,13 +8,27 @@
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
-use serde::{Deserialize, Serialize};
 
-use crate::descriptor::SignedDescriptor;
-use crate::error::{DirectoryError, Result};
-use crate::history::{Counters, FailureRecord, History, NodeRecord};
-use crate::report::{SignedFailureReport, SignedHeartbeat};
-use crate::state::DirectoryConfig;
+use mixnn_directory::api::{FailureOutcome, Registration};
+use mixnn_directory::{
+    Counters, DirectoryError, FailureRecord, History, NodeRecord, Result, SignedDescriptor,
+    SignedFailureReport, SignedHeartbeat,
+};
+
+use crate::config::DirectoryConfig;
+
+/// SQLite errors as [`DirectoryError::Database`].
+trait Db<T> {
+    fn db(self) -> Result<T>;
+}
+
+impl<T> Db<T> for rusqlite::Result<T> {
+    fn db(self) -> Result<T> {
+        self.map_err(|e| DirectoryError::Database {
+            reason: e.to_string(),
+        })
+    }
+}
 
 const SCHEMA_VERSION: i64 = 1;
 
@@ -49,28 +63,6 @@ CREATE TABLE IF NOT EXISTS failures (
 CREATE INDEX IF NOT EXISTS failures_by_node ON failures (identity, received);
 ";
 
-/// What a registration did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Registration {
-    /// A node not seen before.
-    New,
-    /// A newer descriptor replaced the registered one.
-    Updated,
-    /// The very same descriptor was sent again.
-    Unchanged,
-}
-
-/// What a failure report did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FailureOutcome {
-    /// Stored and counted.
-    Recorded,
-    /// This reporter already reported this node at this step.
-    Duplicate,
-}
-
 /// The SQLite store.
 #[derive(Debug)]
 pub struct Store {
@@ -80,21 +72,21 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database file.
     pub fn open(path: &Path) -> Result<Self> {
-        Self::init(Connection::open(path)?)
+        Self::init(Connection::open(path).db()?)
     }
 
     /// A throwaway in-memory database (tests).
     pub fn open_in_memory() -> Result<Self> {
-        Self::init(Connection::open_in_memory()?)
+        Self::init(Connection::open_in_memory().db()?)
     }
 
     fn init(conn: Connection) -> Result<Self> {
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).db()?;
         let _mode: String =
-            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).db()?;
+        conn.pragma_update(None, "synchronous", "NORMAL").db()?;
+        conn.pragma_update(None, "foreign_keys", "ON").db()?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).db()?;
         if version > SCHEMA_VERSION {
             return Err(DirectoryError::Database {
                 reason: format!(
@@ -102,8 +94,8 @@ impl Store {
                 ),
             });
         }
-        conn.execute_batch(SCHEMA)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        conn.execute_batch(SCHEMA).db()?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION).db()?;
         Ok(Self { conn })
     }
 
@@ -121,12 +113,12 @@ impl Store {
         let identity = hex::encode(d.identity);
         let addr = d.addr.to_string();
         let signature = hex::encode(signed.signature());
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.transaction().db()?;
         let owner: Option<String> = tx
             .query_row("SELECT identity FROM nodes WHERE addr = ?1", [&addr], |r| {
                 r.get(0)
             })
-            .optional()?;
+            .optional().db()?;
         if owner.is_some_and(|o| o != identity) {
             return Err(DirectoryError::AddressTaken { addr });
         }
@@ -136,7 +128,7 @@ impl Store {
                 [&identity],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
-            .optional()?;
+            .optional().db()?;
         let (published, now_i) = (to_i64("published", d.published)?, to_i64("now", now)?);
         let outcome = match existing {
             None => {
@@ -144,8 +136,8 @@ impl Store {
                     "INSERT INTO nodes (identity, addr, published, descriptor, signature, first_seen, last_seen)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
                     params![identity, addr, published, signed.descriptor_json(), signature, now_i],
-                )?;
-                tx.execute("INSERT INTO history (identity) VALUES (?1)", [&identity])?;
+                ).db()?;
+                tx.execute("INSERT INTO history (identity) VALUES (?1)", [&identity]).db()?;
                 Registration::New
             }
             Some((current, json, sig)) => {
@@ -167,11 +159,11 @@ impl Store {
                     "UPDATE nodes SET addr = ?2, published = ?3, descriptor = ?4, signature = ?5, last_seen = ?6
                      WHERE identity = ?1",
                     params![identity, addr, published, signed.descriptor_json(), signature, now_i],
-                )?;
+                ).db()?;
                 outcome
             }
         };
-        tx.commit()?;
+        tx.commit().db()?;
         tracing::debug!(?outcome, "descriptor registered");
         Ok(outcome)
     }
@@ -188,7 +180,7 @@ impl Store {
     ) -> Result<()> {
         let hb = signed.verify(now, config.max_heartbeat_age)?;
         let identity = hex::encode(hb.identity);
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.transaction().db()?;
         let row: Option<(Option<i64>, i64)> = tx
             .query_row(
                 "SELECT h.last_heartbeat, n.first_seen FROM history h JOIN nodes n USING (identity)
@@ -196,7 +188,7 @@ impl Store {
                 [&identity],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .optional()?;
+            .optional().db()?;
         let Some((last, first_seen)) = row else {
             return Err(DirectoryError::UnknownNode { identity });
         };
@@ -221,12 +213,12 @@ impl Store {
                 to_i64("timestamp", hb.timestamp)?,
                 to_i64("gap", credited)?
             ],
-        )?;
+        ).db()?;
         tx.execute(
             "UPDATE nodes SET last_seen = ?2 WHERE identity = ?1",
             params![identity, to_i64("now", now)?],
-        )?;
-        tx.commit()?;
+        ).db()?;
+        tx.commit().db()?;
         Ok(())
     }
 
@@ -247,7 +239,7 @@ impl Store {
             }
         }
         let identity = hex::encode(report.node);
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.transaction().db()?;
         if !node_exists(&tx, &identity)? {
             return Err(DirectoryError::UnknownNode { identity });
         }
@@ -263,14 +255,14 @@ impl Store {
                 to_i64("now", now)?,
                 hex::encode(signed.signature()),
             ],
-        )?;
+        ).db()?;
         if inserted == 1 {
             tx.execute(
                 "UPDATE history SET failures = failures + 1 WHERE identity = ?1",
                 [&identity],
-            )?;
+            ).db()?;
         }
-        tx.commit()?;
+        tx.commit().db()?;
         Ok(if inserted == 1 {
             FailureOutcome::Recorded
         } else {
@@ -293,15 +285,15 @@ impl Store {
         let mut stmt = self.conn.prepare(
             "SELECT reporter, step, reason, timestamp FROM failures WHERE identity = ?1
              ORDER BY received DESC, id DESC LIMIT 20",
-        )?;
+        ).db()?;
         let recent_reports = stmt
             .query_map([&id], |r| {
                 Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })?
+            }).db()?
             .map(|row| {
-                let (reporter, step, reason, timestamp) = row?;
+                let (reporter, step, reason, timestamp) = row.db()?;
                 Ok(FailureRecord {
-                    reporter: crate::signed::parse_key_hex("stored reporter key", &reporter)?,
+                    reporter: mixnn_directory::parse_key_hex("stored reporter key", &reporter)?,
                     step: from_i64(step),
                     reason,
                     timestamp: from_i64(timestamp),
@@ -329,7 +321,7 @@ impl Store {
     pub fn node_count(&self) -> Result<u64> {
         let n: i64 = self
             .conn
-            .query_row("SELECT COUNT(*) FROM nodes", [], |r| r.get(0))?;
+            .query_row("SELECT COUNT(*) FROM nodes", [], |r| r.get(0)).db()?;
         Ok(from_i64(n))
     }
 
@@ -347,7 +339,7 @@ impl Store {
              FROM nodes n JOIN history h USING (identity)
              WHERE (?1 IS NULL OR n.identity = ?1) AND n.last_seen >= ?2
              ORDER BY n.identity",
-        )?;
+        ).db()?;
         let failures_since = to_i64("now", now.saturating_sub(config.failure_window))?;
         let rows = stmt.query_map(
             params![identity, to_i64("now", seen_since)?, failures_since],
@@ -360,7 +352,7 @@ impl Store {
                     [r.get::<_, i64>(6)?, r.get(7)?, r.get(8)?],
                 ))
             },
-        )?;
+        ).db()?;
         rows.map(|row| {
             let (
                 json,
@@ -368,7 +360,7 @@ impl Store {
                 [first_seen, last_seen, heartbeats],
                 last_hb,
                 [uptime, failures, recent],
-            ) = row?;
+            ) = row.db()?;
             let mut signature = [0u8; 64];
             hex::decode_to_slice(&sig, &mut signature)
                 .map_err(|e| DirectoryError::malformed("stored signature", e))?;
@@ -395,7 +387,7 @@ fn node_exists(tx: &Transaction<'_>, identity: &str) -> Result<bool> {
             [identity],
             |_| Ok(()),
         )
-        .optional()?
+        .optional().db()?
         .is_some())
 }
 

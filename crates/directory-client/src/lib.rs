@@ -1,4 +1,6 @@
-//! A blocking HTTP client for the directory (nodes and designers).
+//! A blocking HTTP client for the MixNN directory, for nodes and
+//! designers: the documents come from `mixnn-directory`, so using the
+//! client links neither the server nor its database.
 //!
 //! Plain HTTP: integrity comes from the signatures, not the transport. A
 //! view fetched here is still unverified; call [`SignedView::verify`].
@@ -6,15 +8,14 @@
 
 use std::time::Duration;
 
+use mixnn_directory::api::{
+    ErrorBody, FailureOutcome, FailureResponse, Health, RegisterResponse, Registration,
+};
+use mixnn_directory::{
+    DirectoryError, NodeRecord, Result, SignedDescriptor, SignedFailureReport, SignedHeartbeat,
+    SignedView,
+};
 use serde::de::DeserializeOwned;
-
-use crate::descriptor::SignedDescriptor;
-use crate::error::{DirectoryError, Result};
-use crate::history::NodeRecord;
-use crate::report::{SignedFailureReport, SignedHeartbeat};
-use crate::server::{ErrorBody, FailureResponse, Health, RegisterResponse};
-use crate::store::{FailureOutcome, Registration};
-use crate::view::SignedView;
 
 /// Timeout for connecting and for a whole request.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -3,18 +3,14 @@
 //! detected by loops alone (no training traffic) within the bound.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{dataset, start_node, start_node_with};
+use mixnn_integration::{dataset, start_node, start_node_with, PAPER};
 use mixnn_designer::{CascadeOptions, CascadeRunner, DesignerError, HopInfo};
 use mixnn_model::spec::ModelSpec;
 use mixnn_model::stage::Sgd;
 use mixnn_model::trainer::{run_training, LocalModel, Quiet, TrainConfig};
 use mixnn_node::NodeConfig;
-
-const PAPER: &str = include_str!("../../../models/paper-mlp.toml");
 
 fn cfg() -> TrainConfig {
     TrainConfig {

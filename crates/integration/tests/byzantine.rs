@@ -5,9 +5,7 @@
 //! local trainer. An honest run is never flagged.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::{dataset, start_node, start_node_with};
+use mixnn_integration::{dataset, start_node, start_node_with};
 use mixnn_designer::{CascadeOptions, CascadeRunner, DesignerError, HopInfo, Spares};
 use mixnn_model::data::Dataset;
 use mixnn_model::spec::ModelSpec;
