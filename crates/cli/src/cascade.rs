@@ -1,5 +1,7 @@
-//! The cascade half of the CLI: `mixnn train --cascade FILE`, and local
-//! node processes for the demo and the tests.
+//! The cascade half of the CLI: `mixnn train --cascade FILE` and
+//! `--directory URL` (arguments in, notices out; the run itself is
+//! [`mixnn_designer::run`]), and local node and directory processes for the
+//! demo and the tests.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
@@ -9,32 +11,14 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use mixnn_designer::checkpoint::CheckpointDir;
-use mixnn_designer::directory::{draw, Directories, DirectoryReplacements, DrawnCascade};
-use mixnn_designer::{CascadeFile, CascadeOptions, CascadeRunner, HopInfo, Spares};
-use mixnn_model::trainer::{run_training_from, Observer, RunMetrics};
-use rand_chacha::rand_core::SeedableRng;
+use mixnn_designer::directory::Directories;
+pub use mixnn_designer::run::RunSettings as Recovery;
+use mixnn_designer::run::{self, Notice, ReplacementSource};
+use mixnn_designer::{CascadeFile, CascadeOptions, HopInfo};
+use mixnn_model::trainer::{Observer, RunMetrics};
 
 use crate::node::parse_ready_line;
-use crate::train::Prepared;
-
-/// Which stages the designer keeps in its own process (`--keep first,last`).
-pub fn parse_keep(keep: Option<&str>) -> anyhow::Result<(bool, bool)> {
-    let (mut first, mut last) = (false, false);
-    for part in keep
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-    {
-        match part {
-            "first" => first = true,
-            "last" => last = true,
-            other => bail!("--keep takes first, last or first,last, not {other:?}"),
-        }
-    }
-    Ok((first, last))
-}
+use crate::prepared::Prepared;
 
 /// Checkpoints and crash recovery of `mixnn train --cascade`.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -117,22 +101,21 @@ pub fn from_directory(
         pinned,
         quorum: args.quorum,
     };
-    let view = dirs.view()?;
-    let real =
-        prepared.model.stages.len() - usize::from(opts.keep_first) - usize::from(opts.keep_last);
     let seed = args.selection_seed.unwrap_or_else(rand_seed);
-    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
-    let drawn = draw(&view, real, args.dummies, &mut rng)?;
+    let (drawn, listed) = run::draw_cascade(&dirs, &prepared.model, opts, args.dummies, seed)?;
     crate::progress::say(&format!(
-        "directory: {} nodes listed; drew {} hops ({} real, dummies at {:?})",
-        view.nodes.len(),
+        "directory: {listed} nodes listed; drew {} hops ({} real, dummies at {:?})",
         drawn.hops.len(),
-        real,
+        opts.remote_stages(&prepared.model),
         drawn.dummies
     ));
     opts.dummies = drawn.dummies.clone();
-    if recovery.spares.is_empty() {
-        recovery.directory = Some((dirs, seed, drawn.clone()));
+    if matches!(recovery.replacements, ReplacementSource::None) {
+        recovery.replacements = ReplacementSource::Directory {
+            dirs,
+            seed,
+            drawn: drawn.clone(),
+        };
     }
     Ok(drawn.hops)
 }
@@ -144,35 +127,20 @@ fn rand_seed() -> u64 {
     h.finish()
 }
 
-/// [`RecoveryArgs`], loaded.
-#[derive(Debug, Clone, Default)]
-pub struct Recovery {
-    /// Checkpoint directory.
-    pub checkpoints: Option<PathBuf>,
-    /// Steps between checkpoints.
-    pub every: u64,
-    /// Spare nodes.
-    pub spares: Vec<HopInfo>,
-    /// Resume from the newest checkpoint in `checkpoints`.
-    pub resume: bool,
-    /// Replacements from these directories (with the draw's seed and
-    /// result), if not from `spares`.
-    pub directory: Option<(Directories, u64, DrawnCascade)>,
-}
-
 impl RecoveryArgs {
     /// Loads the spares file and checks the flags.
     pub fn setup(&self) -> anyhow::Result<Recovery> {
-        let spares = match &self.spares {
-            Some(f) => load_cascade(f).with_context(|| format!("--spares {}", f.display()))?,
-            None => Vec::new(),
+        let replacements = match &self.spares {
+            Some(f) => ReplacementSource::Spares(
+                load_cascade(f).with_context(|| format!("--spares {}", f.display()))?,
+            ),
+            None => ReplacementSource::None,
         };
         Ok(Recovery {
             checkpoints: self.resume.clone().or_else(|| self.checkpoints.clone()),
-            every: self.checkpoint_every,
-            spares,
+            every: std::num::NonZeroU64::new(self.checkpoint_every),
             resume: self.resume.is_some(),
-            directory: None,
+            replacements,
         })
     }
 
@@ -196,7 +164,8 @@ pub fn run_cascade(
 }
 
 /// Trains through the cascade `hops` with checkpoints, recovery from
-/// failed nodes, or resuming a run, as `recovery` says.
+/// failed nodes, or resuming a run, as `recovery` says; prints what the
+/// run reports.
 pub fn run_cascade_with(
     prepared: &Prepared,
     hops: Vec<HopInfo>,
@@ -205,98 +174,21 @@ pub fn run_cascade_with(
     observer: &mut dyn Observer,
 ) -> anyhow::Result<(RunMetrics, Vec<u8>)> {
     let Prepared { model, split, cfg } = prepared;
-    let mut opts = opts;
-    if cfg.micro_batches > 1 && opts.audit_rate > 0.0 {
-        crate::progress::say("audits need one micro-batch per step: off for this run");
-        opts.audit_rate = 0.0;
-    }
-    let dir = match &recovery.checkpoints {
-        Some(d) => Some(CheckpointDir::open(d, 3)?),
-        None => None,
+    let mut print = |n: Notice| match n {
+        Notice::ResumeWarning(_) => eprintln!("{n}"),
+        n => crate::progress::say(&n.to_string()),
     };
-    let resume = match (&dir, recovery.resume) {
-        (Some(dir), true) => match dir.latest()? {
-            Some((c, warnings)) => {
-                for w in warnings {
-                    eprintln!("warning: {w}");
-                }
-                Some(c)
-            }
-            None => bail!("no checkpoint in {}", dir.path().display()),
-        },
-        _ => None,
-    };
-    let mut runner =
-        CascadeRunner::connect(model, hops, cfg, opts)?.with_checkpoints(dir, recovery.every);
-    if !recovery.spares.is_empty() {
-        runner = runner.with_replacements(Box::new(Spares::new(recovery.spares.clone())));
-    } else if let Some((dirs, seed, drawn)) = &recovery.directory {
-        runner = runner.with_replacements(Box::new(DirectoryReplacements::new(
-            dirs.clone(),
-            DirectoryReplacements::ephemeral_key(),
-            *seed,
-            drawn,
-        )));
-    }
-    let from = match &resume {
-        Some(c) => {
-            let at = runner.restore(c)?;
-            crate::progress::say(&format!(
-                "resuming at step {} (epoch {}, batch {})",
-                c.step,
-                at.epoch + 1,
-                at.position
-            ));
-            Some(at)
-        }
-        None => None,
-    };
-    let result = run_training_from(
-        &mut runner,
+    Ok(run::train(
         model,
         &split.train,
         &split.test,
         cfg,
+        hops,
+        opts,
+        recovery,
         observer,
-        from,
-    );
-    for e in runner.recoveries() {
-        crate::progress::say(&format!(
-            "recovered: {} (bound T {:.1} s, detected at unix ms {}); replaced {:?}; back at step {} in {:.2} s",
-            e.cause, e.bound_s, e.detected_unix_ms, e.replaced, e.resumed_at, e.recovery_s
-        ));
-    }
-    // The test-phase check of the last epoch (earlier ones are checked
-    // as the next epoch starts).
-    if let Ok((m, _)) = &result {
-        if let Some(e) = m.epochs.last() {
-            runner.check_accuracy(e.epoch, e.test_acc);
-        }
-    }
-    let audits = runner.audit_stats();
-    if audits.committed_steps > 0 {
-        crate::progress::say(&format!(
-            "audits: {} of {} steps' commitments, {} passed, {} failed{}",
-            audits.audits,
-            audits.committed_steps,
-            audits.passed,
-            audits.failures.len(),
-            if audits.suspect {
-                "; cascade suspect (test accuracy dropped)"
-            } else {
-                ""
-            }
-        ));
-    }
-    let times = runner.checkpoint_times();
-    if !times.is_empty() {
-        crate::progress::say(&format!(
-            "checkpoints: {} taken, median {:.1} ms each",
-            times.len(),
-            crate::progress::median(times) * 1000.0
-        ));
-    }
-    Ok(result?)
+        &mut print,
+    )?)
 }
 
 /// Loads a cascade file.

@@ -54,8 +54,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     install_cleanup();
     let prepared = args.train.prepare()?;
     let opts = args.cascade.options()?;
-    let remote =
-        prepared.model.stages.len() - usize::from(opts.keep_first) - usize::from(opts.keep_last);
+    let remote = opts.remote_stages(&prepared.model);
     say(&format!(
         "MixNN demo: {} ({} stages), {} train / {} test images, {} epochs, seed {}",
         prepared.model.name,
@@ -72,15 +71,14 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
 
     let mut opts = opts;
     // Constant-rate links: the nodes pace theirs as the designer does.
-    let paced: Vec<String> = if opts.link_rate > 0.0 {
-        vec![
+    let paced: Vec<String> = match opts.link_pacing {
+        Some(p) => vec![
             "--link-rate".into(),
-            opts.link_rate.to_string(),
+            p.rate.to_string(),
             "--link-jitter".into(),
-            opts.link_jitter.to_string(),
-        ]
-    } else {
-        Vec::new()
+            p.jitter.to_string(),
+        ],
+        None => Vec::new(),
     };
     let (nodes, directory, hops) = if args.no_directory {
         say(&format!("starting {remote} node processes on 127.0.0.1 …"));

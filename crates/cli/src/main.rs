@@ -13,6 +13,7 @@ mod memcpy;
 mod netns;
 mod node;
 mod plot;
+mod prepared;
 mod progress;
 mod selftest;
 mod train;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
+use mixnn_designer::{AuditRate, CascadeOptions, Keep, LinkPacing, Padding, Rate};
 use mixnn_model::data::{self, Split};
 use mixnn_model::spec::ModelSpec;
 use mixnn_model::stage::Sgd;
@@ -12,6 +13,7 @@ use mixnn_model::trainer::{run_training, LocalModel, Observer, RunMetrics, Train
 use mixnn_model::ModelError;
 
 use crate::fetch::{self, DataArgs};
+pub use crate::prepared::Prepared;
 use crate::progress::{self, say, Progress};
 
 /// Where the paper's model description lives in the repository.
@@ -110,42 +112,42 @@ pub const DEFAULT_AUDIT_RATE: f64 = 0.02;
 
 impl CascadeArgs {
     /// The designer's options.
-    pub fn options(&self) -> anyhow::Result<mixnn_designer::CascadeOptions> {
-        let (keep_first, keep_last) = crate::cascade::parse_keep(self.keep.as_deref())?;
-        let uniform_padding = match self.padding.as_str() {
-            "uniform" => true,
-            "classes" => false,
-            other => anyhow::bail!("--padding takes uniform or classes, not {other:?}"),
-        };
+    pub fn options(&self) -> anyhow::Result<CascadeOptions> {
+        let keep: Keep = self
+            .keep
+            .as_deref()
+            .unwrap_or("")
+            .parse()
+            .map_err(anyhow::Error::msg)?;
+        let padding: Padding = self.padding.parse().map_err(anyhow::Error::msg)?;
         if !(self.timeout > 0.0 && self.timeout.is_finite()) {
             anyhow::bail!("--timeout must be a positive number of seconds");
         }
-        if !(self.loop_rate >= 0.0 && self.loop_rate.is_finite()) {
-            anyhow::bail!("--loop-rate must be a number of loops per second, 0 or more");
-        }
-        if !(self.link_rate >= 0.0 && self.link_rate.is_finite()) {
-            anyhow::bail!("--link-rate must be a number of messages per second, 0 or more");
-        }
+        let loop_rate = Rate::or_off(self.loop_rate).map_err(|_| {
+            anyhow::anyhow!("--loop-rate must be a number of loops per second, 0 or more")
+        })?;
+        let link_rate = Rate::or_off(self.link_rate).map_err(|_| {
+            anyhow::anyhow!("--link-rate must be a number of messages per second, 0 or more")
+        })?;
         if !(0.0..=1.0).contains(&self.link_jitter) {
             anyhow::bail!("--link-jitter must be a fraction of the period, from 0 to 1");
         }
-        let audit_rate = self.audit_rate.unwrap_or(DEFAULT_AUDIT_RATE);
-        if !(0.0..=1.0).contains(&audit_rate) {
-            anyhow::bail!("--audit-rate must be a probability, from 0 to 1");
-        }
-        Ok(mixnn_designer::CascadeOptions {
-            loop_rate: self.loop_rate,
-            link_rate: self.link_rate,
-            link_jitter: self.link_jitter,
+        let audit_rate = AuditRate::or_off(self.audit_rate.unwrap_or(DEFAULT_AUDIT_RATE))
+            .map_err(|_| anyhow::anyhow!("--audit-rate must be a probability, from 0 to 1"))?;
+        Ok(CascadeOptions {
+            keep,
+            window: self.window.max(1),
+            timeout: std::time::Duration::from_secs_f64(self.timeout),
+            padding,
+            loop_rate,
             audit_rate,
             #[cfg(feature = "adversary")]
             audit_seed: self.audit_seed,
-            keep_first,
-            keep_last,
-            window: self.window.max(1),
-            timeout: std::time::Duration::from_secs_f64(self.timeout),
-            uniform_padding,
-            ..mixnn_designer::CascadeOptions::default()
+            link_pacing: link_rate.map(|rate| LinkPacing {
+                rate,
+                jitter: self.link_jitter,
+            }),
+            ..CascadeOptions::default()
         })
     }
 }
@@ -204,17 +206,6 @@ pub struct TrainArgs {
     /// Write the final weights (safetensors) to FILE.
     #[arg(long, value_name = "FILE")]
     pub weights: Option<PathBuf>,
-}
-
-/// What a training run needs, loaded and checked.
-#[derive(Debug)]
-pub struct Prepared {
-    /// The model.
-    pub model: ModelSpec,
-    /// The train and test images, already cut to the limits.
-    pub split: Split,
-    /// Epochs, batch size, optimiser, seed.
-    pub cfg: TrainConfig,
 }
 
 impl TrainArgs {

@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{mixnn, parse_ready, ready_line, Hop, DATA};
-use mixnn_designer::{CascadeOptions, CascadeRunner, HopInfo};
+use mixnn_designer::{CascadeOptions, CascadeRunner, HopInfo, LinkPacing, Rate};
 use mixnn_model::spec::ModelSpec;
 use mixnn_model::stage::Sgd;
 use mixnn_model::trainer::{batches, StepRunner, TrainConfig};
@@ -339,7 +339,7 @@ struct Observed {
     /// designer's.
     streams: [Stream; 3],
     cells: usize,
-    stats: mixnn_designer::runner::LoopStats,
+    stats: mixnn_designer::LoopStats,
     /// Every gap sample, by "direction phase".
     samples: Vec<(String, Vec<f64>)>,
     table: String,
@@ -459,10 +459,12 @@ fn observe(setup: &Setup) -> Observed {
     let test_order: Vec<u32> = (0..setup.test_images).collect();
     let test = batches(&split.test, &test_order, cfg.batch);
     let opts = CascadeOptions {
-        loop_rate,
+        loop_rate: Rate::new(loop_rate),
         // The designer paces its links as the nodes do.
-        link_rate,
-        link_jitter: setup.link_jitter,
+        link_pacing: Rate::new(link_rate).map(|rate| LinkPacing {
+            rate,
+            jitter: setup.link_jitter,
+        }),
         timeout: Duration::from_secs(20),
         ..CascadeOptions::default()
     };

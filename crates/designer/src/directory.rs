@@ -17,11 +17,7 @@ use rand_core::{RngCore, SeedableRng};
 
 use crate::cascade::HopInfo;
 use crate::error::DesignerError;
-use crate::runner::Replacements;
-
-fn dir_err(e: mixnn_directory::DirectoryError) -> DesignerError {
-    DesignerError::Directory(e.to_string())
-}
+use crate::replacements::Replacements;
 
 /// The directories a designer trusts.
 #[derive(Debug, Clone)]
@@ -49,14 +45,14 @@ impl Directories {
         }
         let k = self.quorum.max(1);
         if views.len() < k {
-            return Err(DesignerError::Directory(format!(
-                "{} of {} directories answered, {k} needed: {}",
-                views.len(),
-                self.urls.len(),
-                errors.join("; ")
-            )));
+            return Err(DesignerError::Quorum {
+                answered: views.len(),
+                asked: self.urls.len(),
+                needed: k,
+                errors: errors.join("; "),
+            });
         }
-        verify_quorum(&views, &self.pinned, k, unix_now()).map_err(dir_err)
+        Ok(verify_quorum(&views, &self.pinned, k, unix_now())?)
     }
 }
 
@@ -87,7 +83,7 @@ pub fn draw(
     dummies: usize,
     rng: &mut ChaCha20Rng,
 ) -> Result<DrawnCascade, DesignerError> {
-    let s = select(&view.nodes, real, dummies, rng).map_err(dir_err)?;
+    let s = select(&view.nodes, real, dummies, rng)?;
     Ok(DrawnCascade {
         hops: s.hops.iter().map(hop).collect(),
         identities: s.hops.iter().map(|n| n.descriptor.identity).collect(),
@@ -148,7 +144,10 @@ impl Replacements for DirectoryReplacements {
             })
             .collect();
         let s = select(&candidates, failed.len(), 0, &mut self.rng).map_err(|e| {
-            DesignerError::Directory(format!("no replacement for the failed hop: {e}"))
+            DesignerError::NoReplacement {
+                addr: failed.first().map_or(([0, 0, 0, 0], 0).into(), |h| h.addr),
+                reason: e.to_string(),
+            }
         })?;
         for n in &s.hops {
             self.identities

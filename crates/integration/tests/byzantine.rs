@@ -5,8 +5,12 @@
 //! local trainer. An honest run is never flagged.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::num::NonZeroU64;
+
+use mixnn_designer::{
+    AuditRate, CascadeOptions, CascadeRunner, Checkpoints, DesignerError, HopInfo, Keep, Spares,
+};
 use mixnn_integration::{dataset, start_node, start_node_with};
-use mixnn_designer::{CascadeOptions, CascadeRunner, DesignerError, HopInfo, Spares};
 use mixnn_model::data::Dataset;
 use mixnn_model::spec::ModelSpec;
 use mixnn_model::stage::Sgd;
@@ -82,7 +86,8 @@ fn cascade(base: u64, mode: AdversaryMode) -> Vec<HopInfo> {
 
 fn opts() -> CascadeOptions {
     CascadeOptions {
-        audit_rate: 0.05,
+        audit_rate: AuditRate::new(0.05),
+        audit_seed: Some(AUDIT_SEED),
         ..CascadeOptions::default()
     }
 }
@@ -94,11 +99,15 @@ fn caught_and_recovered(base: u64, mode: AdversaryMode) {
     let lm = local(&model, &cfg, &train, &test);
     let hops = cascade(base, mode);
     let spares: Vec<HopInfo> = (0..2).map(|i| start_node(base + 10 + i)).collect();
-    let mut runner = CascadeRunner::connect(&model, hops.clone(), &cfg, opts())
-        .unwrap()
-        .with_checkpoints(None, 8)
-        .with_replacements(Box::new(Spares::new(spares.clone())))
-        .with_audit_seed(AUDIT_SEED);
+    let mut runner = CascadeRunner::builder(&model, &cfg, hops.clone())
+        .options(opts())
+        .checkpoints(Checkpoints {
+            dir: None,
+            every: NonZeroU64::new(8),
+        })
+        .replacements(Box::new(Spares::new(spares.clone())))
+        .connect()
+        .unwrap();
     let (cm, _) = run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).unwrap();
     let stats = runner.audit_stats().clone();
     assert_eq!(stats.failures.len(), 1, "{mode:?}: {stats:?}");
@@ -155,9 +164,7 @@ fn without_spares_a_failed_audit_stops_the_run_naming_hop_and_step() {
     let (train, test) = data(FROM as usize + 60);
     let cfg = cfg(1);
     let hops = cascade(860, AdversaryMode::FlipGradient);
-    let mut runner = CascadeRunner::connect(&model, hops, &cfg, opts())
-        .unwrap()
-        .with_audit_seed(AUDIT_SEED);
+    let mut runner = CascadeRunner::connect(&model, hops, &cfg, opts()).unwrap();
     let err = run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).unwrap_err();
     match &err {
         DesignerError::Audit { hop, step, .. } => {
@@ -176,9 +183,7 @@ fn an_honest_run_over_two_epochs_is_never_flagged() {
     let cfg = cfg(2);
     let lm = local(&model, &cfg, &train, &test);
     let hops: Vec<HopInfo> = (0..5).map(|i| start_node(880 + i)).collect();
-    let mut runner = CascadeRunner::connect(&model, hops, &cfg, opts())
-        .unwrap()
-        .with_audit_seed(AUDIT_SEED);
+    let mut runner = CascadeRunner::connect(&model, hops, &cfg, opts()).unwrap();
     let (cm, _) = run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).unwrap();
     let last = cm.epochs.last().unwrap();
     runner.check_accuracy(last.epoch, last.test_acc);
@@ -200,15 +205,13 @@ fn an_honest_run_with_kept_stages_and_a_dummy_passes_its_audits() {
     // Stages 2–4 remote, a dummy between the first two of them.
     let hops: Vec<HopInfo> = (0..4).map(|i| start_node(895 + i)).collect();
     let opts = CascadeOptions {
-        keep_first: true,
-        keep_last: true,
+        keep: Keep::Both,
         dummies: vec![1],
-        audit_rate: 0.2,
+        audit_rate: AuditRate::new(0.2),
+        audit_seed: Some(AUDIT_SEED),
         ..CascadeOptions::default()
     };
-    let mut runner = CascadeRunner::connect(&model, hops, &cfg, opts)
-        .unwrap()
-        .with_audit_seed(AUDIT_SEED);
+    let mut runner = CascadeRunner::connect(&model, hops, &cfg, opts).unwrap();
     let (cm, _) = run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).unwrap();
     let stats = runner.audit_stats();
     assert!(stats.audits > 0, "{stats:?}");

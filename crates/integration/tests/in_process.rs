@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use mixnn_designer::{CascadeOptions, CascadeRunner, HopInfo};
+use mixnn_designer::{CascadeOptions, CascadeRunner, HopInfo, Keep};
 use mixnn_model::spec::ModelSpec;
 use mixnn_model::stage::Sgd;
 use mixnn_model::trainer::{run_training, LocalModel, Quiet, TrainConfig};
@@ -42,8 +42,7 @@ fn run_both_with(
     let remote = 5 - usize::from(keep_first) - usize::from(keep_last) + dummies.len();
     let hops: Vec<HopInfo> = (0..remote).map(|i| start_node(100 + i as u64)).collect();
     let opts = CascadeOptions {
-        keep_first,
-        keep_last,
+        keep: Keep::from_flags(keep_first, keep_last),
         window,
         timeout: Duration::from_secs(20),
         dummies: dummies.to_vec(),

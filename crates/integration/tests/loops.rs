@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use mixnn_designer::{CascadeOptions, CascadeRunner, DesignerError, HopInfo, Rate};
 use mixnn_integration::{dataset, start_node, start_node_with, PAPER};
-use mixnn_designer::{CascadeOptions, CascadeRunner, DesignerError, HopInfo};
 use mixnn_model::spec::ModelSpec;
 use mixnn_model::stage::Sgd;
 use mixnn_model::trainer::{run_training, LocalModel, Quiet, TrainConfig};
@@ -32,7 +32,7 @@ fn loops_come_back_and_change_nothing() {
 
     let hops: Vec<HopInfo> = (0..5).map(|i| start_node(300 + i)).collect();
     let opts = CascadeOptions {
-        loop_rate: 20.0,
+        loop_rate: Rate::new(20.0),
         ..CascadeOptions::default()
     };
     let mut cascade = CascadeRunner::connect(&model, hops, &cfg, opts).unwrap();
@@ -62,7 +62,7 @@ fn loops_detect_a_node_that_drops_packets_within_the_bound() {
         })
         .collect();
     let opts = CascadeOptions {
-        loop_rate: 10.0,
+        loop_rate: Rate::new(10.0),
         timeout: bound,
         ..CascadeOptions::default()
     };

@@ -172,8 +172,7 @@ pub fn run(args: &PaperArgs) -> anyhow::Result<()> {
     }
     let opts = args.cascade.options()?;
     let mut prepared = args.train.prepare()?;
-    let remote =
-        prepared.model.stages.len() - usize::from(opts.keep_first) - usize::from(opts.keep_last);
+    let remote = opts.remote_stages(&prepared.model);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let base = prepared.cfg;

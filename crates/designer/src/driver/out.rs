@@ -1,12 +1,12 @@
 //! The designer's two links into the cascade — to the first hop (forward
 //! onions, the init loop, loops, fetches) and to the last hop (backward
 //! onions) — sent on at once, or paced at a constant rate like the nodes'
-//! links (`CascadeOptions::link_rate`, [`mixnn_net::pacing`]).
+//! links (`CascadeOptions::link_pacing`, [`mixnn_net::pacing`]).
 //!
 //! A paced link is a task on the designer's runtime that owns the link
 //! writer and sends one whole message per tick: the oldest queued one,
 //! else a cover message. The runtime then has a worker thread of its own
-//! (see `CascadeRunner::connect`), so ticks keep their time while the
+//! (see [`super::Driver::start`]), so ticks keep their time while the
 //! designer's thread builds onions or runs kept stages.
 
 use std::net::SocketAddr;
@@ -67,11 +67,9 @@ impl OutLink {
                 rt.block_on(writer.send_cells(cells))
                     .map_err(|source| DesignerError::Link { addr, source })
             }
-            OutLink::Paced { addr, tx } => tx.send(cells.to_vec()).map_err(|_| {
-                DesignerError::Reply(format!(
-                    "the paced link to hop {addr} failed (its error is in the log)"
-                ))
-            }),
+            OutLink::Paced { addr, tx } => tx
+                .send(cells.to_vec())
+                .map_err(|_| DesignerError::PacedLinkFailed { addr: *addr }),
         }
     }
 }

@@ -1,0 +1,333 @@
+//! Messages out, replies in: the [`Router`] builds each message, the
+//! [`Driver`] sends it and waits, [`Pending`] says what a reply answers,
+//! and while waiting the [`LoopSchedule`] decides when loops go out and
+//! when a lost loop fails the run. Receiving never sends on its own: the
+//! wait loop asks the schedule at each wake-up and sends what it says.
+//!
+//! On top of that, the transfers ([`Exchange::download`],
+//! [`Exchange::upload`], both through [`crate::plan::transfer`]) and the
+//! probe of a failed cascade ([`Exchange::probe`]).
+
+use std::time::{Duration, Instant};
+
+use mixnn_proto::ParamChunk;
+use mixnn_wire::PaddingPolicy;
+
+use crate::cascade::HopInfo;
+use crate::driver::Driver;
+use crate::error::{BadReply, DesignerError};
+use crate::plan::loops::{LoopLost, LoopSchedule, LoopStats};
+use crate::plan::pending::{Await, Expected, Pending};
+use crate::plan::recovery::{DetectionBound, Probe};
+use crate::plan::route::{Route, Router};
+use crate::plan::transfer::{self, Download};
+
+/// What a download fetches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetch {
+    /// A stage's state, at `step`.
+    State {
+        /// The designer's step.
+        step: u64,
+    },
+    /// The opening of a past step.
+    Opening {
+        /// The audited step.
+        step: u64,
+    },
+}
+
+impl Fetch {
+    fn route(self, hop: usize, chunk: u32) -> Route {
+        match self {
+            Fetch::State { step } => Route::fetch(hop, step, chunk),
+            Fetch::Opening { step } => Route::audit(hop, step, chunk),
+        }
+    }
+
+    fn awaits(self, hop: usize, chunk: u32) -> Await {
+        match self {
+            Fetch::State { .. } => Await::Chunk { hop, chunk },
+            Fetch::Opening { .. } => Await::Opening { hop, chunk },
+        }
+    }
+
+    fn expected(self) -> Expected {
+        match self {
+            Fetch::State { .. } => Expected::State,
+            Fetch::Opening { .. } => Expected::Opening,
+        }
+    }
+}
+
+/// The designer's messaging: router, driver, replies awaited, loops.
+pub struct Exchange {
+    driver: Driver,
+    router: Router,
+    pending: Pending,
+    loops: LoopSchedule,
+    bound: DetectionBound,
+}
+
+impl Exchange {
+    /// Messaging over `driver` with `router`'s onions.
+    pub fn new(driver: Driver, router: Router, loops: LoopSchedule, bound: DetectionBound) -> Self {
+        Exchange {
+            driver,
+            router,
+            pending: Pending::default(),
+            loops,
+            bound,
+        }
+    }
+
+    /// The router (tags, keys, padding).
+    pub fn router(&mut self) -> &mut Router {
+        &mut self.router
+    }
+
+    /// The driver (addresses, keys).
+    pub fn driver(&self) -> &Driver {
+        &self.driver
+    }
+
+    /// The padding policy in force.
+    pub fn policy(&self) -> PaddingPolicy {
+        self.router.policy()
+    }
+
+    /// Loops sent, returned and lost so far.
+    pub fn loop_stats(&self) -> LoopStats {
+        self.loops.stats()
+    }
+
+    /// The detection bound T in force.
+    pub fn bound(&self) -> Duration {
+        self.bound.bound()
+    }
+
+    /// New links to `hops` (after a replacement, or at the start): replies
+    /// of the old session are forgotten, loops pause until the next init.
+    pub fn connect(&mut self, hops: &[HopInfo]) -> Result<(), DesignerError> {
+        self.pending.clear();
+        self.loops.pause();
+        self.router.set_hops(hops.iter().map(|h| h.addr).collect());
+        self.driver.connect(hops)
+    }
+
+    /// Sends `route` with `body`; its reply answers `what`.
+    pub fn send(&mut self, route: &Route, body: &[u8], what: Await) -> Result<(), DesignerError> {
+        let sealed = self.router.seal(route, body)?;
+        self.pending.expect(sealed.reply, what);
+        self.driver.send(sealed.entry, &sealed.cells)
+    }
+
+    /// Sends the init loop (sealed by `seal`) and waits for it to come
+    /// back; loops run only once every hop has the session.
+    pub fn init(
+        &mut self,
+        seal: impl FnOnce(&mut Router) -> Result<crate::plan::route::Sealed, DesignerError>,
+        step: u64,
+    ) -> Result<(), DesignerError> {
+        self.loops.pause();
+        let sealed = seal(&mut self.router)?;
+        self.pending.expect(sealed.reply, Await::Init);
+        self.driver.send(sealed.entry, &sealed.cells)?;
+        self.wait(Expected::Init, step)?;
+        self.loops.resume();
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the next reply awaited; `None` when the
+    /// time is up. Sends the loops due meanwhile; a lost loop fails.
+    pub fn recv(
+        &mut self,
+        timeout: Duration,
+        step: u64,
+    ) -> Result<Option<(Await, Vec<u8>)>, DesignerError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let bound = self.bound.bound();
+            let wake = self
+                .loops
+                .wake(Instant::now(), bound)
+                .map_or(deadline, |w| deadline.min(w));
+            match self.driver.recv(wake)? {
+                Some((rid, body)) => {
+                    if self.loops.back(&rid) {
+                        continue;
+                    }
+                    match self.pending.take(&rid) {
+                        Some(kind) => return Ok(Some((kind, body))),
+                        // Late answers of an abandoned session (after a
+                        // recovery) or of a probe that already timed out.
+                        None => tracing::debug!("reply with an unknown id dropped"),
+                    }
+                }
+                None if wake < deadline => self.tick(step)?,
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Sends the loops due now; fails if one is overdue.
+    fn tick(&mut self, step: u64) -> Result<(), DesignerError> {
+        let bound = self.bound.bound();
+        let due =
+            self.loops
+                .poll(Instant::now(), bound)
+                .map_err(|LoopLost| DesignerError::Timeout {
+                    what: "a loop through the whole cascade",
+                    step,
+                    secs: bound.as_secs_f64(),
+                })?;
+        for _ in 0..due {
+            let sealed = self
+                .router
+                .seal(&Route::whole_loop(self.router.hops(), step), &[])?;
+            self.loops.sent(sealed.reply, Instant::now());
+            self.driver.send(sealed.entry, &sealed.cells)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the next reply, which must answer `expected`. Every wait
+    /// but the init loop's (which waits for links between the nodes to
+    /// come up) gets the detection bound T.
+    pub fn wait(
+        &mut self,
+        expected: Expected,
+        step: u64,
+    ) -> Result<(Await, Vec<u8>), DesignerError> {
+        let timeout = match expected {
+            Expected::Init => self.bound.timeout(),
+            _ => self.bound.bound(),
+        };
+        let started = Instant::now();
+        match self.recv(timeout, step)? {
+            Some((got, body)) => {
+                if expected != Expected::Init {
+                    self.bound.observe(started.elapsed());
+                }
+                if !expected.matches(got) {
+                    return Err(DesignerError::UnexpectedReply { expected, got });
+                }
+                Ok((got, body))
+            }
+            None => Err(DesignerError::Timeout {
+                what: expected.what(),
+                step,
+                secs: timeout.as_secs_f64(),
+            }),
+        }
+    }
+
+    /// Keeps only loops going for `duration` (no other traffic); fails as
+    /// soon as a loop is not back within the detection bound.
+    pub fn run_loops(&mut self, duration: Duration, step: u64) -> Result<LoopStats, DesignerError> {
+        let end = Instant::now() + duration;
+        loop {
+            self.tick(step)?;
+            let now = Instant::now();
+            if now >= end {
+                return Ok(self.loops.stats());
+            }
+            // recv wakes for loop times itself.
+            if let Some((kind, _)) = self.recv(end - now, step)? {
+                tracing::debug!("a late {kind} while only loops run");
+            }
+        }
+    }
+
+    /// Bytes of payload per transfer chunk.
+    pub fn room(&self) -> usize {
+        transfer::room(&self.router.policy())
+    }
+
+    /// Downloads `what` from each of `hops` at once, in chunks; the bytes
+    /// of each, in the order of `hops`.
+    pub fn download(
+        &mut self,
+        hops: &[usize],
+        what: Fetch,
+        step: u64,
+    ) -> Result<Vec<Vec<u8>>, DesignerError> {
+        let room = self.room();
+        let mut downloads: Vec<Download> = hops.iter().map(|&j| Download::new(j, room)).collect();
+        let mut done: Vec<Option<Vec<u8>>> = vec![None; hops.len()];
+        for &j in hops {
+            self.send(&what.route(j, 0), &[], what.awaits(j, 0))?;
+        }
+        let mut missing = hops.len();
+        while missing > 0 {
+            let (got, body) = self.wait(what.expected(), step)?;
+            let (Await::Chunk { hop, chunk } | Await::Opening { hop, chunk }) = got else {
+                return Err(DesignerError::UnexpectedReply {
+                    expected: what.expected(),
+                    got,
+                });
+            };
+            let at = hops
+                .iter()
+                .position(|j| *j == hop)
+                .ok_or(BadReply::Chunk { hop, chunk })?;
+            let piece = ParamChunk::decode(&body)?;
+            let complete = downloads[at].on_chunk(chunk, piece)?;
+            for k in downloads[at].take_requests() {
+                self.send(&what.route(hop, k), &[], what.awaits(hop, k))?;
+            }
+            if let Some(bytes) = complete {
+                done[at] = Some(bytes);
+                missing -= 1;
+            }
+        }
+        Ok(done.into_iter().flatten().collect())
+    }
+
+    /// Loads `bytes` into each `(hop, bytes)`, in chunks, at `step`;
+    /// returns once every chunk is acknowledged.
+    pub fn upload(&mut self, loads: &[(usize, Vec<u8>)], step: u64) -> Result<(), DesignerError> {
+        let room = self.room();
+        let mut expected = 0usize;
+        for (j, bytes) in loads {
+            for (k, chunk) in transfer::upload(bytes, room).into_iter().enumerate() {
+                let k = k as u32;
+                let what = Await::Loaded { hop: *j, chunk: k };
+                self.send(&Route::load(*j, step, k), &chunk.encode(), what)?;
+                expected += 1;
+            }
+        }
+        for _ in 0..expected {
+            self.wait(Expected::Load, step)?;
+        }
+        Ok(())
+    }
+
+    /// Which of the cascade's `n` hops failed: loops through the first 1,
+    /// 2, … n hops; the first that does not come back within the bound
+    /// ends at it. `None` if all come back (a transient failure). Replies
+    /// awaited are forgotten and loops pause (a new session follows).
+    pub fn probe(&mut self, n: usize, step: u64) -> Option<usize> {
+        self.pending.clear();
+        self.loops.pause();
+        let mut probe = Probe::new(n);
+        for j in 0..n {
+            if self
+                .send(&Route::probe(j, step), &[], Await::Probe(j))
+                .is_err()
+            {
+                return Some(0);
+            }
+        }
+        let deadline = Instant::now() + self.bound.bound();
+        while !probe.all_back() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.recv(left, step) {
+                Ok(Some((Await::Probe(j), _))) => probe.back(j),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        probe.failed()
+    }
+}

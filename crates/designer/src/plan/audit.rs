@@ -1,0 +1,379 @@
+//! Audits of Byzantine hops (paper §4.2, with the per-step verification
+//! the paper leaves to future work).
+//!
+//! - **Commitments.** Every hop gets a fresh commitment key in its init
+//!   note (sealed to it alone) and commits to each forward (input, output,
+//!   digest of the state before) and backward (gradient in and out, digest
+//!   of the state after). The commitments ride back in a fixed-size
+//!   trailer of the forward and backward bodies ([`mixnn_proto::audit`]);
+//!   [`Audits`] keeps them for every step since the oldest checkpoint it
+//!   holds.
+//! - **Draws.** After a step completes, the designer's secret RNG picks
+//!   each hop with parameters with probability `audit_rate`
+//!   ([`Audits::step_done`]); nothing on the wire depends on the draw until
+//!   the audit is sent, after the step. The pipeline drains before an
+//!   opening could leave the hop's window ([`mixnn_proto::audit::KEPT`]
+//!   steps; [`Audits::due`]).
+//! - **One audit** ([`crate::plan::opening::AuditCase`]): the designer asks the hop, through a
+//!   loop prefix like a fetch, to open the step, checks the opening against
+//!   both commitments and re-executes the stage from the opened state
+//!   ([`crate::plan::opening::verify`]): output, input gradient and the digest of the state after
+//!   the update must all match bit for bit. It then opens the step at the
+//!   audited hop's neighbours that have parameters (checked the same way):
+//!   what one says it sent must be what the other says it received, both
+//!   ways; hop 0's input must be the designer's own batch.
+//! - **Response** (in the runner): a failed audit is
+//!   [`DesignerError::Audit`](crate::DesignerError::Audit); with
+//!   replacements the hop is reported and replaced (both hops of a boundary
+//!   that disagrees: either may lie), and the run rolls back to the last
+//!   kept checkpoint before the first bad step
+//!   ([`crate::plan::recovery::rollback_point`]). Without replacements the
+//!   run stops.
+//! - **Test-phase check** (the paper's): a test accuracy more than
+//!   [`ACCURACY_DROP`] below the best so far marks the cascade suspect.
+//!
+//! Limits (see `SECURITY.md`): hops without parameters (dummies, softmax,
+//! loss) are neither audited nor asked as neighbours, so that they never
+//! learn the designer's address: what they do is covered only by the
+//! test-phase check (and, next to an audited hop, not at all); a hop that
+//! overwrites another hop's commitment in the trailer gets that hop blamed
+//! when it is audited (the cascade changes, training is not corrupted);
+//! two colluding neighbours can agree on a lie at their boundary.
+
+use std::collections::BTreeMap;
+
+use mixnn_model::trainer::EpochMetrics;
+use mixnn_proto::audit::{slots, split, Commitment, KEPT, TRAILER_LEN};
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
+
+use crate::error::DesignerError;
+use crate::options::AuditRate;
+use crate::plan::layout::Layout;
+use crate::plan::pending::Await;
+
+/// A drop in test accuracy from the best epoch so far that marks the
+/// cascade suspect.
+pub const ACCURACY_DROP: f64 = 0.05;
+
+/// One failed (or refused) audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditFailure {
+    /// The hop's position.
+    pub hop: usize,
+    /// Its address.
+    pub addr: std::net::SocketAddr,
+    /// The audited step.
+    pub step: u64,
+    /// What did not check out.
+    pub reason: String,
+}
+
+/// What audits found so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditStats {
+    /// Steps whose commitments the designer received.
+    pub committed_steps: u64,
+    /// Audits run (passed or not).
+    pub audits: u64,
+    /// Audits passed.
+    pub passed: u64,
+    /// Failed or refused audits, in order.
+    pub failures: Vec<AuditFailure>,
+    /// The test-phase check found an accuracy drop (paper §4.2).
+    pub suspect: bool,
+    /// Test accuracy of each epoch seen by the check.
+    pub accuracies: Vec<f64>,
+}
+
+/// Which pass of a step a commitment is of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Input, output, state before.
+    Forward,
+    /// Gradients in and out, state after.
+    Backward,
+}
+
+/// Commitments of one step: forward and backward, one per hop.
+#[derive(Debug, Clone)]
+struct Committed {
+    fwd: Vec<Option<Commitment>>,
+    bwd: Vec<Option<Commitment>>,
+}
+
+/// The designer's audit state: keys, commitments, draws, the queue of
+/// audits to run, and what they found.
+#[derive(Debug)]
+pub struct Audits {
+    rate: Option<AuditRate>,
+    rng: ChaCha8Rng,
+    keys: Vec<[u8; 32]>,
+    ledger: BTreeMap<u64, Committed>,
+    queue: Vec<(u64, usize)>,
+    stats: AuditStats,
+}
+
+impl Audits {
+    /// Audits at `rate` (none if `None`), drawn from `seed`; refused with
+    /// more than one micro-batch per step.
+    pub fn new(
+        rate: Option<AuditRate>,
+        micro_batches: usize,
+        seed: u64,
+    ) -> Result<Self, DesignerError> {
+        if rate.is_some() && micro_batches > 1 {
+            return Err(DesignerError::Config {
+                message: format!(
+                    "audits need one micro-batch per step ({micro_batches} asked): set the audit rate to 0 or use one micro-batch"
+                ),
+            });
+        }
+        Ok(Audits {
+            rate,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            keys: Vec::new(),
+            ledger: BTreeMap::new(),
+            queue: Vec::new(),
+            stats: AuditStats::default(),
+        })
+    }
+
+    /// Commitments (and audits) are on.
+    pub fn on(&self) -> bool {
+        self.rate.is_some()
+    }
+
+    /// What audits found so far.
+    pub fn stats(&self) -> &AuditStats {
+        &self.stats
+    }
+
+    /// Fresh keys for a new session of `n` hops; commitments and audits
+    /// waiting of the old session are dropped.
+    pub fn new_session(&mut self, n: usize, rng: &mut impl RngCore) {
+        self.ledger.clear();
+        self.queue.clear();
+        self.keys = (0..n)
+            .map(|_| {
+                let mut k = [0u8; 32];
+                rng.fill_bytes(&mut k);
+                k
+            })
+            .collect();
+    }
+
+    /// Hop `k`'s key for its init note.
+    pub fn key(&self, k: usize) -> Option<[u8; 32]> {
+        self.on().then(|| self.keys.get(k).copied()).flatten()
+    }
+
+    /// A forward/backward body with a fresh (random) trailer.
+    pub fn pad(&self, body: &[u8], rng: &mut impl RngCore) -> Vec<u8> {
+        let mut out = body.to_vec();
+        if self.on() {
+            let mut t = vec![0u8; TRAILER_LEN];
+            rng.fill_bytes(&mut t);
+            out.extend_from_slice(&t);
+        }
+        out
+    }
+
+    /// Strips the trailer of a loss or done delivery (`kind`) of a cascade
+    /// of `n` hops and records the commitments it carries; returns the
+    /// payload. Other replies pass unchanged.
+    pub fn take(&mut self, kind: Await, body: Vec<u8>, n: usize) -> Result<Vec<u8>, DesignerError> {
+        let (step, direction) = match kind {
+            _ if !self.on() => return Ok(body),
+            Await::Output { step, .. } => (step, Direction::Forward),
+            Await::Done { step, .. } => (step, Direction::Backward),
+            _ => return Ok(body),
+        };
+        let (payload, trailer) = split(&body)?;
+        let cs = slots(trailer, n);
+        let entry = self.ledger.entry(step).or_insert_with(|| Committed {
+            fwd: vec![None; n],
+            bwd: vec![None; n],
+        });
+        // The forward path visits hops 0..n, each pushing in front: the
+        // delivery holds hop n-1's first. The backward visits n-1..0.
+        for (i, c) in cs.into_iter().enumerate() {
+            match direction {
+                Direction::Forward => entry.fwd[n - 1 - i] = Some(c),
+                Direction::Backward => entry.bwd[i] = Some(c),
+            }
+        }
+        Ok(payload.to_vec())
+    }
+
+    /// Step `step` completed: draws which hops of `layout` to audit for it.
+    pub fn step_done(&mut self, step: u64, layout: &Layout) {
+        let Some(rate) = self.rate else {
+            return;
+        };
+        self.stats.committed_steps += 1;
+        // Only steps still in the hops' windows can be audited.
+        let horizon = step.saturating_sub(4 * KEPT as u64);
+        self.ledger.retain(|s, _| *s >= horizon);
+        for j in 0..layout.len() {
+            // One draw per hop and step whatever the hop, so the draws do
+            // not depend on the cascade's make-up.
+            let draw = (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+            if draw < rate.probability() && layout.has_params(j) {
+                self.queue.push((step, j));
+            }
+        }
+    }
+
+    /// Audits are waiting.
+    pub fn queued(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    /// The audits waiting (step, hop), in the order drawn; the queue is
+    /// emptied.
+    pub fn take_queue(&mut self) -> Vec<(u64, usize)> {
+        std::mem::take(&mut self.queue)
+    }
+
+    /// Whether to drain the pipeline before sending `step`: the oldest
+    /// audit waiting must run while its hops still hold the opening.
+    pub fn due(&self, step: u64, window: usize) -> bool {
+        let Some(oldest) = self.queue.iter().map(|q| q.0).min() else {
+            return false;
+        };
+        let slack = KEPT.saturating_sub(window).max(1) as u64;
+        step >= oldest + slack
+    }
+
+    /// Records an audit's verdict.
+    pub fn record(&mut self, failure: Option<AuditFailure>) {
+        self.stats.audits += 1;
+        match failure {
+            None => self.stats.passed += 1,
+            Some(f) => self.stats.failures.push(f),
+        }
+    }
+
+    /// Checks the test accuracies of the epochs done (paper §4.2).
+    pub fn check_epochs(&mut self, done: &[EpochMetrics]) {
+        for m in done.iter().skip(self.stats.accuracies.len()) {
+            self.check_accuracy(m.epoch, m.test_acc);
+        }
+    }
+
+    /// Feeds one epoch's test accuracy to the test-phase check; returns
+    /// whether the cascade is suspect.
+    pub fn check_accuracy(&mut self, epoch: u32, test_acc: f64) -> bool {
+        let best = self
+            .stats
+            .accuracies
+            .iter()
+            .copied()
+            .fold(f64::NAN, f64::max);
+        if best.is_finite() && test_acc < best - ACCURACY_DROP {
+            tracing::warn!(
+                epoch,
+                accuracy = test_acc,
+                best,
+                "cascade suspect: test accuracy dropped"
+            );
+            self.stats.suspect = true;
+        }
+        self.stats.accuracies.push(test_acc);
+        self.stats.suspect
+    }
+
+    /// The commitments and key to check hop `j`'s opening of `step` with.
+    pub fn evidence(
+        &self,
+        j: usize,
+        step: u64,
+    ) -> Result<(Commitment, Commitment, [u8; 32]), String> {
+        let c = self
+            .ledger
+            .get(&step)
+            .ok_or_else(|| format!("no commitments kept for step {step}"))?;
+        let (Some(fwd), Some(bwd)) = (
+            c.fwd.get(j).copied().flatten(),
+            c.bwd.get(j).copied().flatten(),
+        ) else {
+            return Err("a commitment is missing".into());
+        };
+        let key = self.keys.get(j).ok_or("no key")?;
+        Ok((fwd, bwd, *key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use mixnn_model::spec::ModelSpec;
+
+    use super::*;
+    use crate::options::Keep;
+
+    fn layout() -> Layout {
+        let model = ModelSpec::parse(
+            "input = 4\n[[stage]]\nops = [{ op = \"linear\", in = 4, out = 3 }]\n\
+             [[stage]]\nops = [{ op = \"linear\", in = 3, out = 3 }]\n\
+             [[stage]]\nops = [{ op = \"log_softmax\" }, { op = \"nll_loss\" }]\n",
+            "tiny",
+        )
+        .unwrap();
+        Layout::new(&model, Keep::None, &[], 3).unwrap()
+    }
+
+    #[test]
+    fn every_hop_with_parameters_is_drawn_at_rate_one_and_due_before_its_window_ends() {
+        let mut a = Audits::new(AuditRate::new(1.0), 1, 3).unwrap();
+        a.step_done(5, &layout());
+        assert_eq!(a.stats().committed_steps, 1);
+        assert!(a.queued());
+        // A window of 4 leaves KEPT - 4 steps of slack.
+        let slack = (KEPT - 4) as u64;
+        assert!(!a.due(5 + slack - 1, 4));
+        assert!(a.due(5 + slack, 4));
+        assert_eq!(a.take_queue(), vec![(5, 0), (5, 1)]);
+        assert!(!a.queued() && !a.due(1000, 4));
+    }
+
+    #[test]
+    fn without_audits_nothing_is_drawn_or_stripped() {
+        let mut a = Audits::new(None, 4, 3).unwrap();
+        a.step_done(0, &layout());
+        assert!(!a.queued());
+        assert_eq!(a.stats().committed_steps, 0);
+        let body = vec![1, 2, 3];
+        let kind = Await::Output { step: 0, micro: 0 };
+        assert_eq!(a.take(kind, body.clone(), 3).unwrap(), body);
+        assert_eq!(a.key(0), None);
+        assert!(Audits::new(AuditRate::new(0.5), 2, 3).is_err());
+    }
+
+    #[test]
+    fn the_draws_depend_on_the_seed_alone() {
+        let draws = |seed| {
+            let mut a = Audits::new(AuditRate::new(0.3), 1, seed).unwrap();
+            for step in 0..50 {
+                a.step_done(step, &layout());
+            }
+            a.take_queue()
+        };
+        assert_eq!(draws(11), draws(11));
+        assert_ne!(draws(11), draws(12));
+        let n = draws(11).len();
+        // 100 draws (two hops with parameters) at 0.3.
+        assert!((15..=45).contains(&n), "{n} audits drawn");
+    }
+
+    #[test]
+    fn an_accuracy_drop_marks_the_cascade_suspect() {
+        let mut a = Audits::new(None, 1, 0).unwrap();
+        assert!(!a.check_accuracy(1, 0.80));
+        assert!(!a.check_accuracy(2, 0.76));
+        assert!(a.check_accuracy(3, 0.74));
+        assert_eq!(a.stats().accuracies, vec![0.80, 0.76, 0.74]);
+    }
+}

@@ -1,0 +1,520 @@
+//! Checkpoints and crash recovery (paper §4.1, without its loss of work):
+//! the decisions, with no I/O.
+//!
+//! - **Checkpoints** ([`Checkpoints`]). Every `every` steps, at the end of
+//!   each epoch's training and once before the first step, the designer
+//!   drains the steps in flight and fetches every remote stage's state
+//!   (parameters, momentum, step counter) in chunks. The last few are kept
+//!   in memory, with the data-order state (epoch, position, losses); with
+//!   a checkpoint directory the runner writes them to disk as well.
+//! - **Detection** ([`DetectionBound`]). While replacements are
+//!   configured, an answer that takes longer than the bound T fails the
+//!   step, with T = 20 × the slowest answer seen so far, at least 1 s and
+//!   at most the configured timeout (the paper's T ≫ nδ + (n−1)t, measured
+//!   instead of guessed). Without replacements a failure ends the run, so
+//!   T is the timeout.
+//! - **Which hop** ([`Probe`]). The designer probes the cascade with loops
+//!   through its first 1, 2, … n hops; the first prefix that does not come
+//!   back ends at the failed hop.
+//! - **Recovery** (in the runner): it asks its
+//!   [`Replacements`](crate::Replacements) for a new node, sets up a fresh
+//!   session over the new cascade, loads the checkpoint into every stage
+//!   (so survivors roll back to the same step) and trains on from there.
+//!   Stages are deterministic, so the run ends bit-identical to one
+//!   without a failure. After a failed audit it goes back to
+//!   [`rollback_point`]: the last kept checkpoint that a local
+//!   re-execution of the whole model reproduces.
+
+use std::collections::VecDeque;
+use std::num::NonZeroU64;
+use std::time::Duration;
+
+use mixnn_model::spec::ModelSpec;
+use mixnn_model::stage::{NamedParam, Sgd, Stage, StageState};
+use mixnn_model::trainer::{Batch, EpochMetrics, TrainConfig};
+use mixnn_model::weights::sha256_hex;
+use mixnn_proto::encode_state;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{DesignerError, RecoveryError};
+use crate::plan::opening::local_step;
+
+/// Checkpoints kept in memory.
+pub const KEPT_CHECKPOINTS: usize = 8;
+
+/// Attempts at rebuilding the cascade after one failure.
+pub const MAX_ATTEMPTS: usize = 4;
+
+/// Hex SHA-256 of a model's description: a checkpoint of another model is
+/// refused.
+pub fn model_digest(model: &ModelSpec) -> String {
+    sha256_hex(model.to_toml().as_bytes())
+}
+
+/// The parameters among a state's tensors (momentum buffers left out).
+pub fn params_only(tensors: Vec<NamedParam>) -> Vec<NamedParam> {
+    tensors
+        .into_iter()
+        .filter(|t| !t.name.ends_with(".velocity"))
+        .collect()
+}
+
+/// Whether the designer recovers from `e` by replacing a hop: a timeout,
+/// a broken link or a reply that makes no sense. Audits have their own
+/// recovery; configuration errors end the run.
+pub fn recoverable(e: &DesignerError) -> bool {
+    matches!(
+        e,
+        DesignerError::Timeout { .. }
+            | DesignerError::Link { .. }
+            | DesignerError::NoLink { .. }
+            | DesignerError::PacedLinkFailed { .. }
+            | DesignerError::LinksClosed
+            | DesignerError::UnexpectedReply { .. }
+            | DesignerError::BadReply(_)
+    )
+}
+
+/// One recovery, as the designer saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecoveryEvent {
+    /// The error that triggered it.
+    pub cause: String,
+    /// The detection bound in force when it was detected.
+    pub bound_s: f64,
+    /// The hops replaced (addresses).
+    pub replaced: Vec<std::net::SocketAddr>,
+    /// The step training went back to.
+    pub resumed_at: u64,
+    /// Seconds from detection to training again.
+    pub recovery_s: f64,
+    /// When the failure was detected (Unix time, milliseconds).
+    pub detected_unix_ms: u128,
+}
+
+/// The detection bound T.
+#[derive(Debug, Clone, Copy)]
+pub struct DetectionBound {
+    timeout: Duration,
+    slowest: Duration,
+    tight: bool,
+}
+
+impl DetectionBound {
+    /// The bound under the configured `timeout`; `tight` when failures
+    /// can be repaired (replacements configured).
+    pub fn new(timeout: Duration, tight: bool) -> Self {
+        DetectionBound {
+            timeout,
+            slowest: Duration::ZERO,
+            tight,
+        }
+    }
+
+    /// Records how long an answer took.
+    pub fn observe(&mut self, took: Duration) {
+        self.slowest = self.slowest.max(took);
+    }
+
+    /// T: 20 × the slowest answer, within [1 s, timeout] when tight; the
+    /// timeout otherwise (a timeout then ends the run: wait it out).
+    pub fn bound(&self) -> Duration {
+        if !self.tight {
+            return self.timeout;
+        }
+        (self.slowest * 20).clamp(
+            Duration::from_secs(1),
+            self.timeout.max(Duration::from_secs(1)),
+        )
+    }
+
+    /// The configured timeout (the init loop waits that long: links between
+    /// the nodes come up then).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// Which hop failed: loops through the first 1, 2, … n hops were sent;
+/// the first that does not come back ends at the failed hop.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    back: Vec<bool>,
+}
+
+impl Probe {
+    /// A probe of `n` hops (all prefixes sent).
+    pub fn new(n: usize) -> Self {
+        Probe {
+            back: vec![false; n],
+        }
+    }
+
+    /// The loop through hops `0..=j` came back.
+    pub fn back(&mut self, j: usize) {
+        if let Some(b) = self.back.get_mut(j) {
+            *b = true;
+        }
+    }
+
+    /// Every prefix came back.
+    pub fn all_back(&self) -> bool {
+        self.back.iter().all(|b| *b)
+    }
+
+    /// The failed hop (the end of the shortest prefix not back), `None` if
+    /// all came back (a transient failure).
+    pub fn failed(&self) -> Option<usize> {
+        self.back.iter().position(|b| !b)
+    }
+}
+
+/// The checkpoint policy and the checkpoints kept.
+#[derive(Debug)]
+pub struct Checkpoints {
+    enabled: bool,
+    every: Option<NonZeroU64>,
+    last: Option<Checkpoint>,
+    /// The last few checkpoints, oldest first (audits roll back to the
+    /// last one before the first bad step).
+    kept: VecDeque<Checkpoint>,
+    epoch: u32,
+    epoch_start: u64,
+    done_epochs: Vec<EpochMetrics>,
+    prefix: Vec<f32>,
+    model: String,
+    model_digest: String,
+}
+
+impl Checkpoints {
+    /// Checkpoints of `model` when `enabled` (a checkpoint directory or
+    /// replacements are configured), every `every` steps besides the
+    /// start and each epoch's end.
+    pub fn new(model: &ModelSpec, enabled: bool, every: Option<NonZeroU64>) -> Self {
+        Checkpoints {
+            enabled,
+            every,
+            last: None,
+            kept: VecDeque::new(),
+            epoch: 0,
+            epoch_start: 0,
+            done_epochs: Vec::new(),
+            prefix: Vec::new(),
+            model: model.name.clone(),
+            model_digest: model_digest(model),
+        }
+    }
+
+    /// Checkpoints are taken.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Whether a checkpoint is due before step `step` runs.
+    pub fn wanted(&self, step: u64) -> bool {
+        if !self.enabled || self.last.as_ref().is_some_and(|c| c.step == step) {
+            return false;
+        }
+        self.last.is_none() || self.every.is_some_and(|e| step.is_multiple_of(e.get()))
+    }
+
+    /// An epoch begins (0-based `epoch`) after the epochs `done`, with
+    /// `prefix` its losses so far, at global step `step`.
+    pub fn begin_epoch(&mut self, epoch: u32, done: &[EpochMetrics], prefix: &[f32], step: u64) {
+        self.epoch = epoch;
+        self.done_epochs = done.to_vec();
+        self.prefix = prefix.to_vec();
+        self.epoch_start = step.saturating_sub(prefix.len() as u64);
+    }
+
+    /// The checkpoint of `step` with `stages` (model order), `losses`
+    /// this call's losses since the epoch's resumed prefix.
+    pub fn make(
+        &self,
+        step: u64,
+        stages: Vec<StageState>,
+        losses: &[f32],
+        config: &TrainConfig,
+    ) -> Checkpoint {
+        let mut epoch_losses = self.prefix.clone();
+        epoch_losses.extend_from_slice(losses);
+        Checkpoint {
+            step,
+            epoch: self.epoch,
+            position: step.saturating_sub(self.epoch_start) as usize,
+            epoch_losses,
+            done_epochs: self.done_epochs.clone(),
+            config: *config,
+            model: self.model.clone(),
+            model_digest: self.model_digest.clone(),
+            stages,
+        }
+    }
+
+    /// Keeps `c` as the newest checkpoint.
+    pub fn keep(&mut self, c: Checkpoint) {
+        self.kept.retain(|k| k.step < c.step);
+        self.kept.push_back(c.clone());
+        while self.kept.len() > KEPT_CHECKPOINTS {
+            self.kept.pop_front();
+        }
+        self.last = Some(c);
+    }
+
+    /// The run went back to `c`: later checkpoints are of an abandoned
+    /// timeline.
+    pub fn rolled_back_to(&mut self, c: &Checkpoint) {
+        self.kept.retain(|k| k.step <= c.step);
+        self.last = Some(c.clone());
+    }
+
+    /// The newest checkpoint, the one a crash goes back to.
+    pub fn last(&self) -> Option<&Checkpoint> {
+        self.last.as_ref()
+    }
+
+    /// The checkpoints kept in memory, oldest first.
+    pub fn kept(&self) -> &VecDeque<Checkpoint> {
+        &self.kept
+    }
+
+    /// The digest of the model these checkpoints are of.
+    pub fn model_digest(&self) -> &str {
+        &self.model_digest
+    }
+}
+
+/// The last kept checkpoint of the epoch (from step `base`, `batches` its
+/// batches) that the whole model, re-executed locally from the oldest one,
+/// reproduces, at or before `bad` (whose update is known bad).
+pub fn rollback_point(
+    kept: &VecDeque<Checkpoint>,
+    bad: u64,
+    batches: &[Batch],
+    base: u64,
+    model: &ModelSpec,
+    sgd: Sgd,
+) -> Result<Checkpoint, DesignerError> {
+    let candidates: Vec<&Checkpoint> = kept
+        .iter()
+        .filter(|c| c.step >= base && c.step <= bad)
+        .collect();
+    let Some(first) = candidates.first() else {
+        return Err(RecoveryError::NoRollbackPoint { bad }.into());
+    };
+    let mut stages: Vec<Stage> = Vec::with_capacity(model.stages.len());
+    for (spec, state) in model.stages.iter().zip(&first.stages) {
+        let mut s = Stage::new(spec, 0, sgd);
+        s.load_state(state)?;
+        stages.push(s);
+    }
+    let mut good = *first;
+    let mut step = first.step;
+    for c in candidates.iter().skip(1) {
+        while step < c.step {
+            let batch = batches
+                .get((step - base) as usize)
+                .ok_or(RecoveryError::NoBatch { step })?;
+            local_step(&mut stages, batch, model)?;
+            step += 1;
+        }
+        let same = stages
+            .iter()
+            .zip(&c.stages)
+            .all(|(s, k)| encode_state(&s.state()) == encode_state(k));
+        if !same {
+            tracing::warn!(step = c.step, "checkpoint differs from the re-execution");
+            break;
+        }
+        good = c;
+    }
+    Ok(good.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use mixnn_model::trainer::stage_seed;
+
+    use super::*;
+
+    const MODEL: &str = r#"
+name = "tiny"
+input = 4
+
+[[stage]]
+ops = [{ op = "linear", in = 4, out = 3 }]
+
+[[stage]]
+ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
+"#;
+
+    fn model() -> ModelSpec {
+        ModelSpec::parse(MODEL, "tiny").unwrap()
+    }
+
+    #[test]
+    fn the_bound_is_twenty_times_the_slowest_answer_within_a_second_and_the_timeout() {
+        let timeout = Duration::from_secs(3);
+        let mut loose = DetectionBound::new(timeout, false);
+        loose.observe(Duration::from_millis(1));
+        assert_eq!(loose.bound(), timeout);
+        let mut b = DetectionBound::new(timeout, true);
+        assert_eq!(b.bound(), Duration::from_secs(1));
+        b.observe(Duration::from_millis(10));
+        assert_eq!(b.bound(), Duration::from_secs(1));
+        b.observe(Duration::from_millis(100));
+        assert_eq!(b.bound(), Duration::from_secs(2));
+        b.observe(Duration::from_millis(20));
+        assert_eq!(b.bound(), Duration::from_secs(2), "the slowest counts");
+        b.observe(Duration::from_secs(1));
+        assert_eq!(b.bound(), timeout);
+    }
+
+    #[test]
+    fn the_probe_names_the_end_of_the_shortest_prefix_not_back() {
+        let mut p = Probe::new(4);
+        assert_eq!(p.failed(), Some(0));
+        for j in [3, 0, 1] {
+            p.back(j);
+        }
+        // Loops through 0..=2 and 0..=3 both cross hop 2; only the longer
+        // came back (a late one): hop 2 is still the first not back.
+        assert_eq!(p.failed(), Some(2));
+        assert!(!p.all_back());
+        p.back(2);
+        p.back(9);
+        assert!(p.all_back());
+        assert_eq!(p.failed(), None);
+    }
+
+    #[test]
+    fn only_failures_of_the_cascade_are_recovered() {
+        let timeout = DesignerError::Timeout {
+            what: "the loss",
+            step: 3,
+            secs: 1.0,
+        };
+        assert!(recoverable(&timeout));
+        assert!(recoverable(&DesignerError::LinksClosed));
+        assert!(recoverable(&crate::error::BadReply::EmptyLoss.into()));
+        let config = DesignerError::Config {
+            message: "x".into(),
+        };
+        assert!(!recoverable(&config));
+        let audit = DesignerError::Audit {
+            hop: 1,
+            addr: ([127, 0, 0, 1], 1).into(),
+            step: 3,
+            reason: "r".into(),
+            also: None,
+        };
+        assert!(!recoverable(&audit), "audits have their own recovery");
+    }
+
+    fn checkpoint(c: &Checkpoints, step: u64) -> Checkpoint {
+        c.make(step, Vec::new(), &[], &TrainConfig::default())
+    }
+
+    #[test]
+    fn checkpoints_are_due_at_the_start_every_k_steps_and_once_per_step() {
+        let off = Checkpoints::new(&model(), false, NonZeroU64::new(2));
+        assert!(!off.wanted(0) && !off.wanted(2));
+        let mut c = Checkpoints::new(&model(), true, NonZeroU64::new(8));
+        assert!(c.wanted(3), "the first is due whatever the step");
+        c.keep(checkpoint(&c, 0));
+        assert!(!c.wanted(0) && !c.wanted(5));
+        assert!(c.wanted(8) && c.wanted(16));
+        c.keep(checkpoint(&c, 8));
+        assert!(!c.wanted(8));
+        let none = Checkpoints::new(&model(), true, None);
+        assert!(none.wanted(0));
+    }
+
+    #[test]
+    fn the_last_few_checkpoints_are_kept_and_a_rollback_drops_later_ones() {
+        let mut c = Checkpoints::new(&model(), true, NonZeroU64::new(1));
+        for step in 0..12 {
+            c.keep(checkpoint(&c, step));
+        }
+        let steps: Vec<u64> = c.kept().iter().map(|k| k.step).collect();
+        assert_eq!(steps, (4..12).collect::<Vec<_>>());
+        let back = c.kept()[2].clone();
+        c.rolled_back_to(&back);
+        assert_eq!(c.last().map(|k| k.step), Some(6));
+        assert_eq!(c.kept().back().map(|k| k.step), Some(6));
+        // A checkpoint taken again at an earlier step replaces the later ones.
+        c.keep(checkpoint(&c, 5));
+        assert_eq!(c.kept().back().map(|k| k.step), Some(5));
+        assert_eq!(c.kept().len(), 2);
+    }
+
+    #[test]
+    fn a_checkpoint_records_the_epoch_and_its_resumed_losses() {
+        let mut c = Checkpoints::new(&model(), true, None);
+        c.begin_epoch(2, &[], &[0.5, 0.25], 40);
+        let k = c.make(43, Vec::new(), &[0.125], &TrainConfig::default());
+        assert_eq!((k.epoch, k.position), (2, 5));
+        assert_eq!(k.epoch_losses, vec![0.5, 0.25, 0.125]);
+        assert_eq!(k.model_digest, model_digest(&model()));
+    }
+
+    /// Checkpoints of an honest local run at steps 0, 2 and 4 of
+    /// `batches`, the one at 4 with a corrupted weight if `corrupt`.
+    fn honest_run(batches: &[Batch], corrupt: bool) -> Checkpoints {
+        let m = model();
+        let mut stages: Vec<Stage> = m
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Stage::new(s, stage_seed(1, i), Sgd::default()))
+            .collect();
+        let mut c = Checkpoints::new(&m, true, NonZeroU64::new(2));
+        for step in 0..=4u64 {
+            if step % 2 == 0 {
+                let mut states: Vec<StageState> = stages.iter().map(Stage::state).collect();
+                if corrupt && step == 4 {
+                    states[0].tensors[0].values[0] += 1.0;
+                }
+                let k = c.make(step, states, &[], &TrainConfig::default());
+                c.keep(k);
+            }
+            if step < 4 {
+                local_step(&mut stages, &batches[step as usize], &m).unwrap();
+            }
+        }
+        c
+    }
+
+    fn batches() -> Vec<Batch> {
+        (0..4u8)
+            .map(|i| Batch {
+                pixels: (0..8).map(|p| p * 30 + i).collect(),
+                labels: vec![u32::from(i % 2), 1],
+                rows: 2,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_rollback_goes_to_the_last_checkpoint_the_re_execution_reproduces() {
+        let b = batches();
+        let m = model();
+        let honest = honest_run(&b, false);
+        let c = rollback_point(honest.kept(), 4, &b, 0, &m, Sgd::default()).unwrap();
+        assert_eq!(c.step, 4);
+        // A bad update before step 4 shows in its checkpoint: back to 2.
+        let bad = honest_run(&b, true);
+        let c = rollback_point(bad.kept(), 4, &b, 0, &m, Sgd::default()).unwrap();
+        assert_eq!(c.step, 2);
+        // Never past the bad step, never before the epoch.
+        let c = rollback_point(bad.kept(), 3, &b, 0, &m, Sgd::default()).unwrap();
+        assert_eq!(c.step, 2);
+        let err = rollback_point(bad.kept(), 1, &b, 2, &m, Sgd::default()).unwrap_err();
+        assert!(matches!(
+            err,
+            DesignerError::Recovery(RecoveryError::NoRollbackPoint { bad: 1 })
+        ));
+    }
+}

@@ -1,0 +1,596 @@
+//! One designer session over the cascade: set up by the init loop, then
+//! training steps (pipelined forward and backward per micro-batch), test
+//! batches, state fetches and loads, and audits, until it fails or a
+//! recovery replaces it ([`Session::rebuild`]).
+//!
+//! Per step the session sends two onions per micro-batch: a forward
+//! through the hops in order (the last delivers the loss to the designer)
+//! and a backward in reverse order (the first hop tells the designer the
+//! step is done), the backward sent to the last hop right away, so the
+//! loss stage starts backward as soon as its forward is done. It keeps up
+//! to `window` steps in flight ([`Window`]): hops act on a step only after
+//! applying the one before, so pipelining changes timing, never results.
+//! Kept stages run here, in the designer process.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use mixnn_model::stage::{Stage, StageCache, StageState};
+use mixnn_model::tensor_bytes::TensorBytes;
+use mixnn_model::trainer::{argmax_slice, micro_ranges, stage_seed, Batch, TrainConfig};
+use mixnn_model::weights::StageParams;
+use mixnn_proto::audit::Opening;
+use mixnn_proto::{decode_state, encode_state, InitNote, Micro};
+use mixnn_wire::{HopTag, OnionPublic, PaddingPolicy};
+
+use crate::cascade::HopInfo;
+use crate::checkpoint::Checkpoint;
+use crate::error::{BadReply, DesignerError};
+use crate::exchange::{Exchange, Fetch};
+use crate::plan::audit::{AuditFailure, Audits};
+use crate::plan::layout::Layout;
+use crate::plan::opening::{AuditCase, AuditContext, Verdict};
+use crate::plan::pending::{Await, Expected};
+use crate::plan::recovery::params_only;
+use crate::plan::route::Route;
+use crate::plan::window::Window;
+use crate::saver::Saver;
+
+/// The stages the designer runs itself.
+#[derive(Default)]
+pub struct KeptStages {
+    /// The first stage, if kept.
+    pub first: Option<Stage>,
+    /// The last stage, if kept.
+    pub last: Option<Stage>,
+}
+
+/// A session over the cascade's hops.
+pub struct Session {
+    ex: Exchange,
+    layout: Layout,
+    hops: Vec<HopInfo>,
+    kept: KeptStages,
+    audits: Audits,
+    cfg: TrainConfig,
+    /// Micro-batches per step (the configured count, within 1..=u16::MAX).
+    micro_batches: usize,
+    window: usize,
+    step: u64,
+    /// Per-hop tags of each micro-batch in flight, shared by its forward
+    /// and backward.
+    tags: HashMap<(u64, u16), Vec<HopTag>>,
+}
+
+impl Session {
+    /// A session over `hops` laid out as `layout`, not yet set up
+    /// ([`Session::init`]).
+    pub fn new(
+        ex: Exchange,
+        layout: Layout,
+        hops: Vec<HopInfo>,
+        kept: KeptStages,
+        audits: Audits,
+        cfg: TrainConfig,
+        window: usize,
+    ) -> Self {
+        Session {
+            ex,
+            layout,
+            hops,
+            kept,
+            audits,
+            micro_batches: cfg.micro_batches.clamp(1, usize::from(u16::MAX)),
+            cfg,
+            window: window.max(1),
+            step: 0,
+            tags: HashMap::new(),
+        }
+    }
+
+    /// Updates applied so far (the step the cascade is at).
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The cascade's hops.
+    pub fn hops(&self) -> &[HopInfo] {
+        &self.hops
+    }
+
+    /// The messaging layer.
+    pub fn exchange(&mut self) -> &mut Exchange {
+        &mut self.ex
+    }
+
+    /// The messaging layer, to read.
+    pub fn exchange_ref(&self) -> &Exchange {
+        &self.ex
+    }
+
+    /// The audit state.
+    pub fn audits(&mut self) -> &mut Audits {
+        &mut self.audits
+    }
+
+    /// The audit state, to read.
+    pub fn audits_ref(&self) -> &Audits {
+        &self.audits
+    }
+
+    /// Sends the init loop through every hop (each builds its stage from
+    /// its note, starting at the session's step) and waits for it.
+    pub fn init(&mut self) -> Result<(), DesignerError> {
+        let me = self.ex.driver().link_key();
+        let publics: Vec<OnionPublic> = self
+            .hops
+            .iter()
+            .map(|h| h.onion_key().map(OnionPublic))
+            .collect::<Result<_, _>>()?;
+        let links: Vec<[u8; 32]> = self
+            .hops
+            .iter()
+            .map(HopInfo::link_key)
+            .collect::<Result<_, _>>()?;
+        let max_body = match self.ex.policy() {
+            PaddingPolicy::Uniform { max_body } => max_body as u32,
+            _ => 0,
+        };
+        // Fresh commitment keys for every session.
+        self.audits
+            .new_session(self.hops.len(), self.ex.router().rng());
+        let notes: Vec<InitNote> = self
+            .layout
+            .hops
+            .iter()
+            .enumerate()
+            .map(|(k, h)| InitNote {
+                stage: h.spec.clone(),
+                sgd: self.cfg.sgd,
+                seed: h.index.map_or(0, |i| stage_seed(self.cfg.seed, i)),
+                start_step: self.step,
+                max_body,
+                prev_link: if k == 0 { me } else { links[k - 1] },
+                next_link: links.get(k + 1).copied().unwrap_or(me),
+                designer_link: me,
+                audit_key: self.audits.key(k),
+            })
+            .collect();
+        self.ex
+            .init(|router| router.init(&publics, &notes), self.step)
+    }
+
+    /// A fresh session over `hops` with the state of `c`: new links, the
+    /// init loop (every stage starts at the checkpoint's step), then the
+    /// states.
+    pub fn rebuild(&mut self, hops: Vec<HopInfo>, c: &Checkpoint) -> Result<(), DesignerError> {
+        self.tags.clear();
+        self.hops = hops;
+        self.ex.connect(&self.hops)?;
+        self.step = c.step;
+        self.init()?;
+        self.load_checkpoint(c)
+    }
+
+    /// Trains `batches` (steps from `base`) from where `losses` (the
+    /// losses of the batches done) leaves off, taking checkpoints and
+    /// running audits on the way, and a checkpoint at the end.
+    /// `on_step(position, loss)` hears of each completed step.
+    pub fn train(
+        &mut self,
+        batches: &[Batch],
+        base: u64,
+        losses: &mut Vec<f32>,
+        saver: &mut Saver,
+        on_step: &mut dyn FnMut(usize, f32),
+    ) -> Result<(), DesignerError> {
+        let window = if self.kept.first.is_some() {
+            1
+        } else {
+            self.window
+        };
+        let start = losses.len();
+        debug_assert_eq!(self.step, base + start as u64);
+        if saver.policy.wanted(self.step) {
+            self.checkpoint(saver, losses)?;
+        }
+        let mut w = Window::new(batches, base, start, self.micro_batches, window);
+        let mut first_caches: HashMap<(u64, u16), StageCache> = HashMap::new();
+        while !w.finished() {
+            // Checkpoints and audits are taken between steps: none in flight.
+            if w.drained() && w.waiting() > base + start as u64 {
+                let step = w.waiting();
+                if self.audits.queued() {
+                    self.step = step;
+                    self.run_audits(batches, base)?;
+                }
+                if saver.policy.wanted(step) {
+                    self.step = step;
+                    self.checkpoint(saver, losses)?;
+                }
+            }
+            while let Some(i) =
+                w.next_to_send(|s| saver.policy.wanted(s) || self.audits.due(s, window))
+            {
+                let step = base + i as u64;
+                for (m, c) in self.send_step(&batches[i], step)?.into_iter().enumerate() {
+                    first_caches.insert((step, m as u16), c);
+                }
+                w.sent(i);
+            }
+            let (kind, body) = self.ex.wait(Expected::Step, w.waiting())?;
+            let body = self.audits.take(kind, body, self.layout.len())?;
+            match kind {
+                Await::Output { step, micro } => {
+                    let loss = self.on_output(&w, batches, step, micro, &body)?;
+                    w.on_loss(step, micro, loss)?;
+                }
+                Await::Done { step, micro } => {
+                    let micros = w.micros(w.position(step)?);
+                    if let Some(first) = self.kept.first.as_mut() {
+                        let c = first_caches
+                            .remove(&(step, micro))
+                            .ok_or(BadReply::MicroBatch { step, micro })?;
+                        first.backward_micro_bytes(c, Some(&body), false, u32::from(micro))?;
+                        if first.pending_micros() == micros {
+                            first.apply();
+                        }
+                    }
+                    w.on_done(step)?;
+                }
+                got => {
+                    return Err(DesignerError::UnexpectedReply {
+                        expected: Expected::Step,
+                        got,
+                    })
+                }
+            }
+            while let Some((i, loss)) = w.pop_completed() {
+                losses.push(loss);
+                self.audits.step_done(base + i as u64, &self.layout);
+                on_step(i, loss);
+            }
+        }
+        self.step = base + batches.len() as u64;
+        if self.audits.queued() {
+            self.run_audits(batches, base)?;
+        }
+        if saver.policy.enabled() {
+            self.checkpoint(saver, losses)?;
+        }
+        Ok(())
+    }
+
+    /// The loss of micro-batch `micro` of `step` from its output `body`:
+    /// as delivered, or computed here by the kept last stage (which then
+    /// sends the backward).
+    fn on_output(
+        &mut self,
+        w: &Window,
+        batches: &[Batch],
+        step: u64,
+        micro: u16,
+        body: &[u8],
+    ) -> Result<f32, DesignerError> {
+        let i = w.position(step)?;
+        let micros = w.micros(i);
+        let loss = match self.kept.last.as_mut() {
+            Some(last) => {
+                let rows = w
+                    .rows(i, micro)
+                    .ok_or(BadReply::MicroBatch { step, micro })?;
+                let labels = batches[i].slice(rows).labels;
+                let (l, c) = last.forward_micro_bytes(body, Some(&labels), batches[i].rows)?;
+                let g = last
+                    .backward_micro_bytes(c, None, true, u32::from(micro))?
+                    .unwrap_or_default();
+                if last.pending_micros() == micros {
+                    last.apply();
+                }
+                self.send_backward(step, micro, micros as u16, &g)?;
+                TensorBytes::decode(&l)?.values.first().copied()
+            }
+            None => TensorBytes::decode(body)?.values.first().copied(),
+        };
+        Ok(loss.ok_or(BadReply::EmptyLoss)?)
+    }
+
+    /// Sends the forward (and, without a kept last stage, the backward)
+    /// onions of every micro-batch of `step`; returns the kept first
+    /// stage's caches, one per micro-batch.
+    fn send_step(&mut self, batch: &Batch, step: u64) -> Result<Vec<StageCache>, DesignerError> {
+        let micros = batch.micro_batches(self.micro_batches);
+        let count = micros.len() as u16;
+        let mut caches = Vec::new();
+        for (m, micro) in micros.iter().enumerate() {
+            let m = m as u16;
+            let x = TensorBytes::encode_pixels(&[micro.rows, self.layout.input], &micro.pixels);
+            let body = match &self.kept.first {
+                Some(first) => {
+                    let (y, c) = first.forward_bytes(&x, None)?;
+                    caches.push(c);
+                    y
+                }
+                None => x,
+            };
+            self.send_forward(step, m, count, batch.rows, &micro.labels, &body)?;
+            if self.kept.last.is_none() {
+                self.send_backward(step, m, count, &[])?;
+            }
+        }
+        Ok(caches)
+    }
+
+    fn send_forward(
+        &mut self,
+        step: u64,
+        micro: u16,
+        micros: u16,
+        batch_rows: usize,
+        labels: &[u32],
+        body: &[u8],
+    ) -> Result<(), DesignerError> {
+        let tags = self.ex.router().tags();
+        let m = Micro::new(micro, micros)?;
+        let route = Route::forward(
+            &self.layout,
+            step,
+            m,
+            batch_rows as u32,
+            labels,
+            tags.clone(),
+        );
+        let body = self.audits.pad(body, self.ex.router().rng());
+        self.ex.send(&route, &body, Await::Output { step, micro })?;
+        self.tags.insert((step, micro), tags);
+        Ok(())
+    }
+
+    fn send_backward(
+        &mut self,
+        step: u64,
+        micro: u16,
+        micros: u16,
+        grad: &[u8],
+    ) -> Result<(), DesignerError> {
+        let tags = self
+            .tags
+            .remove(&(step, micro))
+            .ok_or(BadReply::MicroBatch { step, micro })?;
+        let route = Route::backward(&self.layout, step, Micro::new(micro, micros)?, tags);
+        let grad = self.audits.pad(grad, self.ex.router().rng());
+        self.ex.send(&route, &grad, Await::Done { step, micro })
+    }
+
+    /// The predicted class of every image of `batches`, through the
+    /// cascade's test op (no cache, no update); `on_batch(position)` hears
+    /// of each batch done, in order.
+    pub fn predict(
+        &mut self,
+        batches: &[Batch],
+        on_batch: &mut dyn FnMut(usize),
+    ) -> Result<Vec<u32>, DesignerError> {
+        let n = self.layout.len();
+        let k = self.micro_batches;
+        let window = self.window * 4;
+        let mut outputs: Vec<Vec<Option<Vec<u32>>>> = batches
+            .iter()
+            .map(|b| vec![None; micro_ranges(b.rows, k).len()])
+            .collect();
+        let (mut next, mut received) = (0usize, 0usize);
+        while received < batches.len() {
+            while next < batches.len() && next - received < window {
+                for (m, micro) in batches[next].micro_batches(k).iter().enumerate() {
+                    let x =
+                        TensorBytes::encode_pixels(&[micro.rows, self.layout.input], &micro.pixels);
+                    let body = match &self.kept.first {
+                        Some(first) => first.eval_bytes(&x)?,
+                        None => x,
+                    };
+                    let what = Await::Test {
+                        batch: next,
+                        micro: m as u16,
+                    };
+                    self.ex.send(&Route::test(n, self.step), &body, what)?;
+                }
+                next += 1;
+            }
+            let (kind, body) = self.ex.wait(Expected::Test, self.step)?;
+            let Await::Test { batch, micro } = kind else {
+                return Err(DesignerError::UnexpectedReply {
+                    expected: Expected::Test,
+                    got: kind,
+                });
+            };
+            let classes = self.output_to_classes(&body)?;
+            let slot = outputs
+                .get_mut(batch)
+                .and_then(|o| o.get_mut(usize::from(micro)))
+                .ok_or(BadReply::TestOutput { batch, micro })?;
+            *slot = Some(classes);
+            while received < batches.len() && outputs[received].iter().all(Option::is_some) {
+                on_batch(received);
+                received += 1;
+            }
+        }
+        Ok(outputs.into_iter().flatten().flatten().flatten().collect())
+    }
+
+    fn output_to_classes(&self, body: &[u8]) -> Result<Vec<u32>, DesignerError> {
+        let mut out = TensorBytes::decode(body)?;
+        if let Some(last) = &self.kept.last {
+            let y = last.forward_eval(out.into_matrix()?)?;
+            out = TensorBytes {
+                shape: y.dims().to_vec(),
+                values: y.into_vec(),
+            };
+        }
+        match out.shape.as_slice() {
+            [rows, cols] => Ok(argmax_slice(&out.values, *rows, *cols)),
+            other => Err(BadReply::TestShape {
+                shape: other.to_vec(),
+            }
+            .into()),
+        }
+    }
+
+    /// Every hop's state, fetched in chunks (all hops at once). Stages
+    /// without parameters are not asked (so that they never learn the
+    /// designer's address): their state is their step counter.
+    pub fn fetch_states(&mut self) -> Result<Vec<StageState>, DesignerError> {
+        let asked: Vec<usize> = (0..self.layout.len())
+            .filter(|j| self.layout.has_params(*j))
+            .collect();
+        let fetched = self
+            .ex
+            .download(&asked, Fetch::State { step: self.step }, self.step)?;
+        let mut fetched = asked.iter().copied().zip(fetched);
+        let mut next = fetched.next();
+        let mut out = Vec::with_capacity(self.layout.len());
+        for j in 0..self.layout.len() {
+            match next.take() {
+                Some((k, bytes)) if k == j => {
+                    out.push(decode_state(&bytes)?);
+                    next = fetched.next();
+                }
+                other => {
+                    next = other;
+                    out.push(StageState {
+                        steps: self.step,
+                        tensors: Vec::new(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Loads checkpoint `c` into every stage, remote and kept, and moves
+    /// the session to its step.
+    pub fn load_checkpoint(&mut self, c: &Checkpoint) -> Result<(), DesignerError> {
+        let states = self.layout.hop_states(c)?;
+        // Stages without parameters start at the right step from their
+        // init note; only stages with parameters are loaded.
+        let loads: Vec<(usize, Vec<u8>)> = states
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| self.layout.has_params(*j))
+            .map(|(j, s)| (j, encode_state(s)))
+            .collect();
+        self.ex.upload(&loads, self.step)?;
+        if let Some(first) = self.kept.first.as_mut() {
+            first.load_state(&c.stages[0])?;
+        }
+        if let Some(last) = self.kept.last.as_mut() {
+            last.load_state(&c.stages[c.stages.len() - 1])?;
+        }
+        self.step = c.step;
+        Ok(())
+    }
+
+    /// Fetches the current step's checkpoint and hands it to `saver`.
+    /// `losses` are this call's losses since the epoch's resumed prefix.
+    pub fn checkpoint(&mut self, saver: &mut Saver, losses: &[f32]) -> Result<(), DesignerError> {
+        let started = Instant::now();
+        let remote = self.fetch_states()?;
+        let mut stages = Vec::with_capacity(self.layout.stage_count());
+        if let Some(first) = &self.kept.first {
+            stages.push(first.state());
+        }
+        stages.extend(
+            remote
+                .into_iter()
+                .zip(&self.layout.hops)
+                .filter(|(_, h)| h.index.is_some())
+                .map(|(s, _)| s),
+        );
+        if let Some(last) = &self.kept.last {
+            stages.push(last.state());
+        }
+        let c = saver.policy.make(self.step, stages, losses, &self.cfg);
+        saver.save(c, started)
+    }
+
+    /// Every stage's parameters in model order, the remote ones from
+    /// `states` ([`Session::fetch_states`]).
+    pub fn params(&self, states: Vec<StageState>) -> Vec<StageParams> {
+        let mut out = Vec::new();
+        if let Some(first) = &self.kept.first {
+            out.push(first.params());
+        }
+        for (s, h) in states.into_iter().zip(&self.layout.hops) {
+            if h.index.is_some() {
+                out.push(params_only(s.tensors));
+            }
+        }
+        if let Some(last) = &self.kept.last {
+            out.push(last.params());
+        }
+        out
+    }
+
+    /// Runs the audits waiting (no step in flight). `batches` are this
+    /// epoch's, from step `base`.
+    fn run_audits(&mut self, batches: &[Batch], base: u64) -> Result<(), DesignerError> {
+        for (step, j) in self.audits.take_queue() {
+            let batch = step
+                .checked_sub(base)
+                .and_then(|i| batches.get(i as usize))
+                .ok_or(BadReply::Step { step })?;
+            match self.audit(j, step, batch)? {
+                Verdict::Pass => self.audits.record(None),
+                Verdict::Fail { hop, reason, also } => {
+                    let addr = self.hops[hop].addr;
+                    tracing::warn!(hop, %addr, step, "audit failed: {reason}");
+                    self.audits.record(Some(AuditFailure {
+                        hop,
+                        addr,
+                        step,
+                        reason: reason.clone(),
+                    }));
+                    return Err(DesignerError::Audit {
+                        hop,
+                        addr,
+                        step,
+                        reason,
+                        also,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Audits hop `j` for `step` ([`AuditCase`]), fetching the openings it
+    /// asks for.
+    fn audit(&mut self, j: usize, step: u64, batch: &Batch) -> Result<Verdict, DesignerError> {
+        let mut case = AuditCase::new(j, step, &self.layout);
+        while let Some(k) = case.next() {
+            let opening = self.fetch_opening(k, step)?;
+            let ctx = AuditContext {
+                layout: &self.layout,
+                sgd: self.cfg.sgd,
+                batch,
+            };
+            if let Some(v) = case.on_opening(&self.audits, &ctx, opening) {
+                return Ok(v);
+            }
+        }
+        Ok(Verdict::Pass)
+    }
+
+    /// Hop `j`'s opening of `step`, in chunks; `None` if it refuses (an
+    /// empty or malformed opening counts as a refusal).
+    fn fetch_opening(&mut self, j: usize, step: u64) -> Result<Option<Opening>, DesignerError> {
+        match self.ex.download(&[j], Fetch::Opening { step }, self.step) {
+            Ok(mut all) => {
+                let bytes = all.pop().unwrap_or_default();
+                Ok((!bytes.is_empty())
+                    .then(|| Opening::decode(&bytes).ok())
+                    .flatten())
+            }
+            Err(DesignerError::BadReply(BadReply::Length { .. })) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
