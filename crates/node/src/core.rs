@@ -5,20 +5,20 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 
-use mixnn_model::stage::{Stage, StageCache};
-use mixnn_proto::{
-    decode_state, encode_state, BackwardNote, ChunkNote, ForwardNote, InitNote, ParamChunk,
-    SessionNote,
-};
+use mixnn_model::stage::Stage;
+use mixnn_proto::{encode_state, InitNote, SessionNote};
 use mixnn_wire::{
-    encode_cells, peel_init, CellKind, HopTag, InitReplayCache, Message, Onion, Op, PaddingPolicy,
-    Peeled, ReplyId, SessionId, SessionTable,
+    encode_cells, peel_init, CellKind, InitReplayCache, Message, Onion, Op, PaddingPolicy, Peeled,
+    ReplyId, SessionId, SessionTable,
 };
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
 
 use crate::audit::Auditor;
 use crate::error::NodeError;
+#[cfg(not(feature = "adversary"))]
+use crate::session::NoAdversary;
+use crate::session::{backward, forward, load_chunk, short, state_chunk, NodeSession, Parked};
 
 /// Bounds on what one node keeps in memory.
 #[derive(Debug, Clone, Copy)]
@@ -53,31 +53,6 @@ pub struct Outbound {
     pub cells: Vec<u8>,
 }
 
-struct Parked {
-    step: u64,
-    peeled: Peeled,
-    note: SessionNote,
-    body: Vec<u8>,
-}
-
-struct NodeSession {
-    stage: Stage,
-    policy: PaddingPolicy,
-    prev: [u8; 32],
-    next: [u8; 32],
-    designer: [u8; 32],
-    caches: HashMap<HopTag, (u64, StageCache)>,
-    parked: Vec<Parked>,
-    /// Chunks of a state being loaded (crash recovery).
-    loading: Vec<u8>,
-    /// The encoded state last fetched and the step it is of: a fetch asks
-    /// for it chunk by chunk, and the state changes only with the step (or
-    /// a load, which clears this).
-    fetched: Option<(u64, Vec<u8>)>,
-    /// Commitments and openings, when the designer audits this session.
-    auditor: Option<Auditor>,
-}
-
 /// A node's state: its onion key, sessions and stages.
 pub struct Core {
     onion: mixnn_wire::OnionSecret,
@@ -89,10 +64,6 @@ pub struct Core {
     learned: BTreeSet<SocketAddr>,
     #[cfg(feature = "adversary")]
     adversary: Option<crate::audit::Adversary>,
-}
-
-fn short(bytes: &[u8]) -> String {
-    bytes.iter().take(4).map(|b| format!("{b:02x}")).collect()
 }
 
 impl Core {
@@ -415,185 +386,6 @@ impl Core {
         out.push(o);
         Ok(())
     }
-}
-
-/// No test adversary (builds without the `adversary` feature).
-#[cfg(not(feature = "adversary"))]
-#[derive(Clone, Copy)]
-struct NoAdversary;
-
-#[cfg(feature = "adversary")]
-type MaybeAdversary = Option<crate::audit::Adversary>;
-#[cfg(not(feature = "adversary"))]
-type MaybeAdversary = NoAdversary;
-
-/// Splits the commitment trailer off a forward or backward body when the
-/// session is audited.
-fn strip_trailer(s: &NodeSession, body: Vec<u8>) -> Result<(Vec<u8>, Vec<u8>), NodeError> {
-    if s.auditor.is_none() {
-        return Ok((body, Vec::new()));
-    }
-    let (p, t) = mixnn_proto::audit::split(&body)?;
-    Ok((p.to_vec(), t.to_vec()))
-}
-
-/// Runs a forward: caches its input under `tag`, commits to it when
-/// audited; returns the body to send on.
-#[cfg_attr(not(feature = "adversary"), allow(unused_variables))]
-fn forward(
-    s: &mut NodeSession,
-    tag: HopTag,
-    note: &ForwardNote,
-    body: Vec<u8>,
-    adversary: MaybeAdversary,
-) -> Result<Vec<u8>, NodeError> {
-    let (body, trailer) = strip_trailer(s, body)?;
-    let labels = s.stage.spec().is_loss().then_some(note.labels.as_slice());
-    let (y, cache) = s
-        .stage
-        .forward_micro_bytes(&body, labels, note.batch_rows as usize)?;
-    #[cfg(feature = "adversary")]
-    let y = match adversary {
-        Some(a) => a.forward(note.step, y),
-        None => y,
-    };
-    s.caches.insert(tag, (note.step, cache));
-    Ok(match s.auditor.as_mut() {
-        Some(a) => {
-            let c = a.forward(tag, note.step, &body, &y);
-            #[cfg(feature = "adversary")]
-            let y = match adversary {
-                Some(adv) => adv.hidden(note.step, y),
-                None => y,
-            };
-            mixnn_proto::audit::push(&y, &trailer, &c)
-        }
-        None => y,
-    })
-}
-
-/// Runs a backward on the forward cached under `tag`; applies the update
-/// once the step's last micro-batch is in; returns the body to send on.
-#[cfg_attr(not(feature = "adversary"), allow(unused_variables))]
-fn backward(
-    s: &mut NodeSession,
-    id: SessionId,
-    tag: HopTag,
-    note: &BackwardNote,
-    body: Vec<u8>,
-    adversary: MaybeAdversary,
-) -> Result<Vec<u8>, NodeError> {
-    let (body, trailer) = strip_trailer(s, body)?;
-    let (step, cache) = s
-        .caches
-        .remove(&tag)
-        .ok_or_else(|| NodeError::Refused("backward without forward".into()))?;
-    if step != note.step || step != s.stage.steps() {
-        return Err(NodeError::Stale {
-            session: short(&id.0),
-            op: "backward",
-            step: note.step,
-            at: s.stage.steps(),
-        });
-    }
-    let grad = (!body.is_empty()).then_some(body.as_slice());
-    let dx = s
-        .stage
-        .backward_micro_bytes(
-            cache,
-            grad,
-            note.need_input_grad,
-            u32::from(note.micro.index()),
-        )?
-        .unwrap_or_default();
-    #[cfg(feature = "adversary")]
-    let dx = match adversary {
-        Some(a) => a.backward(note.step, dx),
-        None => dx,
-    };
-    // The update waits for the gradients of every micro-batch of the step.
-    let applied = s.stage.pending_micros() >= usize::from(note.micro.count());
-    if applied {
-        #[cfg(feature = "adversary")]
-        match adversary {
-            Some(a) => a.apply(note.step, &mut s.stage),
-            None => s.stage.apply(),
-        }
-        #[cfg(not(feature = "adversary"))]
-        s.stage.apply();
-    }
-    Ok(match s.auditor.as_mut() {
-        Some(a) => {
-            let c = a.backward(tag, note.step, &body, &dx, &s.stage, applied);
-            mixnn_proto::audit::push(&dx, &trailer, &c)
-        }
-        None => dx,
-    })
-}
-
-/// Chunk `chunk` of `all` (a state or an opening), as big as a message
-/// under `policy` carries, with the total length.
-fn state_chunk(all: &[u8], chunk: u32, policy: &PaddingPolicy) -> Vec<u8> {
-    let room = policy.max_body().saturating_sub(4).max(1);
-    let start = (chunk as usize).saturating_mul(room).min(all.len());
-    let end = start.saturating_add(room).min(all.len());
-    ParamChunk {
-        total: all.len() as u32,
-        bytes: all[start..end].to_vec(),
-    }
-    .encode()
-}
-
-/// Adds one chunk of a state to load; loads it once complete. The designer
-/// sends the chunks in order, while no step is in flight.
-fn load_chunk(s: &mut NodeSession, note: &ChunkNote, body: &[u8]) -> Result<(), NodeError> {
-    let chunk = ParamChunk::decode(body)?;
-    // Parameters and momentum (f32 each), with room for names and shapes;
-    // from the stage's description, without encoding the parameters.
-    let values: usize = s
-        .stage
-        .spec()
-        .ops
-        .iter()
-        .map(|op| match *op {
-            mixnn_model::spec::OpSpec::Linear { input, output } => (input + 1) * output,
-            _ => 0,
-        })
-        .sum();
-    let bound = 2 * 4 * values + 64 * s.stage.spec().ops.len() * 4 + 4096;
-    if chunk.total as usize > bound {
-        return Err(NodeError::Refused(format!(
-            "a state of {} bytes for a stage of at most {bound}",
-            chunk.total
-        )));
-    }
-    if note.chunk == 0 {
-        s.loading.clear();
-    } else if s.loading.is_empty() {
-        return Err(NodeError::Refused(format!(
-            "state chunk {} without chunk 0",
-            note.chunk
-        )));
-    }
-    s.loading.extend_from_slice(&chunk.bytes);
-    if s.loading.len() > chunk.total as usize {
-        s.loading.clear();
-        return Err(NodeError::Refused(
-            "state chunks longer than announced".into(),
-        ));
-    }
-    if s.loading.len() == chunk.total as usize {
-        let state = decode_state(&std::mem::take(&mut s.loading))?;
-        s.stage.load_state(&state)?;
-        if let Some(a) = s.auditor.as_mut() {
-            a.reset(&s.stage);
-        }
-        s.caches.clear();
-        s.parked.clear();
-        s.fetched = None;
-        tracing::info!(step = state.steps, "stage state loaded");
-    }
-    Ok(())
 }
 
 fn op_name(op: Op) -> &'static str {

@@ -22,6 +22,7 @@ pub mod audit;
 pub mod core;
 pub mod cover;
 mod error;
+mod session;
 pub use mixnn_net::pacing;
 
 use std::collections::HashMap;

@@ -1,0 +1,230 @@
+//! One cascade's session at a node: the stage it runs, the forward caches
+//! waiting for their backward, the messages parked until their step, a
+//! state being loaded, the last fetched state, the audit state, and the
+//! ops that run on them (forward, backward, load; chunks of fetches and
+//! openings). [`crate::core::Core`] routes messages to these.
+
+use std::collections::HashMap;
+
+use mixnn_model::stage::{Stage, StageCache};
+use mixnn_proto::{decode_state, BackwardNote, ChunkNote, ForwardNote, ParamChunk, SessionNote};
+use mixnn_wire::{HopTag, PaddingPolicy, Peeled, SessionId};
+
+use crate::audit::Auditor;
+use crate::error::NodeError;
+
+/// A message that came before its step (or its forward): run once the
+/// stage gets there.
+pub(crate) struct Parked {
+    pub(crate) step: u64,
+    pub(crate) peeled: Peeled,
+    pub(crate) note: SessionNote,
+    pub(crate) body: Vec<u8>,
+}
+
+/// One cascade's session at this node.
+pub(crate) struct NodeSession {
+    pub(crate) stage: Stage,
+    pub(crate) policy: PaddingPolicy,
+    pub(crate) prev: [u8; 32],
+    pub(crate) next: [u8; 32],
+    pub(crate) designer: [u8; 32],
+    pub(crate) caches: HashMap<HopTag, (u64, StageCache)>,
+    pub(crate) parked: Vec<Parked>,
+    /// Chunks of a state being loaded (crash recovery).
+    pub(crate) loading: Vec<u8>,
+    /// The encoded state last fetched and the step it is of: a fetch asks
+    /// for it chunk by chunk, and the state changes only with the step (or
+    /// a load, which clears this).
+    pub(crate) fetched: Option<(u64, Vec<u8>)>,
+    /// Commitments and openings, when the designer audits this session.
+    pub(crate) auditor: Option<Auditor>,
+}
+
+/// The first bytes of an id, in hex, for logs and errors.
+pub(crate) fn short(bytes: &[u8]) -> String {
+    bytes.iter().take(4).map(|b| format!("{b:02x}")).collect()
+}
+
+/// No test adversary (builds without the `adversary` feature).
+#[cfg(not(feature = "adversary"))]
+#[derive(Clone, Copy)]
+pub(crate) struct NoAdversary;
+
+#[cfg(feature = "adversary")]
+pub(crate) type MaybeAdversary = Option<crate::audit::Adversary>;
+#[cfg(not(feature = "adversary"))]
+pub(crate) type MaybeAdversary = NoAdversary;
+
+/// Splits the commitment trailer off a forward or backward body when the
+/// session is audited.
+fn strip_trailer(s: &NodeSession, body: Vec<u8>) -> Result<(Vec<u8>, Vec<u8>), NodeError> {
+    if s.auditor.is_none() {
+        return Ok((body, Vec::new()));
+    }
+    let (p, t) = mixnn_proto::audit::split(&body)?;
+    Ok((p.to_vec(), t.to_vec()))
+}
+
+/// Runs a forward: caches its input under `tag`, commits to it when
+/// audited; returns the body to send on.
+#[cfg_attr(not(feature = "adversary"), allow(unused_variables))]
+pub(crate) fn forward(
+    s: &mut NodeSession,
+    tag: HopTag,
+    note: &ForwardNote,
+    body: Vec<u8>,
+    adversary: MaybeAdversary,
+) -> Result<Vec<u8>, NodeError> {
+    let (body, trailer) = strip_trailer(s, body)?;
+    let labels = s.stage.spec().is_loss().then_some(note.labels.as_slice());
+    let (y, cache) = s
+        .stage
+        .forward_micro_bytes(&body, labels, note.batch_rows as usize)?;
+    #[cfg(feature = "adversary")]
+    let y = match adversary {
+        Some(a) => a.forward(note.step, y),
+        None => y,
+    };
+    s.caches.insert(tag, (note.step, cache));
+    Ok(match s.auditor.as_mut() {
+        Some(a) => {
+            let c = a.forward(tag, note.step, &body, &y);
+            #[cfg(feature = "adversary")]
+            let y = match adversary {
+                Some(adv) => adv.hidden(note.step, y),
+                None => y,
+            };
+            mixnn_proto::audit::push(&y, &trailer, &c)
+        }
+        None => y,
+    })
+}
+
+/// Runs a backward on the forward cached under `tag`; applies the update
+/// once the step's last micro-batch is in; returns the body to send on.
+#[cfg_attr(not(feature = "adversary"), allow(unused_variables))]
+pub(crate) fn backward(
+    s: &mut NodeSession,
+    id: SessionId,
+    tag: HopTag,
+    note: &BackwardNote,
+    body: Vec<u8>,
+    adversary: MaybeAdversary,
+) -> Result<Vec<u8>, NodeError> {
+    let (body, trailer) = strip_trailer(s, body)?;
+    let (step, cache) = s
+        .caches
+        .remove(&tag)
+        .ok_or_else(|| NodeError::Refused("backward without forward".into()))?;
+    if step != note.step || step != s.stage.steps() {
+        return Err(NodeError::Stale {
+            session: short(&id.0),
+            op: "backward",
+            step: note.step,
+            at: s.stage.steps(),
+        });
+    }
+    let grad = (!body.is_empty()).then_some(body.as_slice());
+    let dx = s
+        .stage
+        .backward_micro_bytes(
+            cache,
+            grad,
+            note.need_input_grad,
+            u32::from(note.micro.index()),
+        )?
+        .unwrap_or_default();
+    #[cfg(feature = "adversary")]
+    let dx = match adversary {
+        Some(a) => a.backward(note.step, dx),
+        None => dx,
+    };
+    // The update waits for the gradients of every micro-batch of the step.
+    let applied = s.stage.pending_micros() >= usize::from(note.micro.count());
+    if applied {
+        #[cfg(feature = "adversary")]
+        match adversary {
+            Some(a) => a.apply(note.step, &mut s.stage),
+            None => s.stage.apply(),
+        }
+        #[cfg(not(feature = "adversary"))]
+        s.stage.apply();
+    }
+    Ok(match s.auditor.as_mut() {
+        Some(a) => {
+            let c = a.backward(tag, note.step, &body, &dx, &s.stage, applied);
+            mixnn_proto::audit::push(&dx, &trailer, &c)
+        }
+        None => dx,
+    })
+}
+
+/// Chunk `chunk` of `all` (a state or an opening), as big as a message
+/// under `policy` carries, with the total length.
+pub(crate) fn state_chunk(all: &[u8], chunk: u32, policy: &PaddingPolicy) -> Vec<u8> {
+    let room = policy.max_body().saturating_sub(4).max(1);
+    let start = (chunk as usize).saturating_mul(room).min(all.len());
+    let end = start.saturating_add(room).min(all.len());
+    ParamChunk {
+        total: all.len() as u32,
+        bytes: all[start..end].to_vec(),
+    }
+    .encode()
+}
+
+/// Adds one chunk of a state to load; loads it once complete. The designer
+/// sends the chunks in order, while no step is in flight.
+pub(crate) fn load_chunk(
+    s: &mut NodeSession,
+    note: &ChunkNote,
+    body: &[u8],
+) -> Result<(), NodeError> {
+    let chunk = ParamChunk::decode(body)?;
+    // Parameters and momentum (f32 each), with room for names and shapes;
+    // from the stage's description, without encoding the parameters.
+    let values: usize = s
+        .stage
+        .spec()
+        .ops
+        .iter()
+        .map(|op| match *op {
+            mixnn_model::spec::OpSpec::Linear { input, output } => (input + 1) * output,
+            _ => 0,
+        })
+        .sum();
+    let bound = 2 * 4 * values + 64 * s.stage.spec().ops.len() * 4 + 4096;
+    if chunk.total as usize > bound {
+        return Err(NodeError::Refused(format!(
+            "a state of {} bytes for a stage of at most {bound}",
+            chunk.total
+        )));
+    }
+    if note.chunk == 0 {
+        s.loading.clear();
+    } else if s.loading.is_empty() {
+        return Err(NodeError::Refused(format!(
+            "state chunk {} without chunk 0",
+            note.chunk
+        )));
+    }
+    s.loading.extend_from_slice(&chunk.bytes);
+    if s.loading.len() > chunk.total as usize {
+        s.loading.clear();
+        return Err(NodeError::Refused(
+            "state chunks longer than announced".into(),
+        ));
+    }
+    if s.loading.len() == chunk.total as usize {
+        let state = decode_state(&std::mem::take(&mut s.loading))?;
+        s.stage.load_state(&state)?;
+        if let Some(a) = s.auditor.as_mut() {
+            a.reset(&s.stage);
+        }
+        s.caches.clear();
+        s.parked.clear();
+        s.fetched = None;
+        tracing::info!(step = state.steps, "stage state loaded");
+    }
+    Ok(())
+}
