@@ -82,11 +82,14 @@ impl Store {
 
     fn init(conn: Connection) -> Result<Self> {
         conn.busy_timeout(std::time::Duration::from_secs(5)).db()?;
-        let _mode: String =
-            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).db()?;
+        let _mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .db()?;
         conn.pragma_update(None, "synchronous", "NORMAL").db()?;
         conn.pragma_update(None, "foreign_keys", "ON").db()?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).db()?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .db()?;
         if version > SCHEMA_VERSION {
             return Err(DirectoryError::Database {
                 reason: format!(
@@ -95,7 +98,8 @@ impl Store {
             });
         }
         conn.execute_batch(SCHEMA).db()?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION).db()?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .db()?;
         Ok(Self { conn })
     }
 
@@ -118,7 +122,8 @@ impl Store {
             .query_row("SELECT identity FROM nodes WHERE addr = ?1", [&addr], |r| {
                 r.get(0)
             })
-            .optional().db()?;
+            .optional()
+            .db()?;
         if owner.is_some_and(|o| o != identity) {
             return Err(DirectoryError::AddressTaken { addr });
         }
@@ -128,7 +133,8 @@ impl Store {
                 [&identity],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
-            .optional().db()?;
+            .optional()
+            .db()?;
         let (published, now_i) = (to_i64("published", d.published)?, to_i64("now", now)?);
         let outcome = match existing {
             None => {
@@ -137,7 +143,8 @@ impl Store {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
                     params![identity, addr, published, signed.descriptor_json(), signature, now_i],
                 ).db()?;
-                tx.execute("INSERT INTO history (identity) VALUES (?1)", [&identity]).db()?;
+                tx.execute("INSERT INTO history (identity) VALUES (?1)", [&identity])
+                    .db()?;
                 Registration::New
             }
             Some((current, json, sig)) => {
@@ -188,7 +195,8 @@ impl Store {
                 [&identity],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .optional().db()?;
+            .optional()
+            .db()?;
         let Some((last, first_seen)) = row else {
             return Err(DirectoryError::UnknownNode { identity });
         };
@@ -213,11 +221,13 @@ impl Store {
                 to_i64("timestamp", hb.timestamp)?,
                 to_i64("gap", credited)?
             ],
-        ).db()?;
+        )
+        .db()?;
         tx.execute(
             "UPDATE nodes SET last_seen = ?2 WHERE identity = ?1",
             params![identity, to_i64("now", now)?],
-        ).db()?;
+        )
+        .db()?;
         tx.commit().db()?;
         Ok(())
     }
@@ -260,7 +270,8 @@ impl Store {
             tx.execute(
                 "UPDATE history SET failures = failures + 1 WHERE identity = ?1",
                 [&identity],
-            ).db()?;
+            )
+            .db()?;
         }
         tx.commit().db()?;
         Ok(if inserted == 1 {
@@ -282,14 +293,18 @@ impl Store {
         let Some((descriptor, history)) = rows.pop() else {
             return Err(DirectoryError::UnknownNode { identity: id });
         };
-        let mut stmt = self.conn.prepare(
-            "SELECT reporter, step, reason, timestamp FROM failures WHERE identity = ?1
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT reporter, step, reason, timestamp FROM failures WHERE identity = ?1
              ORDER BY received DESC, id DESC LIMIT 20",
-        ).db()?;
+            )
+            .db()?;
         let recent_reports = stmt
             .query_map([&id], |r| {
                 Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            }).db()?
+            })
+            .db()?
             .map(|row| {
                 let (reporter, step, reason, timestamp) = row.db()?;
                 Ok(FailureRecord {
@@ -321,7 +336,8 @@ impl Store {
     pub fn node_count(&self) -> Result<u64> {
         let n: i64 = self
             .conn
-            .query_row("SELECT COUNT(*) FROM nodes", [], |r| r.get(0)).db()?;
+            .query_row("SELECT COUNT(*) FROM nodes", [], |r| r.get(0))
+            .db()?;
         Ok(from_i64(n))
     }
 
@@ -341,18 +357,20 @@ impl Store {
              ORDER BY n.identity",
         ).db()?;
         let failures_since = to_i64("now", now.saturating_sub(config.failure_window))?;
-        let rows = stmt.query_map(
-            params![identity, to_i64("now", seen_since)?, failures_since],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    [r.get::<_, i64>(2)?, r.get(3)?, r.get(4)?],
-                    r.get::<_, Option<i64>>(5)?,
-                    [r.get::<_, i64>(6)?, r.get(7)?, r.get(8)?],
-                ))
-            },
-        ).db()?;
+        let rows = stmt
+            .query_map(
+                params![identity, to_i64("now", seen_since)?, failures_since],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        [r.get::<_, i64>(2)?, r.get(3)?, r.get(4)?],
+                        r.get::<_, Option<i64>>(5)?,
+                        [r.get::<_, i64>(6)?, r.get(7)?, r.get(8)?],
+                    ))
+                },
+            )
+            .db()?;
         rows.map(|row| {
             let (
                 json,
@@ -387,7 +405,8 @@ fn node_exists(tx: &Transaction<'_>, identity: &str) -> Result<bool> {
             [identity],
             |_| Ok(()),
         )
-        .optional().db()?
+        .optional()
+        .db()?
         .is_some())
 }
 

@@ -8,11 +8,11 @@ use std::net::SocketAddr;
 use std::thread::JoinHandle;
 
 use common::*;
+use mixnn_directory::api::*;
 use mixnn_directory::ed25519_dalek::SigningKey;
 use mixnn_directory::*;
-use mixnn_directory::api::*;
-use mixnn_directory_server::*;
 use mixnn_directory_client::*;
+use mixnn_directory_server::*;
 use tokio::sync::oneshot;
 
 /// A directory served on its own thread; stops and joins on drop.

@@ -7,9 +7,9 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
+use mixnn_directory::api::*;
 use mixnn_directory::ed25519_dalek::SigningKey;
 use mixnn_directory::*;
-use mixnn_directory::api::*;
 use mixnn_directory_server::*;
 
 #[test]
