@@ -1,7 +1,7 @@
 //! [`CascadeRunner`]: a training run over a cascade, plugged into the same
 //! training loop as the single-process trainer
-//! (`mixnn_model::trainer::run_training`). It owns the [`Session`] and
-//! what outlives a session: the checkpoints ([`Saver`]), the replacements
+//! (`mixnn_model::trainer::run_training`). It owns the session and
+//! what outlives a session: the checkpoints, the replacements
 //! and the recoveries so far. When a session fails it decides what to do
 //! ([`crate::plan::recovery`]): probe for the failed hop, replace it, set
 //! up a new session from the last checkpoint, or, after a failed audit,

@@ -26,7 +26,7 @@ pub struct InitNote {
     pub next_link: [u8; 32],
     /// Link key of the designer (deliveries).
     pub designer_link: [u8; 32],
-    /// Key of this hop's audit commitments ([`audit`]), fresh per hop and
+    /// Key of this hop's audit commitments ([`crate::audit`]), fresh per hop and
     /// session; `None`: the hop commits to nothing and carries no
     /// commitment trailer. Encoded only when present.
     pub audit_key: Option<[u8; 32]>,

@@ -98,7 +98,7 @@ pub enum CheckpointError {
         /// What does not add up.
         reason: String,
     },
-    /// [`CheckpointDir::open`] was asked to keep fewer than two files.
+    /// [`crate::checkpoint::CheckpointDir::open`] was asked to keep fewer than two files.
     #[error("checkpoint dir {}: keep must be at least 2 (got {keep}), so that a corrupt newest file has one to fall back on", path.display())]
     Keep {
         /// The directory.

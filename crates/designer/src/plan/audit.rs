@@ -23,7 +23,7 @@
 //!   what one says it sent must be what the other says it received, both
 //!   ways; hop 0's input must be the designer's own batch.
 //! - **Response** (in the runner): a failed audit is
-//!   [`DesignerError::Audit`](crate::DesignerError::Audit); with
+//!   [`crate::DesignerError::Audit`]; with
 //!   replacements the hop is reported and replaced (both hops of a boundary
 //!   that disagrees: either may lie), and the run rolls back to the last
 //!   kept checkpoint before the first bad step

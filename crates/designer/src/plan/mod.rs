@@ -2,8 +2,8 @@
 //! sockets, no runtime, no clock reads (time comes in as an `Instant`
 //! argument), randomness from seeded RNGs handed in. Each component takes
 //! events (a reply, a tick at `now`) and returns messages or decisions;
-//! the I/O layer ([`crate::driver`], [`crate::exchange`]) sends and
-//! receives, the runner ([`crate::runner`]) strings them together.
+//! the I/O layer (`driver`, `exchange`) sends and receives, the session
+//! and the runner ([`crate::runner`]) string them together.
 //!
 //! | module | decides |
 //! |---|---|
