@@ -271,10 +271,10 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
             },
             max_links: args.max_links,
             learned_file: Some(args.state.join("learned-peers.txt")),
-            cover_rate: args.cover_rate,
+            cover_rate: mixnn_net::pacing::Rate::new(args.cover_rate),
             cover_peers: args.cover_peer.iter().map(|p| (p.0, p.1)).collect(),
             cover_view: cover_peers,
-            link_rate: args.link_rate,
+            link_rate: mixnn_net::pacing::Rate::new(args.link_rate),
             link_jitter: args.link_jitter,
             #[cfg(feature = "adversary")]
             adversary: args.adversary,

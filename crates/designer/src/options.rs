@@ -1,7 +1,6 @@
 //! How the designer runs a cascade: typed options, with no "0 means off"
 //! and no booleans that only make sense in pairs.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU64;
 use std::str::FromStr;
@@ -9,6 +8,7 @@ use std::time::Duration;
 
 use mixnn_model::spec::ModelSpec;
 use mixnn_net::pacing::LinkPace;
+pub use mixnn_net::pacing::Rate;
 
 use crate::checkpoint::CheckpointDir;
 
@@ -93,40 +93,6 @@ impl FromStr for Padding {
             "classes" => Ok(Padding::Classes),
             other => Err(format!("--padding takes uniform or classes, not {other:?}")),
         }
-    }
-}
-
-/// Events per second: positive and finite. Something that may be off is
-/// an `Option<Rate>`.
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
-pub struct Rate(f64);
-
-impl Rate {
-    /// `per_second` events a second; `None` unless positive and finite.
-    pub fn new(per_second: f64) -> Option<Rate> {
-        (per_second > 0.0 && per_second.is_finite()).then_some(Rate(per_second))
-    }
-
-    /// A rate from a command line where 0 turns the feature off: `Ok(None)`
-    /// for 0, `Err` for a negative or non-finite number.
-    pub fn or_off(per_second: f64) -> Result<Option<Rate>, String> {
-        if per_second == 0.0 {
-            return Ok(None);
-        }
-        Rate::new(per_second).map(Some).ok_or_else(|| {
-            format!("{per_second} is not a rate (a number of events per second, 0 or more)")
-        })
-    }
-
-    /// Events per second.
-    pub fn per_second(self) -> f64 {
-        self.0
-    }
-}
-
-impl fmt::Display for Rate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
     }
 }
 

@@ -444,25 +444,16 @@ impl Session {
         let fetched = self
             .ex
             .download(&asked, Fetch::State { step: self.step }, self.step)?;
-        let mut fetched = asked.iter().copied().zip(fetched);
-        let mut next = fetched.next();
-        let mut out = Vec::with_capacity(self.layout.len());
-        for j in 0..self.layout.len() {
-            match next.take() {
-                Some((k, bytes)) if k == j => {
-                    out.push(decode_state(&bytes)?);
-                    next = fetched.next();
-                }
-                other => {
-                    next = other;
-                    out.push(StageState {
-                        steps: self.step,
-                        tensors: Vec::new(),
-                    });
-                }
-            }
-        }
-        Ok(out)
+        let mut fetched: HashMap<usize, Vec<u8>> = asked.into_iter().zip(fetched).collect();
+        (0..self.layout.len())
+            .map(|j| match fetched.remove(&j) {
+                Some(bytes) => Ok(decode_state(&bytes)?),
+                None => Ok(StageState {
+                    steps: self.step,
+                    tensors: Vec::new(),
+                }),
+            })
+            .collect()
     }
 
     /// Loads checkpoint `c` into every stage, remote and kept, and moves

@@ -17,6 +17,7 @@
 //! (`mixnn train --cascade … --link-rate R`).
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -76,6 +77,40 @@ pub fn cover_message<R: RngCore + CryptoRng>(
 /// Messages a paced link holds before it reports that its rate is too
 /// low for its traffic (it still sends them all).
 pub const DEFAULT_QUEUE_BOUND: usize = 1024;
+
+/// Events per second: positive and finite. Something that may be off (loops,
+/// cover, pacing) is an `Option<Rate>`.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+pub struct Rate(f64);
+
+impl Rate {
+    /// `per_second` events a second; `None` unless positive and finite.
+    pub fn new(per_second: f64) -> Option<Rate> {
+        (per_second > 0.0 && per_second.is_finite()).then_some(Rate(per_second))
+    }
+
+    /// A rate from a command line where 0 turns the feature off: `Ok(None)`
+    /// for 0, `Err` for a negative or non-finite number.
+    pub fn or_off(per_second: f64) -> Result<Option<Rate>, String> {
+        if per_second == 0.0 {
+            return Ok(None);
+        }
+        Rate::new(per_second).map(Some).ok_or_else(|| {
+            format!("{per_second} is not a rate (a number of events per second, 0 or more)")
+        })
+    }
+
+    /// Events per second.
+    pub fn per_second(self) -> f64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// The gap to the next event of a Poisson process of `rate` events per
 /// second; `None` for a rate of 0 (or not a positive finite number).

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mixnn_directory::VerifiedView;
-pub use mixnn_net::pacing::{cover_message, poisson_gap, CellCounts};
+pub use mixnn_net::pacing::{cover_message, poisson_gap, CellCounts, Rate};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use tokio::sync::{mpsc, watch};
@@ -88,11 +88,12 @@ pub fn peers_from_view(view: &VerifiedView, me: &[u8; 32], my_link: &[u8; 32]) -
         .collect()
 }
 
-/// Sends cover messages at `rate` per second to peers drawn uniformly from
-/// `peers` (read anew for every message; none while it is empty), until
-/// `tx` closes. `seed` seeds the times, the peers and the content.
+/// Sends cover messages at `rate` (none if `None`) to peers drawn
+/// uniformly from `peers` (read anew for every message; none while it is
+/// empty), until `tx` closes. `seed` seeds the times, the peers and the
+/// content.
 pub(crate) async fn cover_loop(
-    rate: f64,
+    rate: Option<Rate>,
     peers: CoverPeers,
     sizes: Arc<CellCounts>,
     tx: mpsc::UnboundedSender<Outbound>,
@@ -102,7 +103,7 @@ pub(crate) async fn cover_loop(
     if peers.never_any() {
         return;
     }
-    while let Some(gap) = poisson_gap(rate, &mut rng) {
+    while let Some(gap) = rate.and_then(|r| poisson_gap(r.per_second(), &mut rng)) {
         tokio::time::sleep(gap).await;
         let cells = sizes.mode();
         if cells == 0 {
@@ -246,7 +247,7 @@ mod tests {
         sizes.record(2);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let cover = tokio::spawn(cover_loop(
-            1_000.0,
+            Rate::new(1_000.0),
             CoverPeers::choose(Vec::new(), Some(peers_rx)),
             sizes,
             tx,

@@ -54,8 +54,8 @@ pub struct NodeConfig {
     /// to this file after each change: an audit of what it knows.
     pub learned_file: Option<PathBuf>,
     /// Cover messages per second (Poisson), sent to random
-    /// [`NodeConfig::cover_peers`]; 0 sends none.
-    pub cover_rate: f64,
+    /// [`NodeConfig::cover_peers`]; `None` sends none.
+    pub cover_rate: Option<pacing::Rate>,
     /// Where cover messages may go: address and link key of other nodes.
     /// When not empty, these win over [`NodeConfig::cover_view`].
     pub cover_peers: Vec<cover::CoverPeer>,
@@ -65,9 +65,9 @@ pub struct NodeConfig {
     pub cover_view: Option<tokio::sync::watch::Receiver<Vec<cover::CoverPeer>>>,
     /// Constant-rate links: messages per second on every outbound link,
     /// one whole message per tick (the oldest queued one, else a cover
-    /// message; see [`pacing`]); 0 sends each message as soon as it is
-    /// ready (no pacing).
-    pub link_rate: f64,
+    /// message; see [`pacing`]); `None` sends each message as soon as it
+    /// is ready (no pacing).
+    pub link_rate: Option<pacing::Rate>,
     /// On paced links, each message leaves at a uniformly random offset
     /// in `[0, link_jitter / link_rate)` after its tick (0: on the tick;
     /// see [`pacing::LinkPace::jitter`]).
@@ -90,10 +90,10 @@ impl Default for NodeConfig {
             limits: Limits::default(),
             max_links: 256,
             learned_file: None,
-            cover_rate: 0.0,
+            cover_rate: None,
             cover_peers: Vec::new(),
             cover_view: None,
-            link_rate: 0.0,
+            link_rate: None,
             link_jitter: 1.0,
             link_queue_bound: pacing::DEFAULT_QUEUE_BOUND,
             drop_after: None,
@@ -128,8 +128,10 @@ pub async fn run(
         handled: 0,
         tx: out_tx.clone(),
     }));
-    let pace =
-        pacing::LinkPace::new(config.link_rate, config.link_jitter).map(|p| pacing::LinkPace {
+    let pace = config
+        .link_rate
+        .and_then(|r| pacing::LinkPace::new(r.per_second(), config.link_jitter))
+        .map(|p| pacing::LinkPace {
             bound: config.link_queue_bound,
             ..p
         });
