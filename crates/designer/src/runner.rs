@@ -303,7 +303,7 @@ impl CascadeRunner {
         let policy = if opts.uniform_padding {
             PaddingPolicy::Uniform { max_body }
         } else {
-            PaddingPolicy::Classes
+            PaddingPolicy::Classes { max_body }
         };
 
         let (reply_tx, replies) = mpsc::unbounded_channel();
@@ -426,10 +426,10 @@ impl CascadeRunner {
             .iter()
             .map(HopInfo::link_key)
             .collect::<Result<_, _>>()?;
-        let max_body = match self.policy {
-            PaddingPolicy::Uniform { max_body } => max_body as u32,
-            _ => 0,
-        };
+        // The nodes refuse inits issued far from their clock.
+        let issued_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         // Fresh commitment keys for every session.
         self.audit.new_session(self.hops.len(), &mut self.rng);
         let notes: Vec<Vec<u8>> = self
@@ -442,10 +442,16 @@ impl CascadeRunner {
                     sgd: self.cfg.sgd,
                     seed: i.map_or(0, |i| stage_seed(self.cfg.seed, i)),
                     start_step: self.step,
-                    max_body,
+                    padding: self.policy,
+                    issued_at,
                     prev_link: if k == 0 { my_link } else { links[k - 1] },
                     next_link: links.get(k + 1).copied().unwrap_or(my_link),
                     designer_link: my_link,
+                    // Where the hop may send: its neighbours and, for
+                    // deliveries, the designer.
+                    prev_addr: k.checked_sub(1).map(|j| self.hops[j].addr),
+                    next_addr: self.hops.get(k + 1).map(|h| h.addr),
+                    designer_addr: Some(self.me.0),
                     audit_key: self.audit.key(k),
                 }
                 .encode()
@@ -474,7 +480,7 @@ impl CascadeRunner {
             })
             .collect();
         let (onion, session) = wrap_init(&publics, &layers, &mut self.rng)?;
-        let cells = encode_cells(CellKind::Init, &onion, &[], &self.policy)?;
+        let cells = encode_cells(CellKind::Init, &onion, &[], &self.policy.for_init())?;
         self.session = Some(session);
         self.pending.insert(rid.0, Await::Init);
         // No loops until every hop has the session.

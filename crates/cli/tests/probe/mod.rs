@@ -179,7 +179,8 @@ impl Probe {
     }
 
     /// An init onion for a one-hop session at `to` carrying `note`,
-    /// delivered back to the probe; its cells under `policy`.
+    /// delivered back to the probe; its cells under `policy` (an honest
+    /// designer pads an init with `PaddingPolicy::for_init`).
     pub fn init(
         &mut self,
         to: &Target,
