@@ -3,7 +3,7 @@
 //!
 //! | op | note (designer → this hop) | body in | body out |
 //! |---|---|---|---|
-//! | init | [`InitNote`]: stage spec, SGD, seed, padding, neighbours' link keys | empty | empty |
+//! | init | [`InitNote`]: stage spec, SGD, seed, padding and largest body, issue time, neighbours' link keys and addresses | empty | empty |
 //! | forward | [`StepNote`] with the labels for the loss stage | activation | activation, or the loss to the designer |
 //! | backward | [`StepNote`] (`need_input_grad`) | gradient (empty at the loss stage) | gradient, or empty to the designer |
 //! | test | [`StepNote`] | activation | activation / output to the designer |
