@@ -144,14 +144,21 @@ impl Core {
 
     /// Remembers inits accepted before (by an earlier run of this node,
     /// persisted by the I/O layer), so that their replays are refused.
-    /// Tags issued before the window are skipped; so are tags past the
-    /// capacity.
+    /// Tags issued before the window are skipped; tags past the capacity
+    /// (a cache made smaller since) too, with a warning.
     pub fn remember_inits(&mut self, tags: impl IntoIterator<Item = (InitTag, u64)>, now: Now) {
         let from = now.unix.saturating_sub(self.limits.init_window.as_secs());
+        let mut over = 0usize;
         for (tag, at) in tags {
-            if at >= from {
-                let _ = self.init_seen.insert(tag, at);
+            if at >= from && self.init_seen.insert(tag, at).is_err() {
+                over += 1;
             }
+        }
+        if over > 0 {
+            tracing::warn!(
+                "{over} remembered init tags do not fit the replay cache of {}: their inits could be replayed",
+                self.init_seen.capacity()
+            );
         }
     }
 
