@@ -38,6 +38,51 @@ pub struct NodeArgs {
     /// Most training steps cached per session (steps in flight).
     #[arg(long, default_value_t = 64)]
     pub max_cached: usize,
+    /// Most sessions (cascades) served at once.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_sessions: usize,
+    /// Most sessions set up over links with one key (the previous hop's,
+    /// or a designer's).
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub max_sessions_per_key: usize,
+    /// Seconds after which a session no message has reached is dropped.
+    #[arg(long, default_value_t = 600, value_name = "S",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub session_idle: u64,
+    /// Seconds after which an inbound link on which nothing arrives (or
+    /// whose handshake does not finish) is closed.
+    #[arg(long, default_value_t = 300, value_name = "S",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub link_idle: u64,
+    /// Most parameters of one stage (each costs 8 bytes: value and
+    /// momentum).
+    #[arg(long, default_value_t = 16 << 20, value_name = "N")]
+    pub max_stage_params: u64,
+    /// Most parameters of all sessions together (an audited session counts
+    /// 17 times: the hop keeps the state of its last 16 steps).
+    #[arg(long, default_value_t = 128 << 20, value_name = "N")]
+    pub max_node_params: u64,
+    /// Most MiB of activations one message may make a stage compute.
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    pub max_forward_mib: u64,
+    /// Most MiB one session may hold (forward caches, parked messages,
+    /// gradients waiting for their update).
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub max_session_mib: u64,
+    /// Most MiB all sessions together may hold.
+    #[arg(long, default_value_t = 1024, value_name = "MIB")]
+    pub max_node_mib: u64,
+    /// Seconds an init may have been issued before (or after) this node's
+    /// clock; accepted inits are remembered (in the state directory) for as
+    /// long, so none is accepted twice.
+    #[arg(long, default_value_t = 600, value_name = "S",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub init_window: u64,
+    /// Most inits remembered within the window; when full, new inits are
+    /// refused until old ones leave it.
+    #[arg(long, default_value_t = 65_536, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub init_replay_capacity: u64,
     /// Register with the directory authority at this URL
     /// (`http://HOST:PORT`) and heartbeat there.
     #[arg(long, value_name = "URL")]
@@ -265,11 +310,10 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
         );
         tracing::info!(%addr, "listening");
         let node_config = NodeConfig {
-            limits: Limits {
-                max_cached: args.max_cached,
-                ..Limits::default()
-            },
+            limits: limits(args),
             max_links: args.max_links,
+            link_idle: Duration::from_secs(args.link_idle),
+            replay_file: Some(args.state.join("init-replay.bin")),
             learned_file: Some(args.state.join("learned-peers.txt")),
             cover_rate: mixnn_net::pacing::Rate::new(args.cover_rate),
             cover_peers: args.cover_peer.iter().map(|p| (p.0, p.1)).collect(),
@@ -289,6 +333,25 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
         served?;
         anyhow::Ok(())
     })
+}
+
+/// The core's limits from the flags.
+fn limits(args: &NodeArgs) -> Limits {
+    const MIB: u64 = 1 << 20;
+    Limits {
+        max_cached: args.max_cached,
+        max_sessions: args.max_sessions,
+        max_sessions_per_key: args.max_sessions_per_key,
+        session_idle: Duration::from_secs(args.session_idle),
+        max_stage_params: args.max_stage_params,
+        max_node_params: args.max_node_params,
+        max_forward_bytes: args.max_forward_mib.saturating_mul(MIB),
+        max_session_bytes: args.max_session_mib.saturating_mul(MIB),
+        max_node_bytes: args.max_node_mib.saturating_mul(MIB),
+        init_window: Duration::from_secs(args.init_window),
+        init_replay_capacity: usize::try_from(args.init_replay_capacity).unwrap_or(usize::MAX),
+        ..Limits::default()
+    }
 }
 
 /// Registers the node bound to `bound` with the directory behind `client`
@@ -369,4 +432,29 @@ pub fn parse_ready_line(line: &str) -> Option<HopInfo> {
         onion: onion?,
         link: link?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        node: NodeArgs,
+    }
+
+    #[test]
+    fn the_flags_default_to_the_library_limits() {
+        let args = Cli::parse_from(["mixnn", "--state", "/nonexistent"]).node;
+        let (got, want) = (limits(&args), Limits::default());
+        assert_eq!(format!("{got:?}"), format!("{want:?}"));
+        assert_eq!(
+            Duration::from_secs(args.link_idle),
+            NodeConfig::default().link_idle
+        );
+        assert_eq!(args.max_links, NodeConfig::default().max_links);
+    }
 }

@@ -21,7 +21,7 @@ use mixnn_model::trainer::{argmax_slice, micro_ranges, stage_seed, Batch, TrainC
 use mixnn_model::weights::StageParams;
 use mixnn_proto::audit::Opening;
 use mixnn_proto::{decode_state, encode_state, InitNote, Micro};
-use mixnn_wire::{HopTag, OnionPublic, PaddingPolicy};
+use mixnn_wire::{HopTag, OnionPublic};
 
 use crate::cascade::HopInfo;
 use crate::checkpoint::Checkpoint;
@@ -132,10 +132,13 @@ impl Session {
             .iter()
             .map(HopInfo::link_key)
             .collect::<Result<_, _>>()?;
-        let max_body = match self.ex.policy() {
-            PaddingPolicy::Uniform { max_body } => max_body as u32,
-            _ => 0,
-        };
+        let padding = self.ex.policy();
+        // The nodes refuse inits issued far from their clock.
+        let issued_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let me_addr = self.ex.router().me();
+        let addrs: Vec<std::net::SocketAddr> = self.hops.iter().map(|h| h.addr).collect();
         // Fresh commitment keys for every session.
         self.audits
             .new_session(self.hops.len(), self.ex.router().rng());
@@ -149,10 +152,16 @@ impl Session {
                 sgd: self.cfg.sgd,
                 seed: h.index.map_or(0, |i| stage_seed(self.cfg.seed, i)),
                 start_step: self.step,
-                max_body,
+                padding,
+                issued_at,
                 prev_link: if k == 0 { me } else { links[k - 1] },
                 next_link: links.get(k + 1).copied().unwrap_or(me),
                 designer_link: me,
+                // Where the hop may send: its neighbours and, for
+                // deliveries, the designer.
+                prev_addr: k.checked_sub(1).map(|j| addrs[j]),
+                next_addr: addrs.get(k + 1).copied(),
+                designer_addr: Some(me_addr),
                 audit_key: self.audits.key(k),
             })
             .collect();

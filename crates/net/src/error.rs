@@ -151,6 +151,15 @@ pub enum NetError {
         /// The peer.
         peer: SocketAddr,
     },
+    /// Nothing (not even a whole cell) arrived within the reader's idle
+    /// timeout ([`crate::LinkReader::set_idle_timeout`]).
+    #[error("link with {peer} idle for {after:?}")]
+    Idle {
+        /// The peer.
+        peer: SocketAddr,
+        /// The idle timeout.
+        after: std::time::Duration,
+    },
     /// A transport frame had a length other than the one fixed for the link.
     #[error("link with {peer}: frame of {actual} bytes, expected {expected}")]
     FrameLength {

@@ -11,6 +11,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use snow::StatelessTransportState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
@@ -61,6 +62,7 @@ pub(crate) fn split(
         cell_size,
         peer,
         state: State::Ready,
+        idle: None,
     };
     let writer = LinkWriter {
         stream: write,
@@ -83,9 +85,19 @@ pub struct LinkReader {
     cell_size: usize,
     peer: SocketAddr,
     state: State,
+    idle: Option<Duration>,
 }
 
 impl LinkReader {
+    /// Bounds how long [`Self::recv_cell`] waits for a whole cell: past
+    /// `idle` it fails with [`NetError::Idle`] and the reader is unusable
+    /// (the caller drops the link). `None` (the default) waits for ever.
+    /// A listener sets this so that idle, half-open or stalled links do not
+    /// hold its link slots for good.
+    pub fn set_idle_timeout(&mut self, idle: Option<Duration>) {
+        self.idle = idle;
+    }
+
     /// Reads exactly one cell into `out` (`out.len()` must be the cell size).
     ///
     /// A clean EOF between frames gives [`NetError::Closed`]; a frame of the
@@ -93,6 +105,21 @@ impl LinkReader {
     /// authentication gives [`NetError::Decrypt`]. After any error the reader
     /// is unusable; `out` may then hold garbage.
     pub async fn recv_cell(&mut self, out: &mut [u8]) -> Result<(), NetError> {
+        let Some(after) = self.idle else {
+            return self.recv_cell_unbounded(out).await;
+        };
+        let peer = self.peer;
+        match tokio::time::timeout(after, self.recv_cell_unbounded(out)).await {
+            Ok(r) => r,
+            Err(_) => {
+                // Possibly mid-frame: unusable from here on.
+                self.state = State::Broken;
+                Err(NetError::Idle { peer, after })
+            }
+        }
+    }
+
+    async fn recv_cell_unbounded(&mut self, out: &mut [u8]) -> Result<(), NetError> {
         if out.len() != self.cell_size {
             return Err(NetError::CellBufferLength {
                 len: out.len(),

@@ -297,3 +297,36 @@ async fn public_link_key_parses_from_its_display_form() {
     let key = keypair(17).public();
     assert_eq!(key.to_string().parse::<PublicLinkKey>().unwrap(), key);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_timeout_ends_a_silent_link_and_lets_a_talking_one_live() {
+    let server_key = keypair(41);
+    let (addr, mut accepted) = serve(server_key.clone(), config()).await;
+    let mut client = Link::connect(addr, &keypair(42), Some(server_key.public()), config())
+        .await
+        .unwrap();
+    let (mut reader, _writer) = accepted.recv().await.unwrap().unwrap().into_split();
+    let idle = Duration::from_millis(300);
+    reader.set_idle_timeout(Some(idle));
+    let mut cell = vec![0u8; CELL];
+    // A cell every 100 ms keeps it alive well past the timeout…
+    for i in 0..6 {
+        client.send_cells(&pattern(i, CELL)).await.unwrap();
+        reader.recv_cell(&mut cell).await.unwrap();
+        assert_eq!(cell, pattern(i, CELL));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // …silence ends it within the timeout, and the reader stays unusable.
+    let started = std::time::Instant::now();
+    let err = reader.recv_cell(&mut cell).await.unwrap_err();
+    assert!(
+        matches!(err, NetError::Idle { after, .. } if after == idle),
+        "{err}"
+    );
+    assert!(started.elapsed() < idle + Duration::from_millis(200));
+    client.send_cells(&pattern(9, CELL)).await.unwrap();
+    assert!(matches!(
+        reader.recv_cell(&mut cell).await,
+        Err(NetError::Broken { .. })
+    ));
+}

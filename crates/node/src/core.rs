@@ -4,41 +4,36 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
 
-use mixnn_model::stage::Stage;
-use mixnn_proto::{encode_state, InitNote, SessionNote};
+use mixnn_proto::{encode_state, BackwardNote, ForwardNote, SessionNote};
 use mixnn_wire::{
-    encode_cells, peel_init, CellKind, InitReplayCache, Message, Onion, Op, PaddingPolicy, Peeled,
+    encode_cells, CellKind, InitReplayCache, InitTag, Message, Onion, Op, PaddingPolicy, Peeled,
     ReplyId, SessionId, SessionTable,
 };
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
 
-use crate::audit::Auditor;
 use crate::error::NodeError;
+pub use crate::limits::Limits;
+use crate::limits::{forward_bytes, output_width, tensor_bytes, tensor_shape};
+use crate::routes::Routes;
 #[cfg(not(feature = "adversary"))]
 use crate::session::NoAdversary;
-use crate::session::{backward, forward, load_chunk, short, state_chunk, NodeSession, Parked};
+use crate::session::{
+    self, load_chunk, short, state_chunk, Cached, MaybeAdversary, NodeSession, Parked,
+};
 
-/// Bounds on what one node keeps in memory.
+mod init;
+
+/// The time, as the I/O layer tells it to the core (which reads no clock).
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Forward caches kept per session (steps in flight).
-    pub max_cached: usize,
-    /// Early messages parked per session.
-    pub max_parked: usize,
-    /// Sessions (cascades) served at once.
-    pub max_sessions: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_cached: 64,
-            max_parked: 256,
-            max_sessions: 64,
-        }
-    }
+pub struct Now {
+    /// Monotonic time: sessions expire when idle by it.
+    pub mono: Instant,
+    /// Wall-clock seconds since the Unix epoch: inits are issued in it.
+    pub unix: u64,
 }
 
 /// Something to send: cells for the link to `addr`, whose peer must prove
@@ -57,6 +52,8 @@ pub struct Outbound {
 pub struct Core {
     onion: mixnn_wire::OnionSecret,
     init_seen: InitReplayCache,
+    /// Inits accepted since [`Core::take_accepted_inits`] last ran.
+    accepted: Vec<(InitTag, u64)>,
     table: SessionTable,
     sessions: HashMap<SessionId, NodeSession>,
     rng: ChaCha8Rng,
@@ -64,6 +61,9 @@ pub struct Core {
     learned: BTreeSet<SocketAddr>,
     #[cfg(feature = "adversary")]
     adversary: Option<crate::audit::Adversary>,
+    /// Makes the stage code panic on this op (tests of panic isolation).
+    #[cfg(test)]
+    panic_on: Option<Op>,
 }
 
 impl Core {
@@ -72,7 +72,8 @@ impl Core {
     pub fn new(onion: mixnn_wire::OnionSecret, seed: [u8; 32], limits: Limits) -> Self {
         Core {
             onion,
-            init_seen: InitReplayCache::default(),
+            init_seen: InitReplayCache::new(limits.init_replay_capacity),
+            accepted: Vec::new(),
             table: SessionTable::new(),
             sessions: HashMap::new(),
             rng: ChaCha8Rng::from_seed(seed),
@@ -80,7 +81,65 @@ impl Core {
             learned: BTreeSet::new(),
             #[cfg(feature = "adversary")]
             adversary: None,
+            #[cfg(test)]
+            panic_on: None,
         }
+    }
+
+    /// Drops every session idle for longer than the limit and forgets
+    /// init tags older than the window; returns the sessions dropped.
+    pub fn expire(&mut self, now: Now) -> usize {
+        let idle = self.limits.session_idle;
+        let old: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| now.mono.saturating_duration_since(s.last_active) > idle)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &old {
+            self.drop_session(id);
+            tracing::info!(session = %short(&id.0), "session expired: idle for more than {} s", idle.as_secs());
+        }
+        self.init_seen
+            .forget_before(now.unix.saturating_sub(self.limits.init_window.as_secs()));
+        old.len()
+    }
+
+    fn drop_session(&mut self, id: &SessionId) {
+        self.table.remove(id);
+        self.sessions.remove(id);
+    }
+
+    /// Bytes all sessions hold beyond their parameters.
+    pub fn held_bytes(&self) -> u64 {
+        self.sessions
+            .values()
+            .map(NodeSession::held)
+            .fold(0, u64::saturating_add)
+    }
+
+    /// Refuses to take `more` bytes for session `id` past the session's
+    /// or the node's budget.
+    fn check_held(&self, id: &SessionId, more: u64) -> Result<(), NodeError> {
+        let s = self.sessions.get(id).map_or(0, NodeSession::held);
+        let l = &self.limits;
+        if s.saturating_add(more) > l.max_session_bytes {
+            return Err(NodeError::Limit(format!(
+                "session {} would hold {} bytes, above its budget of {}",
+                short(&id.0),
+                s.saturating_add(more),
+                l.max_session_bytes
+            )));
+        }
+        let all = self.held_bytes();
+        if all.saturating_add(more) > l.max_node_bytes {
+            return Err(NodeError::Limit(format!(
+                "sessions would hold {} bytes, above the node's budget of {}",
+                all.saturating_add(more),
+                l.max_node_bytes
+            )));
+        }
+        Ok(())
     }
 
     /// Makes this node misbehave (tests of audits only).
@@ -100,11 +159,17 @@ impl Core {
         self.sessions.len()
     }
 
-    /// Handles one message that arrived over a link with key `from`.
-    pub fn handle(&mut self, from: [u8; 32], msg: Message) -> Result<Vec<Outbound>, NodeError> {
+    /// Handles one message that arrived over a link with key `from` at
+    /// time `now`.
+    pub fn handle(
+        &mut self,
+        from: [u8; 32],
+        msg: Message,
+        now: Now,
+    ) -> Result<Vec<Outbound>, NodeError> {
         match msg.kind {
-            CellKind::Init => self.handle_init(from, msg),
-            CellKind::Session => self.handle_session(from, msg),
+            CellKind::Init => self.handle_init(from, msg, now),
+            CellKind::Session => self.handle_session(from, msg, now),
             // Cover cells are dropped on arrival.
             CellKind::Cover => {
                 tracing::debug!(from = %mixnn_net::PublicLinkKey::from_bytes(from), "cover message dropped");
@@ -112,74 +177,6 @@ impl Core {
             }
             _ => Ok(Vec::new()),
         }
-    }
-
-    fn handle_init(&mut self, from: [u8; 32], msg: Message) -> Result<Vec<Outbound>, NodeError> {
-        if self.sessions.len() >= self.limits.max_sessions {
-            return Err(NodeError::Limit(format!(
-                "{} sessions already",
-                self.sessions.len()
-            )));
-        }
-        let (peeled, hop) = peel_init(
-            &self.onion,
-            &mut self.init_seen,
-            &msg.onion.header,
-            &msg.onion.notes,
-        )?;
-        let note = InitNote::decode(peeled.note())?;
-        if note.prev_link != from {
-            return Err(NodeError::Refused(
-                "init arrived from a link other than the one it names as previous".into(),
-            ));
-        }
-        let policy = match note.max_body {
-            0 => PaddingPolicy::Classes,
-            m => PaddingPolicy::Uniform {
-                max_body: m as usize,
-            },
-        };
-        policy.check(msg.cells, msg.body.len())?;
-        let id = hop.id();
-        let mut stage = Stage::new(&note.stage, note.seed, note.sgd);
-        stage.start_at(note.start_step);
-        self.table.insert(hop)?;
-        let auditor = note.audit_key.map(|k| Auditor::new(k, &stage));
-        self.sessions.insert(
-            id,
-            NodeSession {
-                stage,
-                policy,
-                prev: note.prev_link,
-                next: note.next_link,
-                designer: note.designer_link,
-                caches: HashMap::new(),
-                parked: Vec::new(),
-                loading: Vec::new(),
-                fetched: None,
-                auditor,
-            },
-        );
-        tracing::info!(
-            session = %short(&id.0),
-            stage = %describe(&note.stage),
-            "session set up"
-        );
-        let out = match peeled {
-            Peeled::Forward(f) => {
-                self.learned.insert(f.next.0);
-                Outbound {
-                    addr: f.next.0,
-                    expect: note.next_link,
-                    cells: encode_cells(CellKind::Init, &f.onion, &[], &policy)?,
-                }
-            }
-            Peeled::Deliver(d) => {
-                self.learned.insert(d.addr.0);
-                self.reply(d.addr.0, note.designer_link, d.reply_id, &[], &policy)?
-            }
-        };
-        Ok(vec![out])
     }
 
     fn reply(
@@ -198,7 +195,12 @@ impl Core {
         })
     }
 
-    fn handle_session(&mut self, from: [u8; 32], msg: Message) -> Result<Vec<Outbound>, NodeError> {
+    fn handle_session(
+        &mut self,
+        from: [u8; 32],
+        msg: Message,
+        now: Now,
+    ) -> Result<Vec<Outbound>, NodeError> {
         // The header's lookup token names the session (and the packet's
         // counter). Who sent it is checked before the packet is peeled
         // (which uses up its counter); the MAC is checked with the
@@ -211,7 +213,7 @@ impl Core {
             .sessions
             .get(&id)
             .ok_or_else(|| NodeError::UnknownSession(short(&id.0)))?;
-        if from != session.prev && from != session.next && from != session.designer {
+        if !session.routes.is_neighbour(&from) {
             return Err(NodeError::UnknownPeer {
                 session: short(&id.0),
                 peer: short(&from),
@@ -220,6 +222,10 @@ impl Core {
         session.policy.check(msg.cells, msg.body.len())?;
         let (peeled_id, peeled) = self.table.peel(&msg.onion.header, &msg.onion.notes)?;
         debug_assert_eq!(peeled_id, id);
+        let s = self.session_mut(id)?;
+        s.last_active = now.mono;
+        // Where the result would go is checked before any work on it.
+        destination(&s.routes, &peeled)?;
         let op = peeled.op();
         if matches!(op, Op::Init | Op::Cover) {
             return Err(NodeError::Refused(format!(
@@ -228,9 +234,28 @@ impl Core {
             )));
         }
         let note = SessionNote::decode(op, peeled.note())?;
+        if op == Op::Close {
+            let o = self.outbound(id, &peeled, &[])?;
+            self.drop_session(&id);
+            tracing::info!(session = %short(&id.0), "session closed by its designer");
+            return Ok(vec![o]);
+        }
+        // A panic in the stage code fails this message alone: the session
+        // it was for is dropped (its state may be half updated), every
+        // other session and the node go on.
         let mut out = Vec::new();
-        self.dispatch(id, peeled, note, msg.body, &mut out)?;
-        Ok(out)
+        let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.dispatch(id, peeled, note, msg.body, &mut out)
+        }));
+        match ran {
+            Ok(r) => r.map(|()| out),
+            Err(_) => {
+                self.drop_session(&id);
+                Err(NodeError::Panicked {
+                    session: short(&id.0),
+                })
+            }
+        }
     }
 
     fn dispatch(
@@ -268,6 +293,10 @@ impl Core {
                     short(&id.0)
                 )));
             }
+            let bytes = body.len() as u64;
+            self.check_held(&id, bytes)?;
+            let s = self.session_mut(id)?;
+            s.parked_bytes += bytes;
             s.parked.push(Parked {
                 step,
                 peeled,
@@ -291,7 +320,7 @@ impl Core {
         // the loss and "done" replies are off the step's critical path,
         // the forward or backward they came with is on it.
         if let Some(s) = self.sessions.get(&id) {
-            let designer = s.designer;
+            let designer = s.routes.designer_key();
             out.sort_by_key(|o| o.expect == designer);
         }
         Ok(())
@@ -310,7 +339,9 @@ impl Core {
             Op::Backward => s.caches.contains_key(&p.peeled.tag()),
             _ => p.step == at,
         })?;
-        Some(s.parked.remove(i))
+        let p = s.parked.remove(i);
+        s.parked_bytes = s.parked_bytes.saturating_sub(p.body.len() as u64);
+        Some(p)
     }
 
     fn run(
@@ -321,70 +352,241 @@ impl Core {
         body: Vec<u8>,
         out: &mut Vec<Outbound>,
     ) -> Result<(), NodeError> {
-        let limits = self.limits;
-        #[cfg(feature = "adversary")]
-        let adversary = self.adversary;
-        #[cfg(not(feature = "adversary"))]
-        let adversary = NoAdversary;
-        let s = self.session_mut(id)?;
+        #[cfg(test)]
+        if self.panic_on == Some(peeled.op()) {
+            panic!("stage code panicked (test)");
+        }
         let op = peeled.op();
-        let tag = peeled.tag();
-        let result: Vec<u8> = match &note {
+        // Forward and backward bodies end with the commitment trailer
+        // when the session is audited.
+        let audited = self.session_mut(id)?.auditor.is_some();
+        let trailed = audited && matches!(op, Op::Forward | Op::Backward);
+        let (body, trailer) = if trailed {
+            let (p, t) = mixnn_proto::audit::split(&body)?;
+            (p.to_vec(), t.to_vec())
+        } else {
+            (body, Vec::new())
+        };
+        let trailer_len = if trailed {
+            mixnn_proto::audit::TRAILER_LEN as u64
+        } else {
+            0
+        };
+        let (result, keep) = match &note {
             SessionNote::Forward(n) => {
-                if s.caches.len() >= limits.max_cached {
-                    return Err(NodeError::Limit(format!(
-                        "{} cached steps in session {}",
-                        s.caches.len(),
-                        short(&id.0)
-                    )));
+                let (rows, bytes) = self.admit_forward(id, op, &body, trailer_len)?;
+                if rows == 0 {
+                    return Err(NodeError::Refused("a forward of no rows".into()));
                 }
-                forward(s, tag, n, body, adversary)?
+                self.check_held(&id, bytes)?;
+                let (y, cached) = self.forward(id, &peeled, n, &body, &trailer)?;
+                (y, Some(cached))
             }
-            SessionNote::Backward(n) => backward(s, id, tag, n, body, adversary)?,
-            SessionNote::Test { .. } => s.stage.eval_bytes(&body)?,
-            SessionNote::Loop { .. } => body,
+            SessionNote::Test { .. } => {
+                self.admit_forward(id, op, &body, trailer_len)?;
+                let s = self.session_mut(id)?;
+                (s.stage.eval_bytes(&body)?, None)
+            }
+            SessionNote::Backward(n) => (
+                self.backward(id, &peeled, n, &body, &trailer, trailer_len)?,
+                None,
+            ),
+            SessionNote::Loop { .. } => (body, None),
             SessionNote::Load(n) => {
-                load_chunk(s, n, &body)?;
-                Vec::new()
+                load_chunk(self.session_mut(id)?, n, &body)?;
+                (Vec::new(), None)
             }
             SessionNote::Fetch(n) => {
+                let s = self.session_mut(id)?;
                 let step = s.stage.steps();
                 if s.fetched.as_ref().is_none_or(|(at, _)| *at != step) {
                     s.fetched = Some((step, encode_state(&s.stage.state())));
                 }
                 let all = s.fetched.as_ref().map_or(&[][..], |(_, b)| b);
-                state_chunk(all, n.chunk, &s.policy)
+                (state_chunk(all, n.chunk, &s.policy), None)
             }
             SessionNote::Audit(n) => {
                 // A step no longer kept (or never run) is refused with an
                 // empty opening.
+                let s = self.session_mut(id)?;
                 let all = s
                     .auditor
                     .as_mut()
                     .and_then(|a| a.opening(n.step))
                     .unwrap_or_default();
-                state_chunk(all, n.chunk, &s.policy)
+                (state_chunk(all, n.chunk, &s.policy), None)
+            }
+            SessionNote::Close { .. } => {
+                return Err(NodeError::Refused(
+                    "a close reached the stage (closes end the session first)".into(),
+                ))
             }
         };
-        let policy = s.policy;
-        let (prev, next, designer) = (s.prev, s.next, s.designer);
-        let o = match peeled {
-            Peeled::Forward(f) => {
-                let expect = if op == Op::Backward { prev } else { next };
-                self.learned.insert(f.next.0);
-                Outbound {
-                    addr: f.next.0,
-                    expect,
-                    cells: encode_cells(CellKind::Session, &f.onion, &result, &policy)?,
-                }
-            }
-            Peeled::Deliver(d) => {
-                self.learned.insert(d.addr.0);
-                self.reply(d.addr.0, designer, d.reply_id, &result, &policy)?
-            }
-        };
+        // The message goes out before its cache is kept: a forward whose
+        // answer cannot be sent leaves nothing behind.
+        let o = self.outbound(id, &peeled, &result)?;
+        if let Some(c) = keep {
+            let s = self.session_mut(id)?;
+            s.cached_bytes = s.cached_bytes.saturating_add(c.bytes);
+            s.caches.insert(peeled.tag(), c);
+        }
         out.push(o);
         Ok(())
+    }
+
+    fn adversary(&self) -> MaybeAdversary {
+        #[cfg(feature = "adversary")]
+        return self.adversary;
+        #[cfg(not(feature = "adversary"))]
+        NoAdversary
+    }
+
+    /// Checks a forward or test of `body` before any math: a matrix, the
+    /// activations it would make the stage compute, and the size of its
+    /// answer under the session's padding. Returns its rows and its
+    /// activation bytes.
+    fn admit_forward(
+        &mut self,
+        id: SessionId,
+        op: Op,
+        body: &[u8],
+        trailer_len: u64,
+    ) -> Result<(usize, u64), NodeError> {
+        let limits = self.limits;
+        let s = self.session_mut(id)?;
+        if op == Op::Forward && s.caches.len() >= limits.max_cached {
+            return Err(NodeError::Limit(format!(
+                "{} cached steps in session {}",
+                s.caches.len(),
+                short(&id.0)
+            )));
+        }
+        let (rows, cols) = tensor_shape(body)
+            .ok_or_else(|| NodeError::Refused(format!("{} body is not a matrix", op_name(op))))?;
+        let spec = s.stage.spec();
+        let bytes = forward_bytes(spec, rows, cols);
+        if bytes > limits.max_forward_bytes {
+            return Err(NodeError::Limit(format!(
+                "a {} of {rows} × {cols} would compute {bytes} bytes of activations, above the limit of {}",
+                op_name(op),
+                limits.max_forward_bytes
+            )));
+        }
+        let answer = if op == Op::Forward && spec.is_loss() {
+            tensor_bytes(1, 1)
+        } else {
+            tensor_bytes(rows, output_width(spec, cols))
+        }
+        .saturating_add(trailer_len);
+        let max = s.policy.max_body() as u64;
+        if answer > max {
+            return Err(NodeError::Limit(format!(
+                "a {} of {rows} rows would answer {answer} bytes, above the session's largest body of {max}",
+                op_name(op)
+            )));
+        }
+        Ok((rows, bytes))
+    }
+
+    /// A training forward, with its commitment when audited; returns the
+    /// answer and the cache to keep once the answer is on its way.
+    fn forward(
+        &mut self,
+        id: SessionId,
+        peeled: &Peeled,
+        note: &ForwardNote,
+        body: &[u8],
+        trailer: &[u8],
+    ) -> Result<(Vec<u8>, Cached), NodeError> {
+        let adversary = self.adversary();
+        let s = self.session_mut(id)?;
+        session::forward(s, peeled.tag(), note, body, trailer, adversary)
+    }
+
+    /// A backward on the cache of its forward: its gradient's shape is
+    /// checked against the cache, and the size of its answer and of the
+    /// gradients it keeps for the update against the limits, before any
+    /// math.
+    fn backward(
+        &mut self,
+        id: SessionId,
+        peeled: &Peeled,
+        note: &BackwardNote,
+        body: &[u8],
+        trailer: &[u8],
+        trailer_len: u64,
+    ) -> Result<Vec<u8>, NodeError> {
+        let adversary = self.adversary();
+        let s = self.session_mut(id)?;
+        let Cached { step, cache, bytes } = s
+            .caches
+            .remove(&peeled.tag())
+            .ok_or_else(|| NodeError::Refused("backward without forward".into()))?;
+        s.cached_bytes = s.cached_bytes.saturating_sub(bytes);
+        if step != note.step || step != s.stage.steps() {
+            return Err(NodeError::Stale {
+                session: short(&id.0),
+                op: "backward",
+                step: note.step,
+                at: s.stage.steps(),
+            });
+        }
+        let spec = s.stage.spec();
+        let identity = spec
+            .ops
+            .iter()
+            .all(|o| matches!(o, mixnn_model::spec::OpSpec::Identity));
+        let width = match tensor_shape(body) {
+            Some((_, cols)) if identity => cols,
+            _ => spec.input,
+        };
+        let answer = if note.need_input_grad {
+            tensor_bytes(cache.rows(), width)
+        } else {
+            0
+        }
+        .saturating_add(trailer_len);
+        let max = s.policy.max_body() as u64;
+        if answer > max {
+            return Err(NodeError::Limit(format!(
+                "a backward would answer {answer} bytes, above the session's largest body of {max}"
+            )));
+        }
+        let grads = s.params.saturating_mul(4);
+        self.check_held(&id, grads)?;
+        let s = self.session_mut(id)?;
+        session::backward(s, peeled.tag(), cache, note, body, trailer, adversary)
+    }
+
+    /// The message carrying `body` where `peeled` routes it, if its init
+    /// said the session may send there.
+    fn outbound(
+        &mut self,
+        id: SessionId,
+        peeled: &Peeled,
+        body: &[u8],
+    ) -> Result<Outbound, NodeError> {
+        let s = self.session_mut(id)?;
+        let (policy, expect) = (s.policy, destination(&s.routes, peeled)?);
+        let o = match peeled {
+            Peeled::Forward(f) => Outbound {
+                addr: f.next.0,
+                expect,
+                cells: encode_cells(CellKind::Session, &f.onion, body, &policy)?,
+            },
+            Peeled::Deliver(d) => self.reply(d.addr.0, expect, d.reply_id, body, &policy)?,
+        };
+        self.learned.insert(o.addr);
+        Ok(o)
+    }
+}
+
+/// The link key of where `peeled` routes its result, if the session's
+/// init named that place.
+fn destination(routes: &Routes, peeled: &Peeled) -> Result<[u8; 32], NodeError> {
+    match peeled {
+        Peeled::Forward(f) => routes.pass_on(f.op, f.next.0),
+        Peeled::Deliver(d) => routes.deliver(d.addr.0),
     }
 }
 
@@ -399,6 +601,7 @@ fn op_name(op: Op) -> &'static str {
         Op::Cover => "cover",
         Op::Load => "load",
         Op::Audit => "audit",
+        Op::Close => "close",
         _ => "unknown op",
     }
 }
@@ -410,4 +613,131 @@ fn describe(stage: &mixnn_model::spec::StageSpec) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(" → ")
+}
+
+#[cfg(test)]
+mod tests {
+    use mixnn_model::spec::{OpSpec, StageSpec};
+    use mixnn_model::stage::Sgd;
+    use mixnn_model::tensor_bytes::TensorBytes;
+    use mixnn_proto::InitNote;
+    use mixnn_wire::{
+        decode_cells, wrap_init, DesignerSession, HopAddr, HopLayer, HopTag, Next, OnionSecret,
+        ReplyId, RoutingBlock, FIRST_CELL_BODY,
+    };
+    use rand_chacha::ChaCha20Rng;
+
+    use super::*;
+
+    const PREV: [u8; 32] = [1; 32];
+    const POLICY: PaddingPolicy = PaddingPolicy::Uniform {
+        max_body: FIRST_CELL_BODY,
+    };
+
+    fn designer() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9))
+    }
+
+    fn deliver(rng: &mut ChaCha20Rng) -> Next {
+        Next::Deliver {
+            addr: HopAddr(designer()),
+            reply_id: ReplyId::random(rng),
+        }
+    }
+
+    fn msg(kind: CellKind, onion: &Onion, body: &[u8]) -> Message {
+        decode_cells(&encode_cells(kind, onion, body, &POLICY).unwrap(), &POLICY).unwrap()
+    }
+
+    /// Sets up a session of a linear(4, 3) stage at `core`.
+    fn session(core: &mut Core, rng: &mut ChaCha20Rng, now: Now) -> DesignerSession {
+        let note = InitNote {
+            stage: StageSpec {
+                input: 4,
+                ops: vec![OpSpec::Linear {
+                    input: 4,
+                    output: 3,
+                }],
+            },
+            sgd: Sgd::default(),
+            seed: 1,
+            start_step: 0,
+            padding: POLICY,
+            issued_at: now.unix,
+            prev_link: PREV,
+            next_link: [2; 32],
+            designer_link: [3; 32],
+            prev_addr: None,
+            next_addr: None,
+            designer_addr: Some(designer()),
+            audit_key: None,
+        }
+        .encode();
+        let block = RoutingBlock {
+            op: Op::Init,
+            next: deliver(rng),
+            tag: HopTag::random(rng),
+        };
+        let (onion, s) = wrap_init(
+            &[core.onion.public()],
+            &[HopLayer { block, note: &note }],
+            rng,
+        )
+        .unwrap();
+        core.handle(PREV, msg(CellKind::Init, &onion, &[]), now)
+            .unwrap();
+        s
+    }
+
+    fn forward(s: &mut DesignerSession, rng: &mut ChaCha20Rng, op: Op) -> Message {
+        let block = RoutingBlock {
+            op,
+            next: deliver(rng),
+            tag: HopTag::random(rng),
+        };
+        let note = match op {
+            Op::Test => SessionNote::Test { step: 0 },
+            _ => SessionNote::Forward(ForwardNote {
+                step: 0,
+                micro: mixnn_proto::Micro::WHOLE,
+                batch_rows: 0,
+                labels: Vec::new(),
+            }),
+        }
+        .encode();
+        let onion = s
+            .wrap(&[0], &[HopLayer { block, note: &note }], rng)
+            .unwrap();
+        let body = TensorBytes::encode_f32(&[1, 4], &[0.5; 4]);
+        msg(CellKind::Session, &onion, &body)
+    }
+
+    #[test]
+    fn a_panic_in_the_stage_code_drops_its_session_only() {
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        let mut core = Core::new(OnionSecret::generate(&mut rng), [0; 32], Limits::default());
+        let now = Now {
+            mono: Instant::now(),
+            unix: 1_700_000_000,
+        };
+        let mut a = session(&mut core, &mut rng, now);
+        let mut b = session(&mut core, &mut rng, now);
+        assert_eq!(core.sessions(), 2);
+        core.panic_on = Some(Op::Forward);
+        let err = core.handle(PREV, forward(&mut a, &mut rng, Op::Forward), now);
+        assert!(matches!(err, Err(NodeError::Panicked { .. })), "{err:?}");
+        assert_eq!(core.sessions(), 1);
+        // The other session and the node go on.
+        let out = core
+            .handle(PREV, forward(&mut b, &mut rng, Op::Test), now)
+            .unwrap();
+        assert_eq!(out.len(), 1);
+        core.panic_on = None;
+        let out = core
+            .handle(PREV, forward(&mut b, &mut rng, Op::Forward), now)
+            .unwrap();
+        assert_eq!(out.len(), 1);
+        let err = core.handle(PREV, forward(&mut a, &mut rng, Op::Forward), now);
+        assert!(matches!(err, Err(NodeError::UnknownSession(_))), "{err:?}");
+    }
 }

@@ -42,10 +42,26 @@ pub enum NodeError {
         /// The stage's step.
         at: u64,
     },
-    /// A bound on memory was hit (cached steps, parked messages, sessions).
+    /// A limit was hit (sessions, parameters, activations, bytes held;
+    /// see [`crate::Limits`]).
     #[error("limit reached: {0}")]
     Limit(String),
+    /// The stage code panicked on a message; the session it was for is
+    /// dropped, the node goes on.
+    #[error("session {session}: the stage panicked on this message; the session is dropped")]
+    Panicked {
+        /// Short session id.
+        session: String,
+    },
     /// A message the node cannot act on.
     #[error("refused: {0}")]
     Refused(String),
+    /// A file of the node's state directory could not be read or written.
+    #[error("{}: {source}", path.display())]
+    State {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }

@@ -16,20 +16,35 @@
 //! the README, "Where the time goes"). The library exposes [`run`]; the
 //! `mixnn node` binary only parses arguments, loads keys and sets up
 //! logging.
+//!
+//! A node is bounded ([`Limits`], `SECURITY.md` "Node limits"): the core
+//! checks every init and message against its limits before it spends
+//! anything on it; a message that makes the stage code panic fails alone
+//! (the session it was for is dropped, the node goes on); idle sessions
+//! expire (the I/O layer ticks the core's [`Core::expire`] every second);
+//! links that stay silent for [`NodeConfig::link_idle`] are closed; and the
+//! replay tags of accepted inits are kept in the state directory
+//! ([`NodeConfig::replay_file`]), so an init recorded before a restart is
+//! refused after it.
 
 pub mod announce;
 pub mod audit;
 pub mod core;
 pub mod cover;
 mod error;
+pub mod limits;
+mod replay_file;
+mod routes;
 mod session;
 pub use mixnn_net::pacing;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use mixnn_net::{
     recv_message, Link, LinkConfig, LinkKeypair, LinkListener, NodeKeys, PublicLinkKey,
@@ -38,7 +53,7 @@ use mixnn_wire::{Message, OnionSecret, CELL_SIZE};
 use rand_core::RngCore;
 use tokio::sync::{mpsc, Semaphore};
 
-pub use crate::core::{Core, Limits, Outbound};
+pub use crate::core::{Core, Limits, Now, Outbound};
 pub use crate::error::NodeError;
 #[cfg(feature = "adversary")]
 pub use audit::{Adversary, AdversaryMode};
@@ -50,6 +65,16 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// Most links (inbound) served at once.
     pub max_links: usize,
+    /// An inbound link on which no cell arrives for this long (or whose
+    /// handshake takes longer) is closed, so idle and half-open links do
+    /// not hold the link slots for good. Links this node opens close
+    /// themselves after half of it without anything to send (and reopen
+    /// for the next message), so neighbours with the same setting never
+    /// lose a message to a link the other end is closing.
+    pub link_idle: Duration,
+    /// Where the replay tags of accepted inits are kept (`None`: in
+    /// memory only, so a restart forgets them).
+    pub replay_file: Option<PathBuf>,
     /// If set, the node writes every address it has learned (one per line)
     /// to this file after each change: an audit of what it knows.
     pub learned_file: Option<PathBuf>,
@@ -89,6 +114,8 @@ impl Default for NodeConfig {
         NodeConfig {
             limits: Limits::default(),
             max_links: 256,
+            link_idle: Duration::from_secs(300),
+            replay_file: None,
             learned_file: None,
             cover_rate: None,
             cover_peers: Vec::new(),
@@ -103,6 +130,18 @@ impl Default for NodeConfig {
     }
 }
 
+impl Now {
+    /// The system's clocks.
+    pub fn system() -> Now {
+        Now {
+            mono: Instant::now(),
+            unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+}
+
 /// Serves links on `listener` until `shutdown` completes.
 pub async fn run(
     listener: LinkListener,
@@ -113,10 +152,27 @@ pub async fn run(
     let onion = OnionSecret::from_bytes(keys.onion().to_bytes());
     let mut seed = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut seed);
-    #[cfg_attr(not(feature = "adversary"), allow(unused_mut))]
     let mut core = Core::new(onion, seed, config.limits);
     #[cfg(feature = "adversary")]
     core.set_adversary(config.adversary);
+    let replay = match &config.replay_file {
+        Some(path) => {
+            let state = |source| NodeError::State {
+                path: path.clone(),
+                source,
+            };
+            let (mut file, tags) = replay_file::ReplayFile::open(path).map_err(state)?;
+            core.remember_inits(tags, Now::system());
+            file.rewrite(&core.init_tags()).map_err(state)?;
+            tracing::info!(
+                "{} init replay tags from {}",
+                core.init_tags().len(),
+                path.display()
+            );
+            Some(file)
+        }
+        None => None,
+    };
     let (out_tx, out_rx) = mpsc::unbounded_channel::<Outbound>();
     let sizes = Arc::new(cover::CellCounts::default());
     let shared = Arc::new(Mutex::new(Shared {
@@ -127,7 +183,25 @@ pub async fn run(
         known: 0,
         handled: 0,
         tx: out_tx.clone(),
+        replay,
     }));
+    // Idle sessions expire even when no message arrives.
+    let ticker = tokio::spawn({
+        let shared = Arc::clone(&shared);
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match shared.lock() {
+                    Ok(mut s) => {
+                        s.core.expire(Now::system());
+                    }
+                    Err(_) => return tracing::error!("core state poisoned by a panic"),
+                }
+            }
+        }
+    });
     let pace = config
         .link_rate
         .and_then(|r| pacing::LinkPace::new(r.per_second(), config.link_jitter))
@@ -135,7 +209,8 @@ pub async fn run(
             bound: config.link_queue_bound,
             ..p
         });
-    let egress = tokio::spawn(egress_loop(out_rx, keys.link().clone(), pace));
+    let idle = config.link_idle;
+    let egress = tokio::spawn(egress_loop(out_rx, keys.link().clone(), pace, idle));
     let mut cover_seed = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut cover_seed);
     let cover = tokio::spawn(cover::cover_loop(
@@ -168,9 +243,15 @@ pub async fn run(
             tokio::spawn(async move {
                 let _permit = permit;
                 let peer = pending.peer_addr();
-                match pending.handshake().await {
-                    Ok(link) => read_loop(link, shared).await,
-                    Err(e) => tracing::warn!("link from {peer}: {e}"),
+                // The handshake is bounded by the link config and by the
+                // idle timeout, whichever is shorter.
+                match tokio::time::timeout(idle, pending.handshake()).await {
+                    Ok(Ok(link)) => read_loop(link, shared, idle).await,
+                    Ok(Err(e)) => tracing::warn!("link from {peer}: {e}"),
+                    Err(_) => tracing::warn!(
+                        "link from {peer}: no handshake within {} s",
+                        idle.as_secs_f64()
+                    ),
                 }
             });
         }
@@ -181,13 +262,15 @@ pub async fn run(
     }
     egress.abort();
     cover.abort();
+    ticker.abort();
     Ok(())
 }
 
-async fn read_loop(link: Link, shared: Arc<Mutex<Shared>>) {
+async fn read_loop(link: Link, shared: Arc<Mutex<Shared>>, idle: Duration) {
     let from = *link.remote_key().as_bytes();
     let peer = link.peer_addr();
     let (mut reader, _writer) = link.into_split();
+    reader.set_idle_timeout(Some(idle));
     let mut cell = vec![0u8; CELL_SIZE];
     loop {
         match recv_message(&mut reader, &mut cell).await {
@@ -203,6 +286,9 @@ async fn read_loop(link: Link, shared: Arc<Mutex<Shared>>) {
                 }
             }
             Err(mixnn_net::NetError::Closed { .. }) => return,
+            Err(mixnn_net::NetError::Idle { .. }) => {
+                return tracing::debug!("closing the link from {peer}: idle");
+            }
             Err(e) => {
                 tracing::warn!("dropping link from {peer}: {e}");
                 return;
@@ -223,6 +309,8 @@ struct Shared {
     /// Session messages handled (for `drop_after`).
     handled: u64,
     tx: mpsc::UnboundedSender<Outbound>,
+    /// Where accepted inits' replay tags are kept.
+    replay: Option<replay_file::ReplayFile>,
 }
 
 impl Shared {
@@ -231,7 +319,20 @@ impl Shared {
     fn handle(&mut self, from: [u8; 32], peer: SocketAddr, msg: Message) -> bool {
         let cover = msg.kind == mixnn_wire::CellKind::Cover;
         let mut sent = false;
-        match self.core.handle(from, msg) {
+        // The core drops the session of a message that panics in the
+        // stage code; this catches anything else, so that the mutex is
+        // never poisoned and the next message is served.
+        let now = Now::system();
+        let handled =
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.core.handle(from, msg, now)));
+        let Ok(handled) = handled else {
+            tracing::error!("message from {peer}: the node's core panicked; message dropped");
+            return false;
+        };
+        // An accepted init's tag is on disk before anything it produced
+        // leaves the node.
+        self.persist_inits();
+        match handled {
             Ok(outs) => {
                 if !cover {
                     self.handled += 1;
@@ -248,6 +349,29 @@ impl Shared {
         }
         self.write_learned();
         sent
+    }
+
+    fn persist_inits(&mut self) {
+        let tags = self.core.take_accepted_inits();
+        let Some(file) = self.replay.as_mut() else {
+            return;
+        };
+        if let Err(e) = file.append(&tags) {
+            tracing::error!(
+                "cannot record {} init replay tags: {e}; after a restart their inits could be replayed",
+                tags.len()
+            );
+        }
+        // Tags past the window are forgotten by the core; drop them from
+        // the file now and then.
+        if file.records() > 4096 {
+            let live = self.core.init_tags();
+            if file.records() > 2 * live.len() + 1024 {
+                if let Err(e) = file.rewrite(&live) {
+                    tracing::warn!("cannot rewrite the init replay tags: {e}");
+                }
+            }
+        }
     }
 
     fn write_learned(&mut self) {
@@ -275,6 +399,7 @@ async fn egress_loop(
     mut rx: mpsc::UnboundedReceiver<Outbound>,
     key: LinkKeypair,
     pace: Option<pacing::LinkPace>,
+    idle: Duration,
 ) {
     let key = Arc::new(key);
     let mut links: HashMap<(SocketAddr, [u8; 32]), mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
@@ -289,8 +414,17 @@ async fn egress_loop(
         };
         let (tx, wrx) = mpsc::unbounded_channel();
         let _ = tx.send(cells);
+        // Links that closed (idle, failed) leave no entry behind.
+        links.retain(|_, tx| !tx.is_closed());
         links.insert(slot, tx);
-        tokio::spawn(write_loop(o.addr, o.expect, Arc::clone(&key), wrx, pace));
+        tokio::spawn(write_loop(
+            o.addr,
+            o.expect,
+            Arc::clone(&key),
+            wrx,
+            pace,
+            idle,
+        ));
     }
 }
 
@@ -300,6 +434,7 @@ async fn write_loop(
     key: Arc<LinkKeypair>,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     pace: Option<pacing::LinkPace>,
+    idle: Duration,
 ) {
     let config = LinkConfig::mixnn();
     let link =
@@ -309,12 +444,27 @@ async fn write_loop(
         };
     let (_reader, mut writer) = link.into_split();
     let Some(pace) = pace else {
-        while let Some(cells) = rx.recv().await {
+        // With nothing to send for half the idle timeout, close the link
+        // before the other end does: stop taking messages, send what came
+        // meanwhile, go. The next message opens a new link.
+        loop {
+            let cells = match tokio::time::timeout(idle / 2, rx.recv()).await {
+                Ok(Some(cells)) => cells,
+                Ok(None) => return,
+                Err(_) => {
+                    rx.close();
+                    while let Ok(cells) = rx.try_recv() {
+                        if let Err(e) = writer.send_cells(&cells).await {
+                            return tracing::warn!("link to {addr} failed: {e}");
+                        }
+                    }
+                    return tracing::debug!("closing the link to {addr}: idle");
+                }
+            };
             if let Err(e) = writer.send_cells(&cells).await {
                 return tracing::warn!("link to {addr} failed: {e}");
             }
         }
-        return;
     };
     // Constant rate: one whole message per tick, for as long as the link
     // and the node last.

@@ -1,17 +1,21 @@
 //! One cascade's session at a node: the stage it runs, the forward caches
 //! waiting for their backward, the messages parked until their step, a
-//! state being loaded, the last fetched state, the audit state, and the
-//! ops that run on them (forward, backward, load; chunks of fetches and
-//! openings). [`crate::core::Core`] routes messages to these.
+//! state being loaded, the last fetched state, the audit state, what it
+//! holds against the node's budgets, and the ops that run on them
+//! (forward, backward, load; chunks of fetches and openings).
+//! [`crate::core::Core`] routes messages to these and checks the node-wide
+//! limits first.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use mixnn_model::stage::{Stage, StageCache};
 use mixnn_proto::{decode_state, BackwardNote, ChunkNote, ForwardNote, ParamChunk, SessionNote};
-use mixnn_wire::{HopTag, PaddingPolicy, Peeled, SessionId};
+use mixnn_wire::{HopTag, PaddingPolicy, Peeled};
 
 use crate::audit::Auditor;
 use crate::error::NodeError;
+use crate::routes::Routes;
 
 /// A message that came before its step (or its forward): run once the
 /// stage gets there.
@@ -22,15 +26,33 @@ pub(crate) struct Parked {
     pub(crate) body: Vec<u8>,
 }
 
+/// A forward's cache, with its step and what it weighs.
+pub(crate) struct Cached {
+    pub(crate) step: u64,
+    pub(crate) cache: StageCache,
+    pub(crate) bytes: u64,
+}
+
 /// One cascade's session at this node.
 pub(crate) struct NodeSession {
     pub(crate) stage: Stage,
     pub(crate) policy: PaddingPolicy,
-    pub(crate) prev: [u8; 32],
-    pub(crate) next: [u8; 32],
-    pub(crate) designer: [u8; 32],
-    pub(crate) caches: HashMap<HopTag, (u64, StageCache)>,
+    /// Where its messages may go, and who may send them.
+    pub(crate) routes: Routes,
+    /// The link key its init arrived over.
+    pub(crate) opened_by: [u8; 32],
+    /// When a message of it last arrived.
+    pub(crate) last_active: Instant,
+    /// The stage's parameters, and what they count against the node's
+    /// parameter budget (more when audited).
+    pub(crate) params: u64,
+    pub(crate) weight: u64,
+    pub(crate) caches: HashMap<HopTag, Cached>,
+    /// Bytes of `caches`.
+    pub(crate) cached_bytes: u64,
     pub(crate) parked: Vec<Parked>,
+    /// Body bytes of `parked`.
+    pub(crate) parked_bytes: u64,
     /// Chunks of a state being loaded (crash recovery).
     pub(crate) loading: Vec<u8>,
     /// The encoded state last fetched and the step it is of: a fetch asks
@@ -39,6 +61,19 @@ pub(crate) struct NodeSession {
     pub(crate) fetched: Option<(u64, Vec<u8>)>,
     /// Commitments and openings, when the designer audits this session.
     pub(crate) auditor: Option<Auditor>,
+}
+
+impl NodeSession {
+    /// Bytes this session holds beyond its parameters: caches, parked
+    /// bodies and the gradients of micro-batches not yet applied.
+    pub(crate) fn held(&self) -> u64 {
+        let grads = (self.stage.pending_micros() as u64)
+            .saturating_mul(self.params)
+            .saturating_mul(4);
+        self.cached_bytes
+            .saturating_add(self.parked_bytes)
+            .saturating_add(grads)
+    }
 }
 
 /// The first bytes of an id, in hex, for logs and errors.
@@ -56,76 +91,61 @@ pub(crate) type MaybeAdversary = Option<crate::audit::Adversary>;
 #[cfg(not(feature = "adversary"))]
 pub(crate) type MaybeAdversary = NoAdversary;
 
-/// Splits the commitment trailer off a forward or backward body when the
-/// session is audited.
-fn strip_trailer(s: &NodeSession, body: Vec<u8>) -> Result<(Vec<u8>, Vec<u8>), NodeError> {
-    if s.auditor.is_none() {
-        return Ok((body, Vec::new()));
-    }
-    let (p, t) = mixnn_proto::audit::split(&body)?;
-    Ok((p.to_vec(), t.to_vec()))
-}
-
-/// Runs a forward: caches its input under `tag`, commits to it when
-/// audited; returns the body to send on.
+/// Runs a training forward (admitted by the core), with its commitment
+/// when audited; returns the answer and the cache to keep once the answer
+/// is on its way.
 #[cfg_attr(not(feature = "adversary"), allow(unused_variables))]
 pub(crate) fn forward(
     s: &mut NodeSession,
     tag: HopTag,
     note: &ForwardNote,
-    body: Vec<u8>,
+    body: &[u8],
+    trailer: &[u8],
     adversary: MaybeAdversary,
-) -> Result<Vec<u8>, NodeError> {
-    let (body, trailer) = strip_trailer(s, body)?;
+) -> Result<(Vec<u8>, Cached), NodeError> {
     let labels = s.stage.spec().is_loss().then_some(note.labels.as_slice());
     let (y, cache) = s
         .stage
-        .forward_micro_bytes(&body, labels, note.batch_rows as usize)?;
+        .forward_micro_bytes(body, labels, note.batch_rows as usize)?;
     #[cfg(feature = "adversary")]
     let y = match adversary {
         Some(a) => a.forward(note.step, y),
         None => y,
     };
-    s.caches.insert(tag, (note.step, cache));
-    Ok(match s.auditor.as_mut() {
+    let cached = Cached {
+        step: note.step,
+        bytes: cache.bytes() as u64,
+        cache,
+    };
+    let y = match s.auditor.as_mut() {
         Some(a) => {
-            let c = a.forward(tag, note.step, &body, &y);
+            let c = a.forward(tag, note.step, body, &y);
             #[cfg(feature = "adversary")]
             let y = match adversary {
                 Some(adv) => adv.hidden(note.step, y),
                 None => y,
             };
-            mixnn_proto::audit::push(&y, &trailer, &c)
+            mixnn_proto::audit::push(&y, trailer, &c)
         }
         None => y,
-    })
+    };
+    Ok((y, cached))
 }
 
-/// Runs a backward on the forward cached under `tag`; applies the update
-/// once the step's last micro-batch is in; returns the body to send on.
+/// Runs a backward (admitted by the core) on the cache of its forward;
+/// applies the update once the step's last micro-batch is in; returns the
+/// body to send on.
 #[cfg_attr(not(feature = "adversary"), allow(unused_variables))]
 pub(crate) fn backward(
     s: &mut NodeSession,
-    id: SessionId,
     tag: HopTag,
+    cache: StageCache,
     note: &BackwardNote,
-    body: Vec<u8>,
+    body: &[u8],
+    trailer: &[u8],
     adversary: MaybeAdversary,
 ) -> Result<Vec<u8>, NodeError> {
-    let (body, trailer) = strip_trailer(s, body)?;
-    let (step, cache) = s
-        .caches
-        .remove(&tag)
-        .ok_or_else(|| NodeError::Refused("backward without forward".into()))?;
-    if step != note.step || step != s.stage.steps() {
-        return Err(NodeError::Stale {
-            session: short(&id.0),
-            op: "backward",
-            step: note.step,
-            at: s.stage.steps(),
-        });
-    }
-    let grad = (!body.is_empty()).then_some(body.as_slice());
+    let grad = (!body.is_empty()).then_some(body);
     let dx = s
         .stage
         .backward_micro_bytes(
@@ -153,8 +173,8 @@ pub(crate) fn backward(
     }
     Ok(match s.auditor.as_mut() {
         Some(a) => {
-            let c = a.backward(tag, note.step, &body, &dx, &s.stage, applied);
-            mixnn_proto::audit::push(&dx, &trailer, &c)
+            let c = a.backward(tag, note.step, body, &dx, &s.stage, applied);
+            mixnn_proto::audit::push(&dx, trailer, &c)
         }
         None => dx,
     })
@@ -222,7 +242,9 @@ pub(crate) fn load_chunk(
             a.reset(&s.stage);
         }
         s.caches.clear();
+        s.cached_bytes = 0;
         s.parked.clear();
+        s.parked_bytes = 0;
         s.fetched = None;
         tracing::info!(step = state.steps, "stage state loaded");
     }

@@ -1,9 +1,12 @@
 //! The init note: what a hop learns when a session is set up.
 
+use std::net::SocketAddr;
+
 use mixnn_model::spec::{OpSpec, StageSpec};
 use mixnn_model::stage::Sgd;
+use mixnn_wire::{HopAddr, PaddingPolicy, MAX_BODY_LEN};
 
-use crate::{ProtoError, Reader, Result};
+use crate::{ProtoError, Reader, Result, NO_ADDR};
 
 /// What a hop learns at init, besides its routing block.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,15 +20,31 @@ pub struct InitNote {
     /// Training steps the stage counts as applied when it starts (0 for a
     /// new run; a checkpoint's step when the designer rebuilds a cascade).
     pub start_step: u64,
-    /// Uniform padding target of the cascade (largest body), or 0 for
-    /// size classes.
-    pub max_body: u32,
+    /// How the cascade pads its messages, with its largest body: no
+    /// message of the session carries more (replies included), and the
+    /// init itself is padded to it ([`PaddingPolicy::for_init`]).
+    pub padding: PaddingPolicy,
+    /// When the designer issued the init (seconds since the Unix epoch,
+    /// its clock): a hop refuses inits issued outside a window around its
+    /// own clock, and remembers the ones it accepted for that window, so a
+    /// recorded init cannot set a session up again, not even after the
+    /// hop restarts.
+    pub issued_at: u64,
     /// Link key of whoever sends it forward traffic (previous hop or designer).
     pub prev_link: [u8; 32],
     /// Link key of whoever it sends forward traffic to (next hop or designer).
     pub next_link: [u8; 32],
     /// Link key of the designer (deliveries).
     pub designer_link: [u8; 32],
+    /// Address of the previous hop, the only place this hop may send
+    /// backward traffic to; `None` for the first hop (it delivers).
+    pub prev_addr: Option<SocketAddr>,
+    /// Address of the next hop, the only place this hop may send forward
+    /// traffic to; `None` for the last hop (it delivers).
+    pub next_addr: Option<SocketAddr>,
+    /// Address of the designer, the only place this hop may deliver to;
+    /// `None`: it may not deliver at all.
+    pub designer_addr: Option<SocketAddr>,
     /// Key of this hop's audit commitments ([`crate::audit`]), fresh per hop and
     /// session; `None`: the hop commits to nothing and carries no
     /// commitment trailer. Encoded only when present.
@@ -38,6 +57,9 @@ const OP_IDENTITY: u8 = 3;
 const OP_LOG_SOFTMAX: u8 = 4;
 const OP_NLL_LOSS: u8 = 5;
 const OP_NORMALIZE: u8 = 6;
+const PAD_UNIFORM: u8 = 0;
+const PAD_CLASSES: u8 = 1;
+
 /// Largest stage input/width accepted from a note.
 pub const MAX_WIDTH: u32 = 1 << 20;
 /// Most ops in one stage.
@@ -73,10 +95,24 @@ impl InitNote {
         out.extend_from_slice(&self.sgd.momentum.to_bits().to_le_bytes());
         out.extend_from_slice(&self.seed.to_le_bytes());
         out.extend_from_slice(&self.start_step.to_le_bytes());
-        out.extend_from_slice(&self.max_body.to_le_bytes());
+        let (kind, max_body) = match self.padding {
+            PaddingPolicy::Uniform { max_body } => (PAD_UNIFORM, max_body),
+            PaddingPolicy::Classes { max_body } => (PAD_CLASSES, max_body),
+        };
+        out.push(kind);
+        // At most MAX_BODY_LEN < 2^32 for a policy that encodes cells.
+        out.extend_from_slice(&(max_body.min(MAX_BODY_LEN) as u32).to_le_bytes());
+        out.extend_from_slice(&self.issued_at.to_le_bytes());
         out.extend_from_slice(&self.prev_link);
         out.extend_from_slice(&self.next_link);
         out.extend_from_slice(&self.designer_link);
+        for addr in [self.prev_addr, self.next_addr, self.designer_addr] {
+            match addr {
+                // The address encoding starts with its family (4 or 6).
+                Some(a) => out.extend_from_slice(&HopAddr(a).encode()),
+                None => out.push(NO_ADDR),
+            }
+        }
         if let Some(k) = &self.audit_key {
             out.extend_from_slice(k);
         }
@@ -131,15 +167,35 @@ impl InitNote {
         if !sgd.lr.is_finite() || !sgd.momentum.is_finite() {
             return Err(invalid("non-finite optimiser settings".into()));
         }
+        let seed = r.u64()?;
+        let start_step = r.u64()?;
+        let kind = r.u8()?;
+        let max_body = r.u32()? as usize;
+        if max_body > MAX_BODY_LEN {
+            return Err(invalid(format!(
+                "largest body {max_body} above {MAX_BODY_LEN}"
+            )));
+        }
+        let padding = match kind {
+            PAD_UNIFORM => PaddingPolicy::Uniform { max_body },
+            PAD_CLASSES => PaddingPolicy::Classes { max_body },
+            other => return Err(invalid(format!("unknown padding kind {other}"))),
+        };
+        let issued_at = r.u64()?;
+        let (prev_link, next_link, designer_link) = (r.key()?, r.key()?, r.key()?);
         let note = InitNote {
             stage,
             sgd,
-            seed: r.u64()?,
-            start_step: r.u64()?,
-            max_body: r.u32()?,
-            prev_link: r.key()?,
-            next_link: r.key()?,
-            designer_link: r.key()?,
+            seed,
+            start_step,
+            padding,
+            issued_at,
+            prev_link,
+            next_link,
+            designer_link,
+            prev_addr: r.addr()?,
+            next_addr: r.addr()?,
+            designer_addr: r.addr()?,
             audit_key: None,
         };
         let note = if r.at < r.bytes.len() {
@@ -175,10 +231,14 @@ mod tests {
             sgd: Sgd::default(),
             seed: 99,
             start_step: 7,
-            max_body: 50_000,
+            padding: PaddingPolicy::Uniform { max_body: 50_000 },
+            issued_at: 1_700_000_000,
             prev_link: [1; 32],
             next_link: [2; 32],
             designer_link: [3; 32],
+            prev_addr: Some("10.0.0.1:7001".parse().unwrap()),
+            next_addr: Some("[::1]:7002".parse().unwrap()),
+            designer_addr: None,
             audit_key: None,
         }
     }
@@ -188,7 +248,28 @@ mod tests {
         let n = note();
         let b = n.encode();
         assert_eq!(InitNote::decode(&b).unwrap(), n);
-        assert!(b.len() < 160, "{}", b.len());
+        assert!(b.len() < 210, "{}", b.len());
+        let n = InitNote {
+            padding: PaddingPolicy::Classes { max_body: 9_000 },
+            prev_addr: None,
+            designer_addr: Some("127.0.0.1:9".parse().unwrap()),
+            audit_key: Some([4; 32]),
+            ..note()
+        };
+        assert_eq!(InitNote::decode(&n.encode()).unwrap(), n);
+    }
+
+    #[test]
+    fn init_note_rejects_a_body_cap_above_the_format() {
+        let mut n = note();
+        n.padding = PaddingPolicy::Classes {
+            max_body: MAX_BODY_LEN,
+        };
+        let mut b = n.encode();
+        let at = b.len() - 3 * 32 - 8 - 4 - 19 - 19 - 1;
+        b[at..at + 4].copy_from_slice(&(MAX_BODY_LEN as u32 + 1).to_le_bytes());
+        let err = InitNote::decode(&b).unwrap_err().to_string();
+        assert!(err.contains("largest body"), "{err}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! | op | note (designer → this hop) | body in | body out |
 //! |---|---|---|---|
-//! | init | [`InitNote`]: stage spec, SGD, seed, padding, neighbours' link keys | empty | empty |
+//! | init | [`InitNote`]: stage spec, SGD, seed, padding and largest body, issue time, neighbours' link keys and addresses | empty | empty |
 //! | forward | [`ForwardNote`]: micro-batch, batch rows, labels for the loss stage | activation | activation, or the loss to the designer |
 //! | backward | [`BackwardNote`]: micro-batch, `need_input_grad` | gradient (empty at the loss stage) | gradient, or empty to the designer |
 //! | test | [`SessionNote::Test`] | activation | activation / output to the designer |
@@ -11,6 +11,7 @@
 //! | fetch | [`ChunkNote`] | empty | [`ParamChunk`] of [`encode_state`] to the designer |
 //! | load | [`ChunkNote`] | [`ParamChunk`] of [`encode_state`] | empty, to the designer |
 //! | audit | [`ChunkNote`] | empty | [`ParamChunk`] of an [`audit::Opening`] to the designer |
+//! | close | [`SessionNote::Close`] | empty | empty: passed on along the path, the last hop acknowledges to the designer; each hop drops its session |
 //!
 //! A session note is decoded for the op of the routing block it came with
 //! ([`SessionNote::decode`]), so each op reads only its own fields.
@@ -55,6 +56,9 @@ pub enum ProtoError {
 }
 
 pub(crate) type Result<T> = std::result::Result<T, ProtoError>;
+
+/// The byte that stands for "no address" in a note.
+pub(crate) const NO_ADDR: u8 = 0;
 
 /// Bounds-checked little-endian reader.
 pub(crate) struct Reader<'a> {
@@ -101,6 +105,27 @@ impl<'a> Reader<'a> {
         let mut k = [0u8; 32];
         k.copy_from_slice(self.take(32)?);
         Ok(k)
+    }
+    /// An optional address: one zero byte, or a [`mixnn_wire::HopAddr`]
+    /// encoding (which starts with its family, 4 or 6).
+    pub(crate) fn addr(&mut self) -> Result<Option<std::net::SocketAddr>> {
+        if self.bytes.get(self.at) == Some(&NO_ADDR) {
+            self.at += 1;
+            return Ok(None);
+        }
+        let raw: [u8; mixnn_wire::ADDR_LEN] =
+            self.take(mixnn_wire::ADDR_LEN)?
+                .try_into()
+                .map_err(|_| ProtoError::Truncated {
+                    what: self.what,
+                    at: self.bytes.len(),
+                })?;
+        mixnn_wire::HopAddr::decode(&raw)
+            .map(|a| Some(a.0))
+            .map_err(|e| ProtoError::Invalid {
+                what: self.what,
+                reason: e.to_string(),
+            })
     }
     pub(crate) fn end(&self) -> Result<()> {
         if self.at != self.bytes.len() {

@@ -131,6 +131,13 @@ pub enum SessionNote {
     Load(ChunkNote),
     /// One chunk of the opening of a past step, to the designer.
     Audit(ChunkNote),
+    /// The designer ends the session: each hop passes it on and drops the
+    /// session; the last hop acknowledges (`step` is the designer's step,
+    /// not checked).
+    Close {
+        /// The designer's step when it closed the session.
+        step: u64,
+    },
 }
 
 impl SessionNote {
@@ -144,6 +151,7 @@ impl SessionNote {
             SessionNote::Fetch(_) => Op::Fetch,
             SessionNote::Load(_) => Op::Load,
             SessionNote::Audit(_) => Op::Audit,
+            SessionNote::Close { .. } => Op::Close,
         }
     }
 
@@ -152,7 +160,9 @@ impl SessionNote {
         match self {
             SessionNote::Forward(n) => n.step,
             SessionNote::Backward(n) => n.step,
-            SessionNote::Test { step } | SessionNote::Loop { step } => *step,
+            SessionNote::Test { step }
+            | SessionNote::Loop { step }
+            | SessionNote::Close { step } => *step,
             SessionNote::Fetch(n) | SessionNote::Load(n) | SessionNote::Audit(n) => n.step,
         }
     }
@@ -177,7 +187,7 @@ impl SessionNote {
                 n.micro.write(&mut out);
                 out.push(u8::from(n.need_input_grad));
             }
-            SessionNote::Test { .. } | SessionNote::Loop { .. } => {}
+            SessionNote::Test { .. } | SessionNote::Loop { .. } | SessionNote::Close { .. } => {}
             SessionNote::Fetch(n) | SessionNote::Load(n) | SessionNote::Audit(n) => {
                 out.extend_from_slice(&n.chunk.to_le_bytes());
             }
@@ -241,6 +251,7 @@ impl SessionNote {
             Op::Fetch => SessionNote::Fetch(chunk(&mut r)?),
             Op::Load => SessionNote::Load(chunk(&mut r)?),
             Op::Audit => SessionNote::Audit(chunk(&mut r)?),
+            Op::Close => SessionNote::Close { step },
             other => {
                 return Err(ProtoError::Invalid {
                     what,
@@ -258,7 +269,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const OPS: [Op; 7] = [
+    const OPS: [Op; 8] = [
         Op::Forward,
         Op::Backward,
         Op::Test,
@@ -266,6 +277,7 @@ mod tests {
         Op::Fetch,
         Op::Load,
         Op::Audit,
+        Op::Close,
     ];
 
     #[test]
@@ -335,6 +347,7 @@ mod tests {
                 .prop_map(|(step, chunk)| SessionNote::Load(ChunkNote { step, chunk })),
             (any::<u64>(), any::<u32>())
                 .prop_map(|(step, chunk)| SessionNote::Audit(ChunkNote { step, chunk })),
+            any::<u64>().prop_map(|step| SessionNote::Close { step }),
         ]
     }
 

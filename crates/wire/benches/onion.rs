@@ -52,13 +52,8 @@ fn setup(n: usize, rng: &mut Rng) -> Setup {
     let (mut onion, designer) = wrap_init(&publics, &layers(&bl), rng).unwrap();
     let mut sessions = Vec::new();
     for s in &secrets {
-        let (peeled, session) = peel_init(
-            s,
-            &mut InitReplayCache::default(),
-            &onion.header,
-            &onion.notes,
-        )
-        .unwrap();
+        let (peeled, session) =
+            peel_init(s, &InitReplayCache::default(), &onion.header, &onion.notes).unwrap();
         sessions.push(session);
         if let Peeled::Forward(f) = peeled {
             onion = f.onion;
@@ -107,7 +102,7 @@ fn peel(c: &mut Criterion) {
             |o| {
                 peel_init(
                     &s.secrets[0],
-                    &mut InitReplayCache::default(),
+                    &InitReplayCache::default(),
                     &o.header,
                     &o.notes,
                 )

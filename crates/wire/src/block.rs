@@ -50,11 +50,15 @@ pub enum Op {
     /// Open a past step for an audit: the hop returns what it committed to
     /// (state before, input, output, gradients), one chunk per message.
     Audit = 8,
+    /// End the session: the hop passes the message on along its path and
+    /// drops its state for the session; the last hop acknowledges to the
+    /// designer.
+    Close = 9,
 }
 
 impl Op {
     /// Every op this version knows, in byte order.
-    pub const ALL: [Op; 9] = [
+    pub const ALL: [Op; 10] = [
         Op::Init,
         Op::Forward,
         Op::Backward,
@@ -64,6 +68,7 @@ impl Op {
         Op::Cover,
         Op::Load,
         Op::Audit,
+        Op::Close,
     ];
 }
 

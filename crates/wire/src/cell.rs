@@ -53,11 +53,17 @@ impl TryFrom<u8> for CellKind {
 ///   cascade — init, forward, backward, test, loop, cover — takes the cells
 ///   of its largest message. A link observer learns nothing from sizes; the
 ///   cost is bandwidth when messages differ much in size.
-/// * `Classes`: a message takes the next power-of-two number of cells. An
-///   observer learns each message's size class (within a factor of two),
-///   which may tell which link carries which stage's activations, and a
-///   forward pass from a backward one if their sizes fall in different
-///   classes.
+/// * `Classes { max_body }`: a message takes the next power-of-two number of
+///   cells, and no message carries more than `max_body` body bytes (the
+///   cascade's largest). An observer learns each message's size class
+///   (within a factor of two), which may tell which link carries which
+///   stage's activations, and a forward pass from a backward one if their
+///   sizes fall in different classes.
+///
+/// Under both, a session's init message is padded to the cells of a
+/// `max_body`-byte body ([`PaddingPolicy::for_init`]): whoever sets up a
+/// session sends, once, as many cells as the largest message the session
+/// may make a hop send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PaddingPolicy {
     /// Every message padded to the cells of a `max_body`-byte body.
@@ -66,7 +72,10 @@ pub enum PaddingPolicy {
         max_body: usize,
     },
     /// Every message padded to the next power-of-two cell count.
-    Classes,
+    Classes {
+        /// The cascade's largest body, in bytes.
+        max_body: usize,
+    },
 }
 
 impl Default for PaddingPolicy {
@@ -88,8 +97,17 @@ impl PaddingPolicy {
     /// Largest body this policy accepts.
     pub fn max_body(&self) -> usize {
         match *self {
-            PaddingPolicy::Uniform { max_body } => max_body.min(MAX_BODY_LEN),
-            PaddingPolicy::Classes => MAX_BODY_LEN,
+            PaddingPolicy::Uniform { max_body } | PaddingPolicy::Classes { max_body } => {
+                max_body.min(MAX_BODY_LEN)
+            }
+        }
+    }
+
+    /// The policy of the init message that sets up a session under this
+    /// one: padded to the session's largest body, whatever the policy.
+    pub fn for_init(&self) -> PaddingPolicy {
+        PaddingPolicy::Uniform {
+            max_body: self.max_body(),
         }
     }
 
@@ -108,12 +126,11 @@ impl PaddingPolicy {
 
     /// The number of cells a body of `len` bytes is padded to.
     pub fn cells_for(&self, len: usize) -> Result<usize, WireError> {
-        if let PaddingPolicy::Uniform { max_body } = *self {
-            if max_body > MAX_BODY_LEN {
-                return Err(WireError::BadPolicy {
-                    reason: "max_body above MAX_BODY_LEN",
-                });
-            }
+        let (PaddingPolicy::Uniform { max_body } | PaddingPolicy::Classes { max_body }) = *self;
+        if max_body > MAX_BODY_LEN {
+            return Err(WireError::BadPolicy {
+                reason: "max_body above MAX_BODY_LEN",
+            });
         }
         let max = self.max_body();
         if len > max {
@@ -121,7 +138,7 @@ impl PaddingPolicy {
         }
         Ok(match *self {
             PaddingPolicy::Uniform { max_body } => raw_cells(max_body),
-            PaddingPolicy::Classes => raw_cells(len).next_power_of_two().min(MAX_CELLS),
+            PaddingPolicy::Classes { .. } => raw_cells(len).next_power_of_two().min(MAX_CELLS),
         })
     }
 }
@@ -341,7 +358,9 @@ mod tests {
 
     #[test]
     fn cells_round_trip_across_cell_boundaries() {
-        let policy = PaddingPolicy::Classes;
+        let policy = PaddingPolicy::Classes {
+            max_body: MAX_BODY_LEN,
+        };
         for len in [
             0,
             1,
@@ -380,10 +399,38 @@ mod tests {
 
     #[test]
     fn classes_policy_rounds_cell_counts_to_powers_of_two() {
-        let p = PaddingPolicy::Classes;
+        let p = PaddingPolicy::Classes {
+            max_body: MAX_BODY_LEN,
+        };
         assert_eq!(p.cells_for(0), Ok(1));
         assert_eq!(p.cells_for(FIRST_CELL_BODY + 1), Ok(2));
         assert_eq!(p.cells_for(FIRST_CELL_BODY + CELL_SIZE + 1), Ok(4));
+    }
+
+    #[test]
+    fn classes_policy_caps_bodies_and_pads_its_init_to_the_cap() {
+        let cap = FIRST_CELL_BODY + 3 * CELL_SIZE;
+        let p = PaddingPolicy::Classes { max_body: cap };
+        assert_eq!(p.max_body(), cap);
+        assert_eq!(
+            p.cells_for(cap + 1),
+            Err(WireError::BodyTooLong {
+                len: cap + 1,
+                max: cap
+            })
+        );
+        // A session message of one cell, its init of the cap's four.
+        assert_eq!(p.cells_for(0), Ok(1));
+        assert_eq!(p.for_init().cells_for(0), Ok(4));
+        assert_eq!(
+            PaddingPolicy::Uniform { max_body: cap }.for_init(),
+            PaddingPolicy::Uniform { max_body: cap }
+        );
+        assert!(PaddingPolicy::Classes {
+            max_body: MAX_BODY_LEN + 1
+        }
+        .cells_for(0)
+        .is_err());
     }
 
     #[test]
@@ -421,14 +468,21 @@ mod tests {
         ));
         first[3..7].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
-            CellReader::new(&first, &PaddingPolicy::Classes),
+            CellReader::new(
+                &first,
+                &PaddingPolicy::Classes {
+                    max_body: MAX_BODY_LEN
+                }
+            ),
             Err(WireError::BodyTooLong { .. })
         ));
     }
 
     #[test]
     fn reader_rejects_truncation_extra_cells_and_unknown_kind() {
-        let policy = PaddingPolicy::Classes;
+        let policy = PaddingPolicy::Classes {
+            max_body: MAX_BODY_LEN,
+        };
         let bytes = encode_cells(CellKind::Session, &onion(), &vec![1; 20_000], &policy).unwrap();
         assert!(matches!(
             decode_cells(&bytes[..bytes.len() - 1], &policy),

@@ -176,12 +176,12 @@ impl SessionRoot {
 }
 
 /// Tag that identifies an init packet at a hop (for its replay cache).
-pub(crate) fn init_replay_tag(shared: &[u8; 32]) -> [u8; 16] {
+pub(crate) fn init_replay_tag(shared: &[u8; 32]) -> crate::replay::InitTag {
     let mut out = [0u8; 16];
     let mut h = blake3::Hasher::new_derive_key(CTX_REPLAY_TAG);
     h.update(shared);
     h.finalize_xof().fill(&mut out);
-    out
+    crate::replay::InitTag(out)
 }
 
 /// Sphinx blinding factor `b = H(α, s)`.

@@ -91,6 +91,13 @@ pub enum WireError {
     /// This hop has already processed this packet.
     #[error("replayed packet")]
     Replay,
+    /// The init replay cache holds as many inits as it may: no new init
+    /// until old ones leave the window.
+    #[error("init replay cache full ({capacity} inits within the window)")]
+    ReplayCacheFull {
+        /// Inits it holds.
+        capacity: usize,
+    },
     /// The packet's counter is older than the hop's replay window.
     #[error("counter {counter} is behind the replay window (highest {highest})")]
     Stale {

@@ -44,7 +44,9 @@ pub fn cell_reader(data: &[u8]) {
         return;
     };
     let policy = if sel & 1 == 0 {
-        PaddingPolicy::Classes
+        PaddingPolicy::Classes {
+            max_body: usize::from(sel) << 16,
+        }
     } else {
         PaddingPolicy::Uniform {
             max_body: usize::from(sel) * 1000,
@@ -86,9 +88,9 @@ fn onion_from(data: &[u8]) -> Option<(Header, Notes)> {
 /// Init peel with a fixed onion key over attacker-chosen header and notes.
 pub fn peel_init_bytes(data: &[u8]) {
     let secret = OnionSecret::from_bytes([0x42; 32]);
-    let mut seen = InitReplayCache::new(4);
+    let seen = InitReplayCache::new(4);
     if let Some((header, notes)) = onion_from(data) {
-        let _ = peel_init(&secret, &mut seen, &header, &notes);
+        let _ = peel_init(&secret, &seen, &header, &notes);
     }
 }
 

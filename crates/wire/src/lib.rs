@@ -37,7 +37,7 @@
 //! a per-hop counter with AES-128 into the prefix, and keys for the MAC
 //! (BLAKE3) and the stream cipher (ChaCha20) come from the session secret
 //! and that counter. A hop rejects replayed counters ([`ReplayWindow`]) and
-//! replayed inits ([`InitReplayCache`]).
+//! replayed inits ([`InitReplayCache`], which the caller fills).
 //!
 //! # Example
 //!
@@ -55,8 +55,8 @@
 //! let layers = [HopLayer { block, note: b"stage spec" }];
 //! let (onion, _session) = wrap_init(&[secret.public()], &layers, &mut OsRng)?;
 //!
-//! let mut seen = InitReplayCache::default();
-//! let (peeled, hop_session) = peel_init(&secret, &mut seen, &onion.header, &onion.notes)?;
+//! let seen = InitReplayCache::default();
+//! let (peeled, hop_session) = peel_init(&secret, &seen, &onion.header, &onion.notes)?;
 //! assert_eq!(peeled.block(), block);
 //! assert_eq!(peeled.note(), b"stage spec");
 //! # let _ = hop_session;
@@ -91,5 +91,5 @@ pub use peel::{
     peel_init, peel_session, Deliver, Forward, HopSession, OnionPublic, OnionSecret, Peeled,
     SessionTable,
 };
-pub use replay::{InitReplayCache, ReplayWindow};
+pub use replay::{InitReplayCache, InitTag, ReplayWindow, DEFAULT_INIT_REPLAY_CAPACITY};
 pub use wrap::{wrap_init, DesignerSession, HopLayer};

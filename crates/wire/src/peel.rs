@@ -21,7 +21,7 @@ use crate::error::WireError;
 use crate::header::{Header, Notes, Onion};
 use crate::layered;
 use crate::notes;
-use crate::replay::{InitReplayCache, ReplayWindow};
+use crate::replay::{InitReplayCache, InitTag, ReplayWindow};
 
 /// A node's published X25519 onion key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -217,10 +217,12 @@ fn finish(raw: Raw, next_prefix: impl FnOnce(&BlockPlaintext) -> [u8; PREFIX_LEN
 /// Peels an init onion: X25519 with the hop's onion key, MAC, replay check.
 ///
 /// Returns what the hop must do and the [`HopSession`] to keep for the
-/// session packets that follow.
+/// session packets that follow. The replay cache is only checked: the
+/// caller records [`HopSession::init_tag`] in it once every check of its
+/// own (note, limits) has passed, so a refused init takes no room.
 pub fn peel_init(
     secret: &OnionSecret,
-    seen: &mut InitReplayCache,
+    seen: &InitReplayCache,
     header: &Header,
     notes: &Notes,
 ) -> Result<(Peeled, HopSession), WireError> {
@@ -244,11 +246,11 @@ pub fn peel_init(
             reason: "init block without a session id",
         });
     };
-    seen.insert(tag);
     let session = HopSession {
         id,
         root: SessionRoot::from_shared(&shared),
         window: ReplayWindow::new(),
+        init_tag: tag,
     };
     let b = crypto::blinding(&alpha, &shared);
     let peeled = finish(raw, |_| crypto::blind(&alpha, &b));
@@ -266,6 +268,7 @@ pub struct HopSession {
     id: SessionId,
     root: SessionRoot,
     window: ReplayWindow,
+    init_tag: InitTag,
 }
 
 impl std::fmt::Debug for HopSession {
@@ -280,6 +283,12 @@ impl HopSession {
     /// The session id (this hop's name for the session).
     pub fn id(&self) -> SessionId {
         self.id
+    }
+
+    /// The replay tag of the init that set this session up, to record in
+    /// the [`InitReplayCache`] once the init is accepted.
+    pub fn init_tag(&self) -> InitTag {
+        self.init_tag
     }
 
     /// Peels a session onion: symmetric crypto only. The header's token
@@ -339,6 +348,7 @@ impl HopSession {
             id,
             root: SessionRoot::from_shared(shared),
             window: ReplayWindow::new(),
+            init_tag: crypto::init_replay_tag(shared),
         }
     }
 }
@@ -435,6 +445,11 @@ impl SessionTable {
         self.sessions.len()
     }
 
+    /// Whether a session with id `id` is listed.
+    pub fn contains(&self, id: &SessionId) -> bool {
+        self.sessions.contains_key(id)
+    }
+
     /// No sessions.
     pub fn is_empty(&self) -> bool {
         self.sessions.is_empty()
@@ -529,9 +544,8 @@ mod tests {
         let (mut onion, designer) = wrap_init(&publics, &layers, rng).unwrap();
         let mut tables = Vec::new();
         for (i, secret) in secrets.iter().enumerate() {
-            let mut seen = InitReplayCache::default();
-            let (peeled, session) =
-                peel_init(secret, &mut seen, &onion.header, &onion.notes).unwrap();
+            let seen = InitReplayCache::default();
+            let (peeled, session) = peel_init(secret, &seen, &onion.header, &onion.notes).unwrap();
             assert_eq!(peeled.block(), bl[i]);
             assert_eq!(peeled.note(), b"spec");
             assert_eq!(Some(session.id()), designer.session_id(i));
@@ -601,9 +615,13 @@ mod tests {
         }];
         let (onion, _) = wrap_init(&[secret.public()], &layers, &mut rng).unwrap();
         let mut seen = InitReplayCache::default();
-        peel_init(&secret, &mut seen, &onion.header, &onion.notes).unwrap();
+        let (_, session) = peel_init(&secret, &seen, &onion.header, &onion.notes).unwrap();
+        // Peeling alone records nothing: the caller does, last.
+        assert!(seen.is_empty());
+        peel_init(&secret, &seen, &onion.header, &onion.notes).unwrap();
+        seen.insert(session.init_tag(), 0).unwrap();
         assert_eq!(
-            peel_init(&secret, &mut seen, &onion.header, &onion.notes).unwrap_err(),
+            peel_init(&secret, &seen, &onion.header, &onion.notes).unwrap_err(),
             WireError::Replay
         );
     }
@@ -625,7 +643,7 @@ mod tests {
             let header = Header::from_bytes(&raw).unwrap();
             let r = peel_init(
                 &c.secrets[0],
-                &mut InitReplayCache::default(),
+                &InitReplayCache::default(),
                 &header,
                 &onion.notes,
             );

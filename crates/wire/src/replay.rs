@@ -5,11 +5,13 @@
 //!   behind it (as IPsec and WireGuard do): memory is bounded, a replay is
 //!   always caught, and packets may arrive out of order within the window.
 //! * Init packets carry no counter: an [`InitReplayCache`] remembers a tag
-//!   derived from each accepted init's shared secret, up to a capacity.
-//!   Past that the oldest tags are forgotten, so onion keys should be rotated
-//!   well before a node has seen `capacity` inits.
+//!   derived from each accepted init's shared secret with the time the init
+//!   was issued at. The hop refuses inits issued outside a window around
+//!   its clock, so tags older than the window can be forgotten; within it
+//!   none is, and a full cache refuses new inits instead. The caller
+//!   persists the tags (a node restart must not forget them).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet};
 
 use crate::constants::REPLAY_WINDOW;
 use crate::error::WireError;
@@ -80,12 +82,37 @@ impl ReplayWindow {
     }
 }
 
-/// Bounded set of init replay tags (oldest forgotten first).
+/// What identifies an accepted init at a hop: derived from the init's
+/// shared secret, so a replayed init has the same tag and a new one (fresh
+/// ephemeral key) a different one. Stored by the hop, never sent.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InitTag(pub [u8; 16]);
+
+impl std::fmt::Debug for InitTag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InitTag({:02x}{:02x}…)", self.0[0], self.0[1])
+    }
+}
+
+/// The tags of the inits a hop accepted, each with the time its init was
+/// issued at (seconds, the caller's clock).
+///
+/// A hop accepts an init only if it was issued within a window around its
+/// clock, so a tag issued before `now − window` can be forgotten: its init
+/// is refused by the window anyway ([`Self::forget_before`]). Within the
+/// window nothing is forgotten: when the cache holds `capacity` tags,
+/// [`Self::check`] refuses every new init ([`WireError::ReplayCacheFull`])
+/// until old ones leave the window, rather than forgetting a tag and
+/// letting its init be replayed.
+///
+/// [`crate::peel_init`] only checks the cache; the caller records the tag
+/// ([`Self::insert`]) once every other check of the init has passed, so
+/// inits that are refused for any reason take no room.
 #[derive(Debug, Clone)]
 pub struct InitReplayCache {
     capacity: usize,
-    seen: HashSet<[u8; 16]>,
-    order: VecDeque<[u8; 16]>,
+    seen: HashSet<InitTag>,
+    by_time: BTreeSet<(u64, InitTag)>,
 }
 
 impl InitReplayCache {
@@ -94,48 +121,77 @@ impl InitReplayCache {
         Self {
             capacity: capacity.max(1),
             seen: HashSet::new(),
-            order: VecDeque::new(),
+            by_time: BTreeSet::new(),
         }
     }
 
-    /// Fails with [`WireError::Replay`] if `tag` was seen.
-    pub(crate) fn check(&self, tag: &[u8; 16]) -> Result<(), WireError> {
+    /// Fails with [`WireError::Replay`] if `tag` was seen, with
+    /// [`WireError::ReplayCacheFull`] if no new tag fits.
+    pub fn check(&self, tag: &InitTag) -> Result<(), WireError> {
         if self.seen.contains(tag) {
-            Err(WireError::Replay)
-        } else {
-            Ok(())
+            return Err(WireError::Replay);
         }
+        if self.seen.len() >= self.capacity {
+            return Err(WireError::ReplayCacheFull {
+                capacity: self.capacity,
+            });
+        }
+        Ok(())
     }
 
-    /// Records `tag`, forgetting the oldest when full.
-    pub(crate) fn insert(&mut self, tag: [u8; 16]) {
-        if self.seen.insert(tag) {
-            self.order.push_back(tag);
-        }
-        while self.order.len() > self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.seen.remove(&old);
+    /// Records `tag` of an init issued at `issued_at`, after
+    /// [`Self::check`] passed (and fails as it would otherwise).
+    pub fn insert(&mut self, tag: InitTag, issued_at: u64) -> Result<(), WireError> {
+        self.check(&tag)?;
+        self.seen.insert(tag);
+        self.by_time.insert((issued_at, tag));
+        Ok(())
+    }
+
+    /// Forgets the tags of inits issued before `t`; returns how many.
+    pub fn forget_before(&mut self, t: u64) -> usize {
+        let mut n = 0;
+        while let Some(&(at, tag)) = self.by_time.first() {
+            if at >= t {
+                break;
             }
+            self.by_time.pop_first();
+            self.seen.remove(&tag);
+            n += 1;
         }
+        n
+    }
+
+    /// Every remembered tag with its issue time, oldest first (to persist).
+    pub fn tags(&self) -> impl Iterator<Item = (InitTag, u64)> + '_ {
+        self.by_time.iter().map(|&(at, tag)| (tag, at))
     }
 
     /// Number of remembered inits.
     pub fn len(&self) -> usize {
-        self.order.len()
+        self.seen.len()
     }
 
     /// No init remembered yet.
     pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.seen.is_empty()
+    }
+
+    /// Most inits remembered at once.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 }
 
 impl Default for InitReplayCache {
     /// Remembers 65 536 inits.
     fn default() -> Self {
-        Self::new(1 << 16)
+        Self::new(DEFAULT_INIT_REPLAY_CAPACITY)
     }
 }
+
+/// Inits an [`InitReplayCache`] remembers by default.
+pub const DEFAULT_INIT_REPLAY_CAPACITY: usize = 1 << 16;
 
 #[cfg(test)]
 mod tests {
@@ -180,13 +236,22 @@ mod tests {
     }
 
     #[test]
-    fn init_cache_forgets_oldest_past_capacity() {
+    fn init_cache_refuses_new_tags_when_full_and_forgets_by_time() {
         let mut c = InitReplayCache::new(2);
-        c.insert([1; 16]);
-        c.insert([2; 16]);
-        assert_eq!(c.check(&[1; 16]), Err(WireError::Replay));
-        c.insert([3; 16]);
-        assert!(c.check(&[1; 16]).is_ok());
-        assert_eq!(c.len(), 2);
+        c.insert(InitTag([1; 16]), 100).unwrap();
+        c.insert(InitTag([2; 16]), 50).unwrap();
+        assert_eq!(c.check(&InitTag([1; 16])), Err(WireError::Replay));
+        assert_eq!(
+            c.insert(InitTag([3; 16]), 120),
+            Err(WireError::ReplayCacheFull { capacity: 2 })
+        );
+        // Nothing issued before 50: nothing forgotten.
+        assert_eq!(c.forget_before(50), 0);
+        assert_eq!(c.forget_before(51), 1);
+        assert!(c.check(&InitTag([2; 16])).is_ok());
+        assert_eq!(c.check(&InitTag([1; 16])), Err(WireError::Replay));
+        c.insert(InitTag([3; 16]), 120).unwrap();
+        let tags: Vec<(InitTag, u64)> = c.tags().collect();
+        assert_eq!(tags, vec![(InitTag([1; 16]), 100), (InitTag([3; 16]), 120)]);
     }
 }

@@ -87,7 +87,7 @@ proptest! {
         prop_assert_eq!(designer.hops(), n);
         for i in 0..n {
             let (peeled, session) = peel_init(
-                &secrets[i], &mut InitReplayCache::default(), &onion.header, &onion.notes,
+                &secrets[i], &InitReplayCache::default(), &onion.header, &onion.notes,
             ).unwrap();
             prop_assert_eq!(peeled.block(), bl[i]);
             prop_assert_eq!(peeled.note(), &notes[i][..]);

@@ -71,7 +71,7 @@ fn init_peel_rejects_bit_flips_including_the_ignored_x25519_high_bit() {
     bits.extend((0..HEADER_LEN).step_by(7).map(|i| i * 8 + i % 8));
     for bit in bits {
         let h = Header::from_bytes(&flip(header, bit)).unwrap();
-        let r = peel_init(&secret, &mut InitReplayCache::default(), &h, &onion.notes);
+        let r = peel_init(&secret, &InitReplayCache::default(), &h, &onion.notes);
         assert!(
             matches!(r, Err(WireError::MacMismatch | WireError::WeakSharedSecret)),
             "bit {bit}: {r:?}"
@@ -79,7 +79,7 @@ fn init_peel_rejects_bit_flips_including_the_ignored_x25519_high_bit() {
     }
     for i in (0..NOTES_LEN).step_by(5) {
         let n = Notes::from_bytes(&flip(onion.notes.as_bytes(), i * 8)).unwrap();
-        let r = peel_init(&secret, &mut InitReplayCache::default(), &onion.header, &n);
+        let r = peel_init(&secret, &InitReplayCache::default(), &onion.header, &n);
         assert_eq!(r.unwrap_err(), WireError::MacMismatch);
     }
 }
@@ -98,7 +98,7 @@ fn peel_rejects_wrong_keys() {
     let (init, _) = wrap_init(&[c.secrets[0].public()], &layers(&bl, &[vec![]]), &mut rng).unwrap();
     let r = peel_init(
         &c.secrets[1],
-        &mut InitReplayCache::default(),
+        &InitReplayCache::default(),
         &init.header,
         &init.notes,
     );
@@ -117,9 +117,10 @@ fn peel_rejects_session_replay_and_init_replay() {
     let bl = blocks(Op::Init, &[0]);
     let (init, _) = wrap_init(&[c.secrets[0].public()], &layers(&bl, &[vec![]]), &mut rng).unwrap();
     let mut seen = InitReplayCache::default();
-    peel_init(&c.secrets[0], &mut seen, &init.header, &init.notes).unwrap();
+    let (_, session) = peel_init(&c.secrets[0], &seen, &init.header, &init.notes).unwrap();
+    seen.insert(session.init_tag(), 0).unwrap();
     assert_eq!(
-        peel_init(&c.secrets[0], &mut seen, &init.header, &init.notes).unwrap_err(),
+        peel_init(&c.secrets[0], &seen, &init.header, &init.notes).unwrap_err(),
         WireError::Replay
     );
 }
@@ -198,6 +199,6 @@ fn init_rejects_low_order_onion_keys() {
     h[0] = 1; // u = 1 has order 4: clamped DH gives zero
     let header = Header::from_bytes(&h).unwrap();
     let notes = Notes::from_bytes(&[0; NOTES_LEN]).unwrap();
-    let r = peel_init(&secret, &mut InitReplayCache::default(), &header, &notes);
+    let r = peel_init(&secret, &InitReplayCache::default(), &header, &notes);
     assert_eq!(r.unwrap_err(), WireError::WeakSharedSecret);
 }

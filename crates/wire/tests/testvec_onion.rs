@@ -125,13 +125,8 @@ fn testvec_peel_decodes_the_recorded_bytes() {
     let mut onion = v.init;
     let mut tables = Vec::new();
     for (i, s) in secrets().iter().enumerate() {
-        let (peeled, session) = peel_init(
-            s,
-            &mut InitReplayCache::default(),
-            &onion.header,
-            &onion.notes,
-        )
-        .unwrap();
+        let (peeled, session) =
+            peel_init(s, &InitReplayCache::default(), &onion.header, &onion.notes).unwrap();
         assert_eq!(peeled.block(), init_blocks[i]);
         assert_eq!(peeled.note(), &init_notes()[i][..]);
         let mut t = SessionTable::new();

@@ -41,13 +41,8 @@ fn nothing_in_header_or_notes_survives_a_hop() {
     let (mut onion, mut designer) = wrap_init(&publics, &layers(&bl, &notes), &mut rng).unwrap();
     let mut tables: Vec<SessionTable> = Vec::new();
     for (i, s) in secrets.iter().enumerate() {
-        let (peeled, session) = peel_init(
-            s,
-            &mut InitReplayCache::default(),
-            &onion.header,
-            &onion.notes,
-        )
-        .unwrap();
+        let (peeled, session) =
+            peel_init(s, &InitReplayCache::default(), &onion.header, &onion.notes).unwrap();
         let mut t = SessionTable::new();
         t.insert(session).unwrap();
         tables.push(t);

@@ -141,7 +141,9 @@ impl Layout {
             Padding::Uniform => PaddingPolicy::Uniform {
                 max_body: self.max_body(cfg, audited),
             },
-            Padding::Classes => PaddingPolicy::Classes,
+            Padding::Classes => PaddingPolicy::Classes {
+                max_body: self.max_body(cfg, audited),
+            },
         }
     }
 

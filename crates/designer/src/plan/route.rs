@@ -227,6 +227,16 @@ impl Router {
         self.policy
     }
 
+    /// Where the hops may deliver to: the designer's address.
+    pub fn me(&self) -> SocketAddr {
+        self.me.0
+    }
+
+    /// The address of hop `k`, if there is one.
+    pub fn hop_addr(&self, k: usize) -> Option<SocketAddr> {
+        self.hops.get(k).copied()
+    }
+
     /// The router's randomness (tags, keys of a new session).
     pub fn rng(&mut self) -> &mut ChaCha8Rng {
         &mut self.rng
@@ -272,7 +282,9 @@ impl Router {
             })
             .collect();
         let (onion, session) = wrap_init(onion_keys, &layers, &mut self.rng)?;
-        let cells = encode_cells(CellKind::Init, &onion, &[], &self.policy)?;
+        // Every init is padded to the cascade's largest body, so a hop
+        // learns the session's size class from its init alone.
+        let cells = encode_cells(CellKind::Init, &onion, &[], &self.policy.for_init())?;
         self.session = Some(session);
         Ok(Sealed {
             entry: Entry::First,

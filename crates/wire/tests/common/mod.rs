@@ -68,8 +68,8 @@ pub fn init(n: usize, notes: &[Vec<u8>], rng: &mut Rng) -> Cascade {
     let (mut onion, designer) = wrap_init(&publics, &layers(&bl, notes), rng).unwrap();
     let mut tables = Vec::new();
     for (i, secret) in secrets.iter().enumerate() {
-        let mut seen = InitReplayCache::default();
-        let (peeled, session) = peel_init(secret, &mut seen, &onion.header, &onion.notes).unwrap();
+        let seen = InitReplayCache::default();
+        let (peeled, session) = peel_init(secret, &seen, &onion.header, &onion.notes).unwrap();
         assert_eq!(peeled.block(), bl[i], "init block at hop {i}");
         assert_eq!(peeled.note(), &notes[i][..], "init note at hop {i}");
         let mut table = SessionTable::new();
