@@ -10,6 +10,8 @@ use std::sync::OnceLock;
 use anyhow::{anyhow, Context};
 use clap::Args;
 use mixnn_model::trainer::RunMetrics;
+use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 use serde::Deserialize;
@@ -145,6 +147,120 @@ pub fn draw_runs(runs: &[(&str, &RunMetrics)], out: &Path) -> anyhow::Result<()>
     Ok(())
 }
 
+/// At most this many labelled ticks on a y axis.
+const Y_TICKS: usize = 8;
+
+/// The ticks of an axis: their spacing and the precision of their labels
+/// are chosen together, so no two labels read the same. The spacing is 1,
+/// 2 or 5 times a power of ten, the smallest that gives at most `max`
+/// ticks; labels have as many decimals as the spacing needs (0.005 → 3,
+/// 0.02 → 2, 5 → 0).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ticks {
+    /// Where the ticks are, ascending, all inside the range.
+    pub values: Vec<f64>,
+    /// The spacing.
+    pub step: f64,
+    /// Decimals of each label.
+    pub decimals: usize,
+}
+
+impl Ticks {
+    /// Ticks for `range`, at most `max` (at least 2) of them.
+    pub fn new(range: std::ops::Range<f64>, max: usize) -> Self {
+        let max = max.max(2);
+        let span = range.end - range.start;
+        if !(span > 0.0 && span.is_finite() && range.start.is_finite()) {
+            return Ticks {
+                values: vec![range.start],
+                step: 0.0,
+                decimals: 2,
+            };
+        }
+        let magnitude = 10f64.powf((span / max as f64).log10().floor());
+        // The multiples of `step` inside the range; a little slack so a
+        // bound that is a multiple up to rounding gets its tick.
+        let multiples = |step: f64| {
+            let first = (range.start / step - 1e-9).ceil() as i64;
+            let last = (range.end / step + 1e-9).floor() as i64;
+            first..=last
+        };
+        let (m, step) = [1.0, 2.0, 5.0, 10.0]
+            .into_iter()
+            .map(|m| (m, m * magnitude))
+            .find(|&(_, step)| multiples(step).count() <= max)
+            .unwrap_or((10.0, 10.0 * magnitude));
+        // step = m × 10^k with m in {1, 2, 5, 10}: -k decimals write it
+        // exactly (1e-3 is not quite 10^-3 in binary, hence the rounding).
+        let k = (step / m).log10().round() + if m == 10.0 { 1.0 } else { 0.0 };
+        let decimals = if k < 0.0 { (-k) as usize } else { 0 };
+        let values = multiples(step).map(|i| i as f64 * step).collect();
+        Ticks {
+            values,
+            step,
+            decimals,
+        }
+    }
+
+    /// The label of a value on this axis.
+    pub fn label(&self, v: f64) -> String {
+        format!("{v:.*}", self.decimals)
+    }
+
+    /// The label of each tick.
+    #[cfg(test)]
+    pub fn labels(&self) -> Vec<String> {
+        self.values.iter().map(|&v| self.label(v)).collect()
+    }
+}
+
+/// A linear f64 axis whose bold mesh lines and labels sit at given ticks
+/// (and light lines halfway between them). plotters' `with_key_points`
+/// does the same but loses the axis' label formatting.
+struct TickedAxis {
+    linear: RangedCoordf64,
+    bold: Vec<f64>,
+    light: Vec<f64>,
+}
+
+impl TickedAxis {
+    fn new(range: std::ops::Range<f64>, ticks: &Ticks) -> Self {
+        let half = ticks.step / 2.0;
+        let light = ticks
+            .values
+            .iter()
+            .flat_map(|v| [v - half, v + half])
+            .filter(|v| range.contains(v))
+            .collect();
+        TickedAxis {
+            linear: range.into(),
+            bold: ticks.values.clone(),
+            light,
+        }
+    }
+}
+
+impl Ranged for TickedAxis {
+    type FormatOption = DefaultFormatting;
+    type ValueType = f64;
+
+    fn range(&self) -> std::ops::Range<f64> {
+        self.linear.range()
+    }
+
+    fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
+        self.linear.map(value, limit)
+    }
+
+    fn key_points<H: KeyPointHint>(&self, hint: H) -> Vec<f64> {
+        if hint.weight().allow_light_points() {
+            self.light.clone()
+        } else {
+            self.bold.clone()
+        }
+    }
+}
+
 const COLORS: [RGBColor; 4] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
@@ -165,12 +281,13 @@ fn panel(
     runs: &[(&str, &RunMetrics)],
     value: impl Fn(&mixnn_model::trainer::EpochMetrics) -> f64,
 ) -> DrawResult {
+    let ticks = Ticks::new(y.clone(), Y_TICKS);
     let mut chart = ChartBuilder::on(area)
         .caption(caption, (FONT_FAMILY, 18))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(65)
-        .build_cartesian_2d(0u32..epochs + 1, y)?;
+        .build_cartesian_2d(0u32..epochs + 1, TickedAxis::new(y, &ticks))?;
     chart
         .configure_mesh()
         .x_desc("epoch")
@@ -183,7 +300,7 @@ fn panel(
                 String::new()
             }
         })
-        .y_label_formatter(&|v| format!("{v:.2}"))
+        .y_label_formatter(&|v| ticks.label(*v))
         .label_style((FONT_FAMILY, 14))
         .axis_desc_style((FONT_FAMILY, 15))
         .disable_x_mesh()
@@ -257,6 +374,56 @@ mod tests {
         assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"));
         // A second figure in the same process reuses the registered font.
         figure3(&local, &cascade, &out).unwrap();
+    }
+
+    #[test]
+    fn tick_labels_are_distinct_and_exact() {
+        let mut ranges = vec![
+            (0.0, 1.0),
+            (0.0, 0.37),
+            (0.0, 14.0),
+            (0.0, 2.6),
+            (0.0, 250.0),
+        ];
+        // Accuracy panels as draw_runs makes them: spans from its minimum
+        // (0.02 plus headroom) up, anywhere in [0, 1].
+        for lo in 0..100 {
+            for span in [0.0001, 0.011, 0.027, 0.055, 0.07, 0.1, 0.13, 0.31, 0.6] {
+                let lo = f64::from(lo) / 100.0;
+                ranges.push((lo, (lo + span).min(1.0)));
+            }
+        }
+        for (lo, hi) in ranges {
+            let t = Ticks::new(lo..hi, 8);
+            let labels = t.labels();
+            assert!((2..=8).contains(&labels.len()), "{lo}..{hi}: {labels:?}");
+            let mut unique = labels.clone();
+            unique.dedup();
+            assert_eq!(unique, labels, "{lo}..{hi}: equal labels");
+            for (v, label) in t.values.iter().zip(&labels) {
+                assert!(*v >= lo - 1e-9 && *v <= hi + 1e-9, "{lo}..{hi}: {v}");
+                // The label is the tick's value, not a rounding of it.
+                let read: f64 = label.parse().unwrap();
+                assert!((read - v).abs() < t.step * 1e-6, "{lo}..{hi}: {v} {label}");
+            }
+        }
+    }
+
+    #[test]
+    fn ticks_of_the_issue_range_read_cleanly() {
+        // The demo's accuracy panel used to label 0.005 steps with two
+        // decimals: 0.85, 0.85, 0.84, 0.84, …
+        let t = Ticks::new(0.826..0.862, 8);
+        assert_eq!(
+            t.labels(),
+            ["0.830", "0.835", "0.840", "0.845", "0.850", "0.855", "0.860"]
+        );
+        let t = Ticks::new(0.79..0.87, 8);
+        assert_eq!(t.labels(), ["0.80", "0.82", "0.84", "0.86"]);
+        let t = Ticks::new(0.0..2.8, 8);
+        assert_eq!(t.labels(), ["0.0", "0.5", "1.0", "1.5", "2.0", "2.5"]);
+        let t = Ticks::new(0.0..14.0, 8);
+        assert_eq!(t.labels(), ["0", "2", "4", "6", "8", "10", "12", "14"]);
     }
 
     #[test]
