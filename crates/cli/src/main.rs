@@ -1,8 +1,8 @@
 //! The `mixnn` command: one thin binary over the workspace's crates.
 //!
 //! `main` only parses arguments, sets up logging and turns an error into one
-//! line on stderr (`error: …`, the `anyhow` chain joined with `": "`) and
-//! exit code 1. Each subcommand lives in its own module.
+//! line on stderr (`error: …`, the `anyhow` chain joined with `": "`, each
+//! cause once) and exit code 1. Each subcommand lives in its own module.
 
 mod bench;
 mod cascade;
@@ -81,7 +81,7 @@ fn main() -> ExitCode {
             ExitCode::from(130)
         }
         Err(e) => {
-            eprintln!("error: {}", one_line(&format!("{e:#}")));
+            eprintln!("error: {}", error_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -115,6 +115,21 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// The error and its causes on one line, joined with `": "`, each cause
+/// once: many error types show their source in their own message and also
+/// return it from `source()` (thiserror's `#[error("…: {source}")]`), so
+/// a cause whose text an outer message already holds is left out.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = one_line(&cause.to_string());
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}
+
 /// Folds a message onto one line (some library messages carry newlines).
 fn one_line(message: &str) -> String {
     message
@@ -132,6 +147,36 @@ mod tests {
     #[test]
     fn one_line_folds_newlines() {
         assert_eq!(one_line("a: b\n  c\n\nd"), "a: b c d");
+    }
+
+    #[test]
+    fn error_line_says_each_cause_once() {
+        use anyhow::Context;
+        let refused = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        // A type that displays its source and returns it from `source()`,
+        // inside another one that does the same, inside a context.
+        let net = mixnn_net::NetError::Connect {
+            addr: "127.0.0.1:9".parse().unwrap(),
+            source: refused(),
+        };
+        let e = anyhow::Error::new(net).context("starting the run");
+        let io = refused().to_string();
+        assert_eq!(
+            error_line(&e),
+            format!("starting the run: cannot connect to 127.0.0.1:9: {io}")
+        );
+        assert_eq!(format!("{e:#}").matches(&io).count(), 2, "{e:#}");
+        // Causes that their outer message does not show are all kept.
+        let e = anyhow::Error::new(refused())
+            .context("cannot connect")
+            .context("link to hop 1");
+        assert_eq!(
+            error_line(&e),
+            format!("link to hop 1: cannot connect: {io}")
+        );
+        // Multi-line messages are folded.
+        let e = anyhow::anyhow!("a\n  b").context("c");
+        assert_eq!(error_line(&e), "c: a b");
     }
 
     #[test]
