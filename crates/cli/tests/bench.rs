@@ -11,10 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const DATA: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/data/fashion-mnist"
-);
+/// The repository's fixture (`fixtures/fashion-mnist/README.md`).
+const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/fashion-mnist");
 
 fn mixnn() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_mixnn"));
@@ -22,22 +20,16 @@ fn mixnn() -> Command {
     c
 }
 
-/// `mixnn bench paper` on `train` training and 200 test images, 1 epoch.
+/// `mixnn bench paper` on `train` training and 200 test images, 1 epoch
+/// unless `extra` says `--epochs`.
 fn bench_paper(out: &Path, train: &str, extra: &[&str]) -> Command {
     let mut c = mixnn();
     c.args(["bench", "paper", "--data", DATA, "--no-fetch"])
-        .args([
-            "--train-limit",
-            train,
-            "--test-limit",
-            "200",
-            "--epochs",
-            "1",
-        ])
-        .arg("--out")
-        .arg(out)
-        .args(extra)
-        .stdin(Stdio::null());
+        .args(["--train-limit", train, "--test-limit", "200"]);
+    if !extra.contains(&"--epochs") {
+        c.args(["--epochs", "1"]);
+    }
+    c.arg("--out").arg(out).args(extra).stdin(Stdio::null());
     c
 }
 
@@ -230,12 +222,18 @@ fn bench_paper_cleans_up_the_namespaces_on_ctrl_c() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // Large enough to be still training when interrupted.
-    let mut child = bench_paper(&dir.path().join("bench"), "30000", &["--rtt", "5ms"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // Large enough to be still training when interrupted: 15 epochs of the
+    // fixture's 2000 images are the 30000 images of one epoch it used to
+    // run.
+    let mut child = bench_paper(
+        &dir.path().join("bench"),
+        "2000",
+        &["--rtt", "5ms", "--epochs", "15"],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     let pid = child.id();
     let deadline = Instant::now() + Duration::from_secs(60);
     while leftovers(pid).len() < 5 {

@@ -91,10 +91,11 @@ fn killed_node_stops_the_designer_with_a_clear_error() {
         &[
             "--timeout",
             "3",
+            // Long enough to be still training when the node is killed:
+            // 45 epochs of the fixture's 2000 images are the 90000 images
+            // that 3 epochs of 30000 used to be.
             "--epochs",
-            "3",
-            "--train-limit",
-            "30000",
+            "45",
             "--test-limit",
             "1000",
         ],

@@ -9,10 +9,72 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub const DATA: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/data/fashion-mnist"
-);
+/// The repository's fixture: the first 2,000 training and 1,000 test
+/// images of Fashion-MNIST (`fixtures/fashion-mnist/README.md`). Every test
+/// that trains uses it.
+pub const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/fashion-mnist");
+
+/// Training and test images in [`DATA`].
+pub const DATA_TRAIN: usize = 2000;
+pub const DATA_TEST: usize = 1000;
+
+/// Whether this run must not skip tests for want of the network or the
+/// full dataset: CI sets `CI=true`.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The full Fashion-MNIST set found the way `mixnn` finds it (`$MIXNN_DATA`,
+/// Debian's install path, the per-user cache), or why there is none: for
+/// tests that need all 60,000/10,000 images, which skip with that reason.
+pub fn full_dataset() -> Result<PathBuf, String> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|c| c.join("mixnn/fashion-mnist"));
+    let candidates = std::env::var_os("MIXNN_DATA")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([PathBuf::from(mixnn_model::data::DEBIAN_FASHION_MNIST)])
+        .chain(cache);
+    let mut tried = Vec::new();
+    for dir in candidates {
+        let has = |f: &str| dir.join(f).is_file() || dir.join(format!("{f}.gz")).is_file();
+        if [
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ]
+        .iter()
+        .all(|f| has(f))
+        {
+            return Ok(dir);
+        }
+        tried.push(dir.display().to_string());
+    }
+    Err(format!(
+        "no full Fashion-MNIST in {} (set MIXNN_DATA, or run `mixnn demo` once to fetch it)",
+        tried.join(", ")
+    ))
+}
+
+/// Asserts that `full` is the whole Fashion-MNIST (60,000 training and
+/// 10,000 test images) and that [`DATA`] is its start, byte for byte.
+pub fn assert_fixture_is_the_start_of(full: &Path) {
+    let full = mixnn_model::data::load_dir(full).unwrap();
+    let fixture = mixnn_model::data::load_dir(Path::new(DATA)).unwrap();
+    assert_eq!((full.train.len(), full.test.len()), (60_000, 10_000));
+    for (part, big) in [(&fixture.train, &full.train), (&fixture.test, &full.test)] {
+        let n = part.len();
+        assert!(part.labels == big.labels[..n], "labels differ");
+        assert!(
+            part.pixels == big.pixels[..n * big.features()],
+            "pixels differ"
+        );
+    }
+}
 
 pub fn mixnn() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_mixnn"));
