@@ -6,13 +6,16 @@
 //! `~/.cache/mixnn/fashion-mnist`). If none holds the files (and
 //! `--no-fetch` is not given), the Debian package is downloaded with
 //! `apt-get download` (no root needed) and unpacked with `dpkg-deb -x` into
-//! the cache.
+//! the cache. When the system's apt lists lack the package (a fresh machine
+//! where `apt-get update` never ran), the lists are first fetched into a
+//! private apt state beside the cache; the system's apt state is never
+//! written.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use mixnn_model::data::DEBIAN_FASHION_MNIST;
 
@@ -130,7 +133,7 @@ pub fn data_dir(args: &DataArgs) -> anyhow::Result<PathBuf> {
         }
         Located::Fetch(cache) if !args.no_fetch => match fetch_into(&cache) {
             Ok(()) => Ok(cache),
-            Err(e) => bail!("{INSTALL_HINT}; fetching it failed: {e:#}"),
+            Err(e) => Err(e.context(format!("{INSTALL_HINT}; fetching it failed"))),
         },
         Located::Fetch(_) | Located::Nothing => bail!("{INSTALL_HINT}"),
     }
@@ -138,18 +141,23 @@ pub fn data_dir(args: &DataArgs) -> anyhow::Result<PathBuf> {
 
 /// Downloads Debian's `dataset-fashion-mnist` with `apt-get download`,
 /// unpacks it with `dpkg-deb -x` and moves its IDX files into `cache`.
-/// Works without root; needs Debian's apt lists to be present.
+///
+/// Needs no root. If the system's apt lists do not carry the package (on a
+/// fresh machine `apt-get update` never ran), the lists are fetched into a
+/// private apt state beside the cache ([`PrivateApt`]) and the package is
+/// downloaded from there; the system's apt state is never written.
 pub fn fetch_into(cache: &Path) -> anyhow::Result<()> {
     let parent = cache
         .parent()
         .with_context(|| format!("cache directory {} has no parent", cache.display()))?;
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     eprintln!(
-        "fetching Fashion-MNIST (apt-get download {PACKAGE}, about 31 MB) into {}",
+        "fetching Fashion-MNIST (Debian's {PACKAGE}) into {}",
         cache.display()
     );
     // Temporary directories beside the cache, so the final move is a rename
-    // on one file system; removed on every exit path.
+    // on one file system; removed on every exit path, the private apt state
+    // with them.
     let work = tempfile::Builder::new()
         .prefix(".fetch-")
         .tempdir_in(parent)
@@ -159,16 +167,30 @@ pub fn fetch_into(cache: &Path) -> anyhow::Result<()> {
     std::fs::create_dir(&download)?;
     std::fs::create_dir(&unpacked)?;
 
-    run_tool(
-        Command::new("apt-get")
-            .args(["download", "-q", PACKAGE])
-            .current_dir(&download),
-        "apt-get download",
-    )?;
-    let deb = std::fs::read_dir(&download)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .with_context(|| format!("apt-get download left no .deb in {}", download.display()))?;
+    let deb = match Apt::System.download(&download) {
+        Ok(deb) => deb,
+        // No apt at all (not Debian): nothing else to try.
+        Err(e) if not_found(&e) => {
+            return Err(e.context("fetching needs Debian's apt-get and dpkg-deb"))
+        }
+        Err(system) => {
+            let private = PrivateApt::create(&work.path().join("apt"))?;
+            eprintln!(
+                "{system:#}; fetching Debian's package lists into a private apt state in {} \
+                 (sources from the system's configuration; the system's apt state is not \
+                 touched)",
+                work.path().join("apt").display()
+            );
+            let apt = Apt::Private(&private);
+            let trouble = apt.update()?;
+            apt.download(&download).map_err(|e| match trouble {
+                Some(why) => {
+                    anyhow!("apt-get update (private lists) could not fetch the lists: {why}")
+                }
+                None => e,
+            })?
+        }
+    };
     run_tool(
         Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked),
         "dpkg-deb -x",
@@ -189,22 +211,239 @@ pub fn fetch_into(cache: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs an external tool; on failure, reports its last stderr line.
-fn run_tool(cmd: &mut Command, name: &str) -> anyhow::Result<()> {
+/// An apt state of our own: lists, caches, `dpkg` status and logs in one
+/// directory, described by one configuration file that `apt-get -c` reads
+/// after the system's, so every path it sets wins. Sources, keyrings,
+/// proxies and the rest still come from the system's configuration. The
+/// hooks the system configures for `apt-get update` (Debian images ship
+/// some that refresh system caches as root) are cleared.
+#[derive(Debug)]
+pub struct PrivateApt {
+    config: PathBuf,
+}
+
+impl PrivateApt {
+    /// Lays out an empty apt state in `dir` (created) and writes its
+    /// configuration file.
+    pub fn create(dir: &Path) -> anyhow::Result<Self> {
+        let quoted = |p: &Path| -> anyhow::Result<String> {
+            let s = p
+                .to_str()
+                .filter(|s| !s.contains(['"', '\n', '\r', ';']))
+                .with_context(|| format!("apt cannot be pointed at {}", p.display()))?;
+            Ok(format!("\"{s}\""))
+        };
+        for sub in ["lists/partial", "archives/partial", "cache", "log"] {
+            let d = dir.join(sub);
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let status = dir.join("status");
+        std::fs::write(&status, b"").with_context(|| format!("creating {}", status.display()))?;
+        let config = dir.join("apt.conf");
+        let text = format!(
+            "// A private apt state for fetching {PACKAGE} (written by mixnn).\n\
+             Dir::State {};\n\
+             Dir::State::Lists {};\n\
+             Dir::State::status {};\n\
+             Dir::State::extended_states {};\n\
+             Dir::Cache {};\n\
+             Dir::Cache::archives {};\n\
+             Dir::Cache::pkgcache \"\";\n\
+             Dir::Cache::srcpkgcache \"\";\n\
+             Dir::Log {};\n\
+             // Only the Packages indices: no translations, no AppStream data.\n\
+             Acquire::Languages \"none\";\n\
+             Acquire::IndexTargets::deb::DEP-11::DefaultEnabled \"false\";\n\
+             #clear APT::Update::Pre-Invoke;\n\
+             #clear APT::Update::Post-Invoke;\n\
+             #clear APT::Update::Post-Invoke-Success;\n\
+             #clear DPkg::Pre-Invoke;\n\
+             #clear DPkg::Post-Invoke;\n",
+            quoted(dir)?,
+            quoted(&dir.join("lists"))?,
+            quoted(&status)?,
+            quoted(&dir.join("extended_states"))?,
+            quoted(&dir.join("cache"))?,
+            quoted(&dir.join("archives"))?,
+            quoted(&dir.join("log"))?,
+        );
+        std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
+        Ok(PrivateApt { config })
+    }
+
+    /// The configuration file (`apt-get -c FILE`).
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+}
+
+/// Which apt state an `apt-get` runs against.
+#[derive(Debug, Clone, Copy)]
+enum Apt<'a> {
+    /// The system's, read only: no binary caches are written.
+    System,
+    /// A [`PrivateApt`].
+    Private(&'a PrivateApt),
+}
+
+/// A package as `apt-get download --print-uris` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DebFile {
+    /// Where it is downloaded from.
+    pub url: String,
+    /// The file name it is saved under.
+    pub file: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+impl DebFile {
+    /// Parses a line `'URL' FILE SIZE HASH`.
+    pub fn parse(line: &str) -> Option<DebFile> {
+        let rest = line.trim().strip_prefix('\'')?;
+        let (url, rest) = rest.split_once('\'')?;
+        let mut fields = rest.split_whitespace();
+        let file = fields.next()?.to_string();
+        let size = fields.next()?.parse().ok()?;
+        Some(DebFile {
+            url: url.to_string(),
+            file,
+            size,
+        })
+    }
+}
+
+impl Apt<'_> {
+    fn name(self) -> &'static str {
+        match self {
+            Apt::System => "the system's lists",
+            Apt::Private(_) => "private lists",
+        }
+    }
+
+    fn apt_get(self) -> Command {
+        let mut c = Command::new("apt-get");
+        match self {
+            Apt::System => {
+                c.args([
+                    "-o",
+                    "Dir::Cache::pkgcache=",
+                    "-o",
+                    "Dir::Cache::srcpkgcache=",
+                ]);
+            }
+            Apt::Private(p) => {
+                c.arg("-c").arg(p.config());
+            }
+        }
+        c
+    }
+
+    /// `apt-get update`; its progress goes to stderr. Returns the first
+    /// problem it reported: apt exits 0 when it could not fetch some lists.
+    fn update(self) -> anyhow::Result<Option<String>> {
+        let mut cmd = self.apt_get();
+        cmd.arg("update");
+        let name = format!("apt-get update ({})", self.name());
+        let stderr = run_showing_progress(&mut cmd, &name)?;
+        Ok(stderr
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("E:") || l.starts_with("W: Failed to fetch"))
+            .map(collapse_spaces))
+    }
+
+    /// Finds the package in this state's lists, says what will be
+    /// downloaded and downloads it into `dir`; returns the `.deb`.
+    fn download(self, dir: &Path) -> anyhow::Result<PathBuf> {
+        let mut cmd = self.apt_get();
+        cmd.args(["download", "--print-uris", PACKAGE]);
+        let what = format!("apt-get download ({})", self.name());
+        let out = run_tool(&mut cmd, &what)?;
+        let deb = out
+            .lines()
+            .find_map(DebFile::parse)
+            .with_context(|| format!("{what}: no URI for {PACKAGE} in its output"))?;
+        eprintln!(
+            "downloading {} ({:.1} MB) from {}",
+            deb.file,
+            deb.size as f64 / 1e6,
+            deb.url
+        );
+        let mut cmd = self.apt_get();
+        cmd.args(["download", PACKAGE]).current_dir(dir);
+        run_showing_progress(&mut cmd, &what)?;
+        let path = dir.join(&deb.file);
+        let size = std::fs::metadata(&path)
+            .with_context(|| format!("{what} left no {} in {}", deb.file, dir.display()))?
+            .len();
+        if size != deb.size {
+            bail!(
+                "{what}: {} is {size} bytes, expected {}",
+                deb.file,
+                deb.size
+            );
+        }
+        Ok(path)
+    }
+}
+
+/// Runs an external tool; returns its stdout. On failure, the error names
+/// the tool and its most telling stderr line.
+fn run_tool(cmd: &mut Command, name: &str) -> anyhow::Result<String> {
     tracing::debug!(?cmd, "running");
     let out = cmd
         .output()
         .with_context(|| format!("{name}: could not start it"))?;
-    if out.status.success() {
-        return Ok(());
+    if !out.status.success() {
+        bail!("{name}: {} ({})", out.status, telling_line(&out.stderr));
     }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let last = stderr
-        .lines()
-        .map(str::trim)
-        .rfind(|l| !l.is_empty())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// As [`run_tool`], with the tool's stdout (apt's `Get:` lines and
+/// progress) going to our stderr; returns its stderr.
+fn run_showing_progress(cmd: &mut Command, name: &str) -> anyhow::Result<String> {
+    use std::os::fd::AsFd;
+    tracing::debug!(?cmd, "running");
+    let progress = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating stderr")?;
+    let out = cmd
+        .stdout(Stdio::from(progress))
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("{name}: could not start it"))?;
+    if !out.status.success() {
+        bail!("{name}: {} ({})", out.status, telling_line(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// apt's first error (`E: …`) if it printed one, else the last non-empty
+/// line.
+fn telling_line(stderr: &[u8]) -> String {
+    let stderr = String::from_utf8_lossy(stderr);
+    let mut lines = stderr.lines().map(str::trim).filter(|l| !l.is_empty());
+    let line = lines
+        .clone()
+        .find(|l| l.starts_with("E:"))
+        .or_else(|| lines.next_back())
         .unwrap_or("no message");
-    bail!("{name}: {} ({last})", out.status)
+    collapse_spaces(line)
+}
+
+/// Whether `e` is a program that could not be started because it is not
+/// installed.
+fn not_found(e: &anyhow::Error) -> bool {
+    e.root_cause()
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+}
+
+fn collapse_spaces(line: &str) -> String {
+    line.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
@@ -268,6 +507,107 @@ mod tests {
             ..candidates(t.path())
         };
         assert_eq!(c.locate().unwrap(), Located::Nothing);
+    }
+
+    #[test]
+    fn print_uris_line_parses() {
+        let line = "'http://deb.debian.org/debian/pool/main/d/dataset-fashion-mnist/\
+                    dataset-fashion-mnist_0.0%7egit20200523.55506a9-1_all.deb' \
+                    dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb 30900652 \
+                    SHA256:39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0";
+        let deb = DebFile::parse(line).unwrap();
+        assert!(deb.url.starts_with("http://deb.debian.org/"), "{deb:?}");
+        assert!(deb.url.ends_with("_all.deb"), "{deb:?}");
+        assert_eq!(
+            deb.file,
+            "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb"
+        );
+        assert_eq!(deb.size, 30_900_652);
+        for bad in [
+            "",
+            "Reading package lists...",
+            "'http://x' f",
+            "'http://x' f big",
+        ] {
+            assert_eq!(DebFile::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn telling_line_prefers_apt_errors() {
+        let stderr = b"W: Download is performed unsandboxed as root\n\
+                       E: Unable to locate package  x\nN: see apt-get(8)\n\n";
+        assert_eq!(telling_line(stderr), "E: Unable to locate package x");
+        assert_eq!(telling_line(b"first\nlast\n\n"), "last");
+        assert_eq!(telling_line(b""), "no message");
+    }
+
+    /// What `apt-config` makes of the private configuration: every path of
+    /// the apt state is inside it and the update hooks are gone.
+    #[test]
+    fn private_apt_state_points_inside_its_directory() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("apt");
+        let private = PrivateApt::create(&dir).unwrap();
+        let out = match Command::new("apt-config")
+            .arg("-c")
+            .arg(private.config())
+            .arg("dump")
+            .output()
+        {
+            Ok(out) => out,
+            Err(e) => {
+                eprintln!("skipped: no apt-config ({e}): not a Debian machine");
+                return;
+            }
+        };
+        assert!(out.status.success());
+        let dump = String::from_utf8(out.stdout).unwrap();
+        // Keys are case-insensitive; the dump spells some in lower case.
+        let value = |key: &str| {
+            let prefix = format!("{} \"", key.to_ascii_lowercase());
+            dump.lines()
+                .find(|l| l.to_ascii_lowercase().starts_with(&prefix))
+                .map(|l| &l[prefix.len()..])
+                .and_then(|v| v.strip_suffix("\";"))
+                .unwrap_or_else(|| panic!("no {key} in {dump}"))
+                .to_string()
+        };
+        let d = dir.display().to_string();
+        for key in [
+            "Dir::State",
+            "Dir::State::Lists",
+            "Dir::State::status",
+            "Dir::State::extended_states",
+            "Dir::Cache",
+            "Dir::Cache::archives",
+            "Dir::Log",
+        ] {
+            assert!(value(key).starts_with(&d), "{key} = {}", value(key));
+        }
+        assert_eq!(value("Dir::Cache::pkgcache"), "");
+        for hook in [
+            "APT::Update::Post-Invoke-Success",
+            "APT::Update::Post-Invoke",
+            "DPkg::Post-Invoke",
+        ] {
+            assert!(
+                !dump.lines().any(|l| l.starts_with(&format!("{hook}::"))),
+                "{hook} survives: {dump}"
+            );
+        }
+        assert!(dir.join("lists/partial").is_dir());
+        assert_eq!(std::fs::read(dir.join("status")).unwrap(), b"");
+    }
+
+    #[test]
+    fn private_apt_state_refuses_paths_apt_cannot_quote() {
+        let t = tempfile::tempdir().unwrap();
+        let err = PrivateApt::create(&t.path().join("a\"b")).unwrap_err();
+        assert!(
+            err.to_string().starts_with("apt cannot be pointed at"),
+            "{err}"
+        );
     }
 
     #[test]

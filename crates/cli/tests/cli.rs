@@ -217,8 +217,9 @@ fn failed_fetch_is_one_error_line_with_the_install_hint() {
         return; // Debian's package is installed: nothing would be fetched.
     }
     let t = tempfile::tempdir().unwrap();
-    // An apt-get that fails as on a machine without apt lists; PATH holds
-    // only it, so nothing is downloaded.
+    // An apt-get that fails as on a machine without apt lists, with the
+    // system's state and with the private one; PATH holds only it, so
+    // nothing is downloaded.
     let bin = t.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
     std::fs::write(
@@ -254,7 +255,8 @@ fn failed_fetch_is_one_error_line_with_the_install_hint() {
         err.lines().filter(|l| l.starts_with("error:")).count() == 1,
         "{err}"
     );
-    // Nothing left behind.
+    // The private apt state was tried, and removed with the rest.
+    assert!(err.contains("private apt state"), "{err}");
     assert!(!t.path().join("cache/mixnn/fashion-mnist").exists());
     let left: Vec<_> = std::fs::read_dir(t.path().join("cache/mixnn"))
         .unwrap()
