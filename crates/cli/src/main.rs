@@ -151,7 +151,6 @@ mod tests {
 
     #[test]
     fn error_line_says_each_cause_once() {
-        use anyhow::Context;
         let refused = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         // A type that displays its source and returns it from `source()`,
         // inside another one that does the same, inside a context.
