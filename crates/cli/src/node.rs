@@ -19,6 +19,7 @@ use clap::Args;
 use mixnn_designer::{CascadeFile, HopInfo};
 use mixnn_directory::{Capabilities, SystemClock, MAX_LOCATION_LEN};
 use mixnn_directory_client::DirectoryClient;
+use mixnn_model::arith::ARITH_VERSION;
 use mixnn_net::{Created, LinkListener, NodeKeys};
 use mixnn_node::announce::{self, AnnounceConfig, Announcement, Announcer, CoverView};
 use mixnn_node::{Limits, NodeConfig};
@@ -299,13 +300,14 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
                 addr,
                 onion: public.onion.to_string(),
                 link: public.link.to_string(),
+                arith: ARITH_VERSION,
             }],
         };
         let path = args.state.join("descriptor.toml");
         std::fs::write(&path, descriptor.to_toml())
             .with_context(|| format!("writing {}", path.display()))?;
         println!(
-            "{READY_LINE}addr={addr} onion={} link={}",
+            "{READY_LINE}addr={addr} onion={} link={} arith={ARITH_VERSION}",
             public.onion, public.link
         );
         tracing::info!(%addr, "listening");
@@ -419,11 +421,13 @@ pub fn parse_ready_line(line: &str) -> Option<HopInfo> {
     let mut addr = None;
     let mut onion = None;
     let mut link = None;
+    let mut arith = ARITH_VERSION;
     for field in rest.split_whitespace() {
         match field.split_once('=') {
             Some(("addr", v)) => addr = v.parse().ok(),
             Some(("onion", v)) => onion = Some(v.to_string()),
             Some(("link", v)) => link = Some(v.to_string()),
+            Some(("arith", v)) => arith = v.parse().ok()?,
             _ => {}
         }
     }
@@ -431,6 +435,7 @@ pub fn parse_ready_line(line: &str) -> Option<HopInfo> {
         addr: addr?,
         onion: onion?,
         link: link?,
+        arith,
     })
 }
 

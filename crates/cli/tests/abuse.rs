@@ -93,6 +93,7 @@ fn unix_now() -> u64 {
 fn init_note(stage: StageSpec, policy: PaddingPolicy, prev: [u8; 32], probe: &Probe) -> InitNote {
     let me = *probe.key.public().as_bytes();
     InitNote {
+        arith: mixnn_model::arith::ARITH_VERSION,
         stage,
         sgd: Sgd::default(),
         seed: 1,

@@ -270,6 +270,7 @@ fn send_over_link(hop: &Hop, cells: &[u8]) {
         addr: hop.addr,
         onion: hop.onion.clone(),
         link: hop.link.clone(),
+        arith: mixnn_model::arith::ARITH_VERSION,
     };
     let expect = mixnn_net::PublicLinkKey::from_bytes(info.link_key().unwrap());
     let rt = tokio::runtime::Builder::new_current_thread()

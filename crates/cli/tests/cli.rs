@@ -389,6 +389,40 @@ fn a_refused_connection_is_said_once() {
 }
 
 #[test]
+fn a_hop_of_another_arithmetic_is_refused_before_any_link() {
+    let t = tempfile::tempdir().unwrap();
+    let key = "5a".repeat(32);
+    let hop = |port: u16, arith: &str| {
+        format!(
+            "[[hop]]\naddr = \"127.0.0.1:{port}\"\nonion = \"{key}\"\nlink = \"{key}\"\n{arith}\n"
+        )
+    };
+    let file = [
+        hop(9, ""),
+        hop(10, ""),
+        hop(11, "arith = 2"),
+        hop(12, ""),
+        hop(13, ""),
+    ]
+    .concat();
+    std::fs::write(t.path().join("cascade.toml"), file).unwrap();
+    let out = mixnn()
+        .args(["train", "--no-fetch", "--data", DATA])
+        .args(["--cascade", "cascade.toml"])
+        .args(["--train-limit", "64", "--test-limit", "64", "--epochs", "1"])
+        .current_dir(t.path())
+        .output()
+        .unwrap();
+    let line = one_line_error(&out);
+    assert!(
+        line.contains("hop 127.0.0.1:11 computes arith 2, this designer arith 1"),
+        "{line}"
+    );
+    // Refused from the file, before any connection (nothing listens there).
+    assert!(!line.contains("Connection refused"), "{line}");
+}
+
+#[test]
 fn a_taken_port_is_said_once() {
     let t = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -433,17 +433,20 @@ fn observe(setup: &Setup) -> Observed {
             addr: r1.addr,
             onion: first.hop.onion.clone(),
             link: first.hop.link.clone(),
+            arith: mixnn_model::arith::ARITH_VERSION,
         },
         HopInfo {
             addr: r2.addr,
             onion: second.hop.onion.clone(),
             link: second.hop.link.clone(),
+            arith: mixnn_model::arith::ARITH_VERSION,
         },
     ];
     hops.extend(rest.iter().map(|n| HopInfo {
         addr: n.hop.addr,
         onion: n.hop.onion.clone(),
         link: n.hop.link.clone(),
+        arith: mixnn_model::arith::ARITH_VERSION,
     }));
     let model = ModelSpec::parse(PAPER, "paper").unwrap();
     let split = mixnn_model::data::load_dir(Path::new(DATA)).unwrap();

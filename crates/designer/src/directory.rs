@@ -15,6 +15,8 @@ use mixnn_directory_client::DirectoryClient;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
+use mixnn_model::arith::ARITH_VERSION;
+
 use crate::cascade::HopInfo;
 use crate::error::DesignerError;
 use crate::replacements::Replacements;
@@ -61,7 +63,18 @@ fn hop(node: &ViewNode) -> HopInfo {
         addr: node.descriptor.addr,
         onion: hex::encode(node.descriptor.onion),
         link: hex::encode(node.descriptor.link),
+        arith: node.descriptor.arith,
     }
+}
+
+/// The listed nodes that compute this build's arithmetic: only they can
+/// be drawn (a node of another arithmetic would be refused at init).
+fn same_arith(nodes: &[ViewNode]) -> Vec<ViewNode> {
+    nodes
+        .iter()
+        .filter(|n| n.descriptor.arith == ARITH_VERSION)
+        .cloned()
+        .collect()
 }
 
 /// A cascade drawn from a directory view.
@@ -76,14 +89,15 @@ pub struct DrawnCascade {
 }
 
 /// Draws `real + dummies` distinct nodes from `view`, weighted by their
-/// reliability, with the dummies at random positions.
+/// reliability, with the dummies at random positions; only nodes of this
+/// build's arithmetic take part.
 pub fn draw(
     view: &VerifiedView,
     real: usize,
     dummies: usize,
     rng: &mut ChaCha20Rng,
 ) -> Result<DrawnCascade, DesignerError> {
-    let s = select(&view.nodes, real, dummies, rng)?;
+    let s = select(&same_arith(&view.nodes), real, dummies, rng)?;
     Ok(DrawnCascade {
         hops: s.hops.iter().map(hop).collect(),
         identities: s.hops.iter().map(|n| n.descriptor.identity).collect(),
@@ -140,7 +154,9 @@ impl Replacements for DirectoryReplacements {
             .nodes
             .into_iter()
             .filter(|n| {
-                !busy.contains(&n.descriptor.addr) && !self.failed.contains(&n.descriptor.addr)
+                n.descriptor.arith == ARITH_VERSION
+                    && !busy.contains(&n.descriptor.addr)
+                    && !self.failed.contains(&n.descriptor.addr)
             })
             .collect();
         let s = select(&candidates, failed.len(), 0, &mut self.rng).map_err(|e| {

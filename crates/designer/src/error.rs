@@ -15,6 +15,16 @@ pub enum DesignerError {
         /// What is wrong.
         message: String,
     },
+    /// A hop computes another arithmetic than this designer.
+    #[error("hop {addr} computes arith {got}, this designer arith {expected} (docs/arithmetic.md): its results could not equal ours; use a node of the same arithmetic")]
+    Arith {
+        /// The hop.
+        addr: SocketAddr,
+        /// The arithmetic it announced.
+        got: u32,
+        /// This build's ([`mixnn_model::arith::ARITH_VERSION`]).
+        expected: u32,
+    },
     /// A link to a hop could not be opened or broke.
     #[error("link to hop {addr}: {source}")]
     Link {

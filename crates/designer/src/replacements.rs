@@ -72,6 +72,7 @@ mod tests {
             addr: ([127, 0, 0, 1], port).into(),
             onion: "00".repeat(32),
             link: "00".repeat(32),
+            arith: 1,
         }
     }
 

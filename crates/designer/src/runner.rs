@@ -79,6 +79,9 @@ impl CascadeBuilder<'_> {
             checkpoints,
             replacements,
         } = self;
+        for h in &hops {
+            h.check_arith()?;
+        }
         let layout = Layout::new(model, opts.keep, &opts.dummies, hops.len())?;
         let mut rng = ChaCha8Rng::from_seed({
             let mut s = [0u8; 32];
@@ -290,6 +293,7 @@ impl CascadeRunner {
                         reason: "none offered".into(),
                     });
                 };
+                h.check_arith()?;
                 replaced.push(bad.addr);
                 hops[j] = h;
             } else {
@@ -392,6 +396,7 @@ impl CascadeRunner {
             });
         }
         for (j, h) in bad.iter().zip(new) {
+            h.check_arith()?;
             hops[*j] = h;
         }
         self.session.rebuild(hops, c)?;

@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use mixnn_model::arith::ARITH_VERSION;
 use mixnn_model::stage::{Stage, StageCache, StageState};
 use mixnn_model::tensor_bytes::TensorBytes;
 use mixnn_model::trainer::{argmax_slice, micro_ranges, stage_seed, Batch, TrainConfig};
@@ -148,6 +149,7 @@ impl Session {
             .iter()
             .enumerate()
             .map(|(k, h)| InitNote {
+                arith: ARITH_VERSION,
                 stage: h.spec.clone(),
                 sgd: self.cfg.sgd,
                 seed: h.index.map_or(0, |i| stage_seed(self.cfg.seed, i)),

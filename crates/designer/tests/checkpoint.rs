@@ -303,11 +303,32 @@ fn bad_magic_is_reported() {
 #[test]
 fn other_versions_are_refused_by_number() {
     let mut bytes = sample(7).encode();
-    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    // Version 1: written before the arithmetic was versioned.
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
     let e = Checkpoint::decode(&bytes).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "checkpoint <memory>: unsupported version 2 (this build reads 1)"
+        "checkpoint <memory>: unsupported version 1 (this build reads 2)"
+    );
+}
+
+#[test]
+fn a_checkpoint_of_another_arithmetic_is_refused_naming_it() {
+    let mut bytes = sample(7).encode();
+    let at = bytes
+        .windows(10)
+        .position(|w| w == b"\"arith\":1,")
+        .expect("the header names its arithmetic");
+    bytes[at + 8] = b'2';
+    resign(&mut bytes);
+    let e = Checkpoint::decode(&bytes).unwrap_err();
+    assert_eq!(defect(e), Defect::OtherArith(2));
+    let mut bytes = sample(7).encode();
+    bytes[at + 8] = b'2';
+    resign(&mut bytes);
+    assert_eq!(
+        Checkpoint::decode(&bytes).unwrap_err().to_string(),
+        "checkpoint <memory>: computed with arith 2, this build computes arith 1 (docs/arithmetic.md)"
     );
 }
 

@@ -56,6 +56,10 @@ pub struct Descriptor {
     pub link: [u8; 32],
     /// Protocol version; must be [`PROTOCOL_VERSION`].
     pub version: u32,
+    /// The arithmetic the node computes (`docs/arithmetic.md`,
+    /// `mixnn_model::arith::ARITH_VERSION`). Any value is listed; a
+    /// designer draws only nodes that compute its own.
+    pub arith: u32,
     /// What the node offers.
     pub capabilities: Capabilities,
     /// When the node signed this descriptor (unix seconds).
@@ -206,6 +210,7 @@ pub(crate) mod tests {
             onion: [1; 32],
             link: [2; 32],
             version: PROTOCOL_VERSION,
+            arith: 1,
             capabilities: Capabilities {
                 cores: 4,
                 memory_mb: 8192,

@@ -57,6 +57,7 @@
 //!         onion: [0; 32],
 //!         link: [0; 32],
 //!         version: PROTOCOL_VERSION,
+//!         arith: 1,
 //!         capabilities: Capabilities {
 //!             cores: 2, memory_mb: 4096, price_per_hour: 0.0, location: "lab".into(),
 //!         },

@@ -68,6 +68,7 @@ pub fn start_node_with(seed: u64, config: NodeConfig) -> HopInfo {
         addr,
         onion: public.onion.to_string(),
         link: public.link.to_string(),
+        arith: mixnn_model::arith::ARITH_VERSION,
     }
 }
 

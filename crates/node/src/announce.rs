@@ -71,6 +71,7 @@ impl Announcement {
             onion: self.onion,
             link: self.link,
             version: PROTOCOL_VERSION,
+            arith: mixnn_model::arith::ARITH_VERSION,
             capabilities: self.capabilities.clone(),
             published: now,
         }

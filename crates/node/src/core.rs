@@ -652,6 +652,7 @@ mod tests {
     /// Sets up a session of a linear(4, 3) stage at `core`.
     fn session(core: &mut Core, rng: &mut ChaCha20Rng, now: Now) -> DesignerSession {
         let note = InitNote {
+            arith: mixnn_model::arith::ARITH_VERSION,
             stage: StageSpec {
                 input: 4,
                 ops: vec![OpSpec::Linear {

@@ -149,6 +149,7 @@ mod tests {
             onion: [i; 32],
             link: [i; 32],
             version: PROTOCOL_VERSION,
+            arith: mixnn_model::arith::ARITH_VERSION,
             capabilities: Capabilities {
                 cores: 1,
                 memory_mb: 1,

@@ -118,6 +118,7 @@ mod tests {
 
     fn note() -> InitNote {
         InitNote {
+            arith: mixnn_model::arith::ARITH_VERSION,
             stage: StageSpec::identity(4),
             sgd: Sgd::default(),
             seed: 0,

@@ -51,6 +51,7 @@ fn stage_spec() -> StageSpec {
 
 fn init_note(stage: StageSpec) -> InitNote {
     InitNote {
+        arith: mixnn_model::arith::ARITH_VERSION,
         stage,
         sgd: Sgd::default(),
         seed: SEED,
@@ -294,6 +295,25 @@ fn invalid_init_note_is_refused_and_creates_no_session() {
     let err = rig.handle(STRANGER, msg).unwrap_err();
     assert!(matches!(err, NodeError::Refused(_)), "{err:?}");
     assert_eq!(rig.core.sessions(), 0);
+
+    // A designer of another arithmetic: refused, naming both.
+    let other = mixnn_proto::InitNote {
+        arith: mixnn_model::arith::ARITH_VERSION + 1,
+        ..init_note(stage_spec())
+    };
+    let (msg, _) = rig.init_msg(&other.encode());
+    let err = rig.handle(PREV, msg).unwrap_err();
+    assert!(matches!(err, NodeError::Refused(_)), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "refused: init asks for arith {}, this node computes arith {} (docs/arithmetic.md)",
+            mixnn_model::arith::ARITH_VERSION + 1,
+            mixnn_model::arith::ARITH_VERSION
+        )
+    );
+    assert_eq!(rig.core.sessions(), 0);
+    assert!(rig.core.take_accepted_inits().is_empty());
 
     // The node is unharmed: a valid init works.
     rig.init();

@@ -11,6 +11,10 @@ use crate::{ProtoError, Reader, Result, NO_ADDR};
 /// What a hop learns at init, besides its routing block.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InitNote {
+    /// The arithmetic the designer computes (`docs/arithmetic.md`); a hop
+    /// that computes another refuses the init, since none of its results
+    /// could equal the designer's.
+    pub arith: u32,
     /// The stage it runs (an identity stage for a dummy hop).
     pub stage: StageSpec,
     /// Optimiser settings.
@@ -69,6 +73,7 @@ impl InitNote {
     /// Encodes the note.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(160);
+        out.extend_from_slice(&self.arith.to_le_bytes());
         out.extend_from_slice(&(self.stage.input as u32).to_le_bytes());
         // At most MAX_OPS ops (checked when stages are built by the designer).
         out.push(self.stage.ops.len().min(255) as u8);
@@ -123,6 +128,7 @@ impl InitNote {
     pub fn decode(bytes: &[u8]) -> Result<Self> {
         let what = "init note";
         let mut r = Reader::new(bytes, what);
+        let arith = r.u32()?;
         let input = r.u32()?;
         let n = usize::from(r.u8()?);
         let invalid = |reason: String| ProtoError::Invalid { what, reason };
@@ -184,6 +190,7 @@ impl InitNote {
         let issued_at = r.u64()?;
         let (prev_link, next_link, designer_link) = (r.key()?, r.key()?, r.key()?);
         let note = InitNote {
+            arith,
             stage,
             sgd,
             seed,
@@ -218,6 +225,7 @@ mod tests {
 
     fn note() -> InitNote {
         InitNote {
+            arith: 1,
             stage: StageSpec {
                 input: 784,
                 ops: vec![
@@ -248,7 +256,7 @@ mod tests {
         let n = note();
         let b = n.encode();
         assert_eq!(InitNote::decode(&b).unwrap(), n);
-        assert!(b.len() < 210, "{}", b.len());
+        assert!(b.len() < 214, "{}", b.len());
         let n = InitNote {
             padding: PaddingPolicy::Classes { max_body: 9_000 },
             prev_addr: None,
@@ -285,7 +293,7 @@ mod tests {
             "{err}"
         );
         let mut b = note().encode();
-        b[5] = 77;
+        b[9] = 77;
         assert!(InitNote::decode(&b)
             .unwrap_err()
             .to_string()

@@ -6,6 +6,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use mixnn_model::arith::ARITH_VERSION;
 use mixnn_model::stage::StageState;
 use mixnn_model::trainer::{EpochMetrics, TrainConfig};
 use serde::{Deserialize, Serialize};
@@ -13,8 +14,10 @@ use sha2::{Digest, Sha256};
 
 /// First bytes of every checkpoint file.
 pub const MAGIC: &[u8; 8] = b"MIXNNCKP";
-/// The format version this code writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this code writes and reads (2: the header names the
+/// arithmetic, `arith`; version 1 files were computed before
+/// `docs/arithmetic.md` and cannot be continued bit for bit).
+pub const VERSION: u32 = 2;
 /// Length of the SHA-256 trailer.
 const TRAILER: usize = 32;
 /// Magic, version and header length.
@@ -30,6 +33,10 @@ pub enum Defect {
     BadMagic,
     /// Written by another version of the format.
     UnsupportedVersion(u32),
+    /// Computed with another arithmetic than this build's
+    /// ([`mixnn_model::arith::ARITH_VERSION`]): continuing it would not
+    /// give the run the checkpoint belongs to.
+    OtherArith(u32),
     /// The file ends before its structure does (a torn write, a full disk).
     Truncated {
         /// Bytes present.
@@ -48,6 +55,10 @@ impl fmt::Display for Defect {
             Defect::UnsupportedVersion(v) => {
                 write!(f, "unsupported version {v} (this build reads {VERSION})")
             }
+            Defect::OtherArith(a) => write!(
+                f,
+                "computed with arith {a}, this build computes arith {ARITH_VERSION} (docs/arithmetic.md)"
+            ),
             Defect::Truncated { len } => write!(f, "truncated ({len} bytes)"),
             Defect::ChecksumMismatch => write!(f, "checksum mismatch"),
             Defect::Malformed(reason) => write!(f, "malformed: {reason}"),
@@ -141,6 +152,7 @@ pub fn model_digest(description: &[u8]) -> String {
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Header {
+    arith: u32,
     step: u64,
     epoch: u32,
     position: u64,
@@ -176,6 +188,7 @@ impl Checkpoint {
     pub fn encode(&self) -> Vec<u8> {
         let c = &self.config;
         let header = Header {
+            arith: ARITH_VERSION,
             step: self.step,
             epoch: self.epoch,
             position: self.position as u64,
@@ -387,6 +400,9 @@ pub(crate) fn decode_defect(bytes: &[u8]) -> Result<Checkpoint, Defect> {
         .ok_or_else(|| malformed("header length past the end"))?;
     let header: Header =
         serde_json::from_slice(json).map_err(|e| Defect::Malformed(format!("header: {e}")))?;
+    if header.arith != ARITH_VERSION {
+        return Err(Defect::OtherArith(header.arith));
+    }
     let mut stages = Vec::new();
     let mut body = Reader { bytes: r.bytes };
     let count = body.u32().ok_or_else(|| malformed("no stage count"))? as usize;
@@ -474,7 +490,7 @@ mod tests {
         );
         assert_eq!(
             Defect::UnsupportedVersion(7).to_string(),
-            "unsupported version 7 (this build reads 1)"
+            "unsupported version 7 (this build reads 2)"
         );
         let e = CheckpointError::Corrupt {
             path: PathBuf::from("/d/step-0000000001.ckpt"),

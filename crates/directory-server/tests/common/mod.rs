@@ -24,6 +24,7 @@ pub fn descriptor(key: &SigningKey, port: u16, published: u64) -> Descriptor {
         onion: [0x11; 32],
         link: [0x22; 32],
         version: PROTOCOL_VERSION,
+        arith: 1,
         capabilities: Capabilities {
             cores: 8,
             memory_mb: 16_384,

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use mixnn_model::arith::ARITH_VERSION;
 use mixnn_model::stage::Stage;
 use mixnn_proto::InitNote;
 use mixnn_wire::{encode_cells, peel_init, CellKind, InitTag, Message, Op, Peeled, WireError};
@@ -80,6 +81,12 @@ impl Core {
             &msg.onion.notes,
         )?;
         let note = InitNote::decode(peeled.note())?;
+        if note.arith != ARITH_VERSION {
+            return Err(NodeError::Refused(format!(
+                "init asks for arith {}, this node computes arith {ARITH_VERSION} (docs/arithmetic.md)",
+                note.arith
+            )));
+        }
         if note.prev_link != from {
             return Err(NodeError::Refused(
                 "init arrived from a link other than the one it names as previous".into(),
