@@ -120,7 +120,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             directory_keys: vec![directory.key.clone()],
             quorum: 1,
             dummies: args.dummies,
-            selection_seed: Some(prepared.cfg.seed),
+            selection_seed: None,
         };
         let hops = from_directory(
             std::slice::from_ref(&directory.url),

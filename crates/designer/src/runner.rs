@@ -113,11 +113,11 @@ impl CascadeBuilder<'_> {
             first: opts
                 .keep
                 .first()
-                .then(|| Stage::new(&model.stages[0], stage_seed(cfg.seed, 0), cfg.sgd)),
+                .then(|| Stage::new(&model.stages[0], stage_seed(&cfg.seed, 0), cfg.sgd)),
             last: opts
                 .keep
                 .last()
-                .then(|| Stage::new(&model.stages[n - 1], stage_seed(cfg.seed, n - 1), cfg.sgd)),
+                .then(|| Stage::new(&model.stages[n - 1], stage_seed(&cfg.seed, n - 1), cfg.sgd)),
         };
         let mut session = Session::new(ex, layout, hops, kept, audits, cfg, opts.window);
         session.init()?;
