@@ -317,6 +317,15 @@ impl Exchange {
         Ok(())
     }
 
+    /// Ends the session on all `n` hops at `step`: a close through every
+    /// hop (each drops its session and frees what it held), acknowledged
+    /// by the last. Loops stop first.
+    pub fn close(&mut self, n: usize, step: u64) -> Result<(), DesignerError> {
+        self.loops.pause();
+        self.send(&Route::close(n, step), &[], Await::Closed)?;
+        self.wait(Expected::Close, step).map(|_| ())
+    }
+
     /// Which of the cascade's `n` hops failed: loops through the first 1,
     /// 2, … n hops; the first that does not come back within the bound
     /// ends at it. `None` if all come back (a transient failure). Replies

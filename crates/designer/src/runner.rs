@@ -188,6 +188,13 @@ impl CascadeRunner {
         self.session.exchange_ref().policy()
     }
 
+    /// Ends the session on every hop (they drop its state at once rather
+    /// than when it idles out); the runner sends nothing more.
+    pub fn close(&mut self) -> Result<(), DesignerError> {
+        let (n, step) = (self.session.hops().len(), self.session.step());
+        self.session.exchange().close(n, step)
+    }
+
     /// The hops of the cascade now (after replacements).
     pub fn hops(&self) -> &[HopInfo] {
         self.session.hops()

@@ -62,6 +62,9 @@ fn run_both_with(
     assert_eq!(lm.weights_sha256, cm.weights_sha256);
     assert!(lw == cw, "weights files differ");
     assert!(lm.epochs[1].test_acc > 0.3, "{:?}", lm.epochs);
+    // The designer ends its session: the close passes every hop (dummies
+    // and kept stages' neighbours included) and the last acknowledges.
+    cascade.close().unwrap();
 }
 
 #[test]

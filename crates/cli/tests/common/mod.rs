@@ -245,6 +245,10 @@ pub fn train_cmd(dir: &Path, name: &str, mode: &[&str], extra: &[&str]) -> Comma
         .args(extra)
         .current_dir(dir)
         .stdin(Stdio::null());
+    // The default seed is random: runs compared with each other share one.
+    if !extra.contains(&"--seed") {
+        c.args(["--seed", "1"]);
+    }
     c
 }
 

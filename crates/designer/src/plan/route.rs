@@ -12,6 +12,7 @@
 //! | [`Route::backward`] | n−1, …, 0 | a backward note each, `need_input_grad` per hop |
 //! | [`Route::test`] | 0, …, n−1 | a test note each |
 //! | [`Route::whole_loop`] | 0, …, n−1 | a loop note each |
+//! | [`Route::close`] | 0, …, n−1 | a close note each (each hop drops the session) |
 //! | [`Route::probe`] | 0, …, j, j−1, …, 0 | a loop note each |
 //! | [`Route::chunk`] | 0, …, j, j−1, …, 0 | loops, and a fetch, load or audit note at j (its body sealed, [`mixnn_proto::reply`]) |
 //!
@@ -164,6 +165,12 @@ impl Route {
     /// Chunk `chunk` of hop `j`'s opening of `step`.
     pub fn audit(j: usize, step: u64, chunk: u32) -> Route {
         Route::chunk(j, SessionNote::Audit(ChunkNote { step, chunk }))
+    }
+
+    /// The end of the session at `step`: through every hop, each drops
+    /// its session, the last acknowledges.
+    pub fn close(n: usize, step: u64) -> Route {
+        Route::through(n, SessionNote::Close { step })
     }
 
     fn through(n: usize, note: SessionNote) -> Route {
