@@ -342,7 +342,8 @@ impl Shared {
                 }
                 if self.drop_after.is_none_or(|n| self.handled <= n) {
                     for o in outs {
-                        self.sizes.record((o.addr, o.expect), o.cells.len() / CELL_SIZE);
+                        self.sizes
+                            .record((o.addr, o.expect), o.cells.len() / CELL_SIZE);
                         // The egress task lives as long as the node.
                         sent |= self.tx.send(o).is_ok();
                     }
