@@ -76,7 +76,9 @@ pub struct NodeConfig {
     /// memory only, so a restart forgets them).
     pub replay_file: Option<PathBuf>,
     /// If set, the node writes every address it has learned (one per line)
-    /// to this file after each change: an audit of what it knows.
+    /// to this file after each change: an audit of what it knows, for
+    /// debugging and tests only (`mixnn node --debug-record-peers`); `None`
+    /// by default, so that nothing at rest names the node's peers.
     pub learned_file: Option<PathBuf>,
     /// Cover messages per second (Poisson), sent to random
     /// [`NodeConfig::cover_peers`]; `None` sends none.
