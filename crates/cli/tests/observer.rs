@@ -185,6 +185,8 @@ fn start_node(dir: &Path, i: usize, listen: &str, extra: &[String]) -> Node {
         .args(["node", "--listen", listen, "--state"])
         .arg(dir.join(format!("node-{i}")))
         .args(extra)
+        // The test audits what each node learned.
+        .arg("--debug-record-peers")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)

@@ -287,7 +287,7 @@ impl CascadeRunner {
             let mut replaced = Vec::new();
             if let Some(j) = failed {
                 let bad = hops[j].clone();
-                tracing::warn!(hop = j, addr = %bad.addr, "hop failed ({last_error}); replacing it");
+                tracing::warn!(hop = j, addr = %mixnn_net::alias::peer(&bad.addr), "hop failed ({last_error}); replacing it");
                 let in_use: Vec<HopInfo> = hops.iter().filter(|h| **h != bad).cloned().collect();
                 let Some(r) = self.replacements.as_mut() else {
                     return Err(cause);

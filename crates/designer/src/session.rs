@@ -555,7 +555,7 @@ impl Session {
                 Verdict::Pass => self.audits.record(None),
                 Verdict::Fail { hop, reason, also } => {
                     let addr = self.hops[hop].addr;
-                    tracing::warn!(hop, %addr, step, "audit failed: {reason}");
+                    tracing::warn!(hop, addr = %mixnn_net::alias::peer(&addr), step, "audit failed: {reason}");
                     self.audits.record(Some(AuditFailure {
                         hop,
                         addr,

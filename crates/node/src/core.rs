@@ -173,7 +173,7 @@ impl Core {
             CellKind::Session => self.handle_session(from, msg, now),
             // Cover cells are dropped on arrival.
             CellKind::Cover => {
-                tracing::debug!(from = %mixnn_net::PublicLinkKey::from_bytes(from), "cover message dropped");
+                tracing::debug!(from = %mixnn_net::alias::key(&from), cells = msg.cells, "cover message dropped");
                 Ok(Vec::new())
             }
             _ => Ok(Vec::new()),

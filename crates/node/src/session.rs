@@ -79,9 +79,11 @@ impl NodeSession {
     }
 }
 
-/// The first bytes of an id, in hex, for logs and errors.
+/// An id (a session id, a link key) as logs and errors show it: its
+/// per-process alias (`#c01d77`, [`mixnn_net::alias`]), never its bytes,
+/// so that no log line can be joined with another process's on it.
 pub(crate) fn short(bytes: &[u8]) -> String {
-    bytes.iter().take(4).map(|b| format!("{b:02x}")).collect()
+    mixnn_net::alias::id(bytes).tag().to_string()
 }
 
 /// No test adversary (builds without the `adversary` feature).
