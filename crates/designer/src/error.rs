@@ -186,6 +186,15 @@ pub enum BadReply {
         /// The hop.
         hop: usize,
     },
+    /// A sealed transfer chunk that does not open: changed by the hop or
+    /// by one of the hops that relayed it.
+    #[error("chunk {chunk} of a transfer from hop {hop} does not open (changed on its way)")]
+    Sealed {
+        /// The hop.
+        hop: usize,
+        /// The chunk.
+        chunk: u32,
+    },
 }
 
 /// Why recovery could not go on.

@@ -29,7 +29,7 @@ use crate::cascade::HopInfo;
 use crate::checkpoint::Checkpoint;
 use crate::error::{BadReply, DesignerError};
 use crate::exchange::{Exchange, Fetch};
-use crate::plan::audit::{AuditFailure, Audits};
+use crate::plan::audit::{AuditFailure, Audits, ChainBreak};
 use crate::plan::layout::Layout;
 use crate::plan::opening::{AuditCase, AuditContext, Verdict};
 use crate::plan::pending::{Await, Expected};
@@ -242,7 +242,10 @@ impl Session {
                 w.sent(i);
             }
             let (kind, body) = self.ex.wait(Expected::Step, w.waiting())?;
-            let body = self.audits.take(kind, body, self.layout.len())?;
+            let (body, broken) = self.audits.take(kind, body, self.layout.len())?;
+            if let Some(b) = broken {
+                return Err(self.chain_failure(b));
+            }
             match kind {
                 Await::Output { step, micro } => {
                     let loss = self.on_output(&w, batches, step, micro, &body)?;
@@ -541,6 +544,28 @@ impl Session {
             out.push(last.params());
         }
         out
+    }
+
+    /// What a delivery's trailer shows against a hop (state digests that do
+    /// not chain; a damaged trailer): a failed audit of that hop (and, for
+    /// a damaged trailer, of the next on the path), without an opening.
+    fn chain_failure(&mut self, b: ChainBreak) -> DesignerError {
+        let addr = self.hops[b.hop].addr;
+        let reason = b.reason;
+        tracing::warn!(hop = b.hop, addr = %mixnn_net::alias::peer(&addr), step = b.step, "{reason}");
+        self.audits.record(Some(AuditFailure {
+            hop: b.hop,
+            addr,
+            step: b.step,
+            reason: reason.clone(),
+        }));
+        DesignerError::Audit {
+            hop: b.hop,
+            addr,
+            step: b.step,
+            reason,
+            also: b.also,
+        }
     }
 
     /// Runs the audits waiting (no step in flight). `batches` are this

@@ -70,10 +70,14 @@ fn local(model: &ModelSpec, cfg: &TrainConfig, train: &Dataset, test: &Dataset) 
 }
 
 fn cascade(base: u64, mode: AdversaryMode) -> Vec<HopInfo> {
+    cascade_at(base, mode, BAD_HOP)
+}
+
+fn cascade_at(base: u64, mode: AdversaryMode, bad: usize) -> Vec<HopInfo> {
     (0..5)
         .map(|i| {
             let config = NodeConfig {
-                adversary: (i == BAD_HOP).then_some(Adversary {
+                adversary: (i == bad).then_some(Adversary {
                     mode,
                     from_step: FROM,
                 }),
@@ -93,11 +97,15 @@ fn opts() -> CascadeOptions {
 }
 
 fn caught_and_recovered(base: u64, mode: AdversaryMode) {
+    caught_and_recovered_at(base, mode, BAD_HOP);
+}
+
+fn caught_and_recovered_at(base: u64, mode: AdversaryMode, bad: usize) {
     let model = ModelSpec::parse(MODEL, "narrow").unwrap();
     let (train, test) = data(FROM as usize + 60);
     let cfg = cfg(1);
     let lm = local(&model, &cfg, &train, &test);
-    let hops = cascade(base, mode);
+    let hops = cascade_at(base, mode, bad);
     let spares: Vec<HopInfo> = (0..2).map(|i| start_node(base + 10 + i)).collect();
     let mut runner = CascadeRunner::builder(&model, &cfg, hops.clone())
         .options(opts())
@@ -112,7 +120,7 @@ fn caught_and_recovered(base: u64, mode: AdversaryMode) {
     let stats = runner.audit_stats().clone();
     assert_eq!(stats.failures.len(), 1, "{mode:?}: {stats:?}");
     let f = &stats.failures[0];
-    assert_eq!(f.hop, BAD_HOP, "{mode:?}: {f:?}");
+    assert_eq!(f.hop, bad, "{mode:?}: {f:?}");
     assert!(
         f.step >= FROM && f.step < FROM + 60,
         "{mode:?}: caught at step {}",
@@ -122,18 +130,15 @@ fn caught_and_recovered(base: u64, mode: AdversaryMode) {
     assert_eq!(events.len(), 1, "{events:?}");
     assert!(events[0].cause.starts_with("audit failed"), "{events:?}");
     assert!(events[0].resumed_at <= FROM, "{events:?}");
-    assert_eq!(runner.hops()[BAD_HOP], spares[0]);
+    assert_eq!(runner.hops()[bad], spares[0]);
     if mode == AdversaryMode::HiddenNoise {
         // Its commitments are honest: the boundary with hop 2 disagrees,
         // and both sides are replaced.
         assert!(f.reason.contains("disagree"), "{f:?}");
-        assert_eq!(
-            events[0].replaced,
-            vec![hops[BAD_HOP].addr, hops[BAD_HOP + 1].addr]
-        );
-        assert_eq!(runner.hops()[BAD_HOP + 1], spares[1]);
+        assert_eq!(events[0].replaced, vec![hops[bad].addr, hops[bad + 1].addr]);
+        assert_eq!(runner.hops()[bad + 1], spares[1]);
     } else {
-        assert_eq!(events[0].replaced, vec![hops[BAD_HOP].addr]);
+        assert_eq!(events[0].replaced, vec![hops[bad].addr]);
     }
     assert_eq!(lm.weights_sha256, cm.weights_sha256, "{mode:?}");
 }
@@ -156,6 +161,107 @@ fn skipped_updates_are_caught_and_the_run_ends_as_an_honest_one() {
 #[test]
 fn noise_behind_honest_commitments_is_caught_at_the_boundary() {
     caught_and_recovered(850, AdversaryMode::HiddenNoise);
+}
+
+/// Hop 2 (linear 16 → 10) hides noise behind honest commitments next to
+/// hop 3, log-softmax, which has no parameters. Before, such hops were
+/// never opened, so the boundary went unchecked and nothing was caught;
+/// now every neighbour opens and is re-run.
+#[test]
+fn noise_hidden_next_to_a_hop_without_parameters_is_caught() {
+    caught_and_recovered_at(855, AdversaryMode::HiddenNoise, 2);
+}
+
+/// A hop that tampers with its parameters between steps, committing
+/// truthfully to each step: every single-step audit passes. Before the
+/// digest chain (forward slot of step s against the backward slot of
+/// s − 1) it went unnoticed at this audit rate; now it is caught at the
+/// first step after the tampering, without an audit, and replaced.
+#[test]
+fn tampering_between_steps_is_caught_by_the_digest_chain_at_the_next_step() {
+    let model = ModelSpec::parse(MODEL, "narrow").unwrap();
+    let (train, test) = data(FROM as usize + 60);
+    let cfg = cfg(1);
+    let lm = local(&model, &cfg, &train, &test);
+    let hops = cascade(870, AdversaryMode::TamperBetweenSteps);
+    let spares: Vec<HopInfo> = (0..2).map(|i| start_node(875 + i)).collect();
+    let mut runner = CascadeRunner::builder(&model, &cfg, hops.clone())
+        .options(CascadeOptions {
+            // Audits open nothing here: the chain alone must catch it.
+            audit_rate: AuditRate::new(1e-9),
+            audit_seed: Some(AUDIT_SEED),
+            ..CascadeOptions::default()
+        })
+        .checkpoints(Checkpoints {
+            dir: None,
+            every: NonZeroU64::new(8),
+        })
+        .replacements(Box::new(Spares::new(spares.clone())))
+        .connect()
+        .unwrap();
+    let (cm, _) = run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).unwrap();
+    let stats = runner.audit_stats().clone();
+    assert_eq!(stats.failures.len(), 1, "{stats:?}");
+    let f = &stats.failures[0];
+    assert_eq!((f.hop, f.step), (BAD_HOP, FROM + 1), "{f:?}");
+    assert!(f.reason.contains("do not chain"), "{f:?}");
+    assert_eq!(runner.recoveries().len(), 1);
+    assert_eq!(runner.hops()[BAD_HOP], spares[0]);
+    assert_eq!(lm.weights_sha256, cm.weights_sha256);
+}
+
+/// The last hop overwrites the trailer it receives, trying to erase the
+/// other hops' commitments or get one of them blamed. Before the layered
+/// trailer a hop could write any hop's slot; now the spoiled slots show
+/// where the damage was done, at once: the culprit is one of the two hops
+/// blamed, and the run ends as an honest one.
+#[test]
+fn a_last_hop_that_forges_slots_is_among_the_two_hops_blamed() {
+    let model = ModelSpec::parse(MODEL, "narrow").unwrap();
+    let (train, test) = data(FROM as usize + 40);
+    let cfg = cfg(1);
+    let lm = local(&model, &cfg, &train, &test);
+    let last = 4;
+    let hops: Vec<HopInfo> = (0..5)
+        .map(|i| {
+            let config = NodeConfig {
+                adversary: (i == last).then_some(Adversary {
+                    mode: AdversaryMode::ForgeSlots,
+                    from_step: FROM,
+                }),
+                ..NodeConfig::default()
+            };
+            start_node_with(890 + i as u64, config)
+        })
+        .collect();
+    let spares: Vec<HopInfo> = (0..2).map(|i| start_node(896 + i)).collect();
+    let mut runner = CascadeRunner::builder(&model, &cfg, hops.clone())
+        .options(CascadeOptions {
+            audit_rate: AuditRate::new(1e-9),
+            audit_seed: Some(AUDIT_SEED),
+            ..CascadeOptions::default()
+        })
+        .checkpoints(Checkpoints {
+            dir: None,
+            every: NonZeroU64::new(8),
+        })
+        .replacements(Box::new(Spares::new(spares.clone())))
+        .connect()
+        .unwrap();
+    let (cm, _) = run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).unwrap();
+    let stats = runner.audit_stats().clone();
+    assert_eq!(stats.failures.len(), 1, "{stats:?}");
+    let f = &stats.failures[0];
+    assert_eq!(f.step, FROM, "{f:?}");
+    assert!(f.reason.contains("does not verify"), "{f:?}");
+    let events = runner.recoveries();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(
+        events[0].replaced.contains(&hops[last].addr),
+        "the forger is among the replaced: {events:?}"
+    );
+    assert_eq!(events[0].replaced.len(), 2, "{events:?}");
+    assert_eq!(lm.weights_sha256, cm.weights_sha256);
 }
 
 #[test]

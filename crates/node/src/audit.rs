@@ -11,8 +11,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use mixnn_model::stage::{Stage, StageState};
-use mixnn_proto::audit::{commit_backward, commit_forward, digest_state, Commitment, Opening};
+use mixnn_proto::audit::{commit_backward, commit_forward, digest_state, Opening};
 use mixnn_proto::encode_state;
+use mixnn_proto::trailer::{Slot, TrailerKeys};
 use mixnn_wire::HopTag;
 
 pub use mixnn_proto::audit::KEPT;
@@ -20,6 +21,8 @@ pub use mixnn_proto::audit::KEPT;
 /// The commitments and openings of one session's stage.
 pub(crate) struct Auditor {
     key: [u8; 32],
+    /// The keys of this hop's trailer layer (its slot's tag and stream).
+    trailer: TrailerKeys,
     /// The stage's state now (shared with the openings that start from
     /// it) and its digest.
     state: Arc<StageState>,
@@ -41,6 +44,7 @@ impl Auditor {
     pub(crate) fn new(key: [u8; 32], stage: &Stage) -> Self {
         let mut a = Auditor {
             key,
+            trailer: TrailerKeys::new(&key),
             state: Arc::new(StageState {
                 steps: 0,
                 tensors: Vec::new(),
@@ -63,8 +67,14 @@ impl Auditor {
         self.encoded = None;
     }
 
-    /// Records a forward of `step` (tag `tag`) and returns its commitment.
-    pub(crate) fn forward(&mut self, tag: HopTag, step: u64, x: &[u8], y: &[u8]) -> Commitment {
+    /// This hop's trailer keys.
+    pub(crate) fn trailer_keys(&self) -> &TrailerKeys {
+        &self.trailer
+    }
+
+    /// Records a forward of `step` (tag `tag`) and returns its slot: the
+    /// digest of the state it ran on and its commitment.
+    pub(crate) fn forward(&mut self, tag: HopTag, step: u64, x: &[u8], y: &[u8]) -> Slot {
         let c = commit_forward(&self.key, step, x, y, &self.digest);
         // The designer keeps few steps in flight; a forward whose backward
         // never comes is dropped with the oldest.
@@ -86,7 +96,10 @@ impl Auditor {
                 },
             },
         );
-        c
+        Slot {
+            digest: self.digest,
+            commitment: c,
+        }
     }
 
     /// Records the backward of the forward under `tag`, after the stage
@@ -100,7 +113,7 @@ impl Auditor {
         g_out: &[u8],
         stage: &Stage,
         applied: bool,
-    ) -> Commitment {
+    ) -> Slot {
         if applied {
             self.state = Arc::new(stage.state());
             self.digest = digest_state(&self.state);
@@ -115,7 +128,18 @@ impl Auditor {
                 self.openings.pop_front();
             }
         }
-        c
+        Slot {
+            digest: self.digest,
+            commitment: c,
+        }
+    }
+
+    /// The stage's state changed outside a step (a test adversary): what
+    /// the next forward runs on, and commits to, is the stage as it is now.
+    #[cfg(feature = "adversary")]
+    pub(crate) fn resync(&mut self, stage: &Stage) {
+        self.state = Arc::new(stage.state());
+        self.digest = digest_state(&self.state);
     }
 
     /// The encoded opening of `step`, if still kept. The designer asks for
@@ -148,6 +172,16 @@ pub enum AdversaryMode {
     /// Commits to its honest forward output but sends a noisy one (only
     /// the neighbour checks of an audit catch it).
     HiddenNoise,
+    /// Runs every step honestly and commits to the state each one left,
+    /// then changes its parameters before the next step, whose forward it
+    /// runs on the changed state and commits to truthfully: an audit of
+    /// any one step re-executes it from the state it opened and passes.
+    /// Only the chain of state digests across steps catches it.
+    TamperBetweenSteps,
+    /// Overwrites the commitment trailer it received on every forward
+    /// (the slots of every hop before it), to erase their commitments or
+    /// get an honest hop blamed; its own slot is honest.
+    ForgeSlots,
 }
 
 /// A node that misbehaves from step `from_step` on (tests only). It commits
@@ -175,6 +209,8 @@ impl std::str::FromStr for Adversary {
             "flip-gradient" => AdversaryMode::FlipGradient,
             "skip-update" => AdversaryMode::SkipUpdate,
             "hidden-noise" => AdversaryMode::HiddenNoise,
+            "tamper-between-steps" => AdversaryMode::TamperBetweenSteps,
+            "forge-slots" => AdversaryMode::ForgeSlots,
             other => return Err(format!("unknown adversary mode {other}")),
         };
         let from_step = step.parse().map_err(|e| format!("{step}: {e}"))?;
@@ -204,12 +240,51 @@ impl Adversary {
         perturb(y, |i, v| v + if i % 2 == 0 { 0.05 } else { -0.05 })
     }
 
+    /// The trailer it builds on instead of the `trailer` it received.
+    pub(crate) fn trailer(&self, step: u64, trailer: &[u8]) -> Vec<u8> {
+        let mut t = trailer.to_vec();
+        if self.active(AdversaryMode::ForgeSlots, step) {
+            for b in t.iter_mut().step_by(3) {
+                *b ^= 0x5a;
+            }
+        }
+        t
+    }
+
     /// The input gradient it sends instead of `dx`.
     pub(crate) fn backward(&self, step: u64, dx: Vec<u8>) -> Vec<u8> {
         if !self.active(AdversaryMode::FlipGradient, step) || dx.is_empty() {
             return dx;
         }
         perturb(dx, |_, v| -v)
+    }
+
+    /// After step `step`'s update and commitment: changes the parameters
+    /// (and the auditor's idea of them, so it commits truthfully to what its
+    /// next forward runs on). Returns whether it did.
+    pub(crate) fn between_steps(&self, step: u64, stage: &mut Stage) -> bool {
+        if !self.active(AdversaryMode::TamperBetweenSteps, step) {
+            return false;
+        }
+        let mut state = stage.state();
+        for t in state
+            .tensors
+            .iter_mut()
+            .filter(|t| !t.name.ends_with(".velocity"))
+        {
+            for (i, v) in t.values.iter_mut().enumerate() {
+                if i % 7 == 0 {
+                    *v += 0.01;
+                }
+            }
+        }
+        match stage.load_state(&state) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("adversary: {e}");
+                false
+            }
+        }
     }
 
     /// Applies (or pretends to apply) the step's update.

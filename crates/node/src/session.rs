@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use mixnn_model::stage::{Stage, StageCache};
+use mixnn_proto::trailer::{add_layer, Direction, SlotContext};
 use mixnn_proto::{decode_state, BackwardNote, ChunkNote, ForwardNote, ParamChunk, SessionNote};
 use mixnn_wire::{HopTag, PaddingPolicy, Peeled};
 
@@ -124,13 +125,23 @@ pub(crate) fn forward(
     };
     let y = match s.auditor.as_mut() {
         Some(a) => {
-            let c = a.forward(tag, note.step, body, &y);
+            let slot = a.forward(tag, note.step, body, &y);
             #[cfg(feature = "adversary")]
             let y = match adversary {
                 Some(adv) => adv.hidden(note.step, y),
                 None => y,
             };
-            mixnn_proto::audit::push(&y, trailer, &c)
+            let ctx = SlotContext {
+                step: note.step,
+                direction: Direction::Forward,
+                micro: note.micro.index(),
+            };
+            #[cfg(feature = "adversary")]
+            let trailer = &match adversary {
+                Some(adv) => adv.trailer(note.step, trailer),
+                None => trailer.to_vec(),
+            };
+            with_layer(y, add_layer(a.trailer_keys(), &ctx, &slot, trailer)?)
         }
         None => y,
     };
@@ -178,11 +189,29 @@ pub(crate) fn backward(
     }
     Ok(match s.auditor.as_mut() {
         Some(a) => {
-            let c = a.backward(tag, note.step, body, &dx, &s.stage, applied);
-            mixnn_proto::audit::push(&dx, trailer, &c)
+            let slot = a.backward(tag, note.step, body, &dx, &s.stage, applied);
+            let ctx = SlotContext {
+                step: note.step,
+                direction: Direction::Backward,
+                micro: note.micro.index(),
+            };
+            let out = with_layer(dx, add_layer(a.trailer_keys(), &ctx, &slot, trailer)?);
+            #[cfg(feature = "adversary")]
+            if let Some(adv) = adversary {
+                if applied && adv.between_steps(note.step, &mut s.stage) {
+                    a.resync(&s.stage);
+                }
+            }
+            out
         }
         None => dx,
     })
+}
+
+/// `payload ‖ trailer`: what an audited hop sends on.
+fn with_layer(mut payload: Vec<u8>, trailer: Vec<u8>) -> Vec<u8> {
+    payload.extend_from_slice(&trailer);
+    payload
 }
 
 /// Chunk `chunk` of `all` (a state or an opening), as big as a message

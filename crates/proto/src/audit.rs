@@ -10,12 +10,12 @@
 //!
 //! (`H` = BLAKE3 of the bytes, `D` = BLAKE3 of [`crate::encode_state`]).
 //! Commitments travel back to the designer in a fixed-size **trailer** at
-//! the end of every forward and backward body: [`SLOTS`] slots of
-//! [`COMMIT_LEN`] bytes. Each hop strips the trailer before decoding the
-//! tensor, then pushes its commitment into the first slot and drops the
-//! last ([`push`]). The designer starts the trailer with random bytes, so a
-//! hop sees [`TRAILER_LEN`] random-looking bytes whatever its position; the
-//! delivery holds the commitments of the hops in reverse order of visit.
+//! the end of every forward and backward body ([`TRAILER_LEN`] bytes), in
+//! onion layers ([`crate::trailer`]): each hop strips the trailer before
+//! decoding the tensor, puts its slot (state digest, commitment, tag) in
+//! front and encrypts the whole under a stream only it and the designer
+//! can compute. So every hop receives random-looking bytes, no two hops
+//! see a common string, and no hop can forge or move another's slot.
 //!
 //! An [`Opening`] of a step is what a hop reveals when audited: the state
 //! before it, the forward input and output, the backward gradient in and
@@ -33,10 +33,9 @@ pub const KEPT: usize = 16;
 
 /// Bytes of one commitment.
 pub const COMMIT_LEN: usize = 32;
-/// Commitment slots in a trailer: the longest cascade (wire's `MAX_HOPS`).
-pub const SLOTS: usize = 32;
-/// Bytes of the commitment trailer at the end of forward/backward bodies.
-pub const TRAILER_LEN: usize = COMMIT_LEN * SLOTS;
+/// Bytes of the commitment trailer at the end of forward/backward bodies
+/// ([`crate::trailer`]).
+pub const TRAILER_LEN: usize = crate::trailer::TRAILER_LEN;
 
 /// One hop's commitment to one direction of one step.
 pub type Commitment = [u8; COMMIT_LEN];
@@ -120,30 +119,6 @@ pub fn split(body: &[u8]) -> Result<(&[u8], &[u8]), ProtoError> {
             at: body.len(),
         })?;
     Ok(body.split_at(at))
-}
-
-/// `payload ‖ c ‖ trailer without its last slot`: what a hop sends on.
-/// `trailer` must be [`TRAILER_LEN`] bytes (from [`split`]).
-pub fn push(payload: &[u8], trailer: &[u8], c: &Commitment) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + TRAILER_LEN);
-    out.extend_from_slice(payload);
-    out.extend_from_slice(c);
-    let keep = trailer.len().min(TRAILER_LEN - COMMIT_LEN);
-    out.extend_from_slice(&trailer[..keep]);
-    out
-}
-
-/// The first `n` commitments of a trailer (the last hop's first).
-pub fn slots(trailer: &[u8], n: usize) -> Vec<Commitment> {
-    trailer
-        .chunks_exact(COMMIT_LEN)
-        .take(n)
-        .map(|c| {
-            let mut a = [0u8; COMMIT_LEN];
-            a.copy_from_slice(c);
-            a
-        })
-        .collect()
 }
 
 /// What a hop reveals about one step when audited.
@@ -286,18 +261,12 @@ mod tests {
     }
 
     #[test]
-    fn trailer_keeps_its_size_and_orders_commitments() {
-        let payload = vec![9u8; 5];
-        let mut body = payload.clone();
+    fn split_takes_the_trailer_off_the_end() {
+        let mut body = vec![9u8; 5];
         body.extend_from_slice(&[0xEE; TRAILER_LEN]);
-        for hop in 0..3u8 {
-            let (p, t) = split(&body).unwrap();
-            assert_eq!(p, payload.as_slice());
-            body = push(p, t, &[hop; COMMIT_LEN]);
-            assert_eq!(body.len(), payload.len() + TRAILER_LEN);
-        }
-        let (_, t) = split(&body).unwrap();
-        assert_eq!(slots(t, 3), vec![[2; 32], [1; 32], [0; 32]]);
+        let (p, t) = split(&body).unwrap();
+        assert_eq!(p, &[9u8; 5][..]);
+        assert_eq!(t.len(), TRAILER_LEN);
         assert!(split(&[0; 10]).is_err());
     }
 

@@ -4,10 +4,15 @@
 //! - **Commitments.** Every hop gets a fresh commitment key in its init
 //!   note (sealed to it alone) and commits to each forward (input, output,
 //!   digest of the state before) and backward (gradient in and out, digest
-//!   of the state after). The commitments ride back in a fixed-size
-//!   trailer of the forward and backward bodies ([`mixnn_proto::audit`]);
-//!   [`Audits`] keeps them for every step since the oldest checkpoint it
-//!   holds.
+//!   of the state after). The slots (digest, commitment, keyed tag) ride
+//!   back in onion layers of a fixed-size trailer of the forward and
+//!   backward bodies ([`mixnn_proto::trailer`]); [`Audits::take`] peels
+//!   them and keeps them for every step in the hops' windows.
+//! - **Checked at every delivery, for every hop, without an audit:** each
+//!   slot's tag (a slot that does not verify was spoiled by its writer or
+//!   the next hop on the path: both are blamed), and the chain of state
+//!   digests: the state a hop's forward of step s ran on must be the state
+//!   its backward of s − 1 left ([`ChainBreak`]).
 //! - **Draws.** After a step completes, the designer's secret RNG picks
 //!   each hop with parameters with probability `audit_rate`
 //!   ([`Audits::step_done`]); nothing on the wire depends on the draw until
@@ -15,11 +20,11 @@
 //!   opening could leave the hop's window ([`mixnn_proto::audit::KEPT`]
 //!   steps; [`Audits::due`]).
 //! - **One audit** ([`crate::plan::opening::AuditCase`]): the designer asks the hop, through a
-//!   loop prefix like a fetch, to open the step, checks the opening against
+//!   route out and back like a fetch, to open the step, checks the opening against
 //!   both commitments and re-executes the stage from the opened state
 //!   ([`crate::plan::opening::verify`]): output, input gradient and the digest of the state after
 //!   the update must all match bit for bit. It then opens the step at the
-//!   audited hop's neighbours that have parameters (checked the same way):
+//!   audited hop's two neighbours, of any kind (checked the same way):
 //!   what one says it sent must be what the other says it received, both
 //!   ways; hop 0's input must be the designer's own batch.
 //! - **Response** (in the runner): a failed audit is
@@ -32,18 +37,19 @@
 //! - **Test-phase check** (the paper's): a test accuracy more than
 //!   [`ACCURACY_DROP`] below the best so far marks the cascade suspect.
 //!
-//! Limits (see `SECURITY.md`): hops without parameters (dummies, softmax,
-//! loss) are neither audited nor asked as neighbours, so that they never
-//! learn the designer's address: what they do is covered only by the
-//! test-phase check (and, next to an audited hop, not at all); a hop that
-//! overwrites another hop's commitment in the trailer gets that hop blamed
-//! when it is audited (the cascade changes, training is not corrupted);
-//! two colluding neighbours can agree on a lie at their boundary.
+//! Limits (see `SECURITY.md`): every hop is drawn and opened, with
+//! parameters or not (their answers come back through the first hop, so
+//! no middle hop learns the designer's address); two colluding neighbours
+//! can still agree on a lie at their shared boundary, which then surfaces
+//! only where it meets an honest hop's re-execution.
 
 use std::collections::BTreeMap;
 
 use mixnn_model::trainer::EpochMetrics;
-use mixnn_proto::audit::{slots, split, Commitment, KEPT, TRAILER_LEN};
+use mixnn_proto::audit::{split, Commitment, KEPT, TRAILER_LEN};
+use mixnn_proto::trailer::{
+    open as open_trailer, Direction as TrailerDirection, Slot, SlotContext, TrailerKeys,
+};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
@@ -95,11 +101,24 @@ pub enum Direction {
     Backward,
 }
 
-/// Commitments of one step: forward and backward, one per hop.
+/// Slots of one step: forward and backward, one per hop.
 #[derive(Debug, Clone)]
 struct Committed {
-    fwd: Vec<Option<Commitment>>,
-    bwd: Vec<Option<Commitment>>,
+    fwd: Vec<Option<Slot>>,
+    bwd: Vec<Option<Slot>>,
+}
+
+/// Evidence against a hop found in a delivery's trailer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainBreak {
+    /// The hop.
+    pub hop: usize,
+    /// The step concerned.
+    pub step: u64,
+    /// The other possible culprit, for a damaged trailer.
+    pub also: Option<usize>,
+    /// What the trailer shows.
+    pub reason: String,
 }
 
 /// The designer's audit state: keys, commitments, draws, the queue of
@@ -109,6 +128,7 @@ pub struct Audits {
     rate: Option<AuditRate>,
     rng: ChaCha8Rng,
     keys: Vec<[u8; 32]>,
+    trailer_keys: Vec<TrailerKeys>,
     ledger: BTreeMap<u64, Committed>,
     queue: Vec<(u64, usize)>,
     stats: AuditStats,
@@ -133,6 +153,7 @@ impl Audits {
             rate,
             rng: ChaCha8Rng::seed_from_u64(seed),
             keys: Vec::new(),
+            trailer_keys: Vec::new(),
             ledger: BTreeMap::new(),
             queue: Vec::new(),
             stats: AuditStats::default(),
@@ -161,6 +182,7 @@ impl Audits {
                 k
             })
             .collect();
+        self.trailer_keys = self.keys.iter().map(TrailerKeys::new).collect();
     }
 
     /// Hop `k`'s key for its init note.
@@ -180,30 +202,101 @@ impl Audits {
     }
 
     /// Strips the trailer of a loss or done delivery (`kind`) of a cascade
-    /// of `n` hops and records the commitments it carries; returns the
-    /// payload. Other replies pass unchanged.
-    pub fn take(&mut self, kind: Await, body: Vec<u8>, n: usize) -> Result<Vec<u8>, DesignerError> {
-        let (step, direction) = match kind {
-            _ if !self.on() => return Ok(body),
-            Await::Output { step, .. } => (step, Direction::Forward),
-            Await::Done { step, .. } => (step, Direction::Backward),
-            _ => return Ok(body),
+    /// of `n` hops, peels its layers and records the slots it carries;
+    /// returns the payload and, if the trailer shows one, the hop to blame
+    /// ([`ChainBreak`]): slots that do not verify, or state digests that do
+    /// not chain. Other replies pass unchanged.
+    pub fn take(
+        &mut self,
+        kind: Await,
+        body: Vec<u8>,
+        n: usize,
+    ) -> Result<(Vec<u8>, Option<ChainBreak>), DesignerError> {
+        let (step, direction, micro) = match kind {
+            _ if !self.on() => return Ok((body, None)),
+            Await::Output { step, micro } => (step, TrailerDirection::Forward, micro),
+            Await::Done { step, micro } => (step, TrailerDirection::Backward, micro),
+            _ => return Ok((body, None)),
         };
         let (payload, trailer) = split(&body)?;
-        let cs = slots(trailer, n);
+        // The forward visits hops 0..n, the backward n-1..0.
+        let order: Vec<usize> = match direction {
+            TrailerDirection::Forward => (0..n).collect(),
+            TrailerDirection::Backward => (0..n).rev().collect(),
+        };
+        let visited: Vec<&TrailerKeys> = order
+            .iter()
+            .map(|&h| self.trailer_keys.get(h))
+            .collect::<Option<_>>()
+            .ok_or(DesignerError::Config {
+                message: "no trailer keys for this cascade".into(),
+            })?;
+        let ctx = SlotContext {
+            step,
+            direction,
+            micro,
+        };
+        let slots = open_trailer(&visited, &ctx, trailer)?;
         let entry = self.ledger.entry(step).or_insert_with(|| Committed {
             fwd: vec![None; n],
             bwd: vec![None; n],
         });
-        // The forward path visits hops 0..n, each pushing in front: the
-        // delivery holds hop n-1's first. The backward visits n-1..0.
-        for (i, c) in cs.into_iter().enumerate() {
+        // A hop that garbles the trailer it received spoils the slots of
+        // every hop before it on the path, and only those: its own slot
+        // and the later ones still verify. So the last spoiled slot on the
+        // path is its writer's or the next hop's doing; both are blamed.
+        if let Some(last_bad) = slots.iter().rposition(Result::is_err) {
+            let hop = order[last_bad];
+            return Ok((
+                payload.to_vec(),
+                Some(ChainBreak {
+                    hop,
+                    step,
+                    also: order.get(last_bad + 1).copied(),
+                    reason: format!(
+                        "its slot in the {} trailer of step {step} does not verify (damaged by it or by the next hop on the path)",
+                        if direction == TrailerDirection::Forward { "forward" } else { "backward" }
+                    ),
+                }),
+            ));
+        }
+        for (&hop, slot) in order.iter().zip(slots.into_iter().flatten()) {
             match direction {
-                Direction::Forward => entry.fwd[n - 1 - i] = Some(c),
-                Direction::Backward => entry.bwd[i] = Some(c),
+                TrailerDirection::Forward => entry.fwd[hop] = Some(slot),
+                TrailerDirection::Backward => entry.bwd[hop] = Some(slot),
             }
         }
-        Ok(payload.to_vec())
+        Ok((payload.to_vec(), self.chain_break(step, n)))
+    }
+
+    /// The first hop whose state changed between the backward of `step − 1`
+    /// and the forward of `step` (or of `step` and `step + 1`), as far as
+    /// both slots are in.
+    fn chain_break(&self, step: u64, n: usize) -> Option<ChainBreak> {
+        let pairs = [
+            step.checked_sub(1).map(|p| (p, step)),
+            Some((step, step + 1)),
+        ];
+        for (prev, next) in pairs.into_iter().flatten() {
+            let (Some(a), Some(b)) = (self.ledger.get(&prev), self.ledger.get(&next)) else {
+                continue;
+            };
+            for hop in 0..n {
+                if let (Some(Some(after)), Some(Some(before))) = (a.bwd.get(hop), b.fwd.get(hop)) {
+                    if after.digest != before.digest {
+                        return Some(ChainBreak {
+                            hop,
+                            step: next,
+                            also: None,
+                            reason: format!(
+                                "the state its step {next} ran on is not the state its step {prev} left (committed digests do not chain)"
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// Step `step` completed: draws which hops of `layout` to audit for it.
@@ -219,7 +312,9 @@ impl Audits {
             // One draw per hop and step whatever the hop, so the draws do
             // not depend on the cascade's make-up.
             let draw = (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-            if draw < rate.probability() && layout.has_params(j) {
+            // Every hop, with parameters or not: all of them commit, and
+            // any of them can lie about what passed through it.
+            if draw < rate.probability() {
                 self.queue.push((step, j));
             }
         }
@@ -301,7 +396,7 @@ impl Audits {
             return Err("a commitment is missing".into());
         };
         let key = self.keys.get(j).ok_or("no key")?;
-        Ok((fwd, bwd, *key))
+        Ok((fwd.commitment, bwd.commitment, *key))
     }
 }
 
@@ -326,7 +421,7 @@ mod tests {
     }
 
     #[test]
-    fn every_hop_with_parameters_is_drawn_at_rate_one_and_due_before_its_window_ends() {
+    fn every_hop_is_drawn_at_rate_one_and_due_before_its_window_ends() {
         let mut a = Audits::new(AuditRate::new(1.0), 1, 3).unwrap();
         a.step_done(5, &layout());
         assert_eq!(a.stats().committed_steps, 1);
@@ -335,7 +430,8 @@ mod tests {
         let slack = (KEPT - 4) as u64;
         assert!(!a.due(5 + slack - 1, 4));
         assert!(a.due(5 + slack, 4));
-        assert_eq!(a.take_queue(), vec![(5, 0), (5, 1)]);
+        // The loss hop (no parameters) too.
+        assert_eq!(a.take_queue(), vec![(5, 0), (5, 1), (5, 2)]);
         assert!(!a.queued() && !a.due(1000, 4));
     }
 
@@ -347,7 +443,7 @@ mod tests {
         assert_eq!(a.stats().committed_steps, 0);
         let body = vec![1, 2, 3];
         let kind = Await::Output { step: 0, micro: 0 };
-        assert_eq!(a.take(kind, body.clone(), 3).unwrap(), body);
+        assert_eq!(a.take(kind, body.clone(), 3).unwrap(), (body.clone(), None));
         assert_eq!(a.key(0), None);
         assert!(Audits::new(AuditRate::new(0.5), 2, 3).is_err());
     }
@@ -364,8 +460,8 @@ mod tests {
         assert_eq!(draws(11), draws(11));
         assert_ne!(draws(11), draws(12));
         let n = draws(11).len();
-        // 100 draws (two hops with parameters) at 0.3.
-        assert!((15..=45).contains(&n), "{n} audits drawn");
+        // 150 draws (three hops) at 0.3.
+        assert!((25..=65).contains(&n), "{n} audits drawn");
     }
 
     #[test]

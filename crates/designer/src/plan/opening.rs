@@ -42,15 +42,14 @@ pub struct AuditContext<'a> {
 }
 
 /// One audit of hop `hop` for `step`: its opening, then the openings of
-/// its neighbours with parameters. Feed it the openings it asks for, in
+/// both its neighbours. Feed it the openings it asks for, in
 /// order ([`AuditCase::next`], [`AuditCase::on_opening`]); it returns the
 /// verdict as soon as one is reached.
 #[derive(Debug)]
 pub struct AuditCase {
     hop: usize,
     step: u64,
-    /// Hops to open, in order: the audited hop, then its neighbours with
-    /// parameters.
+    /// Hops to open, in order: the audited hop, then its neighbours.
     order: Vec<usize>,
     at: usize,
     opened: Option<Opening>,
@@ -61,14 +60,12 @@ impl AuditCase {
     pub fn new(hop: usize, step: u64, layout: &Layout) -> Self {
         let n = layout.len();
         let neighbours = [hop.checked_sub(1), (hop + 1 < n).then_some(hop + 1)];
+        // Neighbours of every kind: a hop without parameters (a dummy,
+        // log-softmax, the loss) opens and is re-run like any other (its
+        // ops are cheap), so hidden noise next to one is caught too. Its
+        // answer comes back through the first hop like every transfer.
         let mut order = vec![hop];
-        // Hops without parameters never answer the designer.
-        order.extend(
-            neighbours
-                .into_iter()
-                .flatten()
-                .filter(|k| layout.has_params(*k)),
-        );
+        order.extend(neighbours.into_iter().flatten());
         AuditCase {
             hop,
             step,
@@ -222,9 +219,10 @@ mod tests {
 
     use mixnn_model::stage::StageState;
     use mixnn_model::trainer::stage_seed;
-    use mixnn_proto::audit::{commit_backward, commit_forward, digest_state, push};
+    use mixnn_proto::audit::{commit_backward, commit_forward, digest_state};
+    use mixnn_proto::trailer::{add_layer, Direction, Slot, SlotContext, TrailerKeys};
 
-    use mixnn_proto::audit::{split, TRAILER_LEN};
+    use mixnn_proto::audit::TRAILER_LEN;
     use rand_chacha::ChaCha8Rng;
     use rand_core::SeedableRng;
 
@@ -291,7 +289,11 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
             let before: StageState = s.state();
             let labels = s.spec().is_loss().then_some(batch.labels.as_slice());
             let (y, cache) = s.forward_micro_bytes(&x, labels, batch.rows).unwrap();
-            fwd.push(commit_forward(&key(k), 0, &x, &y, &digest_state(&before)));
+            let d = digest_state(&before);
+            fwd.push(Slot {
+                digest: d,
+                commitment: commit_forward(&key(k), 0, &x, &y, &d),
+            });
             let sent = if noise && k == 0 {
                 noisy(&y)
             } else {
@@ -300,7 +302,13 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
             kept.push((before, x, y, cache));
             x = sent;
         }
-        let mut bwd = vec![[0u8; 32]; 3];
+        let mut bwd = vec![
+            Slot {
+                digest: [0; 32],
+                commitment: [0; 32],
+            };
+            3
+        ];
         let mut openings = vec![None; 3];
         let mut g: Option<Vec<u8>> = None;
         for k in (0..3).rev() {
@@ -312,7 +320,10 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
             stages[k].apply();
             let after = digest_state(&stages[k].state());
             let g_in = g.clone().unwrap_or_default();
-            bwd[k] = commit_backward(&key(k), 0, &g_in, &dx, &after);
+            bwd[k] = Slot {
+                digest: after,
+                commitment: commit_backward(&key(k), 0, &g_in, &dx, &after),
+            };
             openings[k] = Some(Opening {
                 step: 0,
                 before: encode_state(&before),
@@ -324,18 +335,22 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
             });
             g = Some(dx);
         }
-        // The trailers as the designer receives them: hops push their
-        // commitment in front in the order they are visited.
-        let deliver = |order: &[usize], cs: &[[u8; 32]]| {
-            let mut body = vec![0u8; TRAILER_LEN];
+        // The trailers as the designer receives them: hops add their
+        // layer in the order they are visited.
+        let deliver = |order: &[usize], slots: &[Slot], direction| {
+            let ctx = SlotContext {
+                step: 0,
+                direction,
+                micro: 0,
+            };
+            let mut t = vec![0u8; TRAILER_LEN];
             for &k in order {
-                let (p, t) = split(&body).unwrap();
-                body = push(p, t, &cs[k]);
+                t = add_layer(&TrailerKeys::new(&key(k)), &ctx, &slots[k], &t).unwrap();
             }
-            body
+            t
         };
-        let out = deliver(&[0, 1, 2], &fwd);
-        let done = deliver(&[2, 1, 0], &bwd);
+        let out = deliver(&[0, 1, 2], &fwd, Direction::Forward);
+        let done = deliver(&[2, 1, 0], &bwd, Direction::Backward);
         audits
             .take(Await::Output { step: 0, micro: 0 }, out, 3)
             .unwrap();
@@ -380,11 +395,12 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
     }
 
     #[test]
-    fn honest_openings_pass_and_only_neighbours_with_parameters_are_asked() {
+    fn honest_openings_pass_and_every_neighbour_is_asked() {
         let s = step(false);
         assert_eq!(audit(&s, 0, &all(&s)), (Verdict::Pass, vec![0, 1]));
-        // Hop 2 (the loss) has no parameters: never asked.
-        assert_eq!(audit(&s, 1, &all(&s)), (Verdict::Pass, vec![1, 0]));
+        // Hop 2 (the loss) has no parameters: opened and re-run too.
+        assert_eq!(audit(&s, 1, &all(&s)), (Verdict::Pass, vec![1, 0, 2]));
+        assert_eq!(audit(&s, 2, &all(&s)), (Verdict::Pass, vec![2, 1]));
     }
 
     #[test]

@@ -35,7 +35,7 @@ use mixnn_wire::{
 use rand_chacha::ChaCha8Rng;
 use rand_core::RngCore;
 
-use crate::error::DesignerError;
+use crate::error::{BadReply, DesignerError};
 use crate::plan::layout::Layout;
 
 /// Which of the designer's links a message leaves on.
@@ -318,7 +318,9 @@ impl Router {
         chunk: u32,
         sealed: &[u8],
     ) -> Result<Vec<u8>, DesignerError> {
-        Ok(self.reply_key(hop)?.open(kind, step, chunk, sealed)?)
+        self.reply_key(hop)?
+            .open(kind, step, chunk, sealed)
+            .map_err(|_| BadReply::Sealed { hop, chunk }.into())
     }
 
     fn reply_key(&self, hop: usize) -> Result<ReplyKey, DesignerError> {
