@@ -3,9 +3,13 @@
 //! for replies until a deadline. It knows nothing of steps, routes or
 //! sessions: it moves cells and reply bodies, nothing else.
 //!
-//! Replies arrive on links that the hops open to the designer; the accept
-//! loop takes only hops of the current cascade (by link key) and hands on
-//! each message's [`ReplyId`] ([`mixnn_wire::Header::reply_id`]) and body.
+//! Replies arrive on links that the two ends of the cascade open to the
+//! designer. The designer faces each end with its own link key and its own
+//! listening address ([`Driver::ends`]), so the first and the last hop
+//! share nothing that names the designer beyond its IP address. Each
+//! accept loop takes only hops of the current cascade (by link key) and
+//! hands on each message's [`ReplyId`] ([`mixnn_wire::Header::reply_id`])
+//! and body.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -33,11 +37,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The designer's sockets and runtime.
 pub struct Driver {
     rt: Runtime,
-    key: LinkKeypair,
+    /// The link keys the designer shows the first and the last hop.
+    keys: [LinkKeypair; 2],
     config: LinkConfig,
     /// Link keys of the hops allowed to deliver to the designer.
     allowed: Arc<Mutex<Vec<[u8; 32]>>>,
-    me: SocketAddr,
+    /// Where the first and the last hop deliver.
+    me: [SocketAddr; 2],
     replies: mpsc::UnboundedReceiver<(ReplyId, Vec<u8>)>,
     links: Option<(OutLink, OutLink)>,
     pace: Option<LinkPace>,
@@ -68,21 +74,38 @@ impl Driver {
             message: format!("cannot start the runtime: {e}"),
         })?;
         let mut rng = ChaCha8Rng::from_seed(seed);
-        let key = LinkKeypair::generate(&mut rng);
+        let keys = [
+            LinkKeypair::generate(&mut rng),
+            LinkKeypair::generate(&mut rng),
+        ];
         let config = LinkConfig::mixnn();
         let (reply_tx, replies) = mpsc::unbounded_channel();
-        let (listener, me) = rt.block_on(async {
-            let l = LinkListener::bind(listen, key.clone(), config)
-                .await
-                .map_err(DesignerError::Listen)?;
-            let addr = l.local_addr().map_err(DesignerError::Listen)?;
-            Ok::<_, DesignerError>((l, addr))
-        })?;
+        // The last hop's end listens on the next port (any port if `listen`
+        // names none).
+        let second = SocketAddr::new(
+            listen.ip(),
+            if listen.port() == 0 {
+                0
+            } else {
+                listen.port().wrapping_add(1)
+            },
+        );
         let allowed = Arc::new(Mutex::new(Vec::new()));
-        rt.spawn(accept_loop(listener, reply_tx, allowed.clone()));
+        let mut me = [listen; 2];
+        for (i, at) in [listen, second].into_iter().enumerate() {
+            let (listener, addr) = rt.block_on(async {
+                let l = LinkListener::bind(at, keys[i].clone(), config)
+                    .await
+                    .map_err(DesignerError::Listen)?;
+                let addr = l.local_addr().map_err(DesignerError::Listen)?;
+                Ok::<_, DesignerError>((l, addr))
+            })?;
+            me[i] = addr;
+            rt.spawn(accept_loop(listener, reply_tx.clone(), allowed.clone()));
+        }
         Ok(Driver {
             rt,
-            key,
+            keys,
             config,
             allowed,
             me,
@@ -93,14 +116,15 @@ impl Driver {
         })
     }
 
-    /// The address the designer listens on.
+    /// The address the designer listens on for the first hop.
     pub fn listen_addr(&self) -> SocketAddr {
-        self.me
+        self.me[0]
     }
 
-    /// The designer's link key (the hops check it).
-    pub fn link_key(&self) -> [u8; 32] {
-        *self.key.public().as_bytes()
+    /// What the designer shows the first and the last hop: where each
+    /// delivers and the designer's link key it checks.
+    pub fn ends(&self) -> [(SocketAddr, [u8; 32]); 2] {
+        [0, 1].map(|i| (self.me[i], *self.keys[i].public().as_bytes()))
     }
 
     /// Opens links to the first and last of `hops` (replacing any links
@@ -122,14 +146,15 @@ impl Driver {
                 message: "a cascade of no hops".into(),
             });
         };
-        let (key, config) = (&self.key, self.config);
+        let ([first_key, last_key], config) = (&self.keys, self.config);
         let (a, z) = self.rt.block_on(async {
-            let connect = |h: &HopInfo| {
+            let connect = |h: &HopInfo, key: &LinkKeypair| {
+                let key = key.clone();
                 let addr = h.addr;
                 let expect = h.link_key().map(PublicLinkKey::from_bytes);
                 async move {
                     let link = tokio::time::timeout(CONNECT_TIMEOUT, async {
-                        Link::connect(addr, key, Some(expect?), config)
+                        Link::connect(addr, &key, Some(expect?), config)
                             .await
                             .map_err(|source| DesignerError::Link { addr, source })
                     })
@@ -141,8 +166,8 @@ impl Driver {
                     Ok::<_, DesignerError>(link.into_split().1)
                 }
             };
-            let a = connect(first).await?;
-            let z = connect(last).await?;
+            let a = connect(first, first_key).await?;
+            let z = connect(last, last_key).await?;
             Ok::<_, DesignerError>((a, z))
         })?;
         let mut seed = || {

@@ -8,11 +8,12 @@
 //! [`Exchange::upload`], both through [`crate::plan::transfer`]) and the
 //! probe of a failed cascade ([`Exchange::probe`]).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use mixnn_proto::reply::Sealed as SealedKind;
 use mixnn_proto::ParamChunk;
-use mixnn_wire::PaddingPolicy;
+use mixnn_wire::{HopTag, PaddingPolicy, ReplyId};
 
 use crate::cascade::HopInfo;
 use crate::driver::Driver;
@@ -74,6 +75,8 @@ pub struct Exchange {
     driver: Driver,
     router: Router,
     pending: Pending,
+    /// Relay layers to take off answers, by reply id.
+    unmask: HashMap<ReplyId, Vec<(usize, HopTag)>>,
     loops: LoopSchedule,
     bound: DetectionBound,
 }
@@ -85,6 +88,7 @@ impl Exchange {
             driver,
             router,
             pending: Pending::default(),
+            unmask: HashMap::new(),
             loops,
             bound,
         }
@@ -119,6 +123,7 @@ impl Exchange {
     /// of the old session are forgotten, loops pause until the next init.
     pub fn connect(&mut self, hops: &[HopInfo]) -> Result<(), DesignerError> {
         self.pending.clear();
+        self.unmask.clear();
         self.loops.pause();
         self.router.set_hops(hops.iter().map(|h| h.addr).collect());
         self.driver.connect(hops)
@@ -128,6 +133,9 @@ impl Exchange {
     pub fn send(&mut self, route: &Route, body: &[u8], what: Await) -> Result<(), DesignerError> {
         let sealed = self.router.seal(route, body)?;
         self.pending.expect(sealed.reply, what);
+        if !sealed.unmask.is_empty() {
+            self.unmask.insert(sealed.reply, sealed.unmask);
+        }
         self.driver.send(sealed.entry, &sealed.cells)
     }
 
@@ -166,8 +174,15 @@ impl Exchange {
                     if self.loops.back(&rid) {
                         continue;
                     }
+                    let layers = self.unmask.remove(&rid);
                     match self.pending.take(&rid) {
-                        Some(kind) => return Ok(Some((kind, body))),
+                        Some(kind) => {
+                            let mut body = body;
+                            if let Some(layers) = layers {
+                                self.router.unmask(&layers, &mut body)?;
+                            }
+                            return Ok(Some((kind, body)));
+                        }
                         // Late answers of an abandoned session (after a
                         // recovery) or of a probe that already timed out.
                         None => tracing::debug!("reply with an unknown id dropped"),
@@ -332,6 +347,7 @@ impl Exchange {
     /// awaited are forgotten and loops pause (a new session follows).
     pub fn probe(&mut self, n: usize, step: u64) -> Option<usize> {
         self.pending.clear();
+        self.unmask.clear();
         self.loops.pause();
         let mut probe = Probe::new(n);
         for j in 0..n {

@@ -100,7 +100,7 @@ impl CascadeBuilder<'_> {
         )?;
         let router = Router::new(
             hops.iter().map(|h| h.addr).collect(),
-            driver.listen_addr(),
+            driver.ends().map(|(addr, _)| addr),
             policy,
             ChaCha8Rng::from_seed(router_seed),
         );

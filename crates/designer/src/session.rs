@@ -24,6 +24,7 @@ use mixnn_model::weights::StageParams;
 use mixnn_proto::audit::Opening;
 use mixnn_proto::{decode_state, encode_state, InitNote, Micro};
 use mixnn_wire::{HopTag, OnionPublic};
+use rand_core::RngCore;
 
 use crate::cascade::HopInfo;
 use crate::checkpoint::Checkpoint;
@@ -123,7 +124,9 @@ impl Session {
     /// Sends the init loop through every hop (each builds its stage from
     /// its note, starting at the session's step) and waits for it.
     pub fn init(&mut self) -> Result<(), DesignerError> {
-        let me = self.ex.driver().link_key();
+        // The designer faces the first and the last hop with a key and an
+        // address of its own each.
+        let [(_, first_key), (_, last_key)] = self.ex.driver().ends();
         let publics: Vec<OnionPublic> = self
             .hops
             .iter()
@@ -139,12 +142,17 @@ impl Session {
         let issued_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let me_addr = self.ex.router().me();
         let addrs: Vec<std::net::SocketAddr> = self.hops.iter().map(|h| h.addr).collect();
         // Fresh commitment keys for every session.
         self.audits
             .new_session(self.hops.len(), self.ex.router().rng());
         let reply_keys = self.ex.router().fresh_reply_keys();
+        let me: Vec<Option<std::net::SocketAddr>> = (0..self.hops.len())
+            .map(|k| self.ex.router().me(k))
+            .collect();
+        let early: Vec<u64> = (0..self.hops.len())
+            .map(|_| self.ex.router().rng().next_u64() % 32)
+            .collect();
         let last = self.hops.len().saturating_sub(1);
         let notes: Vec<InitNote> = self
             .layout
@@ -163,18 +171,26 @@ impl Session {
                 },
                 start_step: self.step,
                 padding,
-                issued_at,
-                prev_link: if k == 0 { me } else { links[k - 1] },
-                next_link: links.get(k + 1).copied().unwrap_or(me),
+                // Each hop's own issue time, up to 31 s early: hops check
+                // it against their window, and no two see the same value.
+                issued_at: issued_at.saturating_sub(early[k]),
+                prev_link: if k == 0 { first_key } else { links[k - 1] },
+                next_link: links.get(k + 1).copied().unwrap_or(last_key),
                 // Only the ends deliver to the designer (every route to a
                 // middle hop comes back through the first): a middle hop
                 // learns neither the designer's address nor its key.
-                designer_link: if k == 0 || k == last { me } else { [0; 32] },
+                designer_link: if k == 0 {
+                    first_key
+                } else if k == last {
+                    last_key
+                } else {
+                    [0; 32]
+                },
                 // Where the hop may send: its neighbours and, at the ends,
                 // the designer.
                 prev_addr: k.checked_sub(1).map(|j| addrs[j]),
                 next_addr: addrs.get(k + 1).copied(),
-                designer_addr: (k == 0 || k == last).then_some(me_addr),
+                designer_addr: me[k],
                 reply_key: reply_keys[k],
                 audit_key: self.audits.key(k),
             })

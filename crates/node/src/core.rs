@@ -62,10 +62,16 @@ pub struct Core {
     learned: BTreeSet<SocketAddr>,
     #[cfg(feature = "adversary")]
     adversary: Option<crate::audit::Adversary>,
+    #[cfg(feature = "adversary")]
+    record: Option<Record>,
     /// Makes the stage code panic on this op (tests of panic isolation).
     #[cfg(test)]
     panic_on: Option<Op>,
 }
+
+/// Where a recording node appends what it receives.
+#[cfg(feature = "adversary")]
+pub type Record = std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
 
 impl Core {
     /// A node with onion secret `onion`; `seed` seeds padding randomness
@@ -82,6 +88,8 @@ impl Core {
             learned: BTreeSet::new(),
             #[cfg(feature = "adversary")]
             adversary: None,
+            #[cfg(feature = "adversary")]
+            record: None,
             #[cfg(test)]
             panic_on: None,
         }
@@ -149,6 +157,23 @@ impl Core {
         self.adversary = adversary;
     }
 
+    /// Records what this node receives (a curious hop, collusion tests).
+    #[cfg(feature = "adversary")]
+    pub fn set_record(&mut self, record: Option<Record>) {
+        self.record = record;
+    }
+
+    /// Appends `bytes` to the record, if recording.
+    #[cfg_attr(not(feature = "adversary"), allow(unused_variables))]
+    pub(crate) fn record(&self, bytes: &[u8]) {
+        #[cfg(feature = "adversary")]
+        if let Some(r) = &self.record {
+            if let Ok(mut r) = r.lock() {
+                r.push(bytes.to_vec());
+            }
+        }
+    }
+
     /// Every address this node has learned from routing blocks: its
     /// neighbours (and the designer), nothing else.
     pub fn learned_addresses(&self) -> &BTreeSet<SocketAddr> {
@@ -168,6 +193,11 @@ impl Core {
         msg: Message,
         now: Now,
     ) -> Result<Vec<Outbound>, NodeError> {
+        if matches!(msg.kind, CellKind::Init | CellKind::Session) {
+            self.record(msg.onion.header.as_bytes());
+            self.record(msg.onion.notes.as_bytes());
+            self.record(&from);
+        }
         match msg.kind {
             CellKind::Init => self.handle_init(from, msg, now),
             CellKind::Session => self.handle_session(from, msg, now),
@@ -368,6 +398,12 @@ impl Core {
         } else {
             (body, Vec::new())
         };
+        self.record(&note.encode());
+        self.record(&peeled.tag().0);
+        self.record(&trailer);
+        if !matches!(op, Op::Forward | Op::Backward | Op::Test) {
+            self.record(&body);
+        }
         let trailer_len = if trailed {
             mixnn_proto::audit::TRAILER_LEN as u64
         } else {
@@ -392,7 +428,16 @@ impl Core {
                 self.backward(id, &peeled, n, &body, &trailer, trailer_len)?,
                 None,
             ),
-            SessionNote::Loop { .. } => (body, None),
+            // A relay adds its layer to what it passes on (a transfer's
+            // sealed body), so no two hops see the same bytes.
+            SessionNote::Loop { .. } => {
+                let mut body = body;
+                if !body.is_empty() {
+                    let s = self.session_mut(id)?;
+                    mixnn_proto::reply::relay_layer(&s.reply_key, &peeled.tag().0, &mut body);
+                }
+                (body, None)
+            }
             // Transfers travel through other hops: their bodies are sealed
             // between the designer and this hop (mixnn_proto::reply).
             SessionNote::Load(n) => {

@@ -109,6 +109,12 @@ pub struct NodeConfig {
     /// Misbehaviour for tests of audits (feature `adversary` only).
     #[cfg(feature = "adversary")]
     pub adversary: Option<audit::Adversary>,
+    /// A curious hop (feature `adversary`, collusion tests): every byte
+    /// string the node receives outside the model's tensors — raw headers
+    /// and notes, its peeled notes and tags, commitment trailers, relayed
+    /// bodies — is appended here.
+    #[cfg(feature = "adversary")]
+    pub record: Option<core::Record>,
 }
 
 impl Default for NodeConfig {
@@ -128,6 +134,8 @@ impl Default for NodeConfig {
             drop_after: None,
             #[cfg(feature = "adversary")]
             adversary: None,
+            #[cfg(feature = "adversary")]
+            record: None,
         }
     }
 }
@@ -157,6 +165,8 @@ pub async fn run(
     let mut core = Core::new(onion, seed, config.limits);
     #[cfg(feature = "adversary")]
     core.set_adversary(config.adversary);
+    #[cfg(feature = "adversary")]
+    core.set_record(config.record.clone());
     let replay = match &config.replay_file {
         Some(path) => {
             let state = |source| NodeError::State {

@@ -26,7 +26,7 @@
 
 use std::net::SocketAddr;
 
-use mixnn_proto::reply::{ReplyKey, Sealed as SealedKind};
+use mixnn_proto::reply::{relay_layer, ReplyKey, Sealed as SealedKind};
 use mixnn_proto::{BackwardNote, ChunkNote, ForwardNote, InitNote, Micro, SessionNote};
 use mixnn_wire::{
     encode_cells, wrap_init, CellKind, DesignerSession, HopAddr, HopLayer, HopTag, Next,
@@ -208,12 +208,16 @@ pub struct Sealed {
     pub reply: ReplyId,
     /// Whole cells.
     pub cells: Vec<u8>,
+    /// The relay layers ([`mixnn_proto::reply::relay_layer`]) the answer
+    /// will carry, by hop and tag: the hops that relay it back.
+    pub unmask: Vec<(usize, HopTag)>,
 }
 
 /// Builds onions for the cascade's hops with the session's keys.
 pub struct Router {
     hops: Vec<SocketAddr>,
-    me: HopAddr,
+    /// Where the first and the last hop deliver.
+    me: [HopAddr; 2],
     session: Option<DesignerSession>,
     /// Per hop, the key of its sealed bodies in this session.
     reply_keys: Vec<ReplyKey>,
@@ -222,17 +226,18 @@ pub struct Router {
 }
 
 impl Router {
-    /// A router for hops at `hops` (in order), answers to `me`, padding
+    /// A router for hops at `hops` (in order), answers to `me` (the first
+    /// hop's deliveries to `me[0]`, the last hop's to `me[1]`), padding
     /// with `policy`; `rng` draws tags, reply ids and onion randomness.
     pub fn new(
         hops: Vec<SocketAddr>,
-        me: SocketAddr,
+        me: [SocketAddr; 2],
         policy: PaddingPolicy,
         rng: ChaCha8Rng,
     ) -> Self {
         Router {
             hops,
-            me: HopAddr(me),
+            me: me.map(HopAddr),
             session: None,
             reply_keys: Vec::new(),
             policy,
@@ -250,9 +255,16 @@ impl Router {
         self.policy
     }
 
-    /// Where the hops may deliver to: the designer's address.
-    pub fn me(&self) -> SocketAddr {
-        self.me.0
+    /// Where hop `k` may deliver to: the first hop to the designer's
+    /// first end, the last to its second; `None` for a middle hop.
+    pub fn me(&self, k: usize) -> Option<SocketAddr> {
+        if k == 0 {
+            Some(self.me[0].0)
+        } else if k + 1 == self.hops.len() {
+            Some(self.me[1].0)
+        } else {
+            None
+        }
     }
 
     /// The address of hop `k`, if there is one.
@@ -345,7 +357,7 @@ impl Router {
         let blocks: Vec<RoutingBlock> = (0..n)
             .map(|k| RoutingBlock {
                 op: Op::Init,
-                next: self.next(k + 1 < n, self.hops.get(k + 1).copied(), reply),
+                next: self.next(k, k + 1 < n, self.hops.get(k + 1).copied(), reply),
                 tag: HopTag::random(&mut self.rng),
             })
             .collect();
@@ -366,6 +378,7 @@ impl Router {
             entry: Entry::First,
             reply,
             cells,
+            unmask: Vec::new(),
         })
     }
 
@@ -382,7 +395,7 @@ impl Router {
             };
             blocks.push(RoutingBlock {
                 op: route.notes[k].op(),
-                next: self.next(next.is_some(), next, reply),
+                next: self.next(hop, next.is_some(), next, reply),
                 tag,
             });
         }
@@ -395,6 +408,26 @@ impl Router {
                 note,
             })
             .collect();
+        // A transfer's relays each add a layer to its body: the designer
+        // puts on in advance the layers of the hops before the transfer's
+        // hop, and takes off those of the hops that bring the answer back.
+        let target = route.notes.iter().position(|n| n.op() != Op::Loop);
+        let mut body = body.to_vec();
+        let mut unmask = Vec::new();
+        if let Some(t) = target {
+            for (k, &hop) in v.iter().enumerate() {
+                if route.notes[k].op() != Op::Loop {
+                    continue;
+                }
+                if k < t {
+                    if !body.is_empty() {
+                        relay_layer(&self.reply_key(hop)?, &blocks[k].tag.0, &mut body);
+                    }
+                } else {
+                    unmask.push((hop, blocks[k].tag));
+                }
+            }
+        }
         let session = self.session.as_mut().ok_or(DesignerError::Config {
             message: "no session set up".into(),
         })?;
@@ -402,15 +435,29 @@ impl Router {
         Ok(Sealed {
             entry: route.entry(),
             reply,
-            cells: encode_cells(CellKind::Session, &onion, body, &self.policy)?,
+            cells: encode_cells(CellKind::Session, &onion, &body, &self.policy)?,
+            unmask,
         })
     }
 
-    fn next(&self, forward: bool, to: Option<SocketAddr>, reply: ReplyId) -> Next {
+    /// Takes the relay layers `unmask` off an answer's body.
+    pub fn unmask(&self, unmask: &[(usize, HopTag)], body: &mut [u8]) -> Result<(), DesignerError> {
+        if body.is_empty() {
+            return Ok(());
+        }
+        for (hop, tag) in unmask {
+            relay_layer(&self.reply_key(*hop)?, &tag.0, body);
+        }
+        Ok(())
+    }
+
+    /// Hop `hop`'s next place: `to`, or (at the end of a route) the
+    /// designer's end facing it.
+    fn next(&self, hop: usize, forward: bool, to: Option<SocketAddr>, reply: ReplyId) -> Next {
         match to {
             Some(addr) if forward => Next::Hop(HopAddr(addr)),
             _ => Next::Deliver {
-                addr: self.me,
+                addr: if hop == 0 { self.me[0] } else { self.me[1] },
                 reply_id: reply,
             },
         }

@@ -80,6 +80,7 @@ impl Core {
             &msg.onion.header,
             &msg.onion.notes,
         )?;
+        self.record(peeled.note());
         let note = InitNote::decode(peeled.note())?;
         if note.arith != ARITH_VERSION {
             return Err(NodeError::Refused(format!(
