@@ -136,13 +136,16 @@ pub enum DirectoryError {
         /// The k asked for.
         required: usize,
     },
-    /// Selection needs more eligible nodes than the view has.
-    #[error("need {needed} distinct eligible nodes, the view has {eligible}")]
+    /// Selection needs more eligible nodes than the view has, or more
+    /// distinct prefixes and families.
+    #[error("need {needed} distinct eligible nodes of distinct /16s and families; the view has {eligible} eligible nodes and {diverse} could be drawn together (local testing on one subnet: --allow-same-subnet)")]
     NotEnoughNodes {
         /// Eligible nodes in the view.
         eligible: usize,
         /// n = p + r.
         needed: usize,
+        /// How many were drawn before the pool ran dry.
+        diverse: usize,
     },
     /// The SQLite store failed.
     #[error("database: {reason}")]
