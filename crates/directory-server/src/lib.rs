@@ -48,11 +48,13 @@
 //! ```
 
 mod config;
+mod probe;
 mod server;
 mod state;
 mod store;
 
-pub use config::DirectoryConfig;
+pub use config::{DirectoryConfig, HttpLimits};
+pub use probe::{NoiseProber, Prober};
 pub use server::{router, serve, MAX_BODY};
 pub use state::DirectoryState;
 pub use store::Store;
