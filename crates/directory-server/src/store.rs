@@ -307,7 +307,7 @@ impl Store {
             .conn
             .prepare(
                 "SELECT descriptor, signature FROM nodes
-                 WHERE last_seen >= ?1 AND (proven_at IS NULL OR proven_at < ?2)",
+                 WHERE last_seen >= ?1 AND (proven_at IS NULL OR proven_at <= ?2)",
             )
             .db()?;
         let rows = stmt

@@ -103,7 +103,10 @@ fn a_node_proven_at_an_address_takes_it_from_its_earlier_holder() {
         .verify(&[dir.public_key()], clock.now())
         .unwrap();
     assert_eq!(view.nodes.len(), 1);
-    assert_eq!(view.nodes[0].descriptor.identity, other.verifying_key().to_bytes());
+    assert_eq!(
+        view.nodes[0].descriptor.identity,
+        other.verifying_key().to_bytes()
+    );
 }
 
 #[test]
@@ -253,7 +256,11 @@ fn one_reporter_cannot_push_a_node_below_half_its_weight() {
         assert_eq!(dir.report_failure(&r).unwrap(), FailureOutcome::Recorded);
     }
     let weight_of = |dir: &DirectoryState, now| {
-        let v = dir.view().unwrap().verify(&[dir.public_key()], now).unwrap();
+        let v = dir
+            .view()
+            .unwrap()
+            .verify(&[dir.public_key()], now)
+            .unwrap();
         v.nodes
             .iter()
             .find(|n| n.descriptor.identity == node)

@@ -151,7 +151,7 @@ fn view_with_a_forged_descriptor_is_refused_even_if_the_directory_signed_it() {
             uptime_fraction: 1.0,
             missed_heartbeats: 0,
             recent_failures: 0,
-                report_penalty: 0.0,
+            report_penalty: 0.0,
         }],
     };
     let keys = DirectoryKeys::from_secret([0xd1; 32]);
@@ -291,7 +291,11 @@ fn a_lying_directory_under_2_of_3_changes_neither_entries_nor_weights() {
         },
     )
     .unwrap();
-    let pinned = vec![liar_keys.public(), honest[0].public_key(), honest[1].public_key()];
+    let pinned = vec![
+        liar_keys.public(),
+        honest[0].public_key(),
+        honest[1].public_key(),
+    ];
     // The liar first, as the old code trusted it.
     let views = vec![liar, honest[0].view().unwrap(), honest[1].view().unwrap()];
     let v = verify_quorum(&views, &pinned, 2, T0).unwrap();
