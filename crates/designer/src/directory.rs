@@ -183,12 +183,12 @@ impl Replacements for DirectoryReplacements {
         let candidates: Vec<ViewNode> = view
             .nodes
             .iter()
-            .cloned()
             .filter(|n| {
                 n.descriptor.arith == ARITH_VERSION
                     && !busy.contains(&n.descriptor.addr)
                     && !self.failed.contains(&n.descriptor.addr)
             })
+            .cloned()
             .collect();
         // Diversity against the hops kept as well: they stay in the pool as
         // already-drawn conflicts.
