@@ -43,10 +43,14 @@ fn answer_probes(k: &NodeKeys, port: u16) {
             .unwrap();
         rt.block_on(async move {
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-            let listener = mixnn_net::LinkListener::bind(addr, k.link().clone(), mixnn_net::LinkConfig::mixnn())
-                .await
-                .unwrap_or_else(|e| panic!("port {port} for a test node: {e}"))
-                .answer_probes(&k);
+            let listener = mixnn_net::LinkListener::bind(
+                addr,
+                k.link().clone(),
+                mixnn_net::LinkConfig::mixnn(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("port {port} for a test node: {e}"))
+            .answer_probes(&k);
             tx.send(()).unwrap();
             while let Ok(p) = listener.accept().await {
                 tokio::spawn(async move {
@@ -115,7 +119,10 @@ fn registers_heartbeats_and_stops_on_request() {
         DirectoryKeys::from_secret([3; 32]),
         Arc::new(SystemClock),
         // Every test node is on 127.0.0.1 (local testing only).
-        DirectoryConfig { allow_same_subnet: true, ..DirectoryConfig::default() },
+        DirectoryConfig {
+            allow_same_subnet: true,
+            ..DirectoryConfig::default()
+        },
     );
     let served = Served::start(state.clone(), "127.0.0.1:0");
     let k = keys(2);
@@ -194,7 +201,10 @@ fn cover_setup(
         DirectoryKeys::from_secret([secret; 32]),
         Arc::new(SystemClock),
         // Every test node is on 127.0.0.1 (local testing only).
-        DirectoryConfig { allow_same_subnet: true, ..DirectoryConfig::default() },
+        DirectoryConfig {
+            allow_same_subnet: true,
+            ..DirectoryConfig::default()
+        },
     );
     let served = Served::start(state.clone(), "127.0.0.1:0");
     let other_link = register_other(&state, other, other_port);
@@ -299,7 +309,10 @@ fn forgotten_node_registers_again() {
             DirectoryKeys::from_secret([secret; 32]),
             Arc::new(clock.clone()),
             // Every test node is on 127.0.0.1 (local testing only).
-        DirectoryConfig { allow_same_subnet: true, ..DirectoryConfig::default() },
+            DirectoryConfig {
+                allow_same_subnet: true,
+                ..DirectoryConfig::default()
+            },
         )
     };
     let first = state(4);
