@@ -595,8 +595,8 @@ impl Store {
     }
 
     /// Each reported node's penalty (halvings of its weight): per reporter,
-    /// the sum over its reports within `config.failure_window` of
-    /// `0.5 · 2^(−age / report_half_life)`, capped at [`REPORTER_CAP`];
+    /// the sum over its two newest reports within `config.failure_window`
+    /// of `0.5 · 2^(−age / report_half_life)`, capped at [`REPORTER_CAP`];
     /// summed over reporters and capped at [`MAX_PENALTY`]. So one
     /// reporter can at most halve a node's weight, and a report's effect
     /// halves every half-life and ends with the window.
@@ -618,12 +618,22 @@ impl Store {
             )
             .db()?;
         let half_life = config.report_half_life.max(1) as f64;
-        let mut per_reporter: HashMap<(String, String), f64> = HashMap::new();
+        // Per (node, reporter): the decayed values of its reports, of
+        // which only the two largest (the newest) count, so a flood of
+        // reports weighs no more than two and decays like them.
+        let mut per_reporter: HashMap<(String, String), Vec<f64>> = HashMap::new();
         for row in rows {
             let (node, reporter, received) = row.db()?;
             let age = now.saturating_sub(from_i64(received)) as f64;
-            *per_reporter.entry((node, reporter)).or_default() += 0.5 * (-age / half_life).exp2();
+            per_reporter
+                .entry((node, reporter))
+                .or_default()
+                .push(0.5 * (-age / half_life).exp2());
         }
+        let per_reporter = per_reporter.into_iter().map(|(k, mut v)| {
+            v.sort_by(|a, b| b.total_cmp(a));
+            (k, v.iter().take(2).sum::<f64>())
+        });
         let mut out: HashMap<String, f64> = HashMap::new();
         for ((node, _), p) in per_reporter {
             *out.entry(node).or_default() += p.min(REPORTER_CAP);
