@@ -278,7 +278,8 @@ fn one_reporter_cannot_push_a_node_below_half_its_weight() {
     while t < T0 + half_life {
         t += 10;
         clock.set(t);
-        dir.heartbeat(&sign_heartbeat(&node_key(1), t).unwrap()).unwrap();
+        dir.heartbeat(&sign_heartbeat(&node_key(1), t).unwrap())
+            .unwrap();
         if (t - T0) % 300 == 0 {
             dir.reprobe().unwrap();
         }
