@@ -280,7 +280,7 @@ fn one_reporter_cannot_push_a_node_below_half_its_weight() {
         clock.set(t);
         dir.heartbeat(&sign_heartbeat(&node_key(1), t).unwrap())
             .unwrap();
-        if (t - T0) % 300 == 0 {
+        if (t - T0).is_multiple_of(300) {
             dir.reprobe().unwrap();
         }
     }
