@@ -15,6 +15,7 @@ use mixnn_designer::directory::Directories;
 pub use mixnn_designer::run::RunSettings as Recovery;
 use mixnn_designer::run::{self, Notice, ReplacementSource};
 use mixnn_designer::{CascadeFile, CascadeOptions, HopInfo};
+use mixnn_model::seed::Purpose;
 use mixnn_model::trainer::{Observer, RunMetrics};
 
 use crate::node::parse_ready_line;
@@ -69,7 +70,8 @@ pub struct SelectionArgs {
     #[arg(long, default_value_t = 0, value_name = "R")]
     pub dummies: usize,
 
-    /// Seed of the random draw of the nodes [default: from the OS].
+    /// Seed of the random draw of the nodes [default: derived from the
+    /// run's seed, so `--seed` repeats the draw too].
     #[arg(long, value_name = "SEED")]
     pub selection_seed: Option<u64>,
 }
@@ -113,7 +115,9 @@ pub fn from_directory(
             mixnn_directory::Diversity::Strict
         },
     };
-    let seed = args.selection_seed.unwrap_or_else(rand_seed);
+    let seed = args
+        .selection_seed
+        .unwrap_or_else(|| prepared.cfg.seed.derive(Purpose::Selection));
     let (drawn, listed) = run::draw_cascade(&dirs, &prepared.model, opts, args.dummies, seed)?;
     crate::progress::say(&format!(
         "directory: {listed} nodes listed; drew {} hops ({} real, dummies at {:?})",
@@ -130,13 +134,6 @@ pub fn from_directory(
         };
     }
     Ok(drawn.hops)
-}
-
-fn rand_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(std::process::id().into());
-    h.finish()
 }
 
 impl RecoveryArgs {

@@ -122,7 +122,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             // Every demo node is on 127.0.0.1 (local testing only).
             allow_same_subnet: true,
             dummies: args.dummies,
-            selection_seed: Some(prepared.cfg.seed),
+            selection_seed: None,
         };
         let hops = from_directory(
             std::slice::from_ref(&directory.url),

@@ -101,18 +101,29 @@ fn run(command: Command) -> anyhow::Result<()> {
 
 /// Logs go to stderr; `RUST_LOG` wins over `-v`.
 fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(log_filter(verbose)));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// The log filter of `-v` given `verbose` times: `-v` turns on info,
+/// `-vv` debug, `-vvv` trace, for MixNN's own crates (targets `mixnn…`)
+/// only. Other crates (HTTP clients, the runtime) stay at `warn`: their
+/// debug lines name the addresses they connect to, and MixNN's own logs
+/// show other processes' addresses only as aliases (`mixnn_net::alias`).
+/// `RUST_LOG` overrides this, third-party lines included.
+fn log_filter(verbose: u8) -> String {
+    let ours = match verbose {
+        0 => return "warn".into(),
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    format!("warn,mixnn={ours}")
 }
 
 /// The error and its causes on one line, joined with `": "`, each cause
@@ -162,7 +173,10 @@ mod tests {
         let io = refused().to_string();
         assert_eq!(
             error_line(&e),
-            format!("starting the run: cannot connect to 127.0.0.1:9: {io}")
+            format!(
+                "starting the run: cannot connect to {}: {io}",
+                mixnn_net::alias::peer(&"127.0.0.1:9".parse().unwrap())
+            )
         );
         assert_eq!(format!("{e:#}").matches(&io).count(), 2, "{e:#}");
         // Causes that their outer message does not show are all kept.
@@ -176,6 +190,18 @@ mod tests {
         // Multi-line messages are folded.
         let e = anyhow::anyhow!("a\n  b").context("c");
         assert_eq!(error_line(&e), "c: a b");
+    }
+
+    #[test]
+    fn verbosity_reaches_our_crates_only() {
+        assert_eq!(log_filter(0), "warn");
+        assert_eq!(log_filter(2), "warn,mixnn=debug");
+        let f = EnvFilter::new(log_filter(2));
+        assert_eq!(
+            f.max_level_hint(),
+            Some(tracing::level_filters::LevelFilter::DEBUG)
+        );
+        assert_eq!(log_filter(5), "warn,mixnn=trace");
     }
 
     #[test]

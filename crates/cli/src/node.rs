@@ -140,6 +140,12 @@ pub struct NodeArgs {
     /// its slot), which hides a busy node's late ticks (see SECURITY.md).
     #[arg(long, default_value_t = 1.0, value_name = "F", value_parser = parse_fraction)]
     pub link_jitter: f64,
+    /// Debugging only: record who this node talked to. Writes the address
+    /// of every neighbour and designer its sessions name (one a line) to
+    /// STATE/learned-peers.txt, kept after the node stops. Off by default,
+    /// so that a node's disk holds no list of its peers.
+    #[arg(long)]
+    pub debug_record_peers: bool,
     /// Misbehave from a step on, for tests of audits: `MODE@STEP`, MODE
     /// `noise`, `flip-gradient` or `skip-update`.
     #[cfg(feature = "adversary")]
@@ -319,13 +325,23 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
             "{READY_LINE}addr={addr} onion={} link={} arith={ARITH_VERSION}",
             public.onion, public.link
         );
+        // The node's own address (its operator's configuration) is logged
+        // as is; other processes' addresses only as aliases.
         tracing::info!(%addr, "listening");
+        if args.debug_record_peers {
+            tracing::warn!(
+                "--debug-record-peers: recording every peer address in {}",
+                args.state.join("learned-peers.txt").display()
+            );
+        }
         let node_config = NodeConfig {
             limits: limits(args),
             max_links: args.max_links,
             link_idle: Duration::from_secs(args.link_idle),
             replay_file: Some(args.state.join("init-replay.bin")),
-            learned_file: Some(args.state.join("learned-peers.txt")),
+            learned_file: args
+                .debug_record_peers
+                .then(|| args.state.join("learned-peers.txt")),
             cover_rate: mixnn_net::pacing::Rate::new(args.cover_rate),
             cover_peers: args.cover_peer.iter().map(|p| (p.0, p.1)).collect(),
             cover_view: cover_peers,
@@ -473,5 +489,13 @@ mod tests {
             NodeConfig::default().link_idle
         );
         assert_eq!(args.max_links, NodeConfig::default().max_links);
+    }
+
+    #[test]
+    fn peers_are_recorded_only_when_asked() {
+        let args = Cli::parse_from(["mixnn", "--state", "/s"]).node;
+        assert!(!args.debug_record_peers);
+        let args = Cli::parse_from(["mixnn", "--state", "/s", "--debug-record-peers"]).node;
+        assert!(args.debug_record_peers);
     }
 }

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use mixnn_designer::{AuditRate, CascadeOptions, Keep, LinkPacing, Padding, Rate};
 use mixnn_model::data::{self, Split};
+use mixnn_model::seed::RunSeed;
 use mixnn_model::spec::ModelSpec;
 use mixnn_model::stage::Sgd;
 use mixnn_model::trainer::{run_training, LocalModel, Observer, RunMetrics, TrainConfig};
@@ -195,9 +196,13 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.9)]
     pub momentum: f32,
 
-    /// Seed for weight initialisation and batch order.
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
+    /// The run's secret seed, from which weight initialisation, batch
+    /// order and the cascade draw derive (no hop can invert it): 64 hex
+    /// digits, or a number for experiments (hops can guess small numbers).
+    /// Default: a fresh random seed, printed at the start so the run can be
+    /// repeated.
+    #[arg(long, value_name = "SEED")]
+    pub seed: Option<RunSeed>,
 
     /// Write the run's metrics (JSON) to FILE.
     #[arg(long, value_name = "FILE")]
@@ -218,7 +223,11 @@ impl TrainArgs {
                 lr: self.lr,
                 momentum: self.momentum,
             },
-            seed: self.seed,
+            seed: self.seed.unwrap_or_else(|| {
+                let seed = RunSeed::random();
+                println!("seed {seed} (random; --seed {seed} repeats this run)");
+                seed
+            }),
             micro_batches: usize::from(self.micro_batches),
         }
     }
@@ -303,7 +312,8 @@ pub fn run_local(
     observer: &mut dyn Observer,
 ) -> anyhow::Result<(RunMetrics, Vec<u8>)> {
     let Prepared { model, split, cfg } = prepared;
-    let mut local = LocalModel::new(model, cfg.seed, cfg.sgd).with_micro_batches(cfg.micro_batches);
+    let mut local =
+        LocalModel::new(model, &cfg.seed, cfg.sgd).with_micro_batches(cfg.micro_batches);
     Ok(run_training(
         &mut local,
         model,

@@ -106,6 +106,7 @@ fn init_note(stage: StageSpec, policy: PaddingPolicy, prev: [u8; 32], probe: &Pr
         prev_addr: None,
         next_addr: None,
         designer_addr: Some(probe.addr),
+        reply_key: [0x5e; 32],
         audit_key: None,
     }
 }

@@ -188,7 +188,15 @@ fn with_empty_apt_lists_mixnn_fetches_lists_privately_downloads_and_trains() {
         "no size: {stderr}"
     );
     assert!(stderr.contains("Fashion-MNIST saved in"), "{stderr}");
-    assert!(stdout.starts_with("epoch 1  train "), "{stdout}");
+    // A random seed's line, then the epochs.
+    assert!(stdout.starts_with("seed "), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("epoch 1  train ")),
+        "{stdout}"
+    );
 
     // The real thing, of which the repository's fixture is the start.
     assert_fixture_is_the_start_of(&fresh.cache());

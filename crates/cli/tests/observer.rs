@@ -185,6 +185,8 @@ fn start_node(dir: &Path, i: usize, listen: &str, extra: &[String]) -> Node {
         .args(["node", "--listen", listen, "--state"])
         .arg(dir.join(format!("node-{i}")))
         .args(extra)
+        // The test audits what each node learned.
+        .arg("--debug-record-peers")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -454,7 +456,7 @@ fn observe(setup: &Setup) -> Observed {
         epochs: 1,
         batch: 64,
         sgd: Sgd::default(),
-        seed: 3,
+        seed: mixnn_model::seed::RunSeed::from_number(3),
         micro_batches: 1,
     };
     // The fixture holds fewer images than some phases need: indices wrap

@@ -234,7 +234,9 @@ impl Replacements for DirectoryReplacements {
         };
         for url in &self.dirs.urls {
             match DirectoryClient::new(url).and_then(|c| c.report_failure(&report)) {
-                Ok(_) => tracing::info!(%url, node = %failed.addr, "failure reported"),
+                Ok(_) => {
+                    tracing::info!(%url, node = %mixnn_net::alias::peer(&failed.addr), "failure reported")
+                }
                 Err(e) => tracing::warn!(%url, "failure report refused: {e}"),
             }
         }

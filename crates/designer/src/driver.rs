@@ -199,7 +199,7 @@ async fn accept_loop(
         let tx = tx.clone();
         let allowed = allowed.clone();
         tokio::spawn(async move {
-            let peer = pending.peer_addr();
+            let peer = mixnn_net::alias::peer(&pending.peer_addr());
             let link = match pending.handshake().await {
                 Ok(l) => l,
                 Err(e) => return tracing::warn!("link from {peer}: {e}"),

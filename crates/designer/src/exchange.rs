@@ -10,6 +10,7 @@
 
 use std::time::{Duration, Instant};
 
+use mixnn_proto::reply::Sealed as SealedKind;
 use mixnn_proto::ParamChunk;
 use mixnn_wire::PaddingPolicy;
 
@@ -56,6 +57,14 @@ impl Fetch {
         match self {
             Fetch::State { .. } => Expected::State,
             Fetch::Opening { .. } => Expected::Opening,
+        }
+    }
+
+    /// How its answers are sealed: the kind and the step they are bound to.
+    fn sealed(self) -> (SealedKind, u64) {
+        match self {
+            Fetch::State { step } => (SealedKind::Fetch, step),
+            Fetch::Opening { step } => (SealedKind::Audit, step),
         }
     }
 }
@@ -271,6 +280,8 @@ impl Exchange {
                 .iter()
                 .position(|j| *j == hop)
                 .ok_or(BadReply::Chunk { hop, chunk })?;
+            let (kind, at_step) = what.sealed();
+            let body = self.router.open_body(hop, kind, at_step, chunk, &body)?;
             let piece = ParamChunk::decode(&body)?;
             let complete = downloads[at].on_chunk(chunk, piece)?;
             for k in downloads[at].take_requests() {
@@ -293,7 +304,10 @@ impl Exchange {
             for (k, chunk) in transfer::upload(bytes, room).into_iter().enumerate() {
                 let k = k as u32;
                 let what = Await::Loaded { hop: *j, chunk: k };
-                self.send(&Route::load(*j, step, k), &chunk.encode(), what)?;
+                let sealed =
+                    self.router
+                        .seal_body(*j, SealedKind::Load, step, k, &chunk.encode())?;
+                self.send(&Route::load(*j, step, k), &sealed, what)?;
                 expected += 1;
             }
         }
@@ -301,6 +315,15 @@ impl Exchange {
             self.wait(Expected::Load, step)?;
         }
         Ok(())
+    }
+
+    /// Ends the session on all `n` hops at `step`: a close through every
+    /// hop (each drops its session and frees what it held), acknowledged
+    /// by the last. Loops stop first.
+    pub fn close(&mut self, n: usize, step: u64) -> Result<(), DesignerError> {
+        self.loops.pause();
+        self.send(&Route::close(n, step), &[], Await::Closed)?;
+        self.wait(Expected::Close, step).map(|_| ())
     }
 
     /// Which of the cascade's `n` hops failed: loops through the first 1,

@@ -242,6 +242,14 @@ pub fn train(
             median_s: median(times),
         });
     }
+    // The designer closes its own session (the hops would drop it only
+    // when it idles out); a cascade that no longer answers changes nothing
+    // about a finished run.
+    if result.is_ok() {
+        if let Err(e) = runner.close() {
+            tracing::warn!("closing the session: {e}");
+        }
+    }
     result
 }
 

@@ -113,11 +113,11 @@ impl CascadeBuilder<'_> {
             first: opts
                 .keep
                 .first()
-                .then(|| Stage::new(&model.stages[0], stage_seed(cfg.seed, 0), cfg.sgd)),
+                .then(|| Stage::new(&model.stages[0], stage_seed(&cfg.seed, 0), cfg.sgd)),
             last: opts
                 .keep
                 .last()
-                .then(|| Stage::new(&model.stages[n - 1], stage_seed(cfg.seed, n - 1), cfg.sgd)),
+                .then(|| Stage::new(&model.stages[n - 1], stage_seed(&cfg.seed, n - 1), cfg.sgd)),
         };
         let mut session = Session::new(ex, layout, hops, kept, audits, cfg, opts.window);
         session.init()?;
@@ -186,6 +186,13 @@ impl CascadeRunner {
     /// The padding policy in force.
     pub fn policy(&self) -> PaddingPolicy {
         self.session.exchange_ref().policy()
+    }
+
+    /// Ends the session on every hop (they drop its state at once rather
+    /// than when it idles out); the runner sends nothing more.
+    pub fn close(&mut self) -> Result<(), DesignerError> {
+        let (n, step) = (self.session.hops().len(), self.session.step());
+        self.session.exchange().close(n, step)
     }
 
     /// The hops of the cascade now (after replacements).
@@ -280,7 +287,7 @@ impl CascadeRunner {
             let mut replaced = Vec::new();
             if let Some(j) = failed {
                 let bad = hops[j].clone();
-                tracing::warn!(hop = j, addr = %bad.addr, "hop failed ({last_error}); replacing it");
+                tracing::warn!(hop = j, addr = %mixnn_net::alias::peer(&bad.addr), "hop failed ({last_error}); replacing it");
                 let in_use: Vec<HopInfo> = hops.iter().filter(|h| **h != bad).cloned().collect();
                 let Some(r) = self.replacements.as_mut() else {
                     return Err(cause);

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use mixnn_model::arith::ARITH_VERSION;
+use mixnn_model::seed::Purpose;
 use mixnn_model::stage::{Stage, StageCache, StageState};
 use mixnn_model::tensor_bytes::TensorBytes;
 use mixnn_model::trainer::{argmax_slice, micro_ranges, stage_seed, Batch, TrainConfig};
@@ -143,6 +144,8 @@ impl Session {
         // Fresh commitment keys for every session.
         self.audits
             .new_session(self.hops.len(), self.ex.router().rng());
+        let reply_keys = self.ex.router().fresh_reply_keys();
+        let last = self.hops.len().saturating_sub(1);
         let notes: Vec<InitNote> = self
             .layout
             .hops
@@ -152,18 +155,27 @@ impl Session {
                 arith: ARITH_VERSION,
                 stage: h.spec.clone(),
                 sgd: self.cfg.sgd,
-                seed: h.index.map_or(0, |i| stage_seed(self.cfg.seed, i)),
+                // A dummy's seed initialises nothing; it is drawn like a
+                // stage's so that it does not stand out.
+                seed: match h.index {
+                    Some(i) => stage_seed(&self.cfg.seed, i),
+                    None => self.cfg.seed.derive(Purpose::Dummy(k as u64)),
+                },
                 start_step: self.step,
                 padding,
                 issued_at,
                 prev_link: if k == 0 { me } else { links[k - 1] },
                 next_link: links.get(k + 1).copied().unwrap_or(me),
-                designer_link: me,
-                // Where the hop may send: its neighbours and, for
-                // deliveries, the designer.
+                // Only the ends deliver to the designer (every route to a
+                // middle hop comes back through the first): a middle hop
+                // learns neither the designer's address nor its key.
+                designer_link: if k == 0 || k == last { me } else { [0; 32] },
+                // Where the hop may send: its neighbours and, at the ends,
+                // the designer.
                 prev_addr: k.checked_sub(1).map(|j| addrs[j]),
                 next_addr: addrs.get(k + 1).copied(),
-                designer_addr: Some(me_addr),
+                designer_addr: (k == 0 || k == last).then_some(me_addr),
+                reply_key: reply_keys[k],
                 audit_key: self.audits.key(k),
             })
             .collect();
@@ -543,7 +555,7 @@ impl Session {
                 Verdict::Pass => self.audits.record(None),
                 Verdict::Fail { hop, reason, also } => {
                     let addr = self.hops[hop].addr;
-                    tracing::warn!(hop, %addr, step, "audit failed: {reason}");
+                    tracing::warn!(hop, addr = %mixnn_net::alias::peer(&addr), step, "audit failed: {reason}");
                     self.audits.record(Some(AuditFailure {
                         hop,
                         addr,

@@ -3,6 +3,7 @@
 //! every truncation and flipped byte, fallback to the previous file, pruning
 //! and atomic writes.
 
+use mixnn_model::seed::RunSeed;
 use std::fs;
 use std::path::Path;
 
@@ -51,7 +52,7 @@ fn sample(step: u64) -> Checkpoint {
                 lr: 0.01,
                 momentum: 0.9,
             },
-            seed: u64::MAX - 1,
+            seed: RunSeed::from_bytes([0xfe; 32]),
             micro_batches: 4,
         },
         model: "paper-mlp".into(),
@@ -132,7 +133,7 @@ fn random(seed: u64) -> Checkpoint {
                 lr: f32_(&mut rng),
                 momentum: f32_(&mut rng),
             },
-            seed: rng.next_u64(),
+            seed: RunSeed::from_number(rng.next_u64()),
             micro_batches: rng.next_u32() as usize,
         },
         model: format!("model-{seed} ✓"),
@@ -360,7 +361,7 @@ fn model_and_config_mismatches_are_refused() {
     assert!(matches!(e, CheckpointError::Mismatch { .. }));
     assert!(e.to_string().contains("paper-mlp"), "{e}");
     let mut config = c.config;
-    config.seed = 1;
+    config.seed = RunSeed::from_number(1);
     assert!(c.ensure_config(&config).is_err());
 }
 

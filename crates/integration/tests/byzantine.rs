@@ -52,7 +52,7 @@ fn cfg(epochs: u32) -> TrainConfig {
         epochs,
         batch: 16,
         sgd: Sgd::default(),
-        seed: 5,
+        seed: mixnn_model::seed::RunSeed::from_number(5),
         micro_batches: 1,
     }
 }
@@ -63,7 +63,7 @@ fn data(steps: usize) -> (Dataset, Dataset) {
 }
 
 fn local(model: &ModelSpec, cfg: &TrainConfig, train: &Dataset, test: &Dataset) -> RunMetrics {
-    let mut local = LocalModel::new(model, cfg.seed, cfg.sgd);
+    let mut local = LocalModel::new(model, &cfg.seed, cfg.sgd);
     run_training(&mut local, model, train, test, cfg, &mut Quiet)
         .unwrap()
         .0
@@ -231,5 +231,87 @@ fn audits_refuse_micro_batches() {
         Err(DesignerError::Config { message }) => assert!(message.contains("micro-batch")),
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("audits with micro-batches accepted"),
+    }
+}
+
+/// Only the ends of a cascade ever talk to the designer: through a run
+/// with audits (openings fetched from every hop), checkpoints (states
+/// fetched) and a recovery (a replacement in the middle loaded with a
+/// checkpoint's state), no middle hop sends anything to the designer's
+/// address — what each node sends to is what it records in its learned
+/// peers file. The first hop's file names the designer (it delivers).
+#[test]
+fn middle_hops_never_reach_the_designer_through_audits_checkpoints_and_a_recovery() {
+    let model = ModelSpec::parse(MODEL, "narrow").unwrap();
+    let (train, test) = data(FROM as usize + 30);
+    let cfg = cfg(1);
+    let dir = tempfile::tempdir().unwrap();
+    let file = |i: usize| dir.path().join(format!("node{i}.txt"));
+    let start = |i: usize, adversary: Option<Adversary>| {
+        let config = NodeConfig {
+            adversary,
+            learned_file: Some(file(i)),
+            ..NodeConfig::default()
+        };
+        start_node_with(900 + i as u64, config)
+    };
+    let bad = Adversary {
+        mode: AdversaryMode::Noise,
+        from_step: FROM,
+    };
+    let hops: Vec<HopInfo> = (0..5)
+        .map(|i| start(i, (i == BAD_HOP).then_some(bad)))
+        .collect();
+    let spares: Vec<HopInfo> = (5..7).map(|i| start(i, None)).collect();
+    let mut runner = CascadeRunner::builder(&model, &cfg, hops.clone())
+        .options(CascadeOptions {
+            audit_rate: AuditRate::new(0.2),
+            audit_seed: Some(AUDIT_SEED),
+            ..CascadeOptions::default()
+        })
+        .checkpoints(Checkpoints {
+            dir: None,
+            every: NonZeroU64::new(4),
+        })
+        .replacements(Box::new(Spares::new(spares.clone())))
+        .connect()
+        .unwrap();
+    run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).unwrap();
+    let events = runner.recoveries().to_vec();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        runner.hops()[BAD_HOP],
+        spares[0],
+        "the middle hop was replaced"
+    );
+    assert!(runner.audit_stats().audits > 0);
+    drop(runner);
+    let nodes: std::collections::HashSet<std::net::SocketAddr> =
+        hops.iter().chain(&spares).map(|h| h.addr).collect();
+    let learned = |i: usize| -> Vec<std::net::SocketAddr> {
+        std::fs::read_to_string(file(i))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect()
+    };
+    let designer: Vec<_> = learned(0)
+        .into_iter()
+        .filter(|a| !nodes.contains(a))
+        .collect();
+    assert_eq!(
+        designer.len(),
+        1,
+        "the first hop delivers to the designer: {designer:?}"
+    );
+    // Positions 1-3 and the spare that replaced hop 1 are middle hops.
+    for i in [1, 2, 3, 5] {
+        let l = learned(i);
+        assert!(!l.is_empty(), "node {i} sent nothing");
+        assert!(
+            l.iter().all(|a| nodes.contains(a)),
+            "middle node {i} sent to a non-node address (the designer's is {}): {l:?}",
+            designer[0]
+        );
     }
 }

@@ -33,10 +33,10 @@ fn run_both_with(
         epochs: 2,
         batch: 64,
         sgd: Sgd::default(),
-        seed: 77,
+        seed: mixnn_model::seed::RunSeed::from_number(77),
         micro_batches,
     };
-    let mut local = LocalModel::new(&model, cfg.seed, cfg.sgd).with_micro_batches(micro_batches);
+    let mut local = LocalModel::new(&model, &cfg.seed, cfg.sgd).with_micro_batches(micro_batches);
     let (lm, lw) = run_training(&mut local, &model, &train, &test, &cfg, &mut Quiet).unwrap();
 
     let remote = 5 - usize::from(keep_first) - usize::from(keep_last) + dummies.len();
@@ -62,6 +62,9 @@ fn run_both_with(
     assert_eq!(lm.weights_sha256, cm.weights_sha256);
     assert!(lw == cw, "weights files differ");
     assert!(lm.epochs[1].test_acc > 0.3, "{:?}", lm.epochs);
+    // The designer ends its session: the close passes every hop (dummies
+    // and kept stages' neighbours included) and the last acknowledges.
+    cascade.close().unwrap();
 }
 
 #[test]

@@ -17,7 +17,7 @@ fn cfg() -> TrainConfig {
         epochs: 1,
         batch: 64,
         sgd: Sgd::default(),
-        seed: 5,
+        seed: mixnn_model::seed::RunSeed::from_number(5),
         micro_batches: 1,
     }
 }
@@ -27,7 +27,7 @@ fn loops_come_back_and_change_nothing() {
     let model = ModelSpec::parse(PAPER, "paper").unwrap();
     let (train, test) = (dataset(640, 1), dataset(256, 2));
     let cfg = cfg();
-    let mut local = LocalModel::new(&model, cfg.seed, cfg.sgd);
+    let mut local = LocalModel::new(&model, &cfg.seed, cfg.sgd);
     let (lm, _) = run_training(&mut local, &model, &train, &test, &cfg, &mut Quiet).unwrap();
 
     let hops: Vec<HopInfo> = (0..5).map(|i| start_node(300 + i)).collect();

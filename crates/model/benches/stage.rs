@@ -37,7 +37,13 @@ fn inputs(model: &ModelSpec) -> Vec<Vec<u8>> {
         .stages
         .iter()
         .enumerate()
-        .map(|(i, s)| Stage::new(s, stage_seed(1, i), Sgd::default()))
+        .map(|(i, s)| {
+            Stage::new(
+                s,
+                stage_seed(&mixnn_model::seed::RunSeed::from_number(1), i),
+                Sgd::default(),
+            )
+        })
         .collect();
     let last = stages.len() - 1;
     let mut msg = TensorBytes::encode_pixels(&[BATCH, 784], &pixels());
@@ -58,7 +64,11 @@ fn stages(c: &mut Criterion) {
     let last = model.stages.len() - 1;
     let mut forward = c.benchmark_group("stage_forward");
     for (i, spec) in model.stages.iter().enumerate() {
-        let stage = Stage::new(spec, stage_seed(1, i), Sgd::default());
+        let stage = Stage::new(
+            spec,
+            stage_seed(&mixnn_model::seed::RunSeed::from_number(1), i),
+            Sgd::default(),
+        );
         let lab = (i == last).then_some(labels.as_slice());
         forward.bench_function(format!("stage{}", i + 1), |b| {
             b.iter(|| black_box(stage.forward_bytes(black_box(&inputs[i]), lab).unwrap()))
@@ -70,7 +80,11 @@ fn stages(c: &mut Criterion) {
     // itself is not timed.
     let mut backward = c.benchmark_group("stage_backward");
     for (i, spec) in model.stages.iter().enumerate() {
-        let mut stage = Stage::new(spec, stage_seed(1, i), Sgd::default());
+        let mut stage = Stage::new(
+            spec,
+            stage_seed(&mixnn_model::seed::RunSeed::from_number(1), i),
+            Sgd::default(),
+        );
         let lab = (i == last).then_some(labels.as_slice());
         let out = stage.forward_bytes(&inputs[i], lab).unwrap().0;
         let grad = (i < last).then(|| {
@@ -103,7 +117,11 @@ fn stages(c: &mut Criterion) {
 
 fn local_step(c: &mut Criterion) {
     let model = model();
-    let mut local = LocalModel::new(&model, 1, Sgd::default());
+    let mut local = LocalModel::new(
+        &model,
+        &mixnn_model::seed::RunSeed::from_number(1),
+        Sgd::default(),
+    );
     let batch = Batch {
         pixels: pixels(),
         labels: labels(),
@@ -151,7 +169,11 @@ fn kernel_paths(c: &mut Criterion) {
             group.bench_function(format!("weight_grad_784x64x128/{path}"), |b| {
                 b.iter(|| black_box(ops::matmul(View::of(&x).t(), View::of(&dy))))
             });
-            let mut local = LocalModel::new(&model, 1, Sgd::default());
+            let mut local = LocalModel::new(
+                &model,
+                &mixnn_model::seed::RunSeed::from_number(1),
+                Sgd::default(),
+            );
             group.bench_function(format!("local_train_step/{path}"), |b| {
                 b.iter(|| black_box(local.train_step(black_box(&batch)).unwrap()))
             });

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use rand::seq::SliceRandom;
 
 use crate::error::{ModelError, Result};
-use crate::init::{derive_seed, rng};
+use crate::init::rng;
+use crate::seed::{Purpose, RunSeed};
 use crate::tensor_bytes::pixel_to_f32;
 
 /// Magic number of an IDX file of unsigned bytes with 3 dimensions (images).
@@ -99,9 +100,9 @@ impl Dataset {
 
 /// The order in which an epoch visits the training images: a seeded
 /// Fisher–Yates shuffle, different each epoch, the same every run.
-pub fn epoch_order(seed: u64, epoch: u32, len: usize) -> Vec<u32> {
+pub fn epoch_order(seed: &RunSeed, epoch: u32, len: usize) -> Vec<u32> {
     let mut order: Vec<u32> = (0..len as u32).collect();
-    let mut r = rng(derive_seed(seed, 0x5348_5546_0000_0000 | u64::from(epoch)));
+    let mut r = rng(seed.derive(Purpose::Order(u64::from(epoch))));
     order.shuffle(&mut r);
     order
 }
@@ -364,10 +365,11 @@ mod tests {
 
     #[test]
     fn epoch_order_is_a_seeded_permutation() {
-        let a = epoch_order(1, 0, 100);
-        assert_eq!(a, epoch_order(1, 0, 100));
-        assert_ne!(a, epoch_order(1, 1, 100));
-        assert_ne!(a, epoch_order(2, 0, 100));
+        let (one, two) = (RunSeed::from_number(1), RunSeed::from_number(2));
+        let a = epoch_order(&one, 0, 100);
+        assert_eq!(a, epoch_order(&one, 0, 100));
+        assert_ne!(a, epoch_order(&one, 1, 100));
+        assert_ne!(a, epoch_order(&two, 0, 100));
         let mut s = a.clone();
         s.sort_unstable();
         assert_eq!(s, (0..100).collect::<Vec<u32>>());

@@ -15,13 +15,13 @@
 //! - [`weights`]: safetensors export named by stage and op.
 //!
 //! ```
-//! use mixnn_model::{spec::ModelSpec, stage::Sgd, trainer::{LocalModel, Batch}};
+//! use mixnn_model::{seed::RunSeed, spec::ModelSpec, stage::Sgd, trainer::{LocalModel, Batch}};
 //! let model = ModelSpec::parse(
 //!     "input = 4\n[[stage]]\nops = [{ op = \"linear\", in = 4, out = 3 }]\n\
 //!      [[stage]]\nops = [{ op = \"log_softmax\" }, { op = \"nll_loss\" }]\n",
 //!     "example",
 //! ).unwrap();
-//! let mut local = LocalModel::new(&model, 42, Sgd::default());
+//! let mut local = LocalModel::new(&model, &RunSeed::from_number(42), Sgd::default());
 //! let batch = Batch { pixels: vec![0, 64, 128, 255, 255, 128, 64, 0], labels: vec![0, 2], rows: 2 };
 //! let loss = local.train_step(&batch).unwrap();
 //! assert!(loss > 0.0);
@@ -31,6 +31,7 @@ pub mod arith;
 pub mod data;
 pub mod error;
 pub mod init;
+pub mod seed;
 pub mod selftest;
 pub mod spec;
 pub mod stage;

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::arith::matrix::Matrix;
 use crate::data::{epoch_order, Dataset};
 use crate::error::{ModelError, Result};
+use crate::seed::{Purpose, RunSeed};
 use crate::spec::ModelSpec;
 use crate::stage::{Sgd, Stage, StageCache};
 use crate::tensor_bytes::pixel_to_f32;
@@ -26,8 +27,9 @@ pub struct TrainConfig {
     pub batch: usize,
     /// Optimiser settings.
     pub sgd: Sgd,
-    /// Seed for initialisation and shuffling.
-    pub seed: u64,
+    /// The run's secret seed: initialisation and shuffling derive from it
+    /// ([`crate::seed`]).
+    pub seed: RunSeed,
     /// Micro-batches per batch (GPipe): each batch is cut into this many
     /// slices that flow through the stages back to back; their gradients
     /// add up to one update per batch. 1 trains on whole batches.
@@ -79,7 +81,7 @@ impl Default for TrainConfig {
             epochs: 3,
             batch: 64,
             sgd: Sgd::default(),
-            seed: 1,
+            seed: RunSeed::from_number(1),
             micro_batches: 1,
         }
     }
@@ -223,7 +225,7 @@ pub fn run_training_from<R: StepRunner>(
     let from = from.unwrap_or_default();
     let mut epochs = from.done_epochs.clone();
     for epoch in from.epoch..cfg.epochs {
-        let order = epoch_order(cfg.seed, epoch, train.len());
+        let order = epoch_order(&cfg.seed, epoch, train.len());
         let train_batches = batches(train, &order, cfg.batch);
         let (skip, mut losses) = if epoch == from.epoch {
             (
@@ -272,14 +274,16 @@ pub struct LocalModel {
     micro_batches: usize,
 }
 
-/// The per-stage seed the designer hands stage `index` (0-based).
-pub fn stage_seed(seed: u64, index: usize) -> u64 {
-    crate::init::derive_seed(seed, 0x5354_4147_0000_0000 | index as u64)
+/// The per-stage seed the designer hands stage `index` (0-based): a keyed
+/// hash of the run seed ([`RunSeed::derive`]), from which a hop learns
+/// neither the run seed nor its index.
+pub fn stage_seed(seed: &RunSeed, index: usize) -> u64 {
+    seed.derive(Purpose::Stage(index as u64))
 }
 
 impl LocalModel {
     /// Builds every stage of `model` from `seed`.
-    pub fn new(model: &ModelSpec, seed: u64, sgd: Sgd) -> Self {
+    pub fn new(model: &ModelSpec, seed: &RunSeed, sgd: Sgd) -> Self {
         let stages = model
             .stages
             .iter()

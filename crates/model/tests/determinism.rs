@@ -2,6 +2,7 @@
 //! serves and the in-memory chain of the local trainer.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use mixnn_model::seed::RunSeed;
 use mixnn_model::spec::ModelSpec;
 use mixnn_model::stage::{Sgd, Stage};
 use mixnn_model::tensor_bytes::TensorBytes;
@@ -15,7 +16,7 @@ const PAPER: &str = include_str!("../../../models/paper-mlp.toml");
 
 fn train_local(seed: u64, batches: &[Batch]) -> Vec<u8> {
     let model = ModelSpec::parse(PAPER, "paper").unwrap();
-    let mut local = LocalModel::new(&model, seed, Sgd::default());
+    let mut local = LocalModel::new(&model, &RunSeed::from_number(seed), Sgd::default());
     local.train_batches(batches, &mut |_| {}).unwrap();
     weights::to_safetensors(&model, &local.params().unwrap()).unwrap()
 }
@@ -34,19 +35,19 @@ fn same_seed_gives_byte_identical_weight_files() {
 fn byte_api_stage_by_stage_equals_chained_in_memory_after_200_steps() {
     let model = ModelSpec::parse(PAPER, "paper").unwrap();
     let sgd = Sgd::default();
-    let seed = 1234;
+    let seed = RunSeed::from_number(1234);
     // The last batch is short, as the end of an epoch is.
     let mut batches = synthetic_batches(199, 64, 5);
     batches.extend(synthetic_batches(1, 48, 6));
 
-    let mut local = LocalModel::new(&model, seed, sgd);
+    let mut local = LocalModel::new(&model, &seed, sgd);
     let local_losses = local.train_batches(&batches, &mut |_| {}).unwrap();
 
     let mut stages: Vec<Stage> = model
         .stages
         .iter()
         .enumerate()
-        .map(|(i, s)| Stage::new(s, stage_seed(seed, i), sgd))
+        .map(|(i, s)| Stage::new(s, stage_seed(&seed, i), sgd))
         .collect();
     let mut remote_losses = Vec::new();
     for b in &batches {
@@ -78,7 +79,11 @@ fn byte_api_stage_by_stage_equals_chained_in_memory_after_200_steps() {
 #[test]
 fn exported_safetensors_have_pytorch_names_and_shapes() {
     let model = ModelSpec::parse(PAPER, "paper").unwrap();
-    let local = LocalModel::new(&model, 1, Sgd::default());
+    let local = LocalModel::new(
+        &model,
+        &mixnn_model::seed::RunSeed::from_number(1),
+        Sgd::default(),
+    );
     let bytes = weights::to_safetensors(&model, &local.stage_params()).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut names: Vec<(String, Vec<usize>)> = st

@@ -29,15 +29,28 @@ fn flat(model: &mut LocalModel) -> Vec<f32> {
 fn micro_batch_updates_match_whole_batch_updates_up_to_rounding() {
     let model = ModelSpec::parse(PAPER, "paper").unwrap();
     let data = synthetic_batches(5, 64, 3);
-    let mut whole = LocalModel::new(&model, 5, Sgd::default());
-    let mut micro = LocalModel::new(&model, 5, Sgd::default()).with_micro_batches(4);
+    let mut whole = LocalModel::new(
+        &model,
+        &mixnn_model::seed::RunSeed::from_number(5),
+        Sgd::default(),
+    );
+    let mut micro = LocalModel::new(
+        &model,
+        &mixnn_model::seed::RunSeed::from_number(5),
+        Sgd::default(),
+    )
+    .with_micro_batches(4);
     let lw = whole.train_batches(&data, &mut |_| {}).unwrap();
     let lm = micro.train_batches(&data, &mut |_| {}).unwrap();
     for (a, b) in lw.iter().zip(&lm) {
         assert!((a - b).abs() < 1e-4, "loss {a} vs {b}");
     }
     let (a, b) = (flat(&mut whole), flat(&mut micro));
-    let start = flat(&mut LocalModel::new(&model, 5, Sgd::default()));
+    let start = flat(&mut LocalModel::new(
+        &model,
+        &mixnn_model::seed::RunSeed::from_number(5),
+        Sgd::default(),
+    ));
     let max_diff = a
         .iter()
         .zip(&b)
@@ -61,8 +74,17 @@ fn micro_batch_updates_match_whole_batch_updates_up_to_rounding() {
 fn one_micro_batch_is_the_plain_step_bit_for_bit() {
     let model = ModelSpec::parse(PAPER, "paper").unwrap();
     let data = synthetic_batches(4, 64, 8);
-    let mut plain = LocalModel::new(&model, 2, Sgd::default());
-    let mut one = LocalModel::new(&model, 2, Sgd::default()).with_micro_batches(1);
+    let mut plain = LocalModel::new(
+        &model,
+        &mixnn_model::seed::RunSeed::from_number(2),
+        Sgd::default(),
+    );
+    let mut one = LocalModel::new(
+        &model,
+        &mixnn_model::seed::RunSeed::from_number(2),
+        Sgd::default(),
+    )
+    .with_micro_batches(1);
     plain.train_batches(&data, &mut |_| {}).unwrap();
     one.train_batches(&data, &mut |_| {}).unwrap();
     let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
@@ -70,7 +92,11 @@ fn one_micro_batch_is_the_plain_step_bit_for_bit() {
 }
 
 fn hidden_stage(model: &ModelSpec) -> Stage {
-    Stage::new(&model.stages[1], stage_seed(4, 1), Sgd::default())
+    Stage::new(
+        &model.stages[1],
+        stage_seed(&mixnn_model::seed::RunSeed::from_number(4), 1),
+        Sgd::default(),
+    )
 }
 
 fn micro_inputs(n: usize, rows: usize, width: usize, seed: u64) -> Vec<(Vec<u8>, Vec<u8>)> {

@@ -6,8 +6,10 @@ use std::path::PathBuf;
 
 /// Everything that can go wrong in `mixnn-net`.
 ///
-/// Variants carry context (a file path, a socket address, short key
-/// fingerprints) but never secret material. Errors that concern a single
+/// Variants carry context (a file path, a socket address, a key) but never
+/// secret material, and their messages show other processes' addresses and
+/// keys only as log aliases ([`crate::alias`]): these errors end up in logs.
+/// The listening address (`Bind`) is the process's own and shown as is. Errors that concern a single
 /// link (handshake, framing, decryption) leave the listener usable: log them
 /// and keep accepting.
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +106,7 @@ pub enum NetError {
         source: io::Error,
     },
     /// Opening a TCP connection failed.
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {}: {source}", crate::alias::peer(.addr))]
     Connect {
         /// The address we tried to reach.
         addr: SocketAddr,
@@ -112,14 +114,14 @@ pub enum NetError {
         source: io::Error,
     },
     /// Connecting and completing the handshake took too long.
-    #[error("link setup with {peer} timed out")]
+    #[error("link setup with {} timed out", crate::alias::peer(.peer))]
     HandshakeTimeout {
         /// The peer.
         peer: SocketAddr,
     },
     /// The Noise handshake failed: bad message, wrong cell size or protocol
     /// (both go into the prologue), or a peer that is not speaking Noise.
-    #[error("handshake with {peer} failed: {reason}")]
+    #[error("handshake with {} failed: {reason}", crate::alias::peer(.peer))]
     Handshake {
         /// The peer.
         peer: SocketAddr,
@@ -128,13 +130,13 @@ pub enum NetError {
     },
     /// The handshake completed, but the peer's static link key is not the
     /// one we expected.
-    #[error("peer {peer} has link key {actual}…, expected {expected}…")]
+    #[error("peer {} has link key {actual}, expected {expected}", crate::alias::peer(.peer))]
     UnexpectedPeer {
         /// The peer.
         peer: SocketAddr,
-        /// Short hex fingerprint of the expected key.
+        /// Log alias ([`crate::alias`]) of the expected key.
         expected: String,
-        /// Short hex fingerprint of the key the peer proved it holds.
+        /// Log alias of the key the peer proved it holds.
         actual: String,
     },
     /// The connection was a directory's probe, answered with a proof
@@ -154,7 +156,7 @@ pub enum NetError {
         reason: String,
     },
     /// I/O on an open link failed (including EOF in the middle of a frame).
-    #[error("link with {peer}: {source}")]
+    #[error("link with {}: {source}", crate::alias::peer(.peer))]
     LinkIo {
         /// The peer.
         peer: SocketAddr,
@@ -162,14 +164,14 @@ pub enum NetError {
         source: io::Error,
     },
     /// The peer closed the link cleanly, at a frame boundary.
-    #[error("link with {peer} closed")]
+    #[error("link with {} closed", crate::alias::peer(.peer))]
     Closed {
         /// The peer.
         peer: SocketAddr,
     },
     /// Nothing (not even a whole cell) arrived within the reader's idle
     /// timeout ([`crate::LinkReader::set_idle_timeout`]).
-    #[error("link with {peer} idle for {after:?}")]
+    #[error("link with {} idle for {after:?}", crate::alias::peer(.peer))]
     Idle {
         /// The peer.
         peer: SocketAddr,
@@ -177,7 +179,7 @@ pub enum NetError {
         after: std::time::Duration,
     },
     /// A transport frame had a length other than the one fixed for the link.
-    #[error("link with {peer}: frame of {actual} bytes, expected {expected}")]
+    #[error("link with {}: frame of {actual} bytes, expected {expected}", crate::alias::peer(.peer))]
     FrameLength {
         /// The peer.
         peer: SocketAddr,
@@ -188,7 +190,7 @@ pub enum NetError {
     },
     /// A transport frame failed authentication (tampered, replayed,
     /// reordered, or not from the peer).
-    #[error("link with {peer}: frame {nonce} failed to decrypt")]
+    #[error("link with {}: frame {nonce} failed to decrypt", crate::alias::peer(.peer))]
     Decrypt {
         /// The peer.
         peer: SocketAddr,
@@ -197,13 +199,13 @@ pub enum NetError {
     },
     /// A link direction is no longer usable: an earlier error on it may have
     /// left the stream mid-frame, or its nonces are exhausted.
-    #[error("link with {peer} is broken by an earlier error")]
+    #[error("link with {} is broken by an earlier error", crate::alias::peer(.peer))]
     Broken {
         /// The peer.
         peer: SocketAddr,
     },
     /// The cells of a message do not form a valid MixNN message.
-    #[error("malformed message from {peer}: {source}")]
+    #[error("malformed message from {}: {source}", crate::alias::peer(.peer))]
     Message {
         /// The peer.
         peer: SocketAddr,

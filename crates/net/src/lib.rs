@@ -62,6 +62,7 @@
 //! # }
 //! ```
 
+pub mod alias;
 mod error;
 mod keyfile;
 mod keys;

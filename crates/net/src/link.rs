@@ -418,8 +418,8 @@ fn check_remote(
     match expected {
         Some(expected) if expected != actual => Err(NetError::UnexpectedPeer {
             peer,
-            expected: expected.fingerprint(),
-            actual: actual.fingerprint(),
+            expected: crate::alias::key(expected.as_bytes()).tag().to_string(),
+            actual: crate::alias::key(actual.as_bytes()).tag().to_string(),
         }),
         _ => Ok(Some(actual)),
     }

@@ -323,7 +323,7 @@ impl Pacer {
                 "link to {}: {} messages queued, more than {}: the traffic wants more than \
                  the link rate of {:.1} messages/s; every message is still sent, in order, \
                  late (raise --link-rate)",
-                self.addr,
+                crate::alias::peer(&self.addr),
                 self.queue.len(),
                 self.bound,
                 1.0 / self.interval.period().as_secs_f64(),
@@ -345,7 +345,7 @@ impl Pacer {
         self.spare = match cover_message(cells, &mut self.rng) {
             Ok(c) => Some(c),
             Err(e) => {
-                tracing::error!("link to {}: cover: {e}", self.addr);
+                tracing::error!("link to {}: cover: {e}", crate::alias::peer(&self.addr));
                 None
             }
         };

@@ -7,13 +7,14 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
+use mixnn_proto::reply::Sealed;
 use mixnn_proto::{encode_state, BackwardNote, ForwardNote, SessionNote};
 use mixnn_wire::{
     encode_cells, CellKind, InitReplayCache, InitTag, Message, Onion, Op, PaddingPolicy, Peeled,
     ReplyId, SessionId, SessionTable,
 };
 use rand_chacha::ChaCha8Rng;
-use rand_core::SeedableRng;
+use rand_core::{RngCore, SeedableRng};
 
 use crate::error::NodeError;
 pub use crate::limits::Limits;
@@ -172,7 +173,7 @@ impl Core {
             CellKind::Session => self.handle_session(from, msg, now),
             // Cover cells are dropped on arrival.
             CellKind::Cover => {
-                tracing::debug!(from = %mixnn_net::PublicLinkKey::from_bytes(from), "cover message dropped");
+                tracing::debug!(from = %mixnn_net::alias::key(&from), cells = msg.cells, "cover message dropped");
                 Ok(Vec::new())
             }
             _ => Ok(Vec::new()),
@@ -392,29 +393,45 @@ impl Core {
                 None,
             ),
             SessionNote::Loop { .. } => (body, None),
+            // Transfers travel through other hops: their bodies are sealed
+            // between the designer and this hop (mixnn_proto::reply).
             SessionNote::Load(n) => {
-                load_chunk(self.session_mut(id)?, n, &body)?;
+                let s = self.session_mut(id)?;
+                let plain = s.reply_key.open(Sealed::Load, n.step, n.chunk, &body)?;
+                load_chunk(s, n, &plain)?;
                 (Vec::new(), None)
             }
             SessionNote::Fetch(n) => {
+                let nonce = self.nonce();
                 let s = self.session_mut(id)?;
                 let step = s.stage.steps();
                 if s.fetched.as_ref().is_none_or(|(at, _)| *at != step) {
                     s.fetched = Some((step, encode_state(&s.stage.state())));
                 }
                 let all = s.fetched.as_ref().map_or(&[][..], |(_, b)| b);
-                (state_chunk(all, n.chunk, &s.policy), None)
+                let chunk = state_chunk(all, n.chunk, &s.policy);
+                (
+                    s.reply_key
+                        .seal(Sealed::Fetch, n.step, n.chunk, &chunk, nonce),
+                    None,
+                )
             }
             SessionNote::Audit(n) => {
                 // A step no longer kept (or never run) is refused with an
                 // empty opening.
+                let nonce = self.nonce();
                 let s = self.session_mut(id)?;
                 let all = s
                     .auditor
                     .as_mut()
                     .and_then(|a| a.opening(n.step))
                     .unwrap_or_default();
-                (state_chunk(all, n.chunk, &s.policy), None)
+                let chunk = state_chunk(all, n.chunk, &s.policy);
+                (
+                    s.reply_key
+                        .seal(Sealed::Audit, n.step, n.chunk, &chunk, nonce),
+                    None,
+                )
             }
             SessionNote::Close { .. } => {
                 return Err(NodeError::Refused(
@@ -432,6 +449,13 @@ impl Core {
         }
         out.push(o);
         Ok(())
+    }
+
+    /// A fresh nonce for a sealed body.
+    fn nonce(&mut self) -> [u8; 24] {
+        let mut n = [0u8; 24];
+        self.rng.fill_bytes(&mut n);
+        n
     }
 
     fn adversary(&self) -> MaybeAdversary {
@@ -671,6 +695,7 @@ mod tests {
             prev_addr: None,
             next_addr: None,
             designer_addr: Some(designer()),
+            reply_key: [0x5e; 32],
             audit_key: None,
         }
         .encode();

@@ -2,10 +2,24 @@
 //! to random peers at Poisson times; receivers drop them on arrival.
 //!
 //! A cover message must look like a data message to a link observer: it is
-//! [`CellKind::Cover`](mixnn_wire::CellKind::Cover) (inside the link encryption), of the cell count the
-//! node sends most often ([`CellCounts`]). A node sends no cover before it
-//! has sent one real message, so that no cover message is of a size no
-//! cascade uses.
+//! [`CellKind::Cover`](mixnn_wire::CellKind::Cover) (inside the link
+//! encryption), of the cell count that *this link's* real messages have
+//! most often ([`LinkSizes`]): a link is one (address, link key) pair, and
+//! what the node sends on other links (another designer's sessions, with
+//! messages of another size) never changes the size of cover on this one.
+//! A link that has carried no real message yet gets the cell count the node
+//! sends most often over all links. A node sends no cover before it has
+//! sent one real message, so that no cover message is of a size no cascade
+//! uses.
+//!
+//! Why the most common count (the mode) and not a draw from the link's
+//! distribution: with `uniform` padding (the default) every message of a
+//! session has one cell count, so a link carrying one cascade has one
+//! count and the two agree; with several sessions of different sizes on
+//! one link, the mode puts cover in the size of most of the link's
+//! messages, and a draw would make cover of a rare size at times when that
+//! size's session is idle (which would stand out). Paced links choose
+//! their cover the same way ([`mixnn_net::pacing`]).
 //!
 //! The peers are given by hand ([`CoverPeers::Fixed`]) or are the other
 //! nodes of the directory's signed view ([`CoverPeers::Live`], kept up to
@@ -13,8 +27,9 @@
 //! reads the latest list before each message, so a changed list takes
 //! effect without a restart.
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use mixnn_directory::VerifiedView;
 pub use mixnn_net::pacing::{cover_message, poisson_gap, CellCounts, Rate};
@@ -88,14 +103,92 @@ pub fn peers_from_view(view: &VerifiedView, me: &[u8; 32], my_link: &[u8; 32]) -
         .collect()
 }
 
+/// Links whose sizes a node keeps at most; past it the link with the
+/// fewest messages is forgotten (so anyone who sets up sessions with many
+/// made-up neighbours costs the node bounded memory, and a cascade's busy
+/// link is the last to go).
+pub const MAX_LINKS_SIZED: usize = 4096;
+
+/// The cell counts of the real messages a node has sent, per link (an
+/// address and the link key it was sent to) and over all links.
+#[derive(Debug, Default)]
+pub struct LinkSizes {
+    inner: Mutex<Sizes>,
+}
+
+#[derive(Debug, Default)]
+struct Sizes {
+    links: HashMap<CoverPeer, Counts>,
+    all: Counts,
+}
+
+/// Messages per cell count, and how many in all.
+#[derive(Debug, Default)]
+struct Counts {
+    by_cells: BTreeMap<usize, u64>,
+    total: u64,
+}
+
+impl Counts {
+    fn record(&mut self, cells: usize) {
+        *self.by_cells.entry(cells).or_insert(0) += 1;
+        self.total += 1;
+    }
+
+    /// The most common count; ties go to the larger count of cells. 0
+    /// before any message.
+    fn mode(&self) -> usize {
+        self.by_cells
+            .iter()
+            .max_by_key(|(c, n)| (**n, **c))
+            .map_or(0, |(c, _)| *c)
+    }
+}
+
+impl LinkSizes {
+    /// Records one real message of `cells` cells sent on `link`.
+    pub fn record(&self, link: CoverPeer, cells: usize) {
+        let Ok(mut s) = self.inner.lock() else {
+            return;
+        };
+        if !s.links.contains_key(&link) && s.links.len() >= MAX_LINKS_SIZED {
+            let fewest = s.links.iter().min_by_key(|(_, c)| c.total).map(|(l, _)| *l);
+            if let Some(l) = fewest {
+                s.links.remove(&l);
+            }
+        }
+        s.links.entry(link).or_default().record(cells);
+        s.all.record(cells);
+    }
+
+    /// The cell count of a cover message on `link`: the most common count
+    /// of that link's own real messages; for a link without any, the most
+    /// common over all links; 0 before any real message.
+    pub fn cover_cells(&self, link: &CoverPeer) -> usize {
+        let Ok(s) = self.inner.lock() else {
+            return 0;
+        };
+        match s.links.get(link) {
+            Some(c) if c.total > 0 => c.mode(),
+            _ => s.all.mode(),
+        }
+    }
+
+    /// Links with sizes recorded.
+    pub fn links(&self) -> usize {
+        self.inner.lock().map_or(0, |s| s.links.len())
+    }
+}
+
 /// Sends cover messages at `rate` (none if `None`) to peers drawn
 /// uniformly from `peers` (read anew for every message; none while it is
-/// empty), until `tx` closes. `seed` seeds the times, the peers and the
+/// empty), until `tx` closes; each of the cell count of its link
+/// ([`LinkSizes::cover_cells`]). `seed` seeds the times, the peers and the
 /// content.
 pub(crate) async fn cover_loop(
     rate: Option<Rate>,
     peers: CoverPeers,
-    sizes: Arc<CellCounts>,
+    sizes: Arc<LinkSizes>,
     tx: mpsc::UnboundedSender<Outbound>,
     seed: [u8; 32],
 ) {
@@ -105,13 +198,13 @@ pub(crate) async fn cover_loop(
     }
     while let Some(gap) = rate.and_then(|r| poisson_gap(r.per_second(), &mut rng)) {
         tokio::time::sleep(gap).await;
-        let cells = sizes.mode();
-        if cells == 0 {
-            continue;
-        }
         let Some((addr, expect)) = peers.pick(&mut rng) else {
             continue;
         };
+        let cells = sizes.cover_cells(&(addr, expect));
+        if cells == 0 {
+            continue;
+        }
         let cells = match cover_message(cells, &mut rng) {
             Ok(c) => c,
             Err(e) => return tracing::error!("cover: {e}"),
@@ -247,8 +340,8 @@ mod tests {
     #[tokio::test]
     async fn the_cover_loop_follows_a_changing_list() {
         let (peers_tx, peers_rx) = watch::channel(Vec::new());
-        let sizes = Arc::new(CellCounts::default());
-        sizes.record(2);
+        let sizes = Arc::new(LinkSizes::default());
+        sizes.record(peer(9), 2);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let cover = tokio::spawn(cover_loop(
             Rate::new(1_000.0),
@@ -274,5 +367,97 @@ mod tests {
             assert_eq!((o.addr, o.expect), peer(2));
         }
         cover.abort();
+    }
+
+    /// Cell counts of the first `n` cover messages the loop sends, per
+    /// peer.
+    async fn cover_cells(
+        sizes: Arc<LinkSizes>,
+        peers: Vec<CoverPeer>,
+        n: usize,
+    ) -> std::collections::BTreeMap<CoverPeer, Vec<usize>> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let cover = tokio::spawn(cover_loop(
+            Rate::new(2_000.0),
+            CoverPeers::Fixed(peers),
+            sizes,
+            tx,
+            [5; 32],
+        ));
+        let mut got = std::collections::BTreeMap::<CoverPeer, Vec<usize>>::new();
+        for _ in 0..n {
+            let o = rx.recv().await.unwrap();
+            assert_eq!(o.cells.len() % mixnn_wire::CELL_SIZE, 0);
+            got.entry((o.addr, o.expect))
+                .or_default()
+                .push(o.cells.len() / mixnn_wire::CELL_SIZE);
+        }
+        cover.abort();
+        got
+    }
+
+    /// The attack of issue #17: a cascade sends 3-cell messages on the
+    /// victim link; an attacker's session through the same node sends
+    /// many more 1-cell messages on another link. With one count per node
+    /// (before) every cover message on the victim link was 1 cell (40 of
+    /// 40), so an observer of that link could drop cover by its size.
+    /// Per link, the victim link's cover is 3 cells whatever the attacker
+    /// sends elsewhere.
+    #[tokio::test]
+    async fn another_links_traffic_does_not_change_a_links_cover_size() {
+        let (victim, attacker, idle) = (peer(1), peer(2), peer(3));
+        let sizes = Arc::new(LinkSizes::default());
+        for _ in 0..10 {
+            sizes.record(victim, 3);
+        }
+        for _ in 0..50 {
+            sizes.record(attacker, 1);
+        }
+        let got = cover_cells(Arc::clone(&sizes), vec![victim], 40).await;
+        assert_eq!(got[&victim], vec![3; 40], "cover on the victim link");
+        // The attacker's own link gets its own size; a link with no real
+        // message the node's most common one.
+        let got = cover_cells(Arc::clone(&sizes), vec![victim, attacker, idle], 90).await;
+        assert!(got[&victim].iter().all(|c| *c == 3), "{got:?}");
+        assert!(got[&attacker].iter().all(|c| *c == 1), "{got:?}");
+        assert!(got[&idle].iter().all(|c| *c == 1), "{got:?}");
+        // Even a flood of the attacker's messages later leaves it alone.
+        for _ in 0..10_000 {
+            sizes.record(attacker, 1);
+        }
+        assert_eq!(sizes.cover_cells(&victim), 3);
+    }
+
+    #[test]
+    fn link_sizes_take_each_links_mode_and_stay_bounded() {
+        let s = LinkSizes::default();
+        assert_eq!(s.cover_cells(&peer(1)), 0, "nothing sent yet: no cover");
+        s.record(peer(1), 4);
+        s.record(peer(1), 1);
+        s.record(peer(1), 4);
+        assert_eq!(s.cover_cells(&peer(1)), 4);
+        // Ties go to the larger count; an unknown link takes the node's.
+        s.record(peer(2), 2);
+        s.record(peer(2), 5);
+        assert_eq!(s.cover_cells(&peer(2)), 5);
+        assert_eq!(s.cover_cells(&peer(3)), 4);
+        // The same address with another link key is another link.
+        let other_key: CoverPeer = (peer(1).0, [9; 32]);
+        s.record(other_key, 7);
+        assert_eq!(s.cover_cells(&other_key), 7);
+        assert_eq!(s.cover_cells(&peer(1)), 4);
+        // Many made-up links: bounded, and the busy link stays.
+        for _ in 0..100 {
+            s.record(peer(1), 4);
+        }
+        for i in 0..(MAX_LINKS_SIZED as u32 + 500) {
+            let link: CoverPeer = (
+                SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 1)),
+                [0xee; 32],
+            );
+            s.record(link, 1);
+        }
+        assert_eq!(s.links(), MAX_LINKS_SIZED);
+        assert_eq!(s.cover_cells(&peer(1)), 4);
     }
 }

@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use mixnn_net::{
-    recv_message, Link, LinkConfig, LinkKeypair, LinkListener, NodeKeys, PublicLinkKey,
+    alias, recv_message, Link, LinkConfig, LinkKeypair, LinkListener, NodeKeys, PublicLinkKey,
 };
 use mixnn_wire::{Message, OnionSecret, CELL_SIZE};
 use rand_core::RngCore;
@@ -76,7 +76,9 @@ pub struct NodeConfig {
     /// memory only, so a restart forgets them).
     pub replay_file: Option<PathBuf>,
     /// If set, the node writes every address it has learned (one per line)
-    /// to this file after each change: an audit of what it knows.
+    /// to this file after each change: an audit of what it knows, for
+    /// debugging and tests only (`mixnn node --debug-record-peers`); `None`
+    /// by default, so that nothing at rest names the node's peers.
     pub learned_file: Option<PathBuf>,
     /// Cover messages per second (Poisson), sent to random
     /// [`NodeConfig::cover_peers`]; `None` sends none.
@@ -174,7 +176,7 @@ pub async fn run(
         None => None,
     };
     let (out_tx, out_rx) = mpsc::unbounded_channel::<Outbound>();
-    let sizes = Arc::new(cover::CellCounts::default());
+    let sizes = Arc::new(cover::LinkSizes::default());
     let shared = Arc::new(Mutex::new(Shared {
         core,
         learned_file: config.learned_file.clone(),
@@ -235,14 +237,14 @@ pub async fn run(
                 tracing::error!(
                     "link limit of {} reached: refusing {}",
                     config.max_links,
-                    pending.peer_addr()
+                    alias::peer(&pending.peer_addr())
                 );
                 continue;
             };
             let shared = Arc::clone(&shared);
             tokio::spawn(async move {
                 let _permit = permit;
-                let peer = pending.peer_addr();
+                let peer = alias::peer(&pending.peer_addr());
                 // The handshake is bounded by the link config and by the
                 // idle timeout, whichever is shorter.
                 match tokio::time::timeout(idle, pending.handshake()).await {
@@ -270,6 +272,7 @@ pub async fn run(
 async fn read_loop(link: Link, shared: Arc<Mutex<Shared>>, idle: Duration) {
     let from = *link.remote_key().as_bytes();
     let peer = link.peer_addr();
+    let who = alias::peer(&peer);
     let (mut reader, _writer) = link.into_split();
     reader.set_idle_timeout(Some(idle));
     let mut cell = vec![0u8; CELL_SIZE];
@@ -288,10 +291,10 @@ async fn read_loop(link: Link, shared: Arc<Mutex<Shared>>, idle: Duration) {
             }
             Err(mixnn_net::NetError::Closed { .. }) => return,
             Err(mixnn_net::NetError::Idle { .. }) => {
-                return tracing::debug!("closing the link from {peer}: idle");
+                return tracing::debug!("closing the link from {who}: idle");
             }
             Err(e) => {
-                tracing::warn!("dropping link from {peer}: {e}");
+                tracing::warn!("dropping link from {who}: {e}");
                 return;
             }
         }
@@ -304,7 +307,8 @@ struct Shared {
     core: Core,
     learned_file: Option<PathBuf>,
     drop_after: Option<u64>,
-    sizes: Arc<cover::CellCounts>,
+    /// Cell counts of the real messages sent, per link (for cover).
+    sizes: Arc<cover::LinkSizes>,
     /// Addresses already written to `learned_file`.
     known: usize,
     /// Session messages handled (for `drop_after`).
@@ -318,6 +322,7 @@ impl Shared {
     /// Handles one message and queues what it produces; true when
     /// something was queued.
     fn handle(&mut self, from: [u8; 32], peer: SocketAddr, msg: Message) -> bool {
+        let peer = alias::peer(&peer);
         let cover = msg.kind == mixnn_wire::CellKind::Cover;
         let mut sent = false;
         // The core drops the session of a message that panics in the
@@ -340,7 +345,8 @@ impl Shared {
                 }
                 if self.drop_after.is_none_or(|n| self.handled <= n) {
                     for o in outs {
-                        self.sizes.record(o.cells.len() / CELL_SIZE);
+                        self.sizes
+                            .record((o.addr, o.expect), o.cells.len() / CELL_SIZE);
                         // The egress task lives as long as the node.
                         sent |= self.tx.send(o).is_ok();
                     }
@@ -438,10 +444,11 @@ async fn write_loop(
     idle: Duration,
 ) {
     let config = LinkConfig::mixnn();
+    let to = alias::peer(&addr);
     let link =
         match Link::connect(addr, &key, Some(PublicLinkKey::from_bytes(expect)), config).await {
             Ok(l) => l,
-            Err(e) => return tracing::warn!("cannot reach {addr}: {e}"),
+            Err(e) => return tracing::warn!("cannot reach {to}: {e}"),
         };
     let (_reader, mut writer) = link.into_split();
     let Some(pace) = pace else {
@@ -456,14 +463,14 @@ async fn write_loop(
                     rx.close();
                     while let Ok(cells) = rx.try_recv() {
                         if let Err(e) = writer.send_cells(&cells).await {
-                            return tracing::warn!("link to {addr} failed: {e}");
+                            return tracing::warn!("link to {to} failed: {e}");
                         }
                     }
-                    return tracing::debug!("closing the link to {addr}: idle");
+                    return tracing::debug!("closing the link to {to}: idle");
                 }
             };
             if let Err(e) = writer.send_cells(&cells).await {
-                return tracing::warn!("link to {addr} failed: {e}");
+                return tracing::warn!("link to {to} failed: {e}");
             }
         }
     };
@@ -476,7 +483,7 @@ async fn write_loop(
         if let Err(e) = writer.send_cells(paced.cells()).await {
             let lost = pacer.queued() + usize::from(matches!(paced, pacing::Paced::Real(_)));
             return tracing::warn!(
-                "link to {addr} failed: {e}; {lost} queued messages to it are lost"
+                "link to {to} failed: {e}; {lost} queued messages to it are lost"
             );
         }
     }

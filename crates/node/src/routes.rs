@@ -2,8 +2,10 @@
 //! keys, that its init note named: the previous hop (backward traffic),
 //! the next hop (everything else that goes on) and the designer
 //! (deliveries). Every routing block a hop peels must name one of them, so
-//! a session cannot make the node connect anywhere else. Kept in one place:
-//! a later version may send deliveries back over the designer's own link.
+//! a session cannot make the node connect anywhere else. Only the first and
+//! the last hop of a cascade are told the designer's address (and key):
+//! a middle hop has no place to deliver to. Kept in one place: a later
+//! version may send deliveries back over the designer's own link.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -71,7 +73,10 @@ impl Routes {
 
     /// Whether a link with key `key` may send this session's messages.
     pub(crate) fn is_neighbour(&self, key: &[u8; 32]) -> bool {
-        [self.prev.link, self.next.link, self.designer.link].contains(key)
+        // A middle hop's note names no designer (no address, a zero key):
+        // then no link speaks for one.
+        let designer = self.designer.addr.is_some() && *key == self.designer.link;
+        designer || [self.prev.link, self.next.link].contains(key)
     }
 
     /// The designer's link key (deliveries go to it).
@@ -79,12 +84,20 @@ impl Routes {
         self.designer.link
     }
 
-    /// The link key of the hop that `op`, passed on to `addr`, goes to
-    /// (backward traffic goes back, everything else on), if `addr` is where
-    /// the init said that hop is.
+    /// The link key of the hop that `op`, passed on to `addr`, goes to, if
+    /// `addr` is where the init said that hop is: backward traffic goes
+    /// back, forward, test, init and close traffic on, and loops and
+    /// transfers (fetch, load, audit) either way (they go out to a hop and
+    /// come back along the cascade to the first hop, which delivers).
     pub(crate) fn pass_on(&self, op: Op, addr: SocketAddr) -> Result<[u8; 32], NodeError> {
+        let either = matches!(op, Op::Loop | Op::Fetch | Op::Load | Op::Audit);
+        if either && self.prev.addr == Some(addr) {
+            return Ok(self.prev.link);
+        }
         let (peer, which) = if op == Op::Backward {
             (self.prev, "previous")
+        } else if either {
+            (self.next, "neighbour")
         } else {
             (self.next, "next")
         };
@@ -131,6 +144,7 @@ mod tests {
             prev_addr: Some("127.0.0.1:1001".parse().unwrap()),
             next_addr: Some("127.0.0.1:1002".parse().unwrap()),
             designer_addr: None,
+            reply_key: [0x5e; 32],
             audit_key: None,
         }
     }
@@ -145,9 +159,31 @@ mod tests {
         assert!(r
             .pass_on(Op::Loop, "127.0.0.1:22".parse().unwrap())
             .is_err());
-        // No designer address: no delivery at all.
+        // Loops and transfers go either way, to the named neighbours only;
+        // training passes one way.
+        for op in [Op::Loop, Op::Fetch, Op::Load, Op::Audit] {
+            assert_eq!(r.pass_on(op, prev).unwrap(), [1; 32]);
+            assert_eq!(r.pass_on(op, next).unwrap(), [2; 32]);
+        }
+        for op in [Op::Forward, Op::Test, Op::Init, Op::Close] {
+            assert!(r.pass_on(op, prev).is_err(), "{op:?}");
+        }
+        assert!(r.pass_on(Op::Backward, next).is_err());
+        // No designer address (a middle hop): no delivery at all, and no
+        // link speaks for the designer, whatever key the note holds.
         assert!(r.deliver(next).is_err());
-        assert!(r.is_neighbour(&[3; 32]) && !r.is_neighbour(&[4; 32]));
+        assert!(!r.is_neighbour(&[3; 32]) && !r.is_neighbour(&[4; 32]));
+        assert!(r.is_neighbour(&[1; 32]) && r.is_neighbour(&[2; 32]));
+        let end = Routes::from_note(&InitNote {
+            designer_addr: Some("127.0.0.1:9000".parse().unwrap()),
+            ..note()
+        })
+        .unwrap();
+        assert!(end.is_neighbour(&[3; 32]));
+        assert_eq!(
+            end.deliver("127.0.0.1:9000".parse().unwrap()).unwrap(),
+            [3; 32]
+        );
     }
 
     #[test]

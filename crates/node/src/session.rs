@@ -61,6 +61,9 @@ pub(crate) struct NodeSession {
     pub(crate) fetched: Option<(u64, Vec<u8>)>,
     /// Commitments and openings, when the designer audits this session.
     pub(crate) auditor: Option<Auditor>,
+    /// Seals fetch and audit answers and opens loads
+    /// ([`mixnn_proto::reply`]).
+    pub(crate) reply_key: mixnn_proto::reply::ReplyKey,
 }
 
 impl NodeSession {
@@ -76,9 +79,11 @@ impl NodeSession {
     }
 }
 
-/// The first bytes of an id, in hex, for logs and errors.
+/// An id (a session id, a link key) as logs and errors show it: its
+/// per-process alias (`#c01d77`, [`mixnn_net::alias`]), never its bytes,
+/// so that no log line can be joined with another process's on it.
 pub(crate) fn short(bytes: &[u8]) -> String {
-    bytes.iter().take(4).map(|b| format!("{b:02x}")).collect()
+    mixnn_net::alias::id(bytes).tag().to_string()
 }
 
 /// No test adversary (builds without the `adversary` feature).
@@ -183,7 +188,7 @@ pub(crate) fn backward(
 /// Chunk `chunk` of `all` (a state or an opening), as big as a message
 /// under `policy` carries, with the total length.
 pub(crate) fn state_chunk(all: &[u8], chunk: u32, policy: &PaddingPolicy) -> Vec<u8> {
-    let room = policy.max_body().saturating_sub(4).max(1);
+    let room = mixnn_proto::chunk_room(policy.max_body());
     let start = (chunk as usize).saturating_mul(room).min(all.len());
     let end = start.saturating_add(room).min(all.len());
     ParamChunk {

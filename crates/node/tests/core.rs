@@ -64,6 +64,7 @@ fn init_note(stage: StageSpec) -> InitNote {
         prev_addr: None,
         next_addr: None,
         designer_addr: Some(designer_addr()),
+        reply_key: [0x5e; 32],
         audit_key: None,
     }
 }
@@ -726,7 +727,7 @@ fn a_routing_block_must_name_where_the_init_said() {
         Next::Hop(elsewhere),
     );
     let err = rig.handle(PREV, msg).unwrap_err().to_string();
-    assert!(err.contains("next hop other than"), "{err}");
+    assert!(err.contains("neighbour hop other than"), "{err}");
     assert!(rig
         .core
         .learned_addresses()

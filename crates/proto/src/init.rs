@@ -49,6 +49,9 @@ pub struct InitNote {
     /// Address of the designer, the only place this hop may deliver to;
     /// `None`: it may not deliver at all.
     pub designer_addr: Option<SocketAddr>,
+    /// Key of this hop's sealed bodies ([`crate::reply`]): fetch and audit
+    /// answers and loads travel through other hops, sealed with it.
+    pub reply_key: [u8; 32],
     /// Key of this hop's audit commitments ([`crate::audit`]), fresh per hop and
     /// session; `None`: the hop commits to nothing and carries no
     /// commitment trailer. Encoded only when present.
@@ -118,6 +121,7 @@ impl InitNote {
                 None => out.push(NO_ADDR),
             }
         }
+        out.extend_from_slice(&self.reply_key);
         if let Some(k) = &self.audit_key {
             out.extend_from_slice(k);
         }
@@ -203,6 +207,7 @@ impl InitNote {
             prev_addr: r.addr()?,
             next_addr: r.addr()?,
             designer_addr: r.addr()?,
+            reply_key: r.key()?,
             audit_key: None,
         };
         let note = if r.at < r.bytes.len() {
@@ -247,6 +252,7 @@ mod tests {
             prev_addr: Some("10.0.0.1:7001".parse().unwrap()),
             next_addr: Some("[::1]:7002".parse().unwrap()),
             designer_addr: None,
+            reply_key: [5; 32],
             audit_key: None,
         }
     }
@@ -256,7 +262,7 @@ mod tests {
         let n = note();
         let b = n.encode();
         assert_eq!(InitNote::decode(&b).unwrap(), n);
-        assert!(b.len() < 214, "{}", b.len());
+        assert!(b.len() < 246, "{}", b.len());
         let n = InitNote {
             padding: PaddingPolicy::Classes { max_body: 9_000 },
             prev_addr: None,
@@ -274,7 +280,7 @@ mod tests {
             max_body: MAX_BODY_LEN,
         };
         let mut b = n.encode();
-        let at = b.len() - 3 * 32 - 8 - 4 - 19 - 19 - 1;
+        let at = b.len() - 32 - 3 * 32 - 8 - 4 - 19 - 19 - 1;
         b[at..at + 4].copy_from_slice(&(MAX_BODY_LEN as u32 + 1).to_le_bytes());
         let err = InitNote::decode(&b).unwrap_err().to_string();
         assert!(err.contains("largest body"), "{err}");

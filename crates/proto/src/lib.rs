@@ -8,9 +8,9 @@
 //! | backward | [`BackwardNote`]: micro-batch, `need_input_grad` | gradient (empty at the loss stage) | gradient, or empty to the designer |
 //! | test | [`SessionNote::Test`] | activation | activation / output to the designer |
 //! | loop | [`SessionNote::Loop`] | anything | unchanged |
-//! | fetch | [`ChunkNote`] | empty | [`ParamChunk`] of [`encode_state`] to the designer |
-//! | load | [`ChunkNote`] | [`ParamChunk`] of [`encode_state`] | empty, to the designer |
-//! | audit | [`ChunkNote`] | empty | [`ParamChunk`] of an [`audit::Opening`] to the designer |
+//! | fetch | [`ChunkNote`] | empty | [`ParamChunk`] of [`encode_state`], [sealed](reply), back along the route to the designer |
+//! | load | [`ChunkNote`] | [sealed](reply) [`ParamChunk`] of [`encode_state`] | empty, back along the route to the designer |
+//! | audit | [`ChunkNote`] | empty | [`ParamChunk`] of an [`audit::Opening`], [sealed](reply), back along the route to the designer |
 //! | close | [`SessionNote::Close`] | empty | empty: passed on along the path, the last hop acknowledges to the designer; each hop drops its session |
 //!
 //! A session note is decoded for the op of the routing block it came with
@@ -26,12 +26,13 @@
 pub mod audit;
 mod init;
 mod note;
+pub mod reply;
 mod state;
 pub mod trailer;
 
 pub use init::{InitNote, MAX_OPS, MAX_WIDTH};
 pub use note::{BackwardNote, ChunkNote, ForwardNote, Micro, SessionNote, MAX_LABELS};
-pub use state::{decode_params, decode_state, encode_params, encode_state, ParamChunk};
+pub use state::{chunk_room, decode_params, decode_state, encode_params, encode_state, ParamChunk};
 
 /// A malformed note or body.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -14,6 +14,16 @@ pub struct ParamChunk {
     pub bytes: Vec<u8>,
 }
 
+/// Bytes of a state per chunk when the largest body is `max_body`: the
+/// body less the chunk's length field and the seal
+/// ([`crate::reply::SEAL_OVERHEAD`]). The designer and every hop cut
+/// states with this function.
+pub fn chunk_room(max_body: usize) -> usize {
+    max_body
+        .saturating_sub(4 + crate::reply::SEAL_OVERHEAD)
+        .max(1)
+}
+
 impl ParamChunk {
     /// Encodes `total ‖ bytes`.
     pub fn encode(&self) -> Vec<u8> {

@@ -131,13 +131,18 @@ pub struct Nodes {
 
 impl Nodes {
     pub fn start(dir: &Path, n: usize) -> Nodes {
+        Nodes::start_with(dir, n, &[])
+    }
+
+    /// Like [`Nodes::start`], every node with `extra` arguments.
+    pub fn start_with(dir: &Path, n: usize, extra: &[&str]) -> Nodes {
         let mut nodes = Nodes {
             children: Vec::new(),
             hops: Vec::new(),
             dir: dir.to_path_buf(),
         };
         for _ in 0..n {
-            nodes.start_one(&[]);
+            nodes.start_one(extra);
         }
         nodes
     }
@@ -245,6 +250,10 @@ pub fn train_cmd(dir: &Path, name: &str, mode: &[&str], extra: &[&str]) -> Comma
         .args(extra)
         .current_dir(dir)
         .stdin(Stdio::null());
+    // The default seed is random: runs compared with each other share one.
+    if !extra.contains(&"--seed") {
+        c.args(["--seed", "1"]);
+    }
     c
 }
 

@@ -170,7 +170,9 @@ struct ConfigRecord {
     batch: u64,
     lr_bits: u32,
     momentum_bits: u32,
-    seed: u64,
+    /// The run's secret seed (64 hex digits): the designer keeps it, no
+    /// hop ever sees it.
+    seed: mixnn_model::seed::RunSeed,
     micro_batches: u64,
 }
 

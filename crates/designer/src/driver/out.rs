@@ -80,7 +80,10 @@ async fn paced(addr: SocketAddr, mut writer: LinkWriter, mut pacer: Pacer) {
     while let Some(p) = pacer.next().await {
         if let Err(e) = writer.send_cells(p.cells()).await {
             let lost = pacer.queued() + usize::from(matches!(p, Paced::Real(_)));
-            return tracing::warn!("link to hop {addr} failed: {e}; {lost} queued messages lost");
+            return tracing::warn!(
+                "link to hop {} failed: {e}; {lost} queued messages lost",
+                mixnn_net::alias::peer(&addr)
+            );
         }
     }
 }

@@ -276,7 +276,13 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
         audits.new_session(3, &mut ChaCha8Rng::seed_from_u64(9));
         let key = |k: usize| audits.key(k).unwrap();
         let mut stages: Vec<Stage> = (0..3)
-            .map(|i| Stage::new(&model.stages[i], stage_seed(1, i), Sgd::default()))
+            .map(|i| {
+                Stage::new(
+                    &model.stages[i],
+                    stage_seed(&mixnn_model::seed::RunSeed::from_number(1), i),
+                    Sgd::default(),
+                )
+            })
             .collect();
         let mut x = TensorBytes::encode_pixels(&[2, 4], &batch.pixels);
         let mut fwd = Vec::new();

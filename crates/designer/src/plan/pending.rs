@@ -56,6 +56,8 @@ pub enum Await {
         /// The chunk.
         chunk: u32,
     },
+    /// The close passed every hop (the last acknowledges).
+    Closed,
 }
 
 impl fmt::Display for Await {
@@ -69,6 +71,7 @@ impl fmt::Display for Await {
             Await::Loaded { hop, chunk } => write!(f, "load of chunk {chunk} at hop {hop}"),
             Await::Probe(hop) => write!(f, "probe through hop {hop}"),
             Await::Opening { hop, chunk } => write!(f, "opening chunk {chunk} of hop {hop}"),
+            Await::Closed => write!(f, "close acknowledgement"),
         }
     }
 }
@@ -91,6 +94,8 @@ pub enum Expected {
     Probe,
     /// Audit openings.
     Opening,
+    /// The acknowledgement of a close.
+    Close,
 }
 
 impl Expected {
@@ -104,6 +109,7 @@ impl Expected {
             Expected::Load => "a state load",
             Expected::Probe => "a probe",
             Expected::Opening => "an audit opening",
+            Expected::Close => "the close acknowledgement",
         }
     }
 
@@ -118,6 +124,7 @@ impl Expected {
                 | (Expected::Load, Await::Loaded { .. })
                 | (Expected::Probe, Await::Probe(_))
                 | (Expected::Opening, Await::Opening { .. })
+                | (Expected::Close, Await::Closed)
         )
     }
 }

@@ -468,7 +468,13 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
             .stages
             .iter()
             .enumerate()
-            .map(|(i, s)| Stage::new(s, stage_seed(1, i), Sgd::default()))
+            .map(|(i, s)| {
+                Stage::new(
+                    s,
+                    stage_seed(&mixnn_model::seed::RunSeed::from_number(1), i),
+                    Sgd::default(),
+                )
+            })
             .collect();
         let mut c = Checkpoints::new(&m, true, NonZeroU64::new(2));
         for step in 0..=4u64 {

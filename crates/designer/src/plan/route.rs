@@ -12,8 +12,12 @@
 //! | [`Route::backward`] | n−1, …, 0 | a backward note each, `need_input_grad` per hop |
 //! | [`Route::test`] | 0, …, n−1 | a test note each |
 //! | [`Route::whole_loop`] | 0, …, n−1 | a loop note each |
-//! | [`Route::probe`] | 0, …, j | a loop note each |
-//! | [`Route::chunk`] | 0, …, j | loops, then a fetch, load or audit note at j |
+//! | [`Route::close`] | 0, …, n−1 | a close note each (each hop drops the session) |
+//! | [`Route::probe`] | 0, …, j, j−1, …, 0 | a loop note each |
+//! | [`Route::chunk`] | 0, …, j, j−1, …, 0 | loops, and a fetch, load or audit note at j (its body sealed, [`mixnn_proto::reply`]) |
+//!
+//! So only the first and the last hop ever deliver to the designer: the
+//! middle hops' init notes name no designer address.
 //!
 //! Kept stages change only the notes ([`Layout::needs_input_grad`], the
 //! loss hop) and which entry link a route uses; dummy hops are hops like
@@ -22,12 +26,14 @@
 
 use std::net::SocketAddr;
 
+use mixnn_proto::reply::{ReplyKey, Sealed as SealedKind};
 use mixnn_proto::{BackwardNote, ChunkNote, ForwardNote, InitNote, Micro, SessionNote};
 use mixnn_wire::{
     encode_cells, wrap_init, CellKind, DesignerSession, HopAddr, HopLayer, HopTag, Next,
     OnionPublic, Op, PaddingPolicy, ReplyId, RoutingBlock,
 };
 use rand_chacha::ChaCha8Rng;
+use rand_core::RngCore;
 
 use crate::error::DesignerError;
 use crate::plan::layout::Layout;
@@ -118,20 +124,28 @@ impl Route {
         Route::through(n, SessionNote::Loop { step })
     }
 
-    /// A loop through hops `0..=j` only: does the cascade answer up to `j`?
+    /// A loop out to hop `j` and back to the first hop, which delivers:
+    /// does the cascade answer up to `j`?
     pub fn probe(j: usize, step: u64) -> Route {
-        Route::through(j + 1, SessionNote::Loop { step })
+        Route::out_and_back(j, SessionNote::Loop { step })
     }
 
-    /// A loop through hops `0..j` and `note` (a fetch, load or audit) at
-    /// hop `j`, which answers the designer. The loop hops' notes carry
-    /// `note`'s step.
+    /// `note` (a fetch, load or audit) for hop `j`: out through hops
+    /// `0..j` and back through `j-1..=0` as loops (their notes carry
+    /// `note`'s step), the first hop delivers. Only the ends of a cascade
+    /// ever talk to the designer; the body is sealed between the designer
+    /// and hop `j` ([`mixnn_proto::reply`]).
     pub fn chunk(j: usize, note: SessionNote) -> Route {
+        Route::out_and_back(j, note)
+    }
+
+    fn out_and_back(j: usize, note: SessionNote) -> Route {
         let step = note.step();
-        let mut notes = vec![SessionNote::Loop { step }; j];
-        notes.push(note);
+        let visits: Vec<usize> = (0..=j).chain((0..j).rev()).collect();
+        let mut notes = vec![SessionNote::Loop { step }; visits.len()];
+        notes[j] = note;
         Route {
-            visits: (0..=j).collect(),
+            visits,
             notes,
             tags: None,
             entry: Entry::First,
@@ -151,6 +165,12 @@ impl Route {
     /// Chunk `chunk` of hop `j`'s opening of `step`.
     pub fn audit(j: usize, step: u64, chunk: u32) -> Route {
         Route::chunk(j, SessionNote::Audit(ChunkNote { step, chunk }))
+    }
+
+    /// The end of the session at `step`: through every hop, each drops
+    /// its session, the last acknowledges.
+    pub fn close(n: usize, step: u64) -> Route {
+        Route::through(n, SessionNote::Close { step })
     }
 
     fn through(n: usize, note: SessionNote) -> Route {
@@ -195,6 +215,8 @@ pub struct Router {
     hops: Vec<SocketAddr>,
     me: HopAddr,
     session: Option<DesignerSession>,
+    /// Per hop, the key of its sealed bodies in this session.
+    reply_keys: Vec<ReplyKey>,
     policy: PaddingPolicy,
     rng: ChaCha8Rng,
 }
@@ -212,6 +234,7 @@ impl Router {
             hops,
             me: HopAddr(me),
             session: None,
+            reply_keys: Vec::new(),
             policy,
             rng,
         }
@@ -254,6 +277,57 @@ impl Router {
     pub fn set_hops(&mut self, hops: Vec<SocketAddr>) {
         self.hops = hops;
         self.session = None;
+        self.reply_keys.clear();
+    }
+
+    /// Fresh reply keys for a new session, one per hop (they go into the
+    /// init notes); kept to seal loads and open fetches and openings.
+    pub fn fresh_reply_keys(&mut self) -> Vec<[u8; 32]> {
+        self.reply_keys = (0..self.hops.len())
+            .map(|_| {
+                let mut k = [0u8; 32];
+                self.rng.fill_bytes(&mut k);
+                ReplyKey(k)
+            })
+            .collect();
+        self.reply_keys.iter().map(|k| k.0).collect()
+    }
+
+    /// `plain` sealed for hop `hop` ([`mixnn_proto::reply`]).
+    pub fn seal_body(
+        &mut self,
+        hop: usize,
+        kind: SealedKind,
+        step: u64,
+        chunk: u32,
+        plain: &[u8],
+    ) -> Result<Vec<u8>, DesignerError> {
+        let key = self.reply_key(hop)?;
+        let mut nonce = [0u8; 24];
+        self.rng.fill_bytes(&mut nonce);
+        Ok(key.seal(kind, step, chunk, plain, nonce))
+    }
+
+    /// Opens what hop `hop` sealed; a body that does not open is that
+    /// hop's bad reply (or a relay's tampering: both are caught here).
+    pub fn open_body(
+        &self,
+        hop: usize,
+        kind: SealedKind,
+        step: u64,
+        chunk: u32,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, DesignerError> {
+        Ok(self.reply_key(hop)?.open(kind, step, chunk, sealed)?)
+    }
+
+    fn reply_key(&self, hop: usize) -> Result<ReplyKey, DesignerError> {
+        self.reply_keys
+            .get(hop)
+            .copied()
+            .ok_or_else(|| DesignerError::Config {
+                message: format!("no reply key for hop {hop}: no session set up"),
+            })
     }
 
     /// The init onion through every hop (each reads its [`InitNote`]),
@@ -405,14 +479,26 @@ ops = [{ op = "nll_loss" }]
     }
 
     #[test]
-    fn a_chunk_route_loops_up_to_its_hop() {
+    fn a_chunk_route_goes_out_to_its_hop_and_back_to_the_first() {
         let r = Route::fetch(2, 7, 1);
-        assert_eq!(r.visits(), &[0, 1, 2]);
+        assert_eq!(r.visits(), &[0, 1, 2, 1, 0]);
         let ops: Vec<Op> = r.notes().iter().map(SessionNote::op).collect();
-        assert_eq!(ops, vec![Op::Loop, Op::Loop, Op::Fetch]);
+        assert_eq!(ops, vec![Op::Loop, Op::Loop, Op::Fetch, Op::Loop, Op::Loop]);
         assert!(r.notes().iter().all(|n| n.step() == 7));
         assert_eq!(Route::audit(0, 7, 0).visits(), &[0]);
         assert_eq!(Route::audit(0, 7, 0).entry(), Entry::First);
-        assert_eq!(Route::probe(1, 0).visits(), &[0, 1]);
+        assert_eq!(Route::probe(1, 0).visits(), &[0, 1, 0]);
+        // Every route that is not a training pass ends at the first hop:
+        // only the ends ever deliver.
+        for j in 0..6 {
+            for r in [
+                Route::fetch(j, 1, 0),
+                Route::load(j, 1, 0),
+                Route::audit(j, 1, 0),
+                Route::probe(j, 1),
+            ] {
+                assert_eq!(r.visits().last(), Some(&0));
+            }
+        }
     }
 }

@@ -13,10 +13,11 @@ use mixnn_wire::PaddingPolicy;
 
 use crate::error::BadReply;
 
-/// Bytes of payload per chunk message under `policy` (the body less the
-/// chunk's length field).
+/// Bytes of payload per chunk message under `policy`
+/// ([`mixnn_proto::chunk_room`]: the body less the chunk's length field
+/// and the seal).
 pub fn room(policy: &PaddingPolicy) -> usize {
-    policy.max_body().saturating_sub(4).max(1)
+    mixnn_proto::chunk_room(policy.max_body())
 }
 
 /// `bytes` cut into chunks of at most `room` bytes, in order.

@@ -167,6 +167,7 @@ impl Core {
                 loading: Vec::new(),
                 fetched: None,
                 auditor,
+                reply_key: mixnn_proto::reply::ReplyKey(note.reply_key),
             },
         );
         self.learned.insert(out.addr);

@@ -1,0 +1,136 @@
+//! End-to-end sealed bodies between the designer and one hop.
+//!
+//! A fetch, an audit opening and a load travel through other hops of the
+//! cascade (the designer talks only to the ends: a chunk route goes out
+//! to hop `j` and back along the same hops to the first, which delivers),
+//! so their bodies — a hop's parameters, momentum and commitments — are
+//! sealed for the two parties that share the hop's [`ReplyKey`], drawn
+//! fresh per hop and session and sent in its [`crate::InitNote`]. The
+//! hops that relay a sealed body see only its length, which the padding
+//! hides.
+//!
+//! Format: `nonce (24) ‖ XChaCha20-Poly1305(key, nonce, aad, plain)`;
+//! `aad = "mixnn-reply-v1" ‖ kind ‖ step_le64 ‖ chunk_le32`, so a relay
+//! can neither read a chunk nor swap it for another step's, chunk's or
+//! kind's.
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+
+use crate::{ProtoError, Result};
+
+/// Bytes a sealed body adds to its plaintext (nonce and tag).
+pub const SEAL_OVERHEAD: usize = 24 + 16;
+
+/// The key a hop and the designer share for sealed bodies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ReplyKey(pub [u8; 32]);
+
+impl std::fmt::Debug for ReplyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplyKey(..)")
+    }
+}
+
+/// What a sealed body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sealed {
+    /// A chunk of the hop's state, hop → designer.
+    Fetch,
+    /// A chunk of the hop's audit opening, hop → designer.
+    Audit,
+    /// A chunk of a state to load, designer → hop.
+    Load,
+}
+
+fn aad(kind: Sealed, step: u64, chunk: u32) -> [u8; 27] {
+    let mut a = [0u8; 27];
+    a[..14].copy_from_slice(b"mixnn-reply-v1");
+    a[14] = match kind {
+        Sealed::Fetch => 1,
+        Sealed::Audit => 2,
+        Sealed::Load => 3,
+    };
+    a[15..23].copy_from_slice(&step.to_le_bytes());
+    a[23..27].copy_from_slice(&chunk.to_le_bytes());
+    a
+}
+
+impl ReplyKey {
+    /// Seals `plain` as chunk `chunk` of `kind` at `step`, with a nonce
+    /// drawn by the caller (random: 24 bytes never repeat in practice).
+    pub fn seal(
+        &self,
+        kind: Sealed,
+        step: u64,
+        chunk: u32,
+        plain: &[u8],
+        nonce: [u8; 24],
+    ) -> Vec<u8> {
+        let cipher = XChaCha20Poly1305::new((&self.0).into());
+        let aad = aad(kind, step, chunk);
+        // Encryption fails only for plaintexts beyond 2^38 bytes; bodies
+        // are at most a few MiB.
+        let sealed = cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plain,
+                    aad: &aad,
+                },
+            )
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(24 + sealed.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// Opens a body [`ReplyKey::seal`] made for the same kind, step and
+    /// chunk; refuses anything else (another hop's, a relay's change).
+    pub fn open(&self, kind: Sealed, step: u64, chunk: u32, sealed: &[u8]) -> Result<Vec<u8>> {
+        let what = "sealed body";
+        if sealed.len() < SEAL_OVERHEAD {
+            return Err(ProtoError::Truncated {
+                what,
+                at: sealed.len(),
+            });
+        }
+        let (nonce, rest) = sealed.split_at(24);
+        let cipher = XChaCha20Poly1305::new((&self.0).into());
+        let aad = aad(kind, step, chunk);
+        cipher
+            .decrypt(XNonce::from_slice(nonce), Payload { msg: rest, aad: &aad })
+            .map_err(|_| ProtoError::Invalid {
+                what,
+                reason: format!(
+                    "{kind:?} chunk {chunk} of step {step} does not open under the session's reply key"
+                ),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_bodies_open_only_as_what_they_were_sealed_as() {
+        let k = ReplyKey([7; 32]);
+        let s = k.seal(Sealed::Fetch, 3, 1, b"state bytes", [9; 24]);
+        assert_eq!(s.len(), b"state bytes".len() + SEAL_OVERHEAD);
+        assert_eq!(k.open(Sealed::Fetch, 3, 1, &s).unwrap(), b"state bytes");
+        assert!(k.open(Sealed::Audit, 3, 1, &s).is_err());
+        assert!(k.open(Sealed::Fetch, 4, 1, &s).is_err());
+        assert!(k.open(Sealed::Fetch, 3, 0, &s).is_err());
+        assert!(ReplyKey([8; 32]).open(Sealed::Fetch, 3, 1, &s).is_err());
+        for i in 0..s.len() {
+            let mut t = s.clone();
+            t[i] ^= 1;
+            assert!(k.open(Sealed::Fetch, 3, 1, &t).is_err(), "flip at {i}");
+        }
+        assert!(k.open(Sealed::Fetch, 3, 1, &s[..10]).is_err());
+        // The plaintext does not show through.
+        assert!(!s.windows(5).any(|w| w == b"state"));
+    }
+}
