@@ -54,9 +54,16 @@ pub struct SelectionArgs {
     #[arg(long = "directory-key", value_name = "HEX")]
     pub directory_keys: Vec<String>,
 
-    /// How many directories must sign the same node list.
+    /// How many directories must list the same entry (address, keys,
+    /// family) for a node to be drawn; its weight is their median.
     #[arg(long, default_value_t = 1, value_name = "K")]
     pub quorum: usize,
+
+    /// LOCAL TESTING ONLY: let the draw put several hops in one /16 (e.g.
+    /// every node on 127.0.0.1). On a real network this lets one party
+    /// with one address block hold the whole cascade.
+    #[arg(long)]
+    pub allow_same_subnet: bool,
 
     /// Dummy hops hidden among the real stages (identity stages that see
     /// and send the same cells).
@@ -102,6 +109,11 @@ pub fn from_directory(
         urls: urls.to_vec(),
         pinned,
         quorum: args.quorum,
+        diversity: if args.allow_same_subnet {
+            mixnn_directory::Diversity::AllowSameSubnet
+        } else {
+            mixnn_directory::Diversity::Strict
+        },
     };
     let seed = args
         .selection_seed
@@ -304,6 +316,8 @@ impl LocalDirectory {
                 "127.0.0.1:0",
                 "--heartbeat-interval",
                 "1",
+                // Every local node is on 127.0.0.1 (local testing only).
+                "--allow-same-subnet",
                 "--db",
             ])
             .arg(dir.join("directory.db"))

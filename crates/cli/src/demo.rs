@@ -119,6 +119,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         let selection = SelectionArgs {
             directory_keys: vec![directory.key.clone()],
             quorum: 1,
+            // Every demo node is on 127.0.0.1 (local testing only).
+            allow_same_subnet: true,
             dummies: args.dummies,
             selection_seed: None,
         };

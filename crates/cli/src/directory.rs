@@ -35,6 +35,32 @@ pub struct DirectoryArgs {
     #[arg(long, default_value_t = 600, value_name = "S",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub view_ttl: u64,
+    /// Listed nodes per IPv4 /24 or IPv6 /48.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub max_per_prefix: usize,
+    /// LOCAL TESTING ONLY: no per-prefix limit, so many nodes on one
+    /// address (127.0.0.1) can be listed. On a real network this lets one
+    /// party with one address block fill the directory.
+    #[arg(long)]
+    pub allow_same_subnet: bool,
+    /// Seconds between probes of a listed node (it is unlisted when one
+    /// fails, listed again when one passes).
+    #[arg(long, default_value_t = 300, value_name = "S",
+          value_parser = clap::value_parser!(u64).range(4..))]
+    pub reprobe_interval: u64,
+    /// Seconds after which a node not heard from is forgotten (its address
+    /// and prefix slot are free again).
+    #[arg(long, default_value_t = 3600, value_name = "S",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub expiry: u64,
+    /// An operator-admitted reporter key (hex; repeatable): it may report
+    /// any listed node without a draw receipt.
+    #[arg(long = "admit-reporter", value_name = "HEX", value_parser = parse_reporter)]
+    pub admitted_reporters: Vec<[u8; 32]>,
+}
+
+fn parse_reporter(s: &str) -> Result<[u8; 32], String> {
+    parse_key_hex("reporter key", s.trim()).map_err(|e| e.to_string())
 }
 
 /// Prefix of the line the directory prints once it listens.
@@ -69,8 +95,17 @@ pub fn run(args: &DirectoryArgs) -> anyhow::Result<()> {
         heartbeat_interval: args.heartbeat_interval,
         live_window: args.heartbeat_interval.saturating_mul(3),
         view_ttl: args.view_ttl,
+        max_per_prefix: args.max_per_prefix,
+        allow_same_subnet: args.allow_same_subnet,
+        reprobe_interval: args.reprobe_interval,
+        proof_ttl: args.reprobe_interval.saturating_mul(3),
+        expiry: args.expiry,
+        admitted_reporters: args.admitted_reporters.clone(),
         ..DirectoryConfig::default()
     };
+    if args.allow_same_subnet {
+        tracing::warn!("--allow-same-subnet: no per-prefix limit (local testing only)");
+    }
     let state = DirectoryState::new(store, keys, Arc::new(SystemClock), config);
     tracing::info!(
         db = %args.db.display(),

@@ -108,6 +108,12 @@ pub struct NodeArgs {
     #[arg(long = "directory-key", value_name = "HEX", value_parser = parse_directory_key,
           requires = "directory")]
     pub directory_keys: Vec<[u8; 32]>,
+    /// The identity key (hex) of another node this operator runs
+    /// (repeatable): published as the node's family, which designers keep
+    /// out of one cascade once each member lists the others.
+    #[arg(long = "family", value_name = "HEX", value_parser = parse_directory_key,
+          requires = "directory")]
+    pub family: Vec<[u8; 32]>,
     /// Seconds between heartbeats to the directory (and between fetches
     /// of its view, for cover peers).
     #[arg(long, default_value_t = 10, value_name = "S",
@@ -294,7 +300,10 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     rt.block_on(async {
         let config = mixnn_net::LinkConfig::mixnn();
-        let listener = LinkListener::bind(args.listen, keys.link().clone(), config).await?;
+        // Answers the directory's probes (admission by proof).
+        let listener = LinkListener::bind(args.listen, keys.link().clone(), config)
+            .await?
+            .answer_probes(&keys);
         let addr = listener.local_addr()?;
         let announcer = match directory {
             Some(client) => Some(start_announcing(args, &keys, addr, client, cover_view)?),
@@ -394,7 +403,10 @@ fn start_announcing(
         price_per_hour: args.price,
         location: args.location.clone(),
     };
-    let node = Announcement::new(keys, addr, capabilities);
+    let node = Announcement {
+        family: args.family.clone(),
+        ..Announcement::new(keys, addr, capabilities)
+    };
     node.descriptor(keys.identity(), 0)
         .check_fields()
         .context("node descriptor")?;

@@ -119,6 +119,8 @@ fn start_directory(dir: &Path, listen: &str, log: &str) -> Directory {
             db.to_str().unwrap(),
             "--heartbeat-interval",
             "1",
+            // Every test node is on 127.0.0.1 (local testing only).
+            "--allow-same-subnet",
         ],
         dir.join(log),
     );

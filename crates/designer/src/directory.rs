@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 
 use mixnn_directory::ed25519_dalek::SigningKey;
 use mixnn_directory::{
-    select, sign_failure_report, unix_now, verify_quorum, VerifiedView, ViewNode,
+    select, sign_draw_request, sign_failure_report, unix_now, verify_quorum, Diversity,
+    VerifiedView, ViewNode,
 };
 use mixnn_directory_client::DirectoryClient;
 use rand_chacha::ChaCha20Rng;
@@ -28,8 +29,11 @@ pub struct Directories {
     pub urls: Vec<String>,
     /// The directory keys the designer pins.
     pub pinned: Vec<[u8; 32]>,
-    /// How many of them must sign the same node list.
+    /// How many of them must list the same entry for a node.
     pub quorum: usize,
+    /// The prefix rule of the draw: [`Diversity::Strict`] (no two hops in
+    /// one /16), or `AllowSameSubnet` for local testing only.
+    pub diversity: Diversity,
 }
 
 impl Directories {
@@ -89,15 +93,17 @@ pub struct DrawnCascade {
 }
 
 /// Draws `real + dummies` distinct nodes from `view`, weighted by their
-/// reliability, with the dummies at random positions; only nodes of this
+/// reliability, with the dummies at random positions, no two of one
+/// family or (under [`Diversity::Strict`]) one /16; only nodes of this
 /// build's arithmetic take part.
 pub fn draw(
     view: &VerifiedView,
     real: usize,
     dummies: usize,
+    diversity: Diversity,
     rng: &mut ChaCha20Rng,
 ) -> Result<DrawnCascade, DesignerError> {
-    let s = select(&same_arith(&view.nodes), real, dummies, rng)?;
+    let s = select(&same_arith(&view.nodes), real, dummies, diversity, rng)?;
     Ok(DrawnCascade {
         hops: s.hops.iter().map(hop).collect(),
         identities: s.hops.iter().map(|n| n.descriptor.identity).collect(),
@@ -116,9 +122,13 @@ pub struct DirectoryReplacements {
 }
 
 impl DirectoryReplacements {
-    /// Replacements from `dirs`; `key` signs failure reports; `known` maps
-    /// the cascade's addresses to identity keys.
+    /// Replacements from `dirs`; `key` signs draw requests and failure
+    /// reports; `known` maps the cascade's addresses to identity keys. The
+    /// drawn nodes are recorded with every directory under `key` (a draw
+    /// receipt: a directory takes failure reports only about nodes the
+    /// reporter drew).
     pub fn new(dirs: Directories, key: SigningKey, seed: u64, known: &DrawnCascade) -> Self {
+        record_draw(&dirs, &key, &known.identities);
         DirectoryReplacements {
             dirs,
             key,
@@ -141,6 +151,26 @@ impl DirectoryReplacements {
     }
 }
 
+/// Sends a signed draw request for `nodes` to every directory (best
+/// effort: a refusal only costs the right to report those nodes there).
+fn record_draw(dirs: &Directories, key: &SigningKey, nodes: &[[u8; 32]]) {
+    if nodes.is_empty() {
+        return;
+    }
+    let request = match sign_draw_request(key, nodes, unix_now()) {
+        Ok(r) => r,
+        Err(e) => return tracing::warn!("draw request not signed: {e}"),
+    };
+    for url in &dirs.urls {
+        match DirectoryClient::new(url).and_then(|c| c.draw(&request)) {
+            Ok(_) => tracing::debug!(%url, "draw recorded"),
+            Err(e) => {
+                tracing::warn!(%url, "draw not recorded (failures cannot be reported there): {e}")
+            }
+        }
+    }
+}
+
 impl Replacements for DirectoryReplacements {
     fn replace(
         &mut self,
@@ -152,23 +182,45 @@ impl Replacements for DirectoryReplacements {
         let busy: HashSet<SocketAddr> = in_use.iter().map(|h| h.addr).collect();
         let candidates: Vec<ViewNode> = view
             .nodes
-            .into_iter()
+            .iter()
             .filter(|n| {
                 n.descriptor.arith == ARITH_VERSION
                     && !busy.contains(&n.descriptor.addr)
                     && !self.failed.contains(&n.descriptor.addr)
             })
+            .cloned()
             .collect();
-        let s = select(&candidates, failed.len(), 0, &mut self.rng).map_err(|e| {
-            DesignerError::NoReplacement {
-                addr: failed.first().map_or(([0, 0, 0, 0], 0).into(), |h| h.addr),
-                reason: e.to_string(),
-            }
+        // Diversity against the hops kept as well: they stay in the pool as
+        // already-drawn conflicts.
+        let kept: Vec<&ViewNode> = view
+            .nodes
+            .iter()
+            .filter(|n| busy.contains(&n.descriptor.addr))
+            .collect();
+        let candidates: Vec<ViewNode> = candidates
+            .into_iter()
+            .filter(|c| {
+                kept.iter()
+                    .all(|k| !self.dirs.diversity.conflict(&k.descriptor, &c.descriptor))
+            })
+            .collect();
+        let s = select(
+            &candidates,
+            failed.len(),
+            0,
+            self.dirs.diversity,
+            &mut self.rng,
+        )
+        .map_err(|e| DesignerError::NoReplacement {
+            addr: failed.first().map_or(([0, 0, 0, 0], 0).into(), |h| h.addr),
+            reason: e.to_string(),
         })?;
         for n in &s.hops {
             self.identities
                 .push((n.descriptor.addr, n.descriptor.identity));
         }
+        let drawn: Vec<[u8; 32]> = s.hops.iter().map(|n| n.descriptor.identity).collect();
+        record_draw(&self.dirs, &self.key, &drawn);
         Ok(s.hops.iter().map(hop).collect())
     }
 

@@ -140,7 +140,13 @@ pub fn draw_cascade(
 ) -> Result<(DrawnCascade, usize), DesignerError> {
     let view = dirs.view()?;
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let drawn = draw(&view, opts.remote_stages(model), dummies, &mut rng)?;
+    let drawn = draw(
+        &view,
+        opts.remote_stages(model),
+        dummies,
+        dirs.diversity,
+        &mut rng,
+    )?;
     Ok((drawn, view.nodes.len()))
 }
 

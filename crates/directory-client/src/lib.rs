@@ -12,8 +12,8 @@ use mixnn_directory::api::{
     ErrorBody, FailureOutcome, FailureResponse, Health, RegisterResponse, Registration,
 };
 use mixnn_directory::{
-    DirectoryError, NodeRecord, Result, SignedDescriptor, SignedFailureReport, SignedHeartbeat,
-    SignedView,
+    DirectoryError, NodeRecord, Result, SignedDescriptor, SignedDrawReceipt, SignedDrawRequest,
+    SignedFailureReport, SignedHeartbeat, SignedView,
 };
 use serde::de::DeserializeOwned;
 
@@ -66,6 +66,12 @@ impl DirectoryClient {
     pub fn report_failure(&self, report: &SignedFailureReport) -> Result<FailureOutcome> {
         let reply: FailureResponse = self.post("/v1/failures", report)?;
         Ok(reply.status)
+    }
+
+    /// Tells the directory which nodes this designer drew
+    /// (`POST /v1/draws`); the receipt lets it report them later.
+    pub fn draw(&self, request: &SignedDrawRequest) -> Result<SignedDrawReceipt> {
+        self.post("/v1/draws", request)
     }
 
     /// Fetches the current signed view (`GET /v1/view`), unverified.

@@ -5,14 +5,17 @@
 //! the database runs in WAL mode, so a restart (reopening the file) finds
 //! everything that was committed.
 
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use mixnn_directory::api::{FailureOutcome, Registration};
 use mixnn_directory::{
-    Counters, DirectoryError, FailureRecord, History, NodeRecord, Result, SignedDescriptor,
-    SignedFailureReport, SignedHeartbeat,
+    listing_prefix, Counters, Descriptor, DirectoryError, FailureRecord, History, NodeRecord,
+    Result, SignedDescriptor, SignedDrawRequest, SignedFailureReport, SignedHeartbeat, MAX_PENALTY,
+    REPORTER_CAP,
 };
 
 use crate::config::DirectoryConfig;
@@ -30,7 +33,7 @@ impl<T> Db<T> for rusqlite::Result<T> {
     }
 }
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS nodes (
@@ -40,7 +43,9 @@ CREATE TABLE IF NOT EXISTS nodes (
     descriptor TEXT NOT NULL,              -- the signed descriptor JSON, verbatim
     signature  TEXT NOT NULL,              -- hex
     first_seen INTEGER NOT NULL,           -- first registration (directory clock)
-    last_seen  INTEGER NOT NULL            -- last registration or heartbeat
+    last_seen  INTEGER NOT NULL,           -- last registration or heartbeat
+    prefix     TEXT NOT NULL DEFAULT '',   -- the address's IPv4 /24 or IPv6 /48
+    proven_at  INTEGER                     -- last successful probe; NULL: not listed
 );
 CREATE TABLE IF NOT EXISTS history (
     identity       TEXT PRIMARY KEY REFERENCES nodes(identity) ON DELETE CASCADE,
@@ -61,6 +66,21 @@ CREATE TABLE IF NOT EXISTS failures (
     UNIQUE (identity, reporter, step)
 );
 CREATE INDEX IF NOT EXISTS failures_by_node ON failures (identity, received);
+CREATE TABLE IF NOT EXISTS draws (
+    designer  TEXT NOT NULL,               -- the designer's key, hex
+    identity  TEXT NOT NULL REFERENCES nodes(identity) ON DELETE CASCADE,
+    received  INTEGER NOT NULL,            -- directory's clock
+    prefix    TEXT NOT NULL                -- the requester's IPv4 /24 or IPv6 /48
+);
+CREATE INDEX IF NOT EXISTS draws_by_designer ON draws (designer, identity, received);
+CREATE INDEX IF NOT EXISTS draws_by_prefix ON draws (prefix, received);
+";
+
+/// Schema 1 had no prefixes, proofs or draws: add the columns (every node
+/// starts unproven, so it is listed again only after a probe).
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE nodes ADD COLUMN prefix TEXT NOT NULL DEFAULT '';
+ALTER TABLE nodes ADD COLUMN proven_at INTEGER;
 ";
 
 /// The SQLite store.
@@ -97,17 +117,81 @@ impl Store {
                 ),
             });
         }
+        if version == 1 {
+            conn.execute_batch(MIGRATE_1_TO_2).db()?;
+            let addrs: Vec<(String, String)> = conn
+                .prepare("SELECT identity, addr FROM nodes")
+                .db()?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .db()?
+                .collect::<rusqlite::Result<_>>()
+                .db()?;
+            for (identity, addr) in addrs {
+                if let Ok(addr) = addr.parse::<SocketAddr>() {
+                    conn.execute(
+                        "UPDATE nodes SET prefix = ?2 WHERE identity = ?1",
+                        params![identity, listing_prefix(addr.ip())],
+                    )
+                    .db()?;
+                }
+            }
+        }
         conn.execute_batch(SCHEMA).db()?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .db()?;
         Ok(Self { conn })
     }
 
-    /// Verifies and registers a descriptor ([`SignedDescriptor::verify`]
-    /// with `config.max_descriptor_age`). Refuses an address registered
-    /// under another identity key, and a descriptor not newer than the
-    /// registered one (unless it is the very same).
-    pub fn register(
+    /// Checks a registration before its probe: the descriptor verifies
+    /// ([`SignedDescriptor::verify`] with `config.max_descriptor_age`), is
+    /// not older than the registered one of its identity (the very same
+    /// may come again), and its prefix has room (the same check runs again
+    /// in [`Store::admit`]). Returns the descriptor, and whether it is the
+    /// registered one, still proven within `config.reprobe_interval` (then
+    /// no probe is needed).
+    pub fn check_registration(
+        &self,
+        signed: &SignedDescriptor,
+        now: u64,
+        config: &DirectoryConfig,
+    ) -> Result<(Descriptor, bool)> {
+        let d = signed.verify(now, config.max_descriptor_age)?;
+        let identity = hex::encode(d.identity);
+        let existing: Option<(i64, String, String, Option<i64>)> = self
+            .conn
+            .query_row(
+                "SELECT published, descriptor, signature, proven_at FROM nodes WHERE identity = ?1",
+                [&identity],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .db()?;
+        let mut fresh = false;
+        if let Some((current, json, sig, proven_at)) = existing {
+            let published = to_i64("published", d.published)?;
+            let same = json == signed.descriptor_json() && sig == hex::encode(signed.signature());
+            if published < current || (published == current && !same) {
+                return Err(DirectoryError::NotNewer {
+                    published: d.published,
+                    current: from_i64(current),
+                });
+            }
+            fresh = same
+                && proven_at
+                    .map(from_i64)
+                    .is_some_and(|p| p.saturating_add(config.reprobe_interval) >= now);
+        }
+        check_prefix(&self.conn, &d, config)?;
+        Ok((d, fresh))
+    }
+
+    /// Lists a descriptor whose node the directory has just proven at its
+    /// address (a probe that passed at `now`). Runs the checks of
+    /// [`Store::check_registration`] again, forgets nodes not heard from
+    /// within `config.expiry`, and takes the address from any other
+    /// identity holding it: the probe just reached this node there, so a
+    /// squatter, or the address's earlier holder, loses it.
+    pub fn admit(
         &mut self,
         signed: &SignedDescriptor,
         now: u64,
@@ -116,17 +200,21 @@ impl Store {
         let d = signed.verify(now, config.max_descriptor_age)?;
         let identity = hex::encode(d.identity);
         let addr = d.addr.to_string();
+        let prefix = listing_prefix(d.addr.ip());
         let signature = hex::encode(signed.signature());
+        let now_i = to_i64("now", now)?;
         let tx = self.conn.transaction().db()?;
-        let owner: Option<String> = tx
-            .query_row("SELECT identity FROM nodes WHERE addr = ?1", [&addr], |r| {
-                r.get(0)
-            })
-            .optional()
+        expire(&tx, now, config)?;
+        let taken = tx
+            .execute(
+                "DELETE FROM nodes WHERE addr = ?1 AND identity != ?2",
+                params![addr, identity],
+            )
             .db()?;
-        if owner.is_some_and(|o| o != identity) {
-            return Err(DirectoryError::AddressTaken { addr });
+        if taken > 0 {
+            tracing::warn!(%addr, node = %identity, "address taken back by the node proven there");
         }
+        check_prefix(&tx, &d, config)?;
         let existing: Option<(i64, String, String)> = tx
             .query_row(
                 "SELECT published, descriptor, signature FROM nodes WHERE identity = ?1",
@@ -135,13 +223,13 @@ impl Store {
             )
             .optional()
             .db()?;
-        let (published, now_i) = (to_i64("published", d.published)?, to_i64("now", now)?);
+        let published = to_i64("published", d.published)?;
         let outcome = match existing {
             None => {
                 tx.execute(
-                    "INSERT INTO nodes (identity, addr, published, descriptor, signature, first_seen, last_seen)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-                    params![identity, addr, published, signed.descriptor_json(), signature, now_i],
+                    "INSERT INTO nodes (identity, addr, published, descriptor, signature, first_seen, last_seen, prefix, proven_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?6)",
+                    params![identity, addr, published, signed.descriptor_json(), signature, now_i, prefix],
                 ).db()?;
                 tx.execute("INSERT INTO history (identity) VALUES (?1)", [&identity])
                     .db()?;
@@ -163,9 +251,10 @@ impl Store {
                     Registration::Updated
                 };
                 tx.execute(
-                    "UPDATE nodes SET addr = ?2, published = ?3, descriptor = ?4, signature = ?5, last_seen = ?6
+                    "UPDATE nodes SET addr = ?2, published = ?3, descriptor = ?4, signature = ?5, last_seen = ?6,
+                            prefix = ?7, proven_at = ?6
                      WHERE identity = ?1",
-                    params![identity, addr, published, signed.descriptor_json(), signature, now_i],
+                    params![identity, addr, published, signed.descriptor_json(), signature, now_i, prefix],
                 ).db()?;
                 outcome
             }
@@ -173,6 +262,133 @@ impl Store {
         tx.commit().db()?;
         tracing::debug!(?outcome, "descriptor registered");
         Ok(outcome)
+    }
+
+    /// Records the outcome of a periodic probe of a registered node:
+    /// `true` lists it again (if its prefix has room), `false` unlists it
+    /// until a probe passes.
+    pub fn record_probe(
+        &mut self,
+        d: &Descriptor,
+        passed: bool,
+        now: u64,
+        config: &DirectoryConfig,
+    ) -> Result<()> {
+        let identity = hex::encode(d.identity);
+        if passed {
+            if check_prefix(&self.conn, d, config).is_err() {
+                return Ok(());
+            }
+            self.conn
+                .execute(
+                    "UPDATE nodes SET proven_at = ?2 WHERE identity = ?1",
+                    params![identity, to_i64("now", now)?],
+                )
+                .db()?;
+        } else {
+            self.conn
+                .execute(
+                    "UPDATE nodes SET proven_at = NULL WHERE identity = ?1",
+                    [&identity],
+                )
+                .db()?;
+        }
+        Ok(())
+    }
+
+    /// The nodes to probe again at `now`: heard from within
+    /// `config.live_window` and not proven within `config.reprobe_interval`.
+    /// Nodes not heard from within `config.expiry` are forgotten first.
+    pub fn due_for_probe(&mut self, now: u64, config: &DirectoryConfig) -> Result<Vec<Descriptor>> {
+        let tx = self.conn.transaction().db()?;
+        expire(&tx, now, config)?;
+        tx.commit().db()?;
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT descriptor, signature FROM nodes
+                 WHERE last_seen >= ?1 AND (proven_at IS NULL OR proven_at <= ?2)",
+            )
+            .db()?;
+        let rows = stmt
+            .query_map(
+                params![
+                    to_i64("now", now.saturating_sub(config.live_window))?,
+                    to_i64("now", now.saturating_sub(config.reprobe_interval))?
+                ],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+            )
+            .db()?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (json, sig) = row.db()?;
+            if let Ok(d) = stored_descriptor(&json, &sig).and_then(|s| s.verify_signature()) {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records a designer's draw: every listed node of the request, for
+    /// the designer's key, at most `config.max_draws_per_prefix` requests
+    /// per hour from the requester's prefix. Returns the recorded nodes.
+    pub fn record_draw(
+        &mut self,
+        signed: &SignedDrawRequest,
+        requester: IpAddr,
+        now: u64,
+        config: &DirectoryConfig,
+    ) -> Result<Vec<[u8; 32]>> {
+        let request = signed.verify(now, config.max_report_age)?;
+        let prefix = listing_prefix(requester);
+        let designer = hex::encode(request.designer);
+        let now_i = to_i64("now", now)?;
+        let tx = self.conn.transaction().db()?;
+        let recent: i64 = tx
+            .query_row(
+                "SELECT COUNT(DISTINCT received || designer) FROM draws WHERE prefix = ?1 AND received > ?2",
+                params![prefix, to_i64("now", now.saturating_sub(3600))?],
+                |r| r.get(0),
+            )
+            .db()?;
+        if from_i64(recent) >= config.max_draws_per_prefix {
+            return Err(DirectoryError::RateLimited {
+                what: "draw requests",
+                prefix,
+            });
+        }
+        let listed_since = to_i64("now", now.saturating_sub(config.proof_ttl))?;
+        let mut recorded = Vec::new();
+        for node in &request.nodes {
+            let id = hex::encode(node);
+            let listed = tx
+                .query_row(
+                    "SELECT 1 FROM nodes WHERE identity = ?1 AND proven_at >= ?2",
+                    params![id, listed_since],
+                    |_| Ok(()),
+                )
+                .optional()
+                .db()?
+                .is_some();
+            if listed && !recorded.contains(node) {
+                tx.execute(
+                    "INSERT INTO draws (designer, identity, received, prefix) VALUES (?1, ?2, ?3, ?4)",
+                    params![designer, id, now_i, prefix],
+                )
+                .db()?;
+                recorded.push(*node);
+            }
+        }
+        tx.execute(
+            "DELETE FROM draws WHERE received < ?1",
+            [to_i64(
+                "now",
+                now.saturating_sub(config.draw_window.max(3600)),
+            )?],
+        )
+        .db()?;
+        tx.commit().db()?;
+        Ok(recorded)
     }
 
     /// Verifies and records a heartbeat: the node must be registered and the
@@ -232,8 +448,10 @@ impl Store {
         Ok(())
     }
 
-    /// Verifies and stores a failure report about a registered node. With
-    /// `config.accepted_reporters` set, only those designer keys may report.
+    /// Verifies and stores a failure report about a registered node. The
+    /// reporter must be an operator-admitted key
+    /// (`config.admitted_reporters`) or have drawn the node within
+    /// `config.draw_window` ([`Store::record_draw`]).
     pub fn report_failure(
         &mut self,
         signed: &SignedFailureReport,
@@ -241,17 +459,31 @@ impl Store {
         config: &DirectoryConfig,
     ) -> Result<FailureOutcome> {
         let report = signed.verify(now, config.max_report_age)?;
-        if let Some(accepted) = &config.accepted_reporters {
-            if !accepted.contains(&report.reporter) {
-                return Err(DirectoryError::UnknownReporter {
-                    reporter: hex::encode(report.reporter),
-                });
-            }
-        }
         let identity = hex::encode(report.node);
         let tx = self.conn.transaction().db()?;
         if !node_exists(&tx, &identity)? {
             return Err(DirectoryError::UnknownNode { identity });
+        }
+        if !config.admitted_reporters.contains(&report.reporter) {
+            let drawn = tx
+                .query_row(
+                    "SELECT 1 FROM draws WHERE designer = ?1 AND identity = ?2 AND received >= ?3",
+                    params![
+                        hex::encode(report.reporter),
+                        identity,
+                        to_i64("now", now.saturating_sub(config.draw_window))?
+                    ],
+                    |_| Ok(()),
+                )
+                .optional()
+                .db()?
+                .is_some();
+            if !drawn {
+                return Err(DirectoryError::NotDrawn {
+                    reporter: hex::encode(report.reporter),
+                    node: identity,
+                });
+            }
         }
         let inserted = tx.execute(
             "INSERT OR IGNORE INTO failures (identity, reporter, step, reason, timestamp, received, signature)
@@ -322,14 +554,94 @@ impl Store {
         })
     }
 
-    /// Every node seen (registered or heartbeating) within
-    /// `config.live_window` of `now`, ordered by identity key.
+    /// Every listed node: seen (registered or heartbeating) within
+    /// `config.live_window` of `now` and proven within `config.proof_ttl`,
+    /// ordered by identity key, with its report penalty
+    /// ([`Store::penalties`]).
     pub fn live_nodes(
         &self,
         now: u64,
         config: &DirectoryConfig,
-    ) -> Result<Vec<(SignedDescriptor, History)>> {
-        self.rows(None, now.saturating_sub(config.live_window), now, config)
+    ) -> Result<Vec<(SignedDescriptor, History, f64)>> {
+        let penalties = self.penalties(now, config)?;
+        let rows = self.rows(None, now.saturating_sub(config.live_window), now, config)?;
+        let proven = self.proven_since(now.saturating_sub(config.proof_ttl))?;
+        Ok(rows
+            .into_iter()
+            .filter(|(d, _)| {
+                d.verify_signature()
+                    .is_ok_and(|d| proven.contains(&hex::encode(d.identity)))
+            })
+            .map(|(d, h)| {
+                let p = d
+                    .verify_signature()
+                    .ok()
+                    .and_then(|v| penalties.get(&hex::encode(v.identity)).copied())
+                    .unwrap_or(0.0);
+                (d, h, p)
+            })
+            .collect())
+    }
+
+    fn proven_since(&self, since: u64) -> Result<std::collections::HashSet<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT identity FROM nodes WHERE proven_at >= ?1")
+            .db()?;
+        let rows = stmt
+            .query_map([to_i64("now", since)?], |r| r.get::<_, String>(0))
+            .db()?;
+        rows.map(|r| r.db()).collect()
+    }
+
+    /// Each reported node's penalty (halvings of its weight): per reporter,
+    /// the sum over its two newest reports within `config.failure_window`
+    /// of `0.5 · 2^(−age / report_half_life)`, capped at [`REPORTER_CAP`];
+    /// summed over reporters and capped at [`MAX_PENALTY`]. So one
+    /// reporter can at most halve a node's weight, and a report's effect
+    /// halves every half-life and ends with the window.
+    pub fn penalties(&self, now: u64, config: &DirectoryConfig) -> Result<HashMap<String, f64>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT identity, reporter, received FROM failures WHERE received >= ?1")
+            .db()?;
+        let rows = stmt
+            .query_map(
+                [to_i64("now", now.saturating_sub(config.failure_window))?],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                },
+            )
+            .db()?;
+        let half_life = config.report_half_life.max(1) as f64;
+        // Per (node, reporter): the decayed values of its reports, of
+        // which only the two largest (the newest) count, so a flood of
+        // reports weighs no more than two and decays like them.
+        let mut per_reporter: HashMap<(String, String), Vec<f64>> = HashMap::new();
+        for row in rows {
+            let (node, reporter, received) = row.db()?;
+            let age = now.saturating_sub(from_i64(received)) as f64;
+            per_reporter
+                .entry((node, reporter))
+                .or_default()
+                .push(0.5 * (-age / half_life).exp2());
+        }
+        let per_reporter = per_reporter.into_iter().map(|(k, mut v)| {
+            v.sort_by(|a, b| b.total_cmp(a));
+            (k, v.iter().take(2).sum::<f64>())
+        });
+        let mut out: HashMap<String, f64> = HashMap::new();
+        for ((node, _), p) in per_reporter {
+            *out.entry(node).or_default() += p.min(REPORTER_CAP);
+        }
+        for p in out.values_mut() {
+            *p = p.min(MAX_PENALTY);
+        }
+        Ok(out)
     }
 
     /// How many nodes are registered, live or not.
@@ -379,10 +691,7 @@ impl Store {
                 last_hb,
                 [uptime, failures, recent],
             ) = row.db()?;
-            let mut signature = [0u8; 64];
-            hex::decode_to_slice(&sig, &mut signature)
-                .map_err(|e| DirectoryError::malformed("stored signature", e))?;
-            let descriptor = SignedDescriptor::from_parts(&json, signature)?;
+            let descriptor = stored_descriptor(&json, &sig)?;
             let counters = Counters {
                 first_seen: from_i64(first_seen),
                 last_seen: from_i64(last_seen),
@@ -396,6 +705,54 @@ impl Store {
         })
         .collect()
     }
+}
+
+fn stored_descriptor(json: &str, sig: &str) -> Result<SignedDescriptor> {
+    let mut signature = [0u8; 64];
+    hex::decode_to_slice(sig, &mut signature)
+        .map_err(|e| DirectoryError::malformed("stored signature", e))?;
+    SignedDescriptor::from_parts(json, signature)
+}
+
+/// Forgets the nodes not heard from within `config.expiry`.
+fn expire(conn: &Connection, now: u64, config: &DirectoryConfig) -> Result<()> {
+    let gone = conn
+        .execute(
+            "DELETE FROM nodes WHERE last_seen < ?1",
+            [to_i64("now", now.saturating_sub(config.expiry))?],
+        )
+        .db()?;
+    if gone > 0 {
+        tracing::info!(
+            "{gone} nodes expired (not heard from in {} s)",
+            config.expiry
+        );
+    }
+    Ok(())
+}
+
+/// Refuses `d` if its prefix already has `config.max_per_prefix` proven
+/// nodes other than `d`'s identity and the holder of `d`'s address.
+fn check_prefix(conn: &Connection, d: &Descriptor, config: &DirectoryConfig) -> Result<()> {
+    if config.allow_same_subnet {
+        return Ok(());
+    }
+    let prefix = listing_prefix(d.addr.ip());
+    let n: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM nodes WHERE prefix = ?1 AND identity != ?2 AND addr != ?3
+             AND proven_at IS NOT NULL",
+            params![prefix, hex::encode(d.identity), d.addr.to_string()],
+            |r| r.get(0),
+        )
+        .db()?;
+    if usize::try_from(n).unwrap_or(usize::MAX) >= config.max_per_prefix {
+        return Err(DirectoryError::PrefixFull {
+            prefix,
+            limit: config.max_per_prefix,
+        });
+    }
+    Ok(())
 }
 
 fn node_exists(tx: &Transaction<'_>, identity: &str) -> Result<bool> {

@@ -85,22 +85,28 @@ fn stale_and_future_descriptors_are_refused() {
 }
 
 #[test]
-fn address_reuse_by_another_key_is_refused() {
-    let (dir, _clock) = directory();
+fn a_node_proven_at_an_address_takes_it_from_its_earlier_holder() {
+    // The probe (here: passing) just reached the newcomer at the address,
+    // so the earlier holder is not there any more.
+    let (dir, clock) = directory();
     dir.register(&signed(1, T0)).unwrap();
     let other = node_key(2);
-    let squatter = sign_descriptor(&other, &descriptor(&other, 7001, T0)).unwrap();
-    let err = dir.register(&squatter).unwrap_err();
-    assert!(matches!(err, DirectoryError::AddressTaken { .. }), "{err}");
-    assert_eq!(
-        err.to_string(),
-        "address 127.0.0.1:7001 is registered under another identity key"
-    );
-    // The owner may move, and then the old address is free.
-    let owner = node_key(1);
-    dir.register(&sign_descriptor(&owner, &descriptor(&owner, 7100, T0 + 1)).unwrap())
+    let newcomer = sign_descriptor(&other, &descriptor(&other, 7001, T0)).unwrap();
+    assert_eq!(dir.register(&newcomer).unwrap(), Registration::New);
+    assert!(matches!(
+        dir.node(&node_key(1).verifying_key().to_bytes()),
+        Err(DirectoryError::UnknownNode { .. })
+    ));
+    let view = dir
+        .view()
+        .unwrap()
+        .verify(&[dir.public_key()], clock.now())
         .unwrap();
-    assert_eq!(dir.register(&squatter).unwrap(), Registration::New);
+    assert_eq!(view.nodes.len(), 1);
+    assert_eq!(
+        view.nodes[0].descriptor.identity,
+        other.verifying_key().to_bytes()
+    );
 }
 
 #[test]
@@ -163,6 +169,20 @@ fn failure_reports_are_stored_once_and_counted() {
     dir.register(&signed(1, T0)).unwrap();
     let designer = SigningKey::from_bytes(&[0x55; 32]);
     let report = sign_failure_report(&designer, node, 12, "no answer", clock.now()).unwrap();
+    // Not drawn yet: refused.
+    let err = dir.report_failure(&report).unwrap_err();
+    assert!(matches!(err, DirectoryError::NotDrawn { .. }), "{err}");
+    assert_eq!(err.http_status(), 403);
+    let receipt = dir
+        .draw(
+            &sign_draw_request(&designer, &[node, [9; 32]], clock.now()).unwrap(),
+            "10.0.0.1".parse().unwrap(),
+        )
+        .unwrap()
+        .verify(&[dir.public_key()])
+        .unwrap();
+    // Only the listed node is recorded.
+    assert_eq!(receipt.nodes, vec![node]);
     assert_eq!(
         dir.report_failure(&report).unwrap(),
         FailureOutcome::Recorded
@@ -198,31 +218,75 @@ fn failure_reports_are_stored_once_and_counted() {
 }
 
 #[test]
-fn only_accepted_reporters_may_report_when_configured() {
+fn admitted_reporters_need_no_draw_and_others_do() {
     let designer = SigningKey::from_bytes(&[0x55; 32]);
-    let clock = ManualClock::new(T0);
-    let dir = DirectoryState::new(
-        Store::open_in_memory().unwrap(),
-        DirectoryKeys::from_secret([1; 32]),
-        Arc::new(clock.clone()),
-        DirectoryConfig {
-            accepted_reporters: Some(vec![designer.verifying_key().to_bytes()]),
-            ..DirectoryConfig::default()
-        },
-    );
+    let (dir, _clock) = directory_with(DirectoryConfig {
+        admitted_reporters: vec![designer.verifying_key().to_bytes()],
+        ..loopback_config()
+    });
     let node = node_key(1).verifying_key().to_bytes();
     dir.register(&signed(1, T0)).unwrap();
     let other = SigningKey::from_bytes(&[0x56; 32]);
     let err = dir
         .report_failure(&sign_failure_report(&other, node, 1, "x", T0).unwrap())
         .unwrap_err();
-    assert!(
-        matches!(err, DirectoryError::UnknownReporter { .. }),
-        "{err}"
-    );
-    assert_eq!(err.http_status(), 403);
+    assert!(matches!(err, DirectoryError::NotDrawn { .. }), "{err}");
     dir.report_failure(&sign_failure_report(&designer, node, 1, "x", T0).unwrap())
         .unwrap();
+}
+
+/// Attack: one reporter key files many failure reports about an honest
+/// node (each at its own step, so none is a duplicate). Before: 10
+/// reports dropped it to the floor weight 0.01. Now its weight stays at
+/// least half (REPORTER_CAP = 1 halving), and the effect decays.
+#[test]
+fn one_reporter_cannot_push_a_node_below_half_its_weight() {
+    let (dir, clock) = directory();
+    let node = node_key(1).verifying_key().to_bytes();
+    dir.register(&signed(1, T0)).unwrap();
+    dir.register(&signed(2, T0)).unwrap();
+    let attacker = SigningKey::from_bytes(&[0x66; 32]);
+    dir.draw(
+        &sign_draw_request(&attacker, &[node], T0).unwrap(),
+        "10.0.0.1".parse().unwrap(),
+    )
+    .unwrap();
+    for step in 0..1000 {
+        let r = sign_failure_report(&attacker, node, step, "x", T0).unwrap();
+        assert_eq!(dir.report_failure(&r).unwrap(), FailureOutcome::Recorded);
+    }
+    let weight_of = |dir: &DirectoryState, now| {
+        let v = dir
+            .view()
+            .unwrap()
+            .verify(&[dir.public_key()], now)
+            .unwrap();
+        v.nodes
+            .iter()
+            .find(|n| n.descriptor.identity == node)
+            .unwrap()
+            .weight()
+    };
+    let w = weight_of(&dir, T0);
+    eprintln!("weight after 1000 reports by one key: {w}");
+    assert!(w >= 0.5, "one reporter pushed the weight to {w}");
+    assert!(w < 1.0);
+    // The effect decays: one half-life later it is half as large (the
+    // node heartbeats and is probed again meanwhile, so it stays listed).
+    let half_life = dir.config().report_half_life;
+    let mut t = T0;
+    while t < T0 + half_life {
+        t += 10;
+        clock.set(t);
+        dir.heartbeat(&sign_heartbeat(&node_key(1), t).unwrap())
+            .unwrap();
+        if (t - T0).is_multiple_of(300) {
+            dir.reprobe().unwrap();
+        }
+    }
+    let later = weight_of(&dir, clock.now());
+    eprintln!("one half-life later: {later}");
+    assert!((later - 0.5f64.powf(0.5)).abs() < 1e-3, "{later}");
 }
 
 #[test]
@@ -232,11 +296,12 @@ fn restart_keeps_registrations_and_history() {
     let key_file = tmp.path().join("directory.key");
     let clock = ManualClock::new(T0);
     let open = || {
-        DirectoryState::new(
+        DirectoryState::with_prober(
             Store::open(&db).unwrap(),
             DirectoryKeys::load_or_create(&key_file).unwrap(),
             Arc::new(clock.clone()),
-            DirectoryConfig::default(),
+            loopback_config(),
+            Arc::new(AdmitAll),
         )
     };
     let node = node_key(1);
@@ -248,6 +313,11 @@ fn restart_keeps_registrations_and_history() {
         clock.advance(10);
         dir.heartbeat(&sign_heartbeat(&node, clock.now()).unwrap())
             .unwrap();
+        dir.draw(
+            &sign_draw_request(&designer, &[node.verifying_key().to_bytes()], clock.now()).unwrap(),
+            "10.0.0.1".parse().unwrap(),
+        )
+        .unwrap();
         let r = sign_failure_report(
             &designer,
             node.verifying_key().to_bytes(),
@@ -268,17 +338,11 @@ fn restart_keeps_registrations_and_history() {
     assert_eq!(record.history.uptime_secs, 10);
     assert_eq!(record.history.failures, 1);
     assert_eq!(record.recent_reports.len(), 1);
-    // Rules still hold after the restart: a replayed heartbeat, a squatter.
+    // Rules still hold after the restart: a replayed heartbeat.
     let replay = sign_heartbeat(&node, clock.now()).unwrap();
     assert!(matches!(
         dir.heartbeat(&replay),
         Err(DirectoryError::Replayed { .. })
-    ));
-    let other = node_key(3);
-    let squat = sign_descriptor(&other, &descriptor(&other, 7001, T0)).unwrap();
-    assert!(matches!(
-        dir.register(&squat),
-        Err(DirectoryError::AddressTaken { .. })
     ));
     let view = dir.view().unwrap().verify(&[public], clock.now()).unwrap();
     assert_eq!(view.nodes.len(), 2);

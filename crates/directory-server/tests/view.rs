@@ -11,11 +11,12 @@ use mixnn_directory::*;
 use mixnn_directory_server::*;
 
 fn directory_with_key(secret: u8, clock: &ManualClock) -> DirectoryState {
-    DirectoryState::new(
+    DirectoryState::with_prober(
         Store::open_in_memory().unwrap(),
         DirectoryKeys::from_secret([secret; 32]),
         Arc::new(clock.clone()),
-        DirectoryConfig::default(),
+        loopback_config(),
+        Arc::new(AdmitAll),
     )
 }
 
@@ -150,6 +151,7 @@ fn view_with_a_forged_descriptor_is_refused_even_if_the_directory_signed_it() {
             uptime_fraction: 1.0,
             missed_heartbeats: 0,
             recent_failures: 0,
+            report_penalty: 0.0,
         }],
     };
     let keys = DirectoryKeys::from_secret([0xd1; 32]);
@@ -169,12 +171,14 @@ fn view_with_a_forged_descriptor_is_refused_even_if_the_directory_signed_it() {
                 uptime_fraction: 1.0,
                 missed_heartbeats: 0,
                 recent_failures: 0,
+                report_penalty: 0.0,
             },
             NodeEntry {
                 descriptor: good,
                 uptime_fraction: 1.0,
                 missed_heartbeats: 0,
                 recent_failures: 0,
+                report_penalty: 0.0,
             },
         ],
         ..view
@@ -212,13 +216,16 @@ fn quorum_needs_k_distinct_pinned_directories_with_the_same_nodes() {
     let v = verify_quorum(&views, &pinned, 2, T0).unwrap();
     assert_eq!(v.nodes.len(), 3);
     assert_eq!(v.directory, pinned[0]);
-    let err = verify_quorum(&views, &pinned, 3, T0).unwrap_err();
+    // Entry by entry: node 3 is listed by one directory only.
+    let v = verify_quorum(&views, &pinned, 3, T0).unwrap();
+    assert_eq!(v.nodes.len(), 3);
+    let err = verify_quorum(&views, &pinned, 4, T0).unwrap_err();
     assert!(
         matches!(
             err,
             DirectoryError::QuorumNotMet {
-                agreeing: 2,
-                required: 3
+                agreeing: 3,
+                required: 4
             }
         ),
         "{err}"
@@ -241,4 +248,74 @@ fn quorum_needs_k_distinct_pinned_directories_with_the_same_nodes() {
     // All four pinned: the three-node list has three signers.
     let all: Vec<_> = dirs.iter().map(DirectoryState::public_key).collect();
     assert_eq!(verify_quorum(&views, &all, 3, T0).unwrap().nodes.len(), 3);
+}
+
+/// Attack: one of three directories lies. It lists three Sybils of its
+/// own at weight 1, gives the honest nodes uptime 0 (the floor weight), and
+/// keeps node 0's old descriptor (an old onion key it might hold). Before:
+/// with `--quorum 2` only (identity, address) had to agree and keys and
+/// figures came from the first directory in the list, the liar.
+#[test]
+fn a_lying_directory_under_2_of_3_changes_neither_entries_nor_weights() {
+    let clock = ManualClock::new(T0);
+    let honest: Vec<_> = (1..=2).map(|s| directory_with_key(s, &clock)).collect();
+    let liar_keys = DirectoryKeys::from_secret([3; 32]);
+    // Node 0 re-keyed: its new descriptor has another onion key.
+    let key0 = node_key(0);
+    let mut new0 = descriptor(&key0, 7000, T0);
+    new0.onion[1] ^= 0xff;
+    let new0 = sign_descriptor(&key0, &new0).unwrap();
+    for d in &honest {
+        d.register(&new0).unwrap();
+        for i in 1..4 {
+            d.register(&signed(i, T0)).unwrap();
+        }
+    }
+    let entry = |s: SignedDescriptor, up: f64| NodeEntry {
+        descriptor: s,
+        uptime_fraction: up,
+        missed_heartbeats: 0,
+        recent_failures: 0,
+        report_penalty: 0.0,
+    };
+    let mut lies = vec![entry(signed(0, T0), 0.0)];
+    lies.extend((1..4).map(|i| entry(signed(i, T0), 0.0)));
+    lies.extend((50..53).map(|i| entry(signed(i, T0), 1.0)));
+    let liar = SignedView::sign(
+        &liar_keys,
+        &View {
+            directory: liar_keys.public(),
+            issued: T0,
+            valid_until: T0 + 600,
+            nodes: lies,
+        },
+    )
+    .unwrap();
+    let pinned = vec![
+        liar_keys.public(),
+        honest[0].public_key(),
+        honest[1].public_key(),
+    ];
+    // The liar first, as the old code trusted it.
+    let views = vec![liar, honest[0].view().unwrap(), honest[1].view().unwrap()];
+    let v = verify_quorum(&views, &pinned, 2, T0).unwrap();
+    assert_eq!(v.nodes.len(), 4, "Sybils listed by the liar alone are out");
+    for n in &v.nodes {
+        assert_eq!(n.weight(), 1.0, "the median weight is the honest one");
+    }
+    let n0 = v
+        .nodes
+        .iter()
+        .find(|n| n.descriptor.identity == key0.verifying_key().to_bytes())
+        .unwrap();
+    assert_eq!(n0.signed, new0, "the entry two directories agree on");
+    // Even with k = 1, the honest majority's entries and weights win for
+    // the nodes all three list.
+    let v1 = verify_quorum(&views, &pinned, 1, T0).unwrap();
+    let n0 = v1
+        .nodes
+        .iter()
+        .find(|n| n.descriptor.identity == key0.verifying_key().to_bytes())
+        .unwrap();
+    assert_eq!(n0.signed, new0);
 }

@@ -14,13 +14,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::error::{DirectoryError, Result};
-use crate::signed::{self, hex32, hex64, DESCRIPTOR_DOMAIN};
+use crate::signed::{self, hex32, hex32_vec, hex64, DESCRIPTOR_DOMAIN};
 
 /// The protocol version this directory and its nodes speak.
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// How far ahead of the verifier's clock a timestamp may be (seconds).
 pub const CLOCK_SKEW_SECS: u64 = 60;
+
+/// Most entries in [`Descriptor::family`].
+pub const MAX_FAMILY: usize = 16;
 
 /// Longest accepted [`Capabilities::location`], in bytes.
 pub const MAX_LOCATION_LEN: usize = 64;
@@ -64,11 +67,18 @@ pub struct Descriptor {
     pub capabilities: Capabilities,
     /// When the node signed this descriptor (unix seconds).
     pub published: u64,
+    /// The identity keys of the other nodes its operator runs (Tor's
+    /// MyFamily), at most [`MAX_FAMILY`]. Two nodes are one family only if
+    /// each lists the other in its own signed descriptor
+    /// ([`crate::same_family`]); a designer never draws two of one family
+    /// into one cascade. Absent in JSON when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", with = "hex32_vec")]
+    pub family: Vec<[u8; 32]>,
 }
 
 impl Descriptor {
     /// Checks the fields a signature cannot vouch for: version, price,
-    /// location.
+    /// location, family.
     pub fn check_fields(&self) -> Result<()> {
         if self.version != PROTOCOL_VERSION {
             return Err(DirectoryError::WrongVersion {
@@ -82,6 +92,21 @@ impl Descriptor {
                 field: "price_per_hour",
                 reason: format!("{price} is not a finite non-negative number"),
             });
+        }
+        if self.family.len() > MAX_FAMILY {
+            return Err(DirectoryError::InvalidField {
+                field: "family",
+                reason: format!("more than {MAX_FAMILY} members"),
+            });
+        }
+        let mut members = std::collections::BTreeSet::new();
+        for member in &self.family {
+            if *member == self.identity || !members.insert(*member) {
+                return Err(DirectoryError::InvalidField {
+                    field: "family",
+                    reason: "lists the node itself or a member twice".into(),
+                });
+            }
         }
         if self.capabilities.location.len() > MAX_LOCATION_LEN {
             return Err(DirectoryError::InvalidField {
@@ -218,6 +243,7 @@ pub(crate) mod tests {
                 location: "eu-west \"lab\"".into(),
             },
             published,
+            family: Vec::new(),
         }
     }
 

@@ -106,6 +106,48 @@ pub enum DirectoryError {
         /// The reporter's key, hex.
         reporter: String,
     },
+    /// The directory could not prove the node at its address: unreachable,
+    /// another link key, or a wrong onion-key proof.
+    #[error("node at {addr} not admitted: {reason}")]
+    ProbeFailed {
+        /// The descriptor's address.
+        addr: String,
+        /// What the probe found.
+        reason: String,
+    },
+    /// The address prefix already has as many listed nodes as allowed.
+    #[error("{prefix} already has {limit} listed nodes (the per-prefix limit)")]
+    PrefixFull {
+        /// The IPv4 /24 or IPv6 /48.
+        prefix: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// A failure report from a key that neither drew the node recently nor
+    /// is admitted by the operator.
+    #[error(
+        "reporter {reporter} has no recent draw of node {node} and is not an admitted reporter"
+    )]
+    NotDrawn {
+        /// The reporter's key, hex.
+        reporter: String,
+        /// The node's identity key, hex.
+        node: String,
+    },
+    /// Too many requests of one kind from one address prefix.
+    #[error("too many {what} from {prefix}; try again later")]
+    RateLimited {
+        /// What was limited.
+        what: &'static str,
+        /// The requester's IPv4 /24 or IPv6 /48.
+        prefix: String,
+    },
+    /// Every probe slot is busy.
+    #[error("directory busy: {what}; try again later")]
+    Busy {
+        /// What is busy.
+        what: &'static str,
+    },
     /// A view is signed by a key that is not pinned.
     #[error("view signed by unpinned directory key {key}")]
     UnknownDirectory {
@@ -136,13 +178,16 @@ pub enum DirectoryError {
         /// The k asked for.
         required: usize,
     },
-    /// Selection needs more eligible nodes than the view has.
-    #[error("need {needed} distinct eligible nodes, the view has {eligible}")]
+    /// Selection needs more eligible nodes than the view has, or more
+    /// distinct prefixes and families.
+    #[error("need {needed} distinct eligible nodes of distinct /16s and families; the view has {eligible} eligible nodes and {diverse} could be drawn together (local testing on one subnet: --allow-same-subnet)")]
     NotEnoughNodes {
         /// Eligible nodes in the view.
         eligible: usize,
         /// n = p + r.
         needed: usize,
+        /// How many were drawn before the pool ran dry.
+        diverse: usize,
     },
     /// The SQLite store failed.
     #[error("database: {reason}")]
@@ -196,14 +241,22 @@ impl DirectoryError {
         match self {
             Self::Malformed { .. } | Self::InvalidKey { .. } => 400,
             Self::BadSignature { .. } => 401,
-            Self::UnknownReporter { .. } | Self::UnknownDirectory { .. } => 403,
+            Self::UnknownReporter { .. }
+            | Self::UnknownDirectory { .. }
+            | Self::NotDrawn { .. } => 403,
+            Self::RateLimited { .. } => 429,
+            Self::Busy { .. } => 503,
             Self::UnknownNode { .. } => 404,
-            Self::AddressTaken { .. } | Self::NotNewer { .. } | Self::Replayed { .. } => 409,
+            Self::AddressTaken { .. }
+            | Self::NotNewer { .. }
+            | Self::Replayed { .. }
+            | Self::PrefixFull { .. } => 409,
             Self::InvalidField { .. }
             | Self::FromFuture { .. }
             | Self::Stale { .. }
             | Self::WrongVersion { .. }
             | Self::ViewExpired { .. }
+            | Self::ProbeFailed { .. }
             | Self::DuplicateInView { .. }
             | Self::QuorumNotMet { .. }
             | Self::NotEnoughNodes { .. } => 422,

@@ -52,28 +52,31 @@
 //! for i in 0..5u8 {
 //!     let key = SigningKey::from_bytes(&[i + 10; 32]);
 //!     let descriptor = Descriptor {
-//!         addr: ([127, 0, 0, 1], 7000 + u16::from(i)).into(),
+//!         // Five /16s: a draw never puts two hops in one.
+//!         addr: ([10, i, 0, 1], 7000).into(),
 //!         identity: key.verifying_key().to_bytes(),
-//!         onion: [0; 32],
-//!         link: [0; 32],
+//!         onion: [i; 32],
+//!         link: [i + 50; 32],
 //!         version: PROTOCOL_VERSION,
 //!         arith: 1,
 //!         capabilities: Capabilities {
 //!             cores: 2, memory_mb: 4096, price_per_hour: 0.0, location: "lab".into(),
 //!         },
 //!         published: now,
+//!         family: vec![],
 //!     };
 //!     nodes.push(NodeEntry {
 //!         descriptor: sign_descriptor(&key, &descriptor)?,
 //!         uptime_fraction: 1.0,
 //!         missed_heartbeats: 0,
 //!         recent_failures: 0,
+//!         report_penalty: 0.0,
 //!     });
 //! }
 //! let view = View { directory: directory.public(), issued: now, valid_until: now + 600, nodes };
 //! let view = SignedView::sign(&directory, &view)?.verify(&[directory.public()], now)?;
 //! let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
-//! let cascade = select(&view.nodes, 3, 2, &mut rng)?;
+//! let cascade = select(&view.nodes, 3, 2, Diversity::Strict, &mut rng)?;
 //! assert_eq!(cascade.hops.len(), 5);
 //! assert_eq!(cascade.dummy_positions.len(), 2);
 //! # Ok(())
@@ -83,9 +86,11 @@
 pub mod api;
 mod clock;
 mod descriptor;
+mod diversity;
 mod error;
 mod history;
 mod keys;
+mod receipt;
 mod report;
 mod select;
 mod signed;
@@ -93,17 +98,22 @@ mod view;
 
 pub use clock::{unix_now, Clock, ManualClock, SystemClock};
 pub use descriptor::{
-    sign_descriptor, Capabilities, Descriptor, SignedDescriptor, CLOCK_SKEW_SECS, MAX_LOCATION_LEN,
-    PROTOCOL_VERSION,
+    sign_descriptor, Capabilities, Descriptor, SignedDescriptor, CLOCK_SKEW_SECS, MAX_FAMILY,
+    MAX_LOCATION_LEN, PROTOCOL_VERSION,
 };
+pub use diversity::{draw_prefix, listing_prefix, same_family, Diversity};
 pub use error::{DirectoryError, Result};
 pub use history::{Counters, FailureRecord, History, NodeRecord};
 pub use keys::DirectoryKeys;
+pub use receipt::{
+    sign_draw_request, DrawReceipt, DrawRequest, SignedDrawReceipt, SignedDrawRequest,
+    MAX_DRAW_NODES,
+};
 pub use report::{
     sign_failure_report, sign_heartbeat, FailureReport, Heartbeat, SignedFailureReport,
     SignedHeartbeat, MAX_REASON_LEN,
 };
-pub use select::{select, weight, Selection, MIN_WEIGHT};
+pub use select::{select, weight, Selection, MAX_PENALTY, MIN_WEIGHT, REPORTER_CAP};
 pub use signed::parse_key_hex;
 pub use view::{verify_quorum, NodeEntry, SignedView, VerifiedView, View, ViewNode};
 

@@ -1,50 +1,75 @@
 //! Cascade selection (designer side, pure): n = p + r distinct nodes drawn
 //! at random, weighted by reliability, with the r dummy hops at uniformly
-//! random positions.
+//! random positions, and no two hops that one party plausibly runs.
 //!
 //! **Weight.** A node's weight is
-//! `max(MIN_WEIGHT, uptime_fraction · 0.5^recent_failures)`: a node that was
-//! always up and never reported is weight 1, each recent failure halves it,
-//! and the floor [`MIN_WEIGHT`] keeps every eligible node possible, so no
-//! node (a new or an unlucky one) is excluded outright and an adversary
-//! cannot push honest nodes out by reporting them.
+//! `max(MIN_WEIGHT, uptime_fraction · 0.5^penalty)`, where `penalty` is the
+//! directory's capped, decaying sum of failure reports about the node
+//! (`docs/directory-api.md`; at most [`MAX_PENALTY`], at most
+//! [`REPORTER_CAP`] from any one reporter). A node that was always up and
+//! never reported is weight 1. The floor [`MIN_WEIGHT`] keeps every
+//! eligible node possible, and the caps keep reports from pushing an
+//! honest node down: one reporter can at most halve a node's weight, all
+//! of them together at most divide it by 2^[`MAX_PENALTY`].
 //!
 //! **Draw.** Nodes are drawn one after another without replacement, each
-//! with probability proportional to its weight among those left. The drawn
-//! nodes are then shuffled uniformly, so that a hop's position says nothing
-//! about its node's reliability, and r of the n positions (any of them,
-//! first and last included) are chosen uniformly to be dummies. Which
-//! positions are dummies is all the designer needs: it gives real stages to
-//! the other hops in order and identity stages to the dummies.
+//! with probability proportional to its weight among those left. After
+//! each pick, every node that [`Diversity::conflict`]s with it leaves the
+//! pool: its confirmed family, and (unless
+//! [`Diversity::AllowSameSubnet`]) every node in its IPv4 /16 or IPv6 /32.
+//! The drawn nodes are then shuffled uniformly, so that a hop's position
+//! says nothing about its node's reliability, and r of the n positions
+//! (any of them, first and last included) are chosen uniformly to be
+//! dummies. Which positions are dummies is all the designer needs: it
+//! gives real stages to the other hops in order and identity stages to the
+//! dummies.
 
 use std::collections::BTreeSet;
 
 use rand::seq::SliceRandom;
 use rand::Rng;
 
+use crate::diversity::Diversity;
 use crate::error::{DirectoryError, Result};
 use crate::view::ViewNode;
 
 /// The smallest weight an eligible node can have.
 pub const MIN_WEIGHT: f64 = 0.01;
 
-/// The selection weight for a node with this uptime and these recent
-/// failures (see the module docs).
-pub fn weight(uptime_fraction: f64, recent_failures: u64) -> f64 {
+/// The largest report penalty a weight counts (halvings): reports can
+/// divide a node's weight by at most 2^MAX_PENALTY = 8.
+pub const MAX_PENALTY: f64 = 3.0;
+
+/// The largest penalty one reporter's reports about one node add up to
+/// (halvings): one reporter can at most halve a node's weight.
+pub const REPORTER_CAP: f64 = 1.0;
+
+/// The selection weight for a node with this uptime and this report
+/// penalty (see the module docs); `penalty` is clamped to
+/// `0..=MAX_PENALTY` (NaN counts as 0).
+pub fn weight(uptime_fraction: f64, penalty: f64) -> f64 {
     let up = if uptime_fraction.is_finite() {
         uptime_fraction.clamp(0.0, 1.0)
     } else {
         0.0
     };
-    // 0.5^64 is far below the floor already; the cap keeps powi's argument small.
-    let halvings = i32::try_from(recent_failures.min(64)).unwrap_or(64);
-    (up * 0.5f64.powi(halvings)).max(MIN_WEIGHT)
+    let penalty = if penalty.is_nan() {
+        0.0
+    } else {
+        penalty.clamp(0.0, MAX_PENALTY)
+    };
+    (up * 0.5f64.powf(penalty)).max(MIN_WEIGHT)
 }
 
 impl ViewNode {
-    /// This node's selection weight ([`weight`]).
+    /// This node's selection weight: [`weight`] of its figures, or under
+    /// k-of-N the median of the agreeing directories' ([`crate::verify_quorum`]).
     pub fn weight(&self) -> f64 {
-        weight(self.uptime_fraction, self.recent_failures)
+        if self.weight.is_finite() {
+            self.weight.clamp(MIN_WEIGHT, 1.0)
+        } else {
+            MIN_WEIGHT
+        }
     }
 }
 
@@ -73,14 +98,17 @@ impl Selection {
     }
 }
 
-/// Picks `p_real + r_dummies` distinct nodes of `nodes` (see the module
-/// docs). Every node in `nodes` is eligible; should the same identity key
-/// or address appear twice, only its first entry is. Fails if fewer
-/// eligible nodes than needed, or if `p_real` is 0.
+/// Picks `p_real + r_dummies` distinct nodes of `nodes` under the
+/// `diversity` rule (see the module docs). Every node in `nodes` is
+/// eligible; should the same identity key or address appear twice, only
+/// its first entry is. Fails if the pool runs dry before enough nodes are
+/// drawn (too few nodes, or too few distinct prefixes and families), or if
+/// `p_real` is 0.
 pub fn select<R: Rng + ?Sized>(
     nodes: &[ViewNode],
     p_real: usize,
     r_dummies: usize,
+    diversity: Diversity,
     rng: &mut R,
 ) -> Result<Selection> {
     if p_real == 0 {
@@ -98,14 +126,16 @@ pub fn select<R: Rng + ?Sized>(
         .filter(|(_, n)| identities.insert(n.descriptor.identity) & addrs.insert(n.descriptor.addr))
         .map(|(i, n)| (i, n.weight()))
         .collect();
-    if pool.len() < needed {
-        return Err(DirectoryError::NotEnoughNodes {
-            eligible: pool.len(),
-            needed,
-        });
-    }
+    let eligible = pool.len();
     let mut picked = Vec::with_capacity(needed);
-    for _ in 0..needed {
+    while picked.len() < needed {
+        if pool.is_empty() {
+            return Err(DirectoryError::NotEnoughNodes {
+                eligible,
+                needed,
+                diverse: picked.len(),
+            });
+        }
         let total: f64 = pool.iter().map(|(_, w)| w).sum();
         let mut u = rng.gen::<f64>() * total;
         // Rounding can leave u just above the last cumulative sum; the last
@@ -118,7 +148,10 @@ pub fn select<R: Rng + ?Sized>(
             }
             u -= w;
         }
-        picked.push(pool.swap_remove(chosen).0);
+        let i = pool.swap_remove(chosen).0;
+        let d = &nodes[i].descriptor;
+        pool.retain(|(j, _)| !diversity.conflict(d, &nodes[*j].descriptor));
+        picked.push(i);
     }
     picked.shuffle(rng);
     let mut dummy_positions = rand::seq::index::sample(rng, needed, r_dummies).into_vec();
@@ -134,13 +167,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn weight_halves_per_failure_and_has_a_floor() {
-        assert_eq!(weight(1.0, 0), 1.0);
-        assert_eq!(weight(1.0, 1), 0.5);
-        assert_eq!(weight(0.5, 2), 0.125);
-        assert_eq!(weight(0.0, 0), MIN_WEIGHT);
-        assert_eq!(weight(f64::NAN, 0), MIN_WEIGHT);
-        assert_eq!(weight(1.0, u64::MAX), MIN_WEIGHT);
-        assert_eq!(weight(7.0, 0), 1.0);
+    fn weight_halves_per_penalty_and_is_bounded() {
+        assert_eq!(weight(1.0, 0.0), 1.0);
+        assert_eq!(weight(1.0, 1.0), 0.5);
+        assert_eq!(weight(0.5, 2.0), 0.125);
+        assert_eq!(weight(0.0, 0.0), MIN_WEIGHT);
+        assert_eq!(weight(f64::NAN, 0.0), MIN_WEIGHT);
+        // However many reports: at most 2^MAX_PENALTY.
+        assert_eq!(weight(1.0, 1e9), 0.125);
+        assert_eq!(weight(1.0, f64::INFINITY), 0.125);
+        assert_eq!(weight(1.0, f64::NAN), 1.0);
+        assert_eq!(weight(7.0, -3.0), 1.0);
     }
 }

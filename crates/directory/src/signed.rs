@@ -21,6 +21,10 @@ pub(crate) const DESCRIPTOR_DOMAIN: &[u8] = b"mixnn-descriptor-v1\0";
 pub(crate) const HEARTBEAT_DOMAIN: &[u8] = b"mixnn-heartbeat-v1\0";
 /// Domain separator for failure reports.
 pub(crate) const FAILURE_DOMAIN: &[u8] = b"mixnn-failure-v1\0";
+/// Domain separator for a designer's draw requests.
+pub(crate) const DRAW_DOMAIN: &[u8] = b"mixnn-draw-v1\0";
+/// Domain separator for the directory's draw receipts.
+pub(crate) const RECEIPT_DOMAIN: &[u8] = b"mixnn-draw-receipt-v1\0";
 /// Domain separator for directory views.
 pub(crate) const VIEW_DOMAIN: &[u8] = b"mixnn-view-v1\0";
 
@@ -83,6 +87,26 @@ pub(crate) mod hex32 {
         let mut out = [0u8; 32];
         hex::decode_to_slice(s.as_bytes(), &mut out).map_err(serde::de::Error::custom)?;
         Ok(out)
+    }
+}
+
+/// serde: `Vec<[u8; 32]>` as a list of 64-hex-digit strings.
+pub(crate) mod hex32_vec {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[[u8; 32]], s: S) -> Result<S::Ok, S::Error> {
+        v.iter().map(hex::encode).collect::<Vec<_>>().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<[u8; 32]>, D::Error> {
+        let list = Vec::<String>::deserialize(d)?;
+        list.iter()
+            .map(|s| {
+                let mut out = [0u8; 32];
+                hex::decode_to_slice(s.as_bytes(), &mut out).map_err(serde::de::Error::custom)?;
+                Ok(out)
+            })
+            .collect()
     }
 }
 

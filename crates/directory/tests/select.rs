@@ -14,21 +14,15 @@ use rand_chacha::ChaCha20Rng;
 
 const DRAWS: usize = 4000;
 
-/// Ten nodes: 0–7 reliable, 8 and 9 with two recent failures (weight 1/4).
+/// Ten nodes in ten /16s: 0–7 reliable, 8 and 9 with a report penalty of
+/// two halvings (weight 1/4).
 fn nodes() -> Vec<ViewNode> {
     (0..10u8)
-        .map(|i| {
-            let s = signed(i, T0);
-            ViewNode {
-                descriptor: s.verify_signature().unwrap(),
-                signed: s,
-                uptime_fraction: 1.0,
-                missed_heartbeats: 0,
-                recent_failures: if i >= 8 { 2 } else { 0 },
-            }
-        })
+        .map(|i| view_node(signed(i, T0), 1.0, if i >= 8 { 2.0 } else { 0.0 }))
         .collect()
 }
+
+const STRICT: Diversity = Diversity::Strict;
 
 fn index_of(nodes: &[ViewNode], hop: &ViewNode) -> usize {
     nodes
@@ -45,7 +39,7 @@ fn selection_picks_everyone_sometimes_never_twice_and_unreliable_nodes_less() {
     let mut dummy_at = [0usize; 5];
     let mut hop0 = [0usize; 10];
     for _ in 0..DRAWS {
-        let s = select(&nodes, 3, 2, &mut rng).unwrap();
+        let s = select(&nodes, 3, 2, STRICT, &mut rng).unwrap();
         assert_eq!(s.hops.len(), 5);
         assert_eq!(s.dummy_positions.len(), 2);
         assert!(s.dummy_positions.windows(2).all(|w| w[0] < w[1]));
@@ -89,12 +83,12 @@ fn selection_picks_everyone_sometimes_never_twice_and_unreliable_nodes_less() {
 fn equal_weights_give_a_uniform_selection() {
     let mut nodes = nodes();
     for n in &mut nodes {
-        n.recent_failures = 0;
+        n.weight = 1.0;
     }
     let mut rng = ChaCha20Rng::seed_from_u64(99);
     let mut picks = [0usize; 10];
     for _ in 0..DRAWS {
-        for h in select(&nodes, 4, 1, &mut rng).unwrap().hops {
+        for h in select(&nodes, 4, 1, STRICT, &mut rng).unwrap().hops {
             picks[index_of(&nodes, &h)] += 1;
         }
     }
@@ -110,32 +104,122 @@ fn equal_weights_give_a_uniform_selection() {
 #[test]
 fn selection_is_reproducible_and_checks_its_inputs() {
     let nodes = nodes();
-    let a = select(&nodes, 3, 2, &mut ChaCha20Rng::seed_from_u64(5)).unwrap();
-    let b = select(&nodes, 3, 2, &mut ChaCha20Rng::seed_from_u64(5)).unwrap();
+    let a = select(&nodes, 3, 2, STRICT, &mut ChaCha20Rng::seed_from_u64(5)).unwrap();
+    let b = select(&nodes, 3, 2, STRICT, &mut ChaCha20Rng::seed_from_u64(5)).unwrap();
     assert_eq!(a, b);
-    let err = select(&nodes[..4], 3, 2, &mut ChaCha20Rng::seed_from_u64(5)).unwrap_err();
+    let err = select(
+        &nodes[..4],
+        3,
+        2,
+        STRICT,
+        &mut ChaCha20Rng::seed_from_u64(5),
+    )
+    .unwrap_err();
     assert!(
         matches!(
             err,
             DirectoryError::NotEnoughNodes {
                 eligible: 4,
-                needed: 5
+                needed: 5,
+                diverse: 4
             }
         ),
         "{err}"
     );
-    assert!(select(&nodes, 0, 2, &mut ChaCha20Rng::seed_from_u64(5)).is_err());
+    assert!(select(&nodes, 0, 2, STRICT, &mut ChaCha20Rng::seed_from_u64(5)).is_err());
     // Duplicates count once.
     let doubled: Vec<_> = nodes[..3].iter().chain(&nodes[..3]).cloned().collect();
     assert!(matches!(
-        select(&doubled, 3, 1, &mut ChaCha20Rng::seed_from_u64(5)),
+        select(&doubled, 3, 1, STRICT, &mut ChaCha20Rng::seed_from_u64(5)),
         Err(DirectoryError::NotEnoughNodes {
             eligible: 3,
-            needed: 4
+            needed: 4,
+            diverse: 3
         })
     ));
     // All of them, no dummies.
-    let all = select(&nodes, 10, 0, &mut ChaCha20Rng::seed_from_u64(5)).unwrap();
+    let all = select(&nodes, 10, 0, STRICT, &mut ChaCha20Rng::seed_from_u64(5)).unwrap();
     assert!(all.dummy_positions.is_empty());
     assert!(!all.is_dummy(0));
+}
+
+/// A signed descriptor of node `i` at `addr`, declaring `family`.
+fn at(i: u8, addr: [u8; 4], family: &[u8]) -> SignedDescriptor {
+    let key = node_key(i);
+    let mut d = descriptor(&key, 7000 + u16::from(i), T0);
+    d.addr = (addr, 7000).into();
+    d.family = family
+        .iter()
+        .map(|&j| node_key(j).verifying_key().to_bytes())
+        .collect();
+    sign_descriptor(&key, &d).unwrap()
+}
+
+#[test]
+fn no_two_hops_of_one_16_or_one_confirmed_family() {
+    // Attack: an operator puts 20 nodes in 10.9.0.0/16 (two per /24, the
+    // listing limit), beside 7 honest nodes in 7 other /16s. Nodes 30 and
+    // 31 are one family (each lists the other), 32 claims 33 one-sidedly.
+    let mut nodes: Vec<ViewNode> = (0..20u8)
+        .map(|i| view_node(at(i, [10, 9, i / 2, i % 2 + 1], &[]), 1.0, 0.0))
+        .collect();
+    nodes.push(view_node(at(30, [20, 1, 0, 1], &[31]), 1.0, 0.0));
+    nodes.push(view_node(at(31, [21, 1, 0, 1], &[30]), 1.0, 0.0));
+    nodes.push(view_node(at(32, [22, 1, 0, 1], &[33]), 1.0, 0.0));
+    for (i, net) in [(33u8, 23u8), (34, 24), (35, 25), (36, 26)] {
+        nodes.push(view_node(at(i, [net, 1, 0, 1], &[]), 1.0, 0.0));
+    }
+    let mut rng = ChaCha20Rng::seed_from_u64(18);
+    let mut sybil_hops = 0usize;
+    let mut both_30_31 = 0usize;
+    let mut with_32_33 = 0usize;
+    for _ in 0..2000 {
+        let s = select(&nodes, 5, 2, STRICT, &mut rng).unwrap();
+        let prefixes: BTreeSet<_> = s
+            .hops
+            .iter()
+            .map(|h| draw_prefix(h.descriptor.addr.ip()))
+            .collect();
+        assert_eq!(prefixes.len(), 7, "two hops in one /16");
+        let ids: Vec<_> = s.hops.iter().map(|h| h.descriptor.identity).collect();
+        let has = |i: u8| ids.contains(&node_key(i).verifying_key().to_bytes());
+        sybil_hops += (0..20).filter(|&i| has(i)).count();
+        both_30_31 += usize::from(has(30) && has(31));
+        with_32_33 += usize::from(has(32) && has(33));
+    }
+    assert_eq!(both_30_31, 0, "one family twice in a cascade");
+    assert!(
+        sybil_hops <= 2000,
+        "more than one hop per cascade in the Sybil /16"
+    );
+    // A one-sided claim excludes nobody.
+    assert!(with_32_33 > 0);
+
+    // Without the rule (local testing), the Sybil /16 fills cascades.
+    let mut rng = ChaCha20Rng::seed_from_u64(18);
+    let loose = (0..200)
+        .map(|_| select(&nodes, 5, 2, Diversity::AllowSameSubnet, &mut rng).unwrap())
+        .filter(|s| {
+            s.hops
+                .iter()
+                .filter(|h| draw_prefix(h.descriptor.addr.ip()) == (4, 0x0a09))
+                .count()
+                >= 4
+        })
+        .count();
+    assert!(loose > 50, "{loose}");
+    // Too few distinct /16s for the cascade: a clear error.
+    let err = select(&nodes[..20], 3, 0, STRICT, &mut rng).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DirectoryError::NotEnoughNodes {
+                eligible: 20,
+                needed: 3,
+                diverse: 1
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--allow-same-subnet"), "{err}");
 }

@@ -56,7 +56,8 @@ pub fn start_node_with(seed: u64, config: NodeConfig) -> HopInfo {
                 mixnn_net::LinkConfig::mixnn(),
             )
             .await
-            .unwrap();
+            .unwrap()
+            .answer_probes(&keys);
             tx.send(listener.local_addr().unwrap()).unwrap();
             let r: Result<(), NodeError> =
                 mixnn_node::run(listener, &keys, config, std::future::pending()).await;

@@ -30,6 +30,49 @@ fn capabilities() -> Capabilities {
     }
 }
 
+/// A listener of node `k` at 127.0.0.1:`port` that answers the
+/// directory's probes (admission by proof), on its own thread for the
+/// rest of the test process.
+fn answer_probes(k: &NodeKeys, port: u16) {
+    let k = keys_clone(k);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let listener = mixnn_net::LinkListener::bind(
+                addr,
+                k.link().clone(),
+                mixnn_net::LinkConfig::mixnn(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("port {port} for a test node: {e}"))
+            .answer_probes(&k);
+            tx.send(()).unwrap();
+            while let Ok(p) = listener.accept().await {
+                tokio::spawn(async move {
+                    let _ = p.handshake().await;
+                });
+            }
+        });
+    });
+    rx.recv().unwrap();
+}
+
+/// The same keys again (NodeKeys is not Clone; tests derive keys from seeds).
+fn keys_clone(k: &NodeKeys) -> NodeKeys {
+    for seed in 0..1000 {
+        let c = keys(seed);
+        if c.public().identity == k.public().identity {
+            return c;
+        }
+    }
+    unreachable!("test keys come from seeds below 1000")
+}
+
 /// A directory served on `addr` by a background thread until dropped.
 struct Served {
     url: String,
@@ -75,10 +118,15 @@ fn registers_heartbeats_and_stops_on_request() {
         Store::open_in_memory().unwrap(),
         DirectoryKeys::from_secret([3; 32]),
         Arc::new(SystemClock),
-        DirectoryConfig::default(),
+        // Every test node is on 127.0.0.1 (local testing only).
+        DirectoryConfig {
+            allow_same_subnet: true,
+            ..DirectoryConfig::default()
+        },
     );
     let served = Served::start(state.clone(), "127.0.0.1:0");
     let k = keys(2);
+    answer_probes(&k, 7100);
     let node = Announcement::new(&k, "127.0.0.1:7100".parse().unwrap(), capabilities());
     let config = AnnounceConfig {
         heartbeat: Duration::from_millis(200),
@@ -119,6 +167,7 @@ fn registers_heartbeats_and_stops_on_request() {
 /// Registers node `seed` at 127.0.0.1:`port` with `state` directly.
 fn register_other(state: &DirectoryState, seed: u64, port: u16) -> [u8; 32] {
     let k = keys(seed);
+    answer_probes(&k, port);
     let a = Announcement::new(&k, ([127, 0, 0, 1], port).into(), capabilities());
     let d = a.descriptor(k.identity(), mixnn_directory::unix_now());
     state
@@ -151,11 +200,16 @@ fn cover_setup(
         Store::open_in_memory().unwrap(),
         DirectoryKeys::from_secret([secret; 32]),
         Arc::new(SystemClock),
-        DirectoryConfig::default(),
+        // Every test node is on 127.0.0.1 (local testing only).
+        DirectoryConfig {
+            allow_same_subnet: true,
+            ..DirectoryConfig::default()
+        },
     );
     let served = Served::start(state.clone(), "127.0.0.1:0");
     let other_link = register_other(&state, other, other_port);
     let k = keys(seed);
+    answer_probes(&k, port);
     let node = Announcement::new(&k, ([127, 0, 0, 1], port).into(), capabilities());
     let (cover, peers) = CoverView::new(vec![trusted.unwrap_or_else(|| state.public_key())]);
     let config = AnnounceConfig {
@@ -254,7 +308,11 @@ fn forgotten_node_registers_again() {
             Store::open_in_memory().unwrap(),
             DirectoryKeys::from_secret([secret; 32]),
             Arc::new(clock.clone()),
-            DirectoryConfig::default(),
+            // Every test node is on 127.0.0.1 (local testing only).
+            DirectoryConfig {
+                allow_same_subnet: true,
+                ..DirectoryConfig::default()
+            },
         )
     };
     let first = state(4);
@@ -262,6 +320,7 @@ fn forgotten_node_registers_again() {
     let addr = served.url.trim_start_matches("http://").to_owned();
     let k = keys(4);
     let identity = *k.public().identity.as_bytes();
+    answer_probes(&k, 7102);
     let node = Announcement::new(&k, "127.0.0.1:7102".parse().unwrap(), capabilities());
     let config = AnnounceConfig {
         heartbeat: Duration::from_millis(20),

@@ -139,6 +139,22 @@ pub enum NetError {
         /// Log alias of the key the peer proved it holds.
         actual: String,
     },
+    /// The connection was a directory's probe, answered with a proof
+    /// ([`crate::probe`]); not a fault, and not a link.
+    #[error("{peer} probed this node (answered)")]
+    Probed {
+        /// The prober.
+        peer: SocketAddr,
+    },
+    /// A probe of a node failed: no answer, the wrong link key, or a wrong
+    /// onion-key proof.
+    #[error("probe of {peer} failed: {reason}")]
+    ProbeFailed {
+        /// The probed address.
+        peer: SocketAddr,
+        /// Why.
+        reason: String,
+    },
     /// I/O on an open link failed (including EOF in the middle of a frame).
     #[error("link with {}: {source}", crate::alias::peer(.peer))]
     LinkIo {

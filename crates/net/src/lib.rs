@@ -69,6 +69,7 @@ mod keys;
 mod link;
 mod message;
 pub mod pacing;
+pub mod probe;
 mod pubkey;
 mod transport;
 
@@ -79,6 +80,7 @@ pub use link::{
     Link, LinkConfig, LinkListener, PendingLink, DEFAULT_HANDSHAKE_TIMEOUT, NOISE_PROTOCOL,
 };
 pub use message::recv_message;
+pub use probe::{probe, ProbeResponder, ProbeTarget};
 pub use pubkey::{
     NodePublicKeys, PublicIdentityKey, PublicLinkKey, PublicOnionKey, PUBLIC_KEY_LEN,
 };

@@ -14,7 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::error::NetError;
-use crate::keys::LinkKeypair;
+use crate::keys::{LinkKeypair, NodeKeys};
+use crate::probe::{Challenge, ProbeResponder, ProbeTarget};
 use crate::pubkey::PublicLinkKey;
 use crate::transport::{LinkReader, LinkWriter, MAX_CELL_SIZE};
 
@@ -115,7 +116,16 @@ impl Link {
             let stream = TcpStream::connect(addr)
                 .await
                 .map_err(|source| NetError::Connect { addr, source })?;
-            handshake(stream, addr, key, expected_remote, config, Role::Initiator).await
+            handshake(
+                stream,
+                addr,
+                key,
+                expected_remote,
+                config,
+                Role::Initiator,
+                None,
+            )
+            .await
         };
         tokio::time::timeout(config.handshake_timeout, setup)
             .await
@@ -159,6 +169,7 @@ pub struct LinkListener {
     listener: TcpListener,
     key: Arc<LinkKeypair>,
     config: LinkConfig,
+    probes: Option<Arc<ProbeResponder>>,
 }
 
 impl LinkListener {
@@ -175,7 +186,18 @@ impl LinkListener {
             listener,
             key: Arc::new(key),
             config,
+            probes: None,
         })
+    }
+
+    /// Answers directory probes ([`crate::probe`]) with `keys`' onion key:
+    /// a connection that opens with a probe gets its proof and ends with
+    /// [`NetError::Probed`] instead of becoming a link. `keys` must be the
+    /// node whose link key this listener holds.
+    #[must_use]
+    pub fn answer_probes(mut self, keys: &NodeKeys) -> Self {
+        self.probes = Some(Arc::new(ProbeResponder::new(keys)));
+        self
     }
 
     /// The address actually bound.
@@ -199,6 +221,7 @@ impl LinkListener {
             peer,
             key: Arc::clone(&self.key),
             config: self.config,
+            probes: self.probes.clone(),
         })
     }
 }
@@ -210,6 +233,7 @@ pub struct PendingLink {
     peer: SocketAddr,
     key: Arc<LinkKeypair>,
     config: LinkConfig,
+    probes: Option<Arc<ProbeResponder>>,
 }
 
 impl PendingLink {
@@ -220,15 +244,25 @@ impl PendingLink {
 
     /// Runs the responder side of the handshake, bounded by the configured
     /// timeout. Any error concerns this connection only. The caller decides
-    /// whether [`Link::remote_key`] is allowed to talk to it.
+    /// whether [`Link::remote_key`] is allowed to talk to it. A directory
+    /// probe answered here ends with [`NetError::Probed`].
     pub async fn handshake(self) -> Result<Link, NetError> {
         let Self {
             stream,
             peer,
             key,
             config,
+            probes,
         } = self;
-        let setup = handshake(stream, peer, &key, None, config, Role::Responder);
+        let setup = handshake(
+            stream,
+            peer,
+            &key,
+            None,
+            config,
+            Role::Responder,
+            probes.as_deref(),
+        );
         tokio::time::timeout(config.handshake_timeout, setup)
             .await
             .map_err(|_| NetError::HandshakeTimeout { peer })?
@@ -241,8 +275,71 @@ enum Role {
     Responder,
 }
 
+fn noise_state(
+    peer: SocketAddr,
+    key: &LinkKeypair,
+    config: LinkConfig,
+    role: Role,
+) -> Result<HandshakeState, NetError> {
+    let noise_err = |e: snow::Error| NetError::Handshake {
+        peer,
+        reason: e.to_string(),
+    };
+    let params = NOISE_PROTOCOL.parse().map_err(noise_err)?;
+    let prologue = config.prologue();
+    let builder = Builder::new(params)
+        .local_private_key(key.secret_bytes())
+        .and_then(|b| b.prologue(&prologue))
+        .map_err(noise_err)?;
+    match role {
+        Role::Initiator => builder.build_initiator(),
+        Role::Responder => builder.build_responder(),
+    }
+    .map_err(noise_err)
+}
+
+/// The directory's side of a probe (see [`crate::probe`]): messages 1 and
+/// 2 of the handshake, then close.
+pub(crate) async fn probe(target: &ProbeTarget, config: LinkConfig) -> Result<(), NetError> {
+    let peer = target.addr;
+    let run = async {
+        let mut stream = TcpStream::connect(peer)
+            .await
+            .map_err(|source| NetError::Connect { addr: peer, source })?;
+        let io_err = |source| NetError::LinkIo { peer, source };
+        let noise_err = |e: snow::Error| NetError::Handshake {
+            peer,
+            reason: e.to_string(),
+        };
+        stream.set_nodelay(true).map_err(io_err)?;
+        // A throwaway static key: the third message, which would reveal
+        // it, is never sent.
+        let key = LinkKeypair::generate_os();
+        let mut hs = noise_state(peer, &key, config, Role::Initiator)?;
+        let challenge = Challenge::new(target)?;
+        let mut msg = [0u8; MAX_HANDSHAKE_MSG];
+        let mut payload = [0u8; MAX_HANDSHAKE_MSG];
+        let len = hs
+            .write_message(&challenge.payload, &mut msg)
+            .map_err(noise_err)?;
+        write_handshake_frame(&mut stream, &msg[..len])
+            .await
+            .map_err(io_err)?;
+        let len = read_handshake_frame(&mut stream, &mut msg, peer).await?;
+        let n = hs
+            .read_message(&msg[..len], &mut payload)
+            .map_err(noise_err)?;
+        check_remote(&hs, peer, Some(PublicLinkKey::from_bytes(target.link)))?;
+        challenge.check(peer, &payload[..n])
+    };
+    tokio::time::timeout(config.handshake_timeout, run)
+        .await
+        .map_err(|_| NetError::HandshakeTimeout { peer })?
+}
+
 /// Runs the three XX messages (`-> e`, `<- e, ee, s, es`, `-> s, se`) and
-/// builds the link.
+/// builds the link. A responder with `probes` answers a probe in message 2
+/// and stops there.
 async fn handshake(
     mut stream: TcpStream,
     peer: SocketAddr,
@@ -250,6 +347,7 @@ async fn handshake(
     expected_remote: Option<PublicLinkKey>,
     config: LinkConfig,
     role: Role,
+    probes: Option<&ProbeResponder>,
 ) -> Result<Link, NetError> {
     let noise_err = |e: snow::Error| NetError::Handshake {
         peer,
@@ -257,32 +355,30 @@ async fn handshake(
     };
     let io_err = |source| NetError::LinkIo { peer, source };
     stream.set_nodelay(true).map_err(io_err)?;
-
-    let params = NOISE_PROTOCOL.parse().map_err(noise_err)?;
-    let prologue = config.prologue();
-    let builder = Builder::new(params)
-        .local_private_key(key.secret_bytes())
-        .and_then(|b| b.prologue(&prologue))
-        .map_err(noise_err)?;
-    let mut hs = match role {
-        Role::Initiator => builder.build_initiator(),
-        Role::Responder => builder.build_responder(),
-    }
-    .map_err(noise_err)?;
+    let mut hs = noise_state(peer, key, config, role)?;
 
     let mut msg = [0u8; MAX_HANDSHAKE_MSG];
     let mut payload = [0u8; MAX_HANDSHAKE_MSG];
+    let mut proof: Option<[u8; 32]> = None;
     let mut our_turn = role == Role::Initiator;
     while !hs.is_handshake_finished() {
         if our_turn {
-            let len = hs.write_message(&[], &mut msg).map_err(noise_err)?;
+            let out: &[u8] = proof.as_ref().map_or(&[], |p| p.as_slice());
+            let len = hs.write_message(out, &mut msg).map_err(noise_err)?;
             write_handshake_frame(&mut stream, &msg[..len])
                 .await
                 .map_err(io_err)?;
+            if proof.is_some() {
+                return Err(NetError::Probed { peer });
+            }
         } else {
             let len = read_handshake_frame(&mut stream, &mut msg, peer).await?;
-            hs.read_message(&msg[..len], &mut payload)
+            let n = hs
+                .read_message(&msg[..len], &mut payload)
                 .map_err(noise_err)?;
+            if role == Role::Responder && n > 0 && !hs.is_handshake_finished() {
+                proof = probes.and_then(|p| p.answer(&payload[..n], key.public().as_bytes()));
+            }
             // Check the responder's key as soon as we learn it, before our
             // own static key goes out in the last message.
             check_remote(&hs, peer, expected_remote)?;

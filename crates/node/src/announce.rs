@@ -49,6 +49,9 @@ pub struct Announcement {
     pub link: [u8; 32],
     /// What the node offers.
     pub capabilities: Capabilities,
+    /// The identity keys of the operator's other nodes
+    /// ([`Descriptor::family`]; each must list this one too).
+    pub family: Vec<[u8; 32]>,
 }
 
 impl Announcement {
@@ -60,6 +63,7 @@ impl Announcement {
             onion: *public.onion.as_bytes(),
             link: *public.link.as_bytes(),
             capabilities,
+            family: Vec::new(),
         }
     }
 
@@ -74,6 +78,7 @@ impl Announcement {
             arith: mixnn_model::arith::ARITH_VERSION,
             capabilities: self.capabilities.clone(),
             published: now,
+            family: self.family.clone(),
         }
     }
 }

@@ -250,6 +250,7 @@ mod tests {
                 location: String::new(),
             },
             published: 1_000,
+            family: Vec::new(),
         };
         ViewNode {
             signed: sign_descriptor(&key, &descriptor).unwrap(),
@@ -257,6 +258,8 @@ mod tests {
             uptime_fraction: 1.0,
             missed_heartbeats: 0,
             recent_failures: 0,
+            report_penalty: 0.0,
+            weight: 1.0,
         }
     }
 

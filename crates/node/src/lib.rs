@@ -259,6 +259,7 @@ pub async fn run(
                 // idle timeout, whichever is shorter.
                 match tokio::time::timeout(idle, pending.handshake()).await {
                     Ok(Ok(link)) => read_loop(link, shared, idle).await,
+                    Ok(Err(e @ mixnn_net::NetError::Probed { .. })) => tracing::debug!("{e}"),
                     Ok(Err(e)) => tracing::warn!("link from {peer}: {e}"),
                     Err(_) => tracing::warn!(
                         "link from {peer}: no handshake within {} s",

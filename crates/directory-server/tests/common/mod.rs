@@ -18,11 +18,15 @@ pub fn node_key(i: u8) -> SigningKey {
 
 /// A valid descriptor for node `i` at 127.0.0.1:`port`, published at `published`.
 pub fn descriptor(key: &SigningKey, port: u16, published: u64) -> Descriptor {
+    let identity = key.verifying_key().to_bytes();
+    let (mut onion, mut link) = (identity, identity);
+    onion[0] ^= 0x11;
+    link[0] ^= 0x22;
     Descriptor {
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        identity: key.verifying_key().to_bytes(),
-        onion: [0x11; 32],
-        link: [0x22; 32],
+        identity,
+        onion,
+        link,
         version: PROTOCOL_VERSION,
         arith: 1,
         capabilities: Capabilities {
@@ -32,6 +36,7 @@ pub fn descriptor(key: &SigningKey, port: u16, published: u64) -> Descriptor {
             location: "test-rack".into(),
         },
         published,
+        family: Vec::new(),
     }
 }
 
@@ -41,14 +46,40 @@ pub fn signed(i: u8, published: u64) -> SignedDescriptor {
     sign_descriptor(&key, &descriptor(&key, 7000 + u16::from(i), published)).unwrap()
 }
 
-/// A directory over an in-memory store with a manual clock at `T0`.
+/// A prober that passes every node: for tests of the store and views,
+/// the layers above the probe (admission itself is tested with real
+/// listeners and [`NoiseProber`], see `admission.rs`).
+pub struct AdmitAll;
+
+impl Prober for AdmitAll {
+    fn probe(&self, _: &Descriptor) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Test directories list every node on 127.0.0.1 (no per-prefix limit).
+pub fn loopback_config() -> DirectoryConfig {
+    DirectoryConfig {
+        allow_same_subnet: true,
+        ..DirectoryConfig::default()
+    }
+}
+
+/// A directory over an in-memory store with a manual clock at `T0` whose
+/// probes always pass (see [`AdmitAll`]).
 pub fn directory() -> (DirectoryState, ManualClock) {
+    directory_with(loopback_config())
+}
+
+/// The same with `config`.
+pub fn directory_with(config: DirectoryConfig) -> (DirectoryState, ManualClock) {
     let clock = ManualClock::new(T0);
-    let state = DirectoryState::new(
+    let state = DirectoryState::with_prober(
         Store::open_in_memory().unwrap(),
         DirectoryKeys::from_secret([0xd1; 32]),
         Arc::new(clock.clone()),
-        DirectoryConfig::default(),
+        config,
+        Arc::new(AdmitAll),
     );
     (state, clock)
 }

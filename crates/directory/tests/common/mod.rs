@@ -15,13 +15,19 @@ pub fn node_key(i: u8) -> SigningKey {
     SigningKey::from_bytes(&[i.wrapping_add(100); 32])
 }
 
-/// A valid descriptor for node `i` at 127.0.0.1:`port`, published at `published`.
+/// A valid descriptor for a node at 10.`port % 250`.0.1:`port` (one /16
+/// per port modulo 250), published at `published`, with onion and link
+/// keys of its own.
 pub fn descriptor(key: &SigningKey, port: u16, published: u64) -> Descriptor {
+    let identity = key.verifying_key().to_bytes();
+    let (mut onion, mut link) = (identity, identity);
+    onion[0] ^= 0x11;
+    link[0] ^= 0x22;
     Descriptor {
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        identity: key.verifying_key().to_bytes(),
-        onion: [0x11; 32],
-        link: [0x22; 32],
+        addr: SocketAddr::from(([10, (port % 250) as u8, 0, 1], port)),
+        identity,
+        onion,
+        link,
         version: PROTOCOL_VERSION,
         arith: 1,
         capabilities: Capabilities {
@@ -31,6 +37,7 @@ pub fn descriptor(key: &SigningKey, port: u16, published: u64) -> Descriptor {
             location: "test-rack".into(),
         },
         published,
+        family: Vec::new(),
     }
 }
 
@@ -38,6 +45,19 @@ pub fn descriptor(key: &SigningKey, port: u16, published: u64) -> Descriptor {
 pub fn signed(i: u8, published: u64) -> SignedDescriptor {
     let key = node_key(i);
     sign_descriptor(&key, &descriptor(&key, 7000 + u16::from(i), published)).unwrap()
+}
+
+/// A verified view node with these figures.
+pub fn view_node(s: SignedDescriptor, uptime: f64, penalty: f64) -> ViewNode {
+    ViewNode {
+        descriptor: s.verify_signature().unwrap(),
+        signed: s,
+        uptime_fraction: uptime,
+        missed_heartbeats: 0,
+        recent_failures: 0,
+        report_penalty: penalty,
+        weight: weight(uptime, penalty),
+    }
 }
 
 /// Replaces `from` by `to` once in the JSON of `value` and parses it back.
