@@ -18,8 +18,11 @@
 //! designer, and every other node (whose route for 10.214.s.0/24 leads
 //! over its veth and the bridge), reaches node i through a relay in the
 //! root namespace that holds every byte R/2 in each direction; nodes
-//! deliver to the designer's `10.214.s.1:7100` through a plain relay in
-//! their own namespace and a delaying one in the root namespace. So every
+//! deliver to the designer's `10.214.s.1:7100` (the first hop) or
+//! `10.214.s.1:7101` (the last hop: the designer faces each end with an
+//! address and key of its own) through a plain relay in their own
+//! namespace and a delaying one in the root namespace (`10.213.s.1:7101`
+//! and `:7102`). So every
 //! link the cascade uses (designer→node, node→node, node→designer) has
 //! round-trip time R, and every byte crosses a real veth pair and bridge.
 //!
@@ -60,6 +63,9 @@ const DESIGNER_PORT: u16 = 7100;
 const ECHO_PORT: u16 = 7001;
 /// Port of the root namespace's relay in front of the designer.
 const DESIGNER_RELAY_PORT: u16 = 7101;
+/// Port of the root namespace's relay in front of the designer's second
+/// end (the last hop delivers there, at `DESIGNER_PORT + 1`).
+const DESIGNER_LAST_RELAY_PORT: u16 = 7102;
 /// Handshakes per measured link.
 const PROBES: usize = 5;
 
@@ -248,28 +254,37 @@ impl Wan {
                 "via",
                 &real(s, 1).to_string(),
             ])?;
-            // The node's relay in front of the designer: no delay here,
-            // the root namespace's relay adds it.
-            let mut child = Command::new("ip")
-                .args(["netns", "exec", &ns])
-                .arg(&exe)
-                .args(["bench", "relay", "--listen"])
-                .arg(self.designer_listen().to_string())
-                .arg("--to")
-                .arg(sock(real(s, 1), DESIGNER_RELAY_PORT).to_string())
-                .arg("--echo")
-                .arg(sock(real(s, node_host(i)), ECHO_PORT).to_string())
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .with_context(|| format!("starting the relay in {ns}"))?;
-            let stdout = child.stdout.take().context("relay stdout")?;
-            self.ns_relays.push(child);
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line)?;
-            if !line.starts_with("relay ready") {
-                bail!("the relay in {ns} did not start");
+            // The node's relays in front of the designer's two ends (the
+            // first hop delivers to one, the last to the other): no delay
+            // here, the root namespace's relays add it.
+            for (listen, to, echo) in [
+                (self.designer_listen(), DESIGNER_RELAY_PORT, true),
+                (self.designer_last(), DESIGNER_LAST_RELAY_PORT, false),
+            ] {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns])
+                    .arg(&exe)
+                    .args(["bench", "relay", "--listen"])
+                    .arg(listen.to_string())
+                    .arg("--to")
+                    .arg(sock(real(s, 1), to).to_string());
+                if echo {
+                    c.arg("--echo")
+                        .arg(sock(real(s, node_host(i)), ECHO_PORT).to_string());
+                }
+                let mut child = c
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .with_context(|| format!("starting the relay in {ns}"))?;
+                let stdout = child.stdout.take().context("relay stdout")?;
+                self.ns_relays.push(child);
+                let mut line = String::new();
+                BufReader::new(stdout).read_line(&mut line)?;
+                if !line.starts_with("relay ready") {
+                    bail!("the relay in {ns} did not start");
+                }
             }
         }
         // The delaying relays of the root namespace.
@@ -285,6 +300,11 @@ impl Wan {
         self.relays.push(Relay::start(
             sock(real(s, 1), DESIGNER_RELAY_PORT),
             self.designer_listen(),
+            self.one_way,
+        )?);
+        self.relays.push(Relay::start(
+            sock(real(s, 1), DESIGNER_LAST_RELAY_PORT),
+            self.designer_last(),
             self.one_way,
         )?);
         Ok(())
@@ -316,9 +336,15 @@ impl Wan {
             .collect()
     }
 
-    /// Where the designer must listen for deliveries.
+    /// Where the designer must listen for deliveries (its first end; its
+    /// second, for the last hop, is on the next port).
     pub fn designer_listen(&self) -> SocketAddr {
         sock(virt(self.subnet, 1), DESIGNER_PORT)
+    }
+
+    /// The designer's second end (the last hop delivers there).
+    fn designer_last(&self) -> SocketAddr {
+        sock(virt(self.subnet, 1), DESIGNER_PORT + 1)
     }
 
     /// Where node `i`'s echo server is reached (through the same relay

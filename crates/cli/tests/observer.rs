@@ -346,7 +346,7 @@ struct Observed {
     samples: Vec<(String, Vec<f64>)>,
     table: String,
     train_pixels: Vec<u8>,
-    designer: SocketAddr,
+    designer: [SocketAddr; 2],
     /// Addresses of hops 3..5 and the relays (the cascade's names for
     /// hops 1 and 2).
     rest: Vec<SocketAddr>,
@@ -479,7 +479,7 @@ fn observe(setup: &Setup) -> Observed {
     };
     let mut runner = CascadeRunner::connect(&model, hops, &cfg, opts).unwrap();
     let cells = runner.policy().cells_for(0).unwrap();
-    let designer = runner.listen_addr();
+    let designer = runner.listen_addrs();
 
     // Phases, each in its own time window.
     let t0 = Instant::now();
@@ -607,7 +607,7 @@ fn a_link_observer_sees_equal_frames_and_no_addresses_or_activations() {
     // No address of a non-adjacent node, no run of pixel bytes.
     let streams: Vec<Vec<u8>> = o.streams.iter().map(all_bytes).collect();
     let mut far: Vec<SocketAddr> = o.rest.clone();
-    far.push(o.designer);
+    far.extend(o.designer);
     let mut needles: Vec<(String, Vec<u8>)> = Vec::new();
     for a in &far {
         let SocketAddr::V4(v4) = a else {
@@ -669,8 +669,13 @@ fn a_link_observer_sees_equal_frames_and_no_addresses_or_activations() {
         if i < 4 {
             allowed.push(named[i + 1]);
         }
-        if i == 0 || i == 4 {
-            allowed.push(o.designer);
+        // The first hop delivers to the designer's first end, the last
+        // hop to its second.
+        if i == 0 {
+            allowed.push(o.designer[0]);
+        }
+        if i == 4 {
+            allowed.push(o.designer[1]);
         }
         for line in learned.lines() {
             let a: SocketAddr = line.parse().unwrap();

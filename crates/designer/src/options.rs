@@ -152,7 +152,9 @@ pub struct CascadeOptions {
     pub timeout: Duration,
     /// How messages are padded.
     pub padding: Padding,
-    /// Address the designer listens on for deliveries.
+    /// Address the designer listens on for the first hop's deliveries;
+    /// the last hop delivers to the next port (any free port when this
+    /// names port 0), so the two ends share no address of the designer.
     pub listen: SocketAddr,
     /// Positions (in the cascade's hop list) of dummy hops: they run an
     /// identity stage, see and send the same cells as real hops, and

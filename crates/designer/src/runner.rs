@@ -178,9 +178,19 @@ impl CascadeRunner {
         Self::builder(model, cfg, hops).options(opts).connect()
     }
 
-    /// The address the designer listens on.
+    /// The address the designer listens on for the first hop.
     pub fn listen_addr(&self) -> SocketAddr {
         self.session.exchange_ref().driver().listen_addr()
+    }
+
+    /// Both addresses the designer listens on: the first hop delivers to
+    /// the first, the last hop to the second.
+    pub fn listen_addrs(&self) -> [SocketAddr; 2] {
+        self.session
+            .exchange_ref()
+            .driver()
+            .ends()
+            .map(|(addr, _)| addr)
     }
 
     /// The padding policy in force.
