@@ -19,7 +19,7 @@ paths=$("$mixnn" selftest 2>/dev/null | awk '$2 == "ok" {print $1}')
 [ -n "$paths" ] || paths="avx2 sse2 scalar"
 run() { # name, epochs, command...
     local name=$1 epochs=$2; shift 2
-    "$@" --data "$data" --no-fetch --epochs "$epochs" --json "$tmp/$name.json" >/dev/null 2>&1
+    "$@" --data "$data" --no-fetch --seed 1 --epochs "$epochs" --json "$tmp/$name.json" >/dev/null 2>&1
     printf '"%s": %s' "$name" "$(cat "$tmp/$name.json")"
 }
 echo "{"
