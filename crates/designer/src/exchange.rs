@@ -268,16 +268,22 @@ impl Exchange {
         transfer::room(&self.router.policy())
     }
 
-    /// Downloads `what` from each of `hops` at once, in chunks; the bytes
-    /// of each, in the order of `hops`.
+    /// Downloads `what` from each of `hops` at once, in chunks, each at
+    /// most the bytes `max_total` gives it; the bytes of each, in the
+    /// order of `hops`.
     pub fn download(
         &mut self,
         hops: &[usize],
+        max_total: &[usize],
         what: Fetch,
         step: u64,
     ) -> Result<Vec<Vec<u8>>, DesignerError> {
         let room = self.room();
-        let mut downloads: Vec<Download> = hops.iter().map(|&j| Download::new(j, room)).collect();
+        let mut downloads: Vec<Download> = hops
+            .iter()
+            .zip(max_total)
+            .map(|(&j, &max)| Download::new(j, room, max))
+            .collect();
         let mut done: Vec<Option<Vec<u8>>> = vec![None; hops.len()];
         for &j in hops {
             self.send(&what.route(j, 0), &[], what.awaits(j, 0))?;

@@ -3,6 +3,11 @@
 //! batches, state fetches and loads, and audits, until it fails or a
 //! recovery replaces it ([`Session::rebuild`]).
 //!
+//! (Length: about 650 lines. It is the one layer that holds a session's
+//! mutable state — step, tags, kept stages, audits — and every operation on
+//! it; the decisions it takes are in the pure `plan` modules, the messaging
+//! in `exchange`.)
+//!
 //! Per step the session sends two onions per micro-batch: a forward
 //! through the hops in order (the last delivers the loss to the designer)
 //! and a backward in reverse order (the first hop tells the designer the
@@ -21,7 +26,7 @@ use mixnn_model::stage::{Stage, StageCache, StageState};
 use mixnn_model::tensor_bytes::TensorBytes;
 use mixnn_model::trainer::{argmax_slice, micro_ranges, stage_seed, Batch, TrainConfig};
 use mixnn_model::weights::StageParams;
-use mixnn_proto::audit::Opening;
+use mixnn_proto::audit::{state_digest, Opening};
 use mixnn_proto::{decode_state, encode_state, InitNote, Micro};
 use mixnn_wire::{HopTag, OnionPublic};
 use rand_core::RngCore;
@@ -36,6 +41,7 @@ use crate::plan::opening::{AuditCase, AuditContext, Verdict};
 use crate::plan::pending::{Await, Expected};
 use crate::plan::recovery::params_only;
 use crate::plan::route::Route;
+use crate::plan::transfer::state_bound;
 use crate::plan::window::Window;
 use crate::saver::Saver;
 
@@ -483,9 +489,33 @@ impl Session {
         let asked: Vec<usize> = (0..self.layout.len())
             .filter(|j| self.layout.has_params(*j))
             .collect();
-        let fetched = self
-            .ex
-            .download(&asked, Fetch::State { step: self.step }, self.step)?;
+        let bounds: Vec<usize> = asked
+            .iter()
+            .map(|&j| state_bound(&self.layout.hops[j].spec))
+            .collect();
+        let fetched =
+            self.ex
+                .download(&asked, &bounds, Fetch::State { step: self.step }, self.step)?;
+        // A fetched state must be the one the hop committed to leaving
+        // after the last step (its slots are its own): anything else is
+        // that hop's lie, as a failed audit.
+        if let Some(last) = self.step.checked_sub(1) {
+            for (&j, bytes) in asked.iter().zip(&fetched) {
+                if let Some(committed) = self.audits.committed_after(j, last) {
+                    if state_digest(bytes) != committed {
+                        return Err(self.chain_failure(ChainBreak {
+                            hop: j,
+                            step: last,
+                            also: None,
+                            reason: format!(
+                                "the state it sent at step {} is not the state its step {last} committed to",
+                                self.step
+                            ),
+                        }));
+                    }
+                }
+            }
+        }
         let mut fetched: HashMap<usize, Vec<u8>> = asked.into_iter().zip(fetched).collect();
         (0..self.layout.len())
             .map(|j| match fetched.remove(&j) {
@@ -637,7 +667,14 @@ impl Session {
     /// Hop `j`'s opening of `step`, in chunks; `None` if it refuses (an
     /// empty or malformed opening counts as a refusal).
     fn fetch_opening(&mut self, j: usize, step: u64) -> Result<Option<Opening>, DesignerError> {
-        match self.ex.download(&[j], Fetch::Opening { step }, self.step) {
+        // An opening: the state before, four tensors of at most one body
+        // each, and the fixed fields.
+        let max =
+            state_bound(&self.layout.hops[j].spec) + 4 * (4 + self.ex.policy().max_body()) + 64;
+        match self
+            .ex
+            .download(&[j], &[max], Fetch::Opening { step }, self.step)
+        {
             Ok(mut all) => {
                 let bytes = all.pop().unwrap_or_default();
                 Ok((!bytes.is_empty())

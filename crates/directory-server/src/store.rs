@@ -1,6 +1,10 @@
 //! The directory's SQLite store: registered nodes, their heartbeat history,
 //! and the failure reports designers sent about them.
 //!
+//! (Length: about 780 lines: every SQL statement of the directory lives
+//! here, next to the schema and its migrations, so no query is written
+//! anywhere else.)
+//!
 //! Every write verifies its signed input first and runs in one transaction;
 //! the database runs in WAL mode, so a restart (reopening the file) finds
 //! everything that was committed.

@@ -264,6 +264,43 @@ fn a_last_hop_that_forges_slots_is_among_the_two_hops_blamed() {
     assert_eq!(lm.weights_sha256, cm.weights_sha256);
 }
 
+/// A hop that trains honestly but hands the designer another state when
+/// a checkpoint fetches it: the fetched state's digest is checked against
+/// the one its last step committed to, so the lie is caught at the first
+/// checkpoint after it starts (no audit needed), the hop replaced, and the
+/// run rolled back ends as an honest one.
+#[test]
+fn a_false_state_in_a_checkpoint_is_caught_against_the_commitment() {
+    let model = ModelSpec::parse(MODEL, "narrow").unwrap();
+    let (train, test) = data(FROM as usize + 30);
+    let cfg = cfg(1);
+    let lm = local(&model, &cfg, &train, &test);
+    let hops = cascade(930, AdversaryMode::FalseState);
+    let spares: Vec<HopInfo> = (0..2).map(|i| start_node(936 + i)).collect();
+    let mut runner = CascadeRunner::builder(&model, &cfg, hops.clone())
+        .options(CascadeOptions {
+            audit_rate: AuditRate::new(1e-9),
+            audit_seed: Some(AUDIT_SEED),
+            ..CascadeOptions::default()
+        })
+        .checkpoints(Checkpoints {
+            dir: None,
+            every: NonZeroU64::new(4),
+        })
+        .replacements(Box::new(Spares::new(spares.clone())))
+        .connect()
+        .unwrap();
+    let (cm, _) = run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).unwrap();
+    let stats = runner.audit_stats().clone();
+    assert_eq!(stats.failures.len(), 1, "{stats:?}");
+    let f = &stats.failures[0];
+    assert_eq!(f.hop, BAD_HOP, "{f:?}");
+    assert!(f.reason.contains("committed to"), "{f:?}");
+    assert!(f.step >= FROM && f.step < FROM + 4, "{f:?}");
+    assert_eq!(runner.hops()[BAD_HOP], spares[0]);
+    assert_eq!(lm.weights_sha256, cm.weights_sha256);
+}
+
 #[test]
 fn without_spares_a_failed_audit_stops_the_run_naming_hop_and_step() {
     let model = ModelSpec::parse(MODEL, "narrow").unwrap();

@@ -1,5 +1,9 @@
 //! The stage engine: what one node runs.
 //!
+//! (Length: about 690 lines: each op's forward and backward sit side by
+//! side with the state and SGD code they share; the kernels are in
+//! `crate::arith`.)
+//!
 //! A [`Stage`] holds the parameters of its ops and their SGD momentum. Each
 //! op has an explicit backward (no autodiff graph), computed with the
 //! reproducible arithmetic of [`crate::arith`] (`docs/arithmetic.md`):

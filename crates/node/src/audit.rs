@@ -178,6 +178,9 @@ pub enum AdversaryMode {
     /// any one step re-executes it from the state it opened and passes.
     /// Only the chain of state digests across steps catches it.
     TamperBetweenSteps,
+    /// Answers state fetches (checkpoints) with changed parameters, while
+    /// it trains and commits honestly.
+    FalseState,
     /// Overwrites the commitment trailer it received on every forward
     /// (the slots of every hop before it), to erase their commitments or
     /// get an honest hop blamed; its own slot is honest.
@@ -211,6 +214,7 @@ impl std::str::FromStr for Adversary {
             "hidden-noise" => AdversaryMode::HiddenNoise,
             "tamper-between-steps" => AdversaryMode::TamperBetweenSteps,
             "forge-slots" => AdversaryMode::ForgeSlots,
+            "false-state" => AdversaryMode::FalseState,
             other => return Err(format!("unknown adversary mode {other}")),
         };
         let from_step = step.parse().map_err(|e| format!("{step}: {e}"))?;
@@ -238,6 +242,18 @@ impl Adversary {
             return y;
         }
         perturb(y, |i, v| v + if i % 2 == 0 { 0.05 } else { -0.05 })
+    }
+
+    /// The state it sends when fetched at `step` instead of `state`.
+    pub(crate) fn fetched(&self, step: u64, mut state: StageState) -> StageState {
+        if self.active(AdversaryMode::FalseState, step) {
+            for t in state.tensors.iter_mut() {
+                if let Some(v) = t.values.first_mut() {
+                    *v += 0.5;
+                }
+            }
+        }
+        state
     }
 
     /// The trailer it builds on instead of the `trailer` it received.

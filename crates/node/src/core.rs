@@ -1,6 +1,12 @@
 //! The node's protocol state machine: no sockets, no clocks. The I/O layer
 //! hands it each message with the link key it arrived on and sends what it
 //! returns.
+//!
+//! (Length: about 690 lines before its tests. Every op's admission checks
+//! and dispatch stay in this one file on purpose, so the order in which a
+//! message is checked — neighbour, padding, limits, step, shape — can be
+//! read top to bottom; the init path is in `core/init.rs`, the per-op math
+//! in `session.rs`.)
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -448,10 +454,21 @@ impl Core {
             }
             SessionNote::Fetch(n) => {
                 let nonce = self.nonce();
+                let adversary = self.adversary();
                 let s = self.session_mut(id)?;
                 let step = s.stage.steps();
                 if s.fetched.as_ref().is_none_or(|(at, _)| *at != step) {
-                    s.fetched = Some((step, encode_state(&s.stage.state())));
+                    #[cfg(feature = "adversary")]
+                    let state = match adversary {
+                        Some(a) => a.fetched(step, s.stage.state()),
+                        None => s.stage.state(),
+                    };
+                    #[cfg(not(feature = "adversary"))]
+                    let state = {
+                        let _ = adversary;
+                        s.stage.state()
+                    };
+                    s.fetched = Some((step, encode_state(&state)));
                 }
                 let all = s.fetched.as_ref().map_or(&[][..], |(_, b)| b);
                 let chunk = state_chunk(all, n.chunk, &s.policy);

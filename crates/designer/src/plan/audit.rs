@@ -379,6 +379,15 @@ impl Audits {
         self.stats.suspect
     }
 
+    /// The digest of the state hop `j` committed to leaving after `step`,
+    /// if its slot is still kept.
+    pub fn committed_after(&self, j: usize, step: u64) -> Option<[u8; 32]> {
+        self.ledger
+            .get(&step)
+            .and_then(|c| c.bwd.get(j).copied().flatten())
+            .map(|slot| slot.digest)
+    }
+
     /// The commitments and key to check hop `j`'s opening of `step` with.
     pub fn evidence(
         &self,

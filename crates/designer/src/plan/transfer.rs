@@ -20,6 +20,21 @@ pub fn room(policy: &PaddingPolicy) -> usize {
     mixnn_proto::chunk_room(policy.max_body())
 }
 
+/// The most bytes an encoded state of a stage of `spec` can take
+/// ([`mixnn_proto::encode_state`]): parameters and momentum, four bytes
+/// each, with generous room for names and shapes.
+pub fn state_bound(spec: &mixnn_model::spec::StageSpec) -> usize {
+    let values: usize = spec
+        .ops
+        .iter()
+        .map(|op| match *op {
+            mixnn_model::spec::OpSpec::Linear { input, output } => (input + 1) * output,
+            _ => 0,
+        })
+        .sum();
+    8 + 2 + 2 * 4 * values + 256 * (2 * spec.ops.len() + 1)
+}
+
 /// `bytes` cut into chunks of at most `room` bytes, in order.
 pub fn upload(bytes: &[u8], room: usize) -> Vec<ParamChunk> {
     let total = bytes.len() as u32;
@@ -37,18 +52,22 @@ pub fn upload(bytes: &[u8], room: usize) -> Vec<ParamChunk> {
 pub struct Download {
     hop: usize,
     room: usize,
+    /// The most bytes this transfer may announce.
+    max_total: usize,
     parts: Vec<Option<Vec<u8>>>,
     total: Option<usize>,
     ask: Vec<u32>,
 }
 
 impl Download {
-    /// A download from hop `hop` in chunks of `room` bytes; the caller
-    /// asks for chunk 0.
-    pub fn new(hop: usize, room: usize) -> Self {
+    /// A download from hop `hop` in chunks of `room` bytes, announcing at
+    /// most `max_total` bytes ([`state_bound`]); the caller asks for chunk
+    /// 0.
+    pub fn new(hop: usize, room: usize, max_total: usize) -> Self {
         Download {
             hop,
             room: room.max(1),
+            max_total,
             parts: Vec::new(),
             total: None,
             ask: Vec::new(),
@@ -66,6 +85,11 @@ impl Download {
     pub fn on_chunk(&mut self, index: u32, chunk: ParamChunk) -> Result<Option<Vec<u8>>, BadReply> {
         if self.total.is_none() {
             let total = chunk.total as usize;
+            // A hop cannot make the designer wait for (or hold) more than
+            // its stage can have.
+            if total > self.max_total {
+                return Err(BadReply::Length { hop: self.hop });
+            }
             let chunks = total.div_ceil(self.room).max(1);
             self.total = Some(total);
             self.parts = vec![None; chunks];
@@ -107,7 +131,7 @@ mod tests {
         let bytes: Vec<u8> = (0..=250).collect();
         let chunks = upload(&bytes, 100);
         assert_eq!(chunks.len(), 3);
-        let mut d = Download::new(4, 100);
+        let mut d = Download::new(4, 100, 1 << 20);
         assert_eq!(d.on_chunk(0, chunks[0].clone()).unwrap(), None);
         assert_eq!(d.take_requests(), vec![1, 2]);
         assert!(d.take_requests().is_empty());
@@ -117,7 +141,7 @@ mod tests {
 
     #[test]
     fn an_empty_transfer_is_one_empty_chunk() {
-        let mut d = Download::new(0, 10);
+        let mut d = Download::new(0, 10, 1 << 20);
         let got = d
             .on_chunk(
                 0,
@@ -132,8 +156,29 @@ mod tests {
     }
 
     #[test]
+    fn a_total_above_what_the_stage_can_hold_is_a_bad_reply() {
+        let spec = mixnn_model::spec::StageSpec {
+            input: 4,
+            ops: vec![mixnn_model::spec::OpSpec::Linear {
+                input: 4,
+                output: 3,
+            }],
+        };
+        let bound = state_bound(&spec);
+        // Parameters and momentum of a 4 → 3 linear: 2 × 15 floats.
+        assert!(bound >= 8 + 2 * 4 * 15);
+        let mut d = Download::new(1, 10, bound);
+        let huge = ParamChunk {
+            total: u32::MAX,
+            bytes: vec![0; 10],
+        };
+        assert_eq!(d.on_chunk(0, huge), Err(BadReply::Length { hop: 1 }));
+        assert!(d.take_requests().is_empty(), "nothing asked for a lie");
+    }
+
+    #[test]
     fn chunks_past_the_total_or_of_the_wrong_length_are_bad_replies() {
-        let mut d = Download::new(2, 10);
+        let mut d = Download::new(2, 10, 1 << 20);
         let chunk = |total: u32, n: usize| ParamChunk {
             total,
             bytes: vec![7; n],
