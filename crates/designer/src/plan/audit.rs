@@ -473,6 +473,35 @@ mod tests {
         assert!((25..=65).contains(&n), "{n} audits drawn");
     }
 
+    /// The detection rates of SECURITY.md, measured on the draws: a hop's
+    /// step is examined when it or a neighbour is drawn (1 − (1 − Q)³ for
+    /// a middle hop), a boundary when either side is (1 − (1 − Q)²).
+    #[test]
+    fn measured_detection_rates_match_the_formulas() {
+        let q = 0.02;
+        let mut a = Audits::new(AuditRate::new(q), 1, 77).unwrap();
+        let l = layout();
+        let steps = 200_000u64;
+        let (mut examined, mut boundary) = (0u64, 0u64);
+        for step in 0..steps {
+            a.step_done(step, &l);
+            let drawn: Vec<usize> = a.take_queue().into_iter().map(|(_, j)| j).collect();
+            // Hop 1 of 3 is a middle hop; its boundary with hop 2.
+            examined += u64::from(drawn.iter().any(|j| (0..=2).contains(j)));
+            boundary += u64::from(drawn.iter().any(|j| (1..=2).contains(j)));
+            a.ledger.clear();
+        }
+        let (e, b) = (
+            examined as f64 / steps as f64,
+            boundary as f64 / steps as f64,
+        );
+        let (fe, fb) = (1.0 - (1.0 - q).powi(3), 1.0 - (1.0 - q).powi(2));
+        eprintln!("Q = {q}: examined {e:.4} (formula {fe:.4}), boundary {b:.4} (formula {fb:.4})");
+        // 5 sigma of a binomial over 200,000 steps is about 0.0026.
+        assert!((e - fe).abs() < 0.0026, "examined {e}, formula {fe}");
+        assert!((b - fb).abs() < 0.0026, "boundary {b}, formula {fb}");
+    }
+
     #[test]
     fn an_accuracy_drop_marks_the_cascade_suspect() {
         let mut a = Audits::new(None, 1, 0).unwrap();
