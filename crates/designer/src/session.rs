@@ -650,8 +650,19 @@ impl Session {
     /// asks for.
     fn audit(&mut self, j: usize, step: u64, batch: &Batch) -> Result<Verdict, DesignerError> {
         let mut case = AuditCase::new(j, step, &self.layout);
+        // All openings at once (one round trip, not three); if that fails
+        // on a bad reply, one by one, so the failure is pinned to its hop.
+        let asks = case.asks().to_vec();
+        let mut fetched = match self.fetch_openings(&asks, step) {
+            Ok(all) => Some(all.into_iter()),
+            Err(DesignerError::BadReply(_)) => None,
+            Err(e) => return Err(e),
+        };
         while let Some(k) = case.next() {
-            let opening = self.fetch_opening(k, step)?;
+            let opening = match fetched.as_mut() {
+                Some(all) => all.next().flatten(),
+                None => self.fetch_opening(k, step)?,
+            };
             let ctx = AuditContext {
                 layout: &self.layout,
                 sgd: self.cfg.sgd,
@@ -664,13 +675,37 @@ impl Session {
         Ok(Verdict::Pass)
     }
 
+    /// The openings of `step` of every hop in `hops`, fetched at once;
+    /// `None` for a hop that refused (an empty or malformed opening).
+    fn fetch_openings(
+        &mut self,
+        hops: &[usize],
+        step: u64,
+    ) -> Result<Vec<Option<Opening>>, DesignerError> {
+        let max: Vec<usize> = hops.iter().map(|&k| self.opening_bound(k)).collect();
+        let all = self
+            .ex
+            .download(hops, &max, Fetch::Opening { step }, self.step)?;
+        Ok(all
+            .into_iter()
+            .map(|bytes| {
+                (!bytes.is_empty())
+                    .then(|| Opening::decode(&bytes).ok())
+                    .flatten()
+            })
+            .collect())
+    }
+
+    /// The most bytes hop `k`'s opening can take: the state before, four
+    /// tensors of at most one body each, and the fixed fields.
+    fn opening_bound(&self, k: usize) -> usize {
+        state_bound(&self.layout.hops[k].spec) + 4 * (4 + self.ex.policy().max_body()) + 64
+    }
+
     /// Hop `j`'s opening of `step`, in chunks; `None` if it refuses (an
     /// empty or malformed opening counts as a refusal).
     fn fetch_opening(&mut self, j: usize, step: u64) -> Result<Option<Opening>, DesignerError> {
-        // An opening: the state before, four tensors of at most one body
-        // each, and the fixed fields.
-        let max =
-            state_bound(&self.layout.hops[j].spec) + 4 * (4 + self.ex.policy().max_body()) + 64;
+        let max = self.opening_bound(j);
         match self
             .ex
             .download(&[j], &[max], Fetch::Opening { step }, self.step)

@@ -80,6 +80,12 @@ impl AuditCase {
         self.step
     }
 
+    /// Every hop whose opening the audit may ask for, in order (fetch
+    /// them at once; [`AuditCase::on_opening`] takes them in this order).
+    pub fn asks(&self) -> &[usize] {
+        &self.order
+    }
+
     /// The hop whose opening to fetch next, until a verdict.
     pub fn next(&self) -> Option<usize> {
         self.order.get(self.at).copied()
