@@ -140,7 +140,7 @@ pub enum NetError {
         actual: String,
     },
     /// The connection was a directory's probe, answered with a proof
-    /// ([`crate::probe`]); not a fault, and not a link.
+    /// ([`mod@crate::probe`]); not a fault, and not a link.
     #[error("{peer} probed this node (answered)")]
     Probed {
         /// The prober.

@@ -190,7 +190,7 @@ impl LinkListener {
         })
     }
 
-    /// Answers directory probes ([`crate::probe`]) with `keys`' onion key:
+    /// Answers directory probes ([`mod@crate::probe`]) with `keys`' onion key:
     /// a connection that opens with a probe gets its proof and ends with
     /// [`NetError::Probed`] instead of becoming a link. `keys` must be the
     /// node whose link key this listener holds.
@@ -298,7 +298,7 @@ fn noise_state(
     .map_err(noise_err)
 }
 
-/// The directory's side of a probe (see [`crate::probe`]): messages 1 and
+/// The directory's side of a probe (see [`mod@crate::probe`]): messages 1 and
 /// 2 of the handshake, then close.
 pub(crate) async fn probe(target: &ProbeTarget, config: LinkConfig) -> Result<(), NetError> {
     let peer = target.addr;
