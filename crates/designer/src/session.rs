@@ -617,12 +617,36 @@ impl Session {
     /// Runs the audits waiting (no step in flight). `batches` are this
     /// epoch's, from step `base`.
     fn run_audits(&mut self, batches: &[Batch], base: u64) -> Result<(), DesignerError> {
-        for (step, j) in self.audits.take_queue() {
+        let queue = self.audits.take_queue();
+        // The openings every audit of a step needs, fetched at once per
+        // step (one round trip for all of them); `None` after a bad reply,
+        // then each audit fetches its own, so a failure is pinned to its hop.
+        let mut openings: HashMap<u64, Option<HashMap<usize, Option<Opening>>>> = HashMap::new();
+        for &(step, _) in &queue {
+            if openings.contains_key(&step) {
+                continue;
+            }
+            let mut asks: Vec<usize> = queue
+                .iter()
+                .filter(|(s, _)| *s == step)
+                .flat_map(|&(_, j)| AuditCase::new(j, step, &self.layout).asks().to_vec())
+                .collect();
+            asks.sort_unstable();
+            asks.dedup();
+            let got = match self.fetch_openings(&asks, step) {
+                Ok(all) => Some(asks.into_iter().zip(all).collect()),
+                Err(DesignerError::BadReply(_)) => None,
+                Err(e) => return Err(e),
+            };
+            openings.insert(step, got);
+        }
+        for (step, j) in queue {
             let batch = step
                 .checked_sub(base)
                 .and_then(|i| batches.get(i as usize))
                 .ok_or(BadReply::Step { step })?;
-            match self.audit(j, step, batch)? {
+            let pre = openings.get(&step).and_then(Option::as_ref);
+            match self.audit(j, step, batch, pre)? {
                 Verdict::Pass => self.audits.record(None),
                 Verdict::Fail { hop, reason, also } => {
                     let addr = self.hops[hop].addr;
@@ -646,21 +670,20 @@ impl Session {
         Ok(())
     }
 
-    /// Audits hop `j` for `step` ([`AuditCase`]), fetching the openings it
-    /// asks for.
-    fn audit(&mut self, j: usize, step: u64, batch: &Batch) -> Result<Verdict, DesignerError> {
+    /// Audits hop `j` for `step` ([`AuditCase`]), with the openings in
+    /// `pre` (fetched for all of the step's audits at once), fetching any
+    /// other it asks for.
+    fn audit(
+        &mut self,
+        j: usize,
+        step: u64,
+        batch: &Batch,
+        pre: Option<&HashMap<usize, Option<Opening>>>,
+    ) -> Result<Verdict, DesignerError> {
         let mut case = AuditCase::new(j, step, &self.layout);
-        // All openings at once (one round trip, not three); if that fails
-        // on a bad reply, one by one, so the failure is pinned to its hop.
-        let asks = case.asks().to_vec();
-        let mut fetched = match self.fetch_openings(&asks, step) {
-            Ok(all) => Some(all.into_iter()),
-            Err(DesignerError::BadReply(_)) => None,
-            Err(e) => return Err(e),
-        };
         while let Some(k) = case.next() {
-            let opening = match fetched.as_mut() {
-                Some(all) => all.next().flatten(),
+            let opening = match pre.and_then(|p| p.get(&k)) {
+                Some(o) => o.clone(),
                 None => self.fetch_opening(k, step)?,
             };
             let ctx = AuditContext {
