@@ -18,6 +18,31 @@ use mixnn_net::{LinkListener, NodeKeys};
 use mixnn_node::{NodeConfig, NodeError};
 use rand_core::{RngCore, SeedableRng};
 
+/// The paper's five stages, narrower (quick in debug builds).
+pub const NARROW: &str = r#"
+name = "narrow-paper-mlp"
+input = 784
+
+[[stage]]
+ops = [
+  { op = "normalize", mean = 0.5, std = 0.5 },
+  { op = "linear", in = 784, out = 16 },
+  { op = "relu" },
+]
+
+[[stage]]
+ops = [{ op = "linear", in = 16, out = 16 }, { op = "relu" }]
+
+[[stage]]
+ops = [{ op = "linear", in = 16, out = 10 }]
+
+[[stage]]
+ops = [{ op = "log_softmax" }]
+
+[[stage]]
+ops = [{ op = "nll_loss" }]
+"#;
+
 /// The paper's model description (`models/paper-mlp.toml`).
 pub const PAPER: &str = include_str!("../../../models/paper-mlp.toml");
 

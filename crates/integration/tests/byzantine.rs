@@ -17,30 +17,7 @@ use mixnn_model::stage::Sgd;
 use mixnn_model::trainer::{run_training, LocalModel, Quiet, RunMetrics, TrainConfig};
 use mixnn_node::{Adversary, AdversaryMode, NodeConfig};
 
-/// The paper's five stages, narrower (quick in debug builds).
-const MODEL: &str = r#"
-name = "narrow-paper-mlp"
-input = 784
-
-[[stage]]
-ops = [
-  { op = "normalize", mean = 0.5, std = 0.5 },
-  { op = "linear", in = 784, out = 16 },
-  { op = "relu" },
-]
-
-[[stage]]
-ops = [{ op = "linear", in = 16, out = 16 }, { op = "relu" }]
-
-[[stage]]
-ops = [{ op = "linear", in = 16, out = 10 }]
-
-[[stage]]
-ops = [{ op = "log_softmax" }]
-
-[[stage]]
-ops = [{ op = "nll_loss" }]
-"#;
+use mixnn_integration::NARROW as MODEL;
 /// The adversary's first bad step.
 const FROM: u64 = 6;
 /// Hop 1 runs Linear 16 → 16 (it has parameters and sends a gradient).
@@ -86,6 +63,31 @@ fn cascade_at(base: u64, mode: AdversaryMode, bad: usize) -> Vec<HopInfo> {
             start_node_with(base + i as u64, config)
         })
         .collect()
+}
+
+/// A runner over `hops` with `spares` for replacements, audits at `rate`
+/// (seeded) and a checkpoint every `every` steps.
+fn with_spares(
+    model: &ModelSpec,
+    cfg: &TrainConfig,
+    hops: &[HopInfo],
+    spares: &[HopInfo],
+    rate: f64,
+    every: u64,
+) -> CascadeRunner {
+    CascadeRunner::builder(model, cfg, hops.to_vec())
+        .options(CascadeOptions {
+            audit_rate: AuditRate::new(rate),
+            audit_seed: Some(AUDIT_SEED),
+            ..CascadeOptions::default()
+        })
+        .checkpoints(Checkpoints {
+            dir: None,
+            every: NonZeroU64::new(every),
+        })
+        .replacements(Box::new(Spares::new(spares.to_vec())))
+        .connect()
+        .unwrap()
 }
 
 fn opts() -> CascadeOptions {
@@ -185,20 +187,8 @@ fn tampering_between_steps_is_caught_by_the_digest_chain_at_the_next_step() {
     let lm = local(&model, &cfg, &train, &test);
     let hops = cascade(870, AdversaryMode::TamperBetweenSteps);
     let spares: Vec<HopInfo> = (0..2).map(|i| start_node(875 + i)).collect();
-    let mut runner = CascadeRunner::builder(&model, &cfg, hops.clone())
-        .options(CascadeOptions {
-            // Audits open nothing here: the chain alone must catch it.
-            audit_rate: AuditRate::new(1e-9),
-            audit_seed: Some(AUDIT_SEED),
-            ..CascadeOptions::default()
-        })
-        .checkpoints(Checkpoints {
-            dir: None,
-            every: NonZeroU64::new(8),
-        })
-        .replacements(Box::new(Spares::new(spares.clone())))
-        .connect()
-        .unwrap();
+    // Audits open nothing here: the chain alone must catch it.
+    let mut runner = with_spares(&model, &cfg, &hops, &spares, 1e-9, 8);
     let (cm, _) = run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).unwrap();
     let stats = runner.audit_stats().clone();
     assert_eq!(stats.failures.len(), 1, "{stats:?}");
@@ -235,19 +225,7 @@ fn a_last_hop_that_forges_slots_is_among_the_two_hops_blamed() {
         })
         .collect();
     let spares: Vec<HopInfo> = (0..2).map(|i| start_node(896 + i)).collect();
-    let mut runner = CascadeRunner::builder(&model, &cfg, hops.clone())
-        .options(CascadeOptions {
-            audit_rate: AuditRate::new(1e-9),
-            audit_seed: Some(AUDIT_SEED),
-            ..CascadeOptions::default()
-        })
-        .checkpoints(Checkpoints {
-            dir: None,
-            every: NonZeroU64::new(8),
-        })
-        .replacements(Box::new(Spares::new(spares.clone())))
-        .connect()
-        .unwrap();
+    let mut runner = with_spares(&model, &cfg, &hops, &spares, 1e-9, 8);
     let (cm, _) = run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).unwrap();
     let stats = runner.audit_stats().clone();
     assert_eq!(stats.failures.len(), 1, "{stats:?}");
@@ -277,19 +255,7 @@ fn a_false_state_in_a_checkpoint_is_caught_against_the_commitment() {
     let lm = local(&model, &cfg, &train, &test);
     let hops = cascade(930, AdversaryMode::FalseState);
     let spares: Vec<HopInfo> = (0..2).map(|i| start_node(936 + i)).collect();
-    let mut runner = CascadeRunner::builder(&model, &cfg, hops.clone())
-        .options(CascadeOptions {
-            audit_rate: AuditRate::new(1e-9),
-            audit_seed: Some(AUDIT_SEED),
-            ..CascadeOptions::default()
-        })
-        .checkpoints(Checkpoints {
-            dir: None,
-            every: NonZeroU64::new(4),
-        })
-        .replacements(Box::new(Spares::new(spares.clone())))
-        .connect()
-        .unwrap();
+    let mut runner = with_spares(&model, &cfg, &hops, &spares, 1e-9, 4);
     let (cm, _) = run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).unwrap();
     let stats = runner.audit_stats().clone();
     assert_eq!(stats.failures.len(), 1, "{stats:?}");
@@ -406,19 +372,7 @@ fn middle_hops_never_reach_the_designer_through_audits_checkpoints_and_a_recover
         .map(|i| start(i, (i == BAD_HOP).then_some(bad)))
         .collect();
     let spares: Vec<HopInfo> = (5..7).map(|i| start(i, None)).collect();
-    let mut runner = CascadeRunner::builder(&model, &cfg, hops.clone())
-        .options(CascadeOptions {
-            audit_rate: AuditRate::new(0.2),
-            audit_seed: Some(AUDIT_SEED),
-            ..CascadeOptions::default()
-        })
-        .checkpoints(Checkpoints {
-            dir: None,
-            every: NonZeroU64::new(4),
-        })
-        .replacements(Box::new(Spares::new(spares.clone())))
-        .connect()
-        .unwrap();
+    let mut runner = with_spares(&model, &cfg, &hops, &spares, 0.2, 4);
     run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).unwrap();
     let events = runner.recoveries().to_vec();
     assert_eq!(events.len(), 1, "{events:?}");

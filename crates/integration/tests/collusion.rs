@@ -31,29 +31,7 @@ use mixnn_node::NodeConfig;
 use mixnn_proto::{BackwardNote, ChunkNote, ForwardNote, InitNote, Micro, SessionNote};
 use mixnn_wire::PaddingPolicy;
 
-const MODEL: &str = r#"
-name = "narrow-paper-mlp"
-input = 784
-
-[[stage]]
-ops = [
-  { op = "normalize", mean = 0.5, std = 0.5 },
-  { op = "linear", in = 784, out = 16 },
-  { op = "relu" },
-]
-
-[[stage]]
-ops = [{ op = "linear", in = 16, out = 16 }, { op = "relu" }]
-
-[[stage]]
-ops = [{ op = "linear", in = 16, out = 10 }]
-
-[[stage]]
-ops = [{ op = "log_softmax" }]
-
-[[stage]]
-ops = [{ op = "nll_loss" }]
-"#;
+use mixnn_integration::NARROW as MODEL;
 
 const STEPS: u64 = 24;
 const BATCH: u32 = 16;
