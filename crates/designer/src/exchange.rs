@@ -70,6 +70,34 @@ impl Fetch {
     }
 }
 
+/// A download under way ([`Exchange::start_transfer`]): one
+/// [`Download`] per hop, the bytes of those complete.
+#[derive(Debug)]
+pub struct Transfer {
+    what: Fetch,
+    hops: Vec<usize>,
+    downloads: Vec<Download>,
+    done: Vec<Option<Vec<u8>>>,
+}
+
+impl Transfer {
+    /// The hops it fetches from.
+    pub fn hops(&self) -> &[usize] {
+        &self.hops
+    }
+
+    /// Every hop's bytes are in.
+    pub fn complete(&self) -> bool {
+        self.done.iter().all(Option::is_some)
+    }
+
+    /// The bytes of each hop, in the order of [`Transfer::hops`] (those
+    /// complete).
+    pub fn into_bytes(self) -> Vec<Vec<u8>> {
+        self.done.into_iter().flatten().collect()
+    }
+}
+
 /// The designer's messaging: router, driver, replies awaited, loops.
 pub struct Exchange {
     driver: Driver,
@@ -278,42 +306,85 @@ impl Exchange {
         what: Fetch,
         step: u64,
     ) -> Result<Vec<Vec<u8>>, DesignerError> {
+        let mut t = self.start_transfer(hops, max_total, what)?;
+        while !t.complete() {
+            let (got, body) = self.wait(what.expected(), step)?;
+            self.on_transfer_reply(&mut t, got, &body)?;
+        }
+        Ok(t.into_bytes())
+    }
+
+    /// Starts downloading `what` from each of `hops` (at most `max_total`
+    /// bytes each) without waiting: feed its replies to
+    /// [`Exchange::on_transfer_reply`] as they come, between others.
+    pub fn start_transfer(
+        &mut self,
+        hops: &[usize],
+        max_total: &[usize],
+        what: Fetch,
+    ) -> Result<Transfer, DesignerError> {
         let room = self.room();
-        let mut downloads: Vec<Download> = hops
-            .iter()
-            .zip(max_total)
-            .map(|(&j, &max)| Download::new(j, room, max))
-            .collect();
-        let mut done: Vec<Option<Vec<u8>>> = vec![None; hops.len()];
+        let t = Transfer {
+            what,
+            hops: hops.to_vec(),
+            downloads: hops
+                .iter()
+                .zip(max_total)
+                .map(|(&j, &max)| Download::new(j, room, max))
+                .collect(),
+            done: vec![None; hops.len()],
+        };
         for &j in hops {
             self.send(&what.route(j, 0), &[], what.awaits(j, 0))?;
         }
-        let mut missing = hops.len();
-        while missing > 0 {
-            let (got, body) = self.wait(what.expected(), step)?;
-            let (Await::Chunk { hop, chunk } | Await::Opening { hop, chunk }) = got else {
-                return Err(DesignerError::UnexpectedReply {
-                    expected: what.expected(),
-                    got,
-                });
-            };
-            let at = hops
-                .iter()
-                .position(|j| *j == hop)
-                .ok_or(BadReply::Chunk { hop, chunk })?;
-            let (kind, at_step) = what.sealed();
-            let body = self.router.open_body(hop, kind, at_step, chunk, &body)?;
-            let piece = ParamChunk::decode(&body)?;
-            let complete = downloads[at].on_chunk(chunk, piece)?;
-            for k in downloads[at].take_requests() {
-                self.send(&what.route(hop, k), &[], what.awaits(hop, k))?;
-            }
-            if let Some(bytes) = complete {
-                done[at] = Some(bytes);
-                missing -= 1;
-            }
+        Ok(t)
+    }
+
+    /// A reply (`got`, `body`) to transfer `t`: opens and records the
+    /// chunk, and asks for the chunks it announces.
+    pub fn on_transfer_reply(
+        &mut self,
+        t: &mut Transfer,
+        got: Await,
+        body: &[u8],
+    ) -> Result<(), DesignerError> {
+        let what = t.what;
+        let (Await::Chunk { hop, chunk } | Await::Opening { hop, chunk }) = got else {
+            return Err(DesignerError::UnexpectedReply {
+                expected: what.expected(),
+                got,
+            });
+        };
+        if what.awaits(hop, chunk) != got {
+            return Err(DesignerError::UnexpectedReply {
+                expected: what.expected(),
+                got,
+            });
         }
-        Ok(done.into_iter().flatten().collect())
+        let at = t
+            .hops
+            .iter()
+            .position(|j| *j == hop)
+            .ok_or(BadReply::Chunk { hop, chunk })?;
+        let (kind, at_step) = what.sealed();
+        let body = self.router.open_body(hop, kind, at_step, chunk, body)?;
+        let piece = ParamChunk::decode(&body)?;
+        let complete = t.downloads[at].on_chunk(chunk, piece)?;
+        for k in t.downloads[at].take_requests() {
+            self.send(&what.route(hop, k), &[], what.awaits(hop, k))?;
+        }
+        if let Some(bytes) = complete {
+            t.done[at] = Some(bytes);
+        }
+        Ok(())
+    }
+
+    /// Forgets every reply awaited that `abandoned` names (a transfer
+    /// given up): they are dropped when they come.
+    pub fn forget(&mut self, abandoned: impl Fn(Await) -> bool) {
+        for rid in self.pending.forget(abandoned) {
+            self.unmask.remove(&rid);
+        }
     }
 
     /// Loads `bytes` into each `(hop, bytes)`, in chunks, at `step`;

@@ -108,11 +108,12 @@ impl fmt::Display for Notice {
             ),
             Notice::Audits(a) => write!(
                 f,
-                "audits: {} of {} steps' commitments, {} passed, {} failed{}",
+                "audits: {} of {} steps' commitments, {} passed, {} failed ({} fetched while steps ran){}",
                 a.audits,
                 a.committed_steps,
                 a.passed,
                 a.failures.len(),
+                a.in_flight,
                 if a.suspect {
                     "; cascade suspect (test accuracy dropped)"
                 } else {
@@ -283,11 +284,12 @@ mod tests {
             committed_steps: 80,
             audits: 9,
             passed: 9,
+            in_flight: 7,
             ..AuditStats::default()
         };
         assert_eq!(
             Notice::Audits(audits).to_string(),
-            "audits: 9 of 80 steps' commitments, 9 passed, 0 failed"
+            "audits: 9 of 80 steps' commitments, 9 passed, 0 failed (7 fetched while steps ran)"
         );
         assert_eq!(
             Notice::Checkpoints {

@@ -15,6 +15,9 @@
 //! loss stage starts backward as soon as its forward is done. It keeps up
 //! to `window` steps in flight ([`Window`]): hops act on a step only after
 //! applying the one before, so pipelining changes timing, never results.
+//! Audit openings of a completed step are fetched while later steps are
+//! in flight (a [`Prefetch`]: their chunks answer the same wait as the
+//! steps' replies) and checked as soon as they are in.
 //! Kept stages run here, in the designer process.
 
 use std::collections::HashMap;
@@ -34,7 +37,7 @@ use rand_core::RngCore;
 use crate::cascade::HopInfo;
 use crate::checkpoint::Checkpoint;
 use crate::error::{BadReply, DesignerError};
-use crate::exchange::{Exchange, Fetch};
+use crate::exchange::{Exchange, Fetch, Transfer};
 use crate::plan::audit::{AuditFailure, Audits, ChainBreak};
 use crate::plan::layout::Layout;
 use crate::plan::opening::{AuditCase, AuditContext, Verdict};
@@ -241,10 +244,16 @@ impl Session {
         }
         let mut w = Window::new(batches, base, start, self.micro_batches, window);
         let mut first_caches: HashMap<(u64, u16), StageCache> = HashMap::new();
+        // The openings of the oldest audited step, fetched while later
+        // steps run; off for the rest of the call after a bad reply.
+        let mut prefetch: Option<Prefetch> = None;
+        let mut prefetching = self.audits.on();
         while !w.finished() {
-            // Checkpoints and audits are taken between steps: none in flight.
+            // Checkpoints and audits the prefetch did not take are run
+            // between steps: none in flight.
             if w.drained() && w.waiting() > base + start as u64 {
                 let step = w.waiting();
+                self.finish_prefetch(&mut prefetch, batches, base, step)?;
                 if self.audits.queued() {
                     self.step = step;
                     self.run_audits(batches, base)?;
@@ -263,7 +272,12 @@ impl Session {
                 }
                 w.sent(i);
             }
-            let (kind, body) = self.ex.wait(Expected::Step, w.waiting())?;
+            let expected = if prefetch.is_some() {
+                Expected::StepOrOpening
+            } else {
+                Expected::Step
+            };
+            let (kind, body) = self.ex.wait(expected, w.waiting())?;
             let (body, broken) = self.audits.take(kind, body, self.layout.len())?;
             if let Some(b) = broken {
                 return Err(self.chain_failure(b));
@@ -286,20 +300,41 @@ impl Session {
                     }
                     w.on_done(step)?;
                 }
-                got => {
-                    return Err(DesignerError::UnexpectedReply {
-                        expected: Expected::Step,
-                        got,
-                    })
+                Await::Opening { .. } => {
+                    let Some(mut p) = prefetch.take() else {
+                        return Err(DesignerError::UnexpectedReply {
+                            expected,
+                            got: kind,
+                        });
+                    };
+                    match self.ex.on_transfer_reply(&mut p.transfer, kind, &body) {
+                        Ok(()) if p.transfer.complete() => {
+                            self.audit_prefetched(p, batches, base, true)?;
+                        }
+                        Ok(()) => prefetch = Some(p),
+                        Err(DesignerError::BadReply(_)) => {
+                            // Left to the audits between steps, which
+                            // fetch each opening on its own and so pin a
+                            // failure to its hop.
+                            self.ex.forget(|a| matches!(a, Await::Opening { .. }));
+                            prefetching = false;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
+                got => return Err(DesignerError::UnexpectedReply { expected, got }),
             }
             while let Some((i, loss)) = w.pop_completed() {
                 losses.push(loss);
                 self.audits.step_done(base + i as u64, &self.layout);
                 on_step(i, loss);
             }
+            if prefetching && prefetch.is_none() {
+                prefetch = self.start_prefetch()?;
+            }
         }
         self.step = base + batches.len() as u64;
+        self.finish_prefetch(&mut prefetch, batches, base, self.step)?;
         if self.audits.queued() {
             self.run_audits(batches, base)?;
         }
@@ -618,34 +653,115 @@ impl Session {
     /// epoch's, from step `base`.
     fn run_audits(&mut self, batches: &[Batch], base: u64) -> Result<(), DesignerError> {
         let queue = self.audits.take_queue();
-        // The openings every audit of a step needs, fetched at once per
-        // step (one round trip for all of them); `None` after a bad reply,
-        // then each audit fetches its own, so a failure is pinned to its hop.
-        let mut openings: HashMap<u64, Option<HashMap<usize, Option<Opening>>>> = HashMap::new();
-        for &(step, _) in &queue {
-            if openings.contains_key(&step) {
-                continue;
-            }
-            let mut asks: Vec<usize> = queue
-                .iter()
-                .filter(|(s, _)| *s == step)
-                .flat_map(|&(_, j)| AuditCase::new(j, step, &self.layout).asks().to_vec())
-                .collect();
-            asks.sort_unstable();
-            asks.dedup();
-            let got = match self.fetch_openings(&asks, step) {
-                Ok(all) => Some(asks.into_iter().zip(all).collect()),
-                Err(DesignerError::BadReply(_)) => None,
-                Err(e) => return Err(e),
-            };
-            openings.insert(step, got);
+        let mut steps: Vec<u64> = queue.iter().map(|q| q.0).collect();
+        steps.dedup();
+        for step in steps {
+            let hops: Vec<usize> = queue.iter().filter(|q| q.0 == step).map(|q| q.1).collect();
+            // The openings every audit of the step needs, fetched at once
+            // (one round trip for all of them); after a bad reply each
+            // audit fetches its own, so a failure is pinned to its hop.
+            let asks = self.asks(step, &hops);
+            let pre: Option<HashMap<usize, Option<Opening>>> =
+                match self.fetch_openings(&asks, step) {
+                    Ok(all) => Some(asks.into_iter().zip(all).collect()),
+                    Err(DesignerError::BadReply(_)) => None,
+                    Err(e) => return Err(e),
+                };
+            self.audit_step(step, &hops, batches, base, pre.as_ref())?;
         }
-        for (step, j) in queue {
-            let batch = step
-                .checked_sub(base)
-                .and_then(|i| batches.get(i as usize))
-                .ok_or(BadReply::Step { step })?;
-            let pre = openings.get(&step).and_then(Option::as_ref);
+        Ok(())
+    }
+
+    /// Every hop whose opening the audits of `step` at `hops` ask for,
+    /// once each.
+    fn asks(&self, step: u64, hops: &[usize]) -> Vec<usize> {
+        let mut asks: Vec<usize> = hops
+            .iter()
+            .flat_map(|&j| AuditCase::new(j, step, &self.layout).asks().to_vec())
+            .collect();
+        asks.sort_unstable();
+        asks.dedup();
+        asks
+    }
+
+    /// Starts fetching the openings of the oldest step with audits
+    /// waiting, while later steps run (nothing waiting: `None`).
+    fn start_prefetch(&mut self) -> Result<Option<Prefetch>, DesignerError> {
+        let Some(step) = self.audits.oldest_queued() else {
+            return Ok(None);
+        };
+        let asks = self.asks(step, &self.audits.queued_at(step));
+        let max: Vec<usize> = asks.iter().map(|&k| self.opening_bound(k)).collect();
+        let transfer = self
+            .ex
+            .start_transfer(&asks, &max, Fetch::Opening { step })?;
+        Ok(Some(Prefetch { step, transfer }))
+    }
+
+    /// Waits for the rest of `prefetch` (no step in flight) and runs its
+    /// audits; after a bad reply its audits stay queued for
+    /// [`Session::run_audits`].
+    fn finish_prefetch(
+        &mut self,
+        prefetch: &mut Option<Prefetch>,
+        batches: &[Batch],
+        base: u64,
+        step: u64,
+    ) -> Result<(), DesignerError> {
+        let Some(mut p) = prefetch.take() else {
+            return Ok(());
+        };
+        while !p.transfer.complete() {
+            let (got, body) = self.ex.wait(Expected::Opening, step)?;
+            match self.ex.on_transfer_reply(&mut p.transfer, got, &body) {
+                Ok(()) => {}
+                Err(DesignerError::BadReply(_)) => {
+                    self.ex.forget(|a| matches!(a, Await::Opening { .. }));
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.audit_prefetched(p, batches, base, false)
+    }
+
+    /// Runs the audits of a prefetched step with its openings (which came
+    /// while later steps ran: `in_flight`).
+    fn audit_prefetched(
+        &mut self,
+        p: Prefetch,
+        batches: &[Batch],
+        base: u64,
+        in_flight: bool,
+    ) -> Result<(), DesignerError> {
+        let hops = self.audits.take_step(p.step);
+        let asks = p.transfer.hops().to_vec();
+        let pre: HashMap<usize, Option<Opening>> = asks
+            .into_iter()
+            .zip(p.transfer.into_bytes().iter().map(|b| decode_opening(b)))
+            .collect();
+        self.audit_step(p.step, &hops, batches, base, Some(&pre))?;
+        if in_flight {
+            self.audits.ran_in_flight(hops.len());
+        }
+        Ok(())
+    }
+
+    /// Runs the audits of `step` at `hops`, with the openings in `pre`
+    /// (fetching any other); the first failure ends them.
+    fn audit_step(
+        &mut self,
+        step: u64,
+        hops: &[usize],
+        batches: &[Batch],
+        base: u64,
+        pre: Option<&HashMap<usize, Option<Opening>>>,
+    ) -> Result<(), DesignerError> {
+        let batch = step
+            .checked_sub(base)
+            .and_then(|i| batches.get(i as usize))
+            .ok_or(BadReply::Step { step })?;
+        for &j in hops {
             match self.audit(j, step, batch, pre)? {
                 Verdict::Pass => self.audits.record(None),
                 Verdict::Fail { hop, reason, also } => {
@@ -709,14 +825,7 @@ impl Session {
         let all = self
             .ex
             .download(hops, &max, Fetch::Opening { step }, self.step)?;
-        Ok(all
-            .into_iter()
-            .map(|bytes| {
-                (!bytes.is_empty())
-                    .then(|| Opening::decode(&bytes).ok())
-                    .flatten()
-            })
-            .collect())
+        Ok(all.iter().map(|b| decode_opening(b)).collect())
     }
 
     /// The most bytes hop `k`'s opening can take: the state before, four
@@ -733,14 +842,24 @@ impl Session {
             .ex
             .download(&[j], &[max], Fetch::Opening { step }, self.step)
         {
-            Ok(mut all) => {
-                let bytes = all.pop().unwrap_or_default();
-                Ok((!bytes.is_empty())
-                    .then(|| Opening::decode(&bytes).ok())
-                    .flatten())
-            }
+            Ok(mut all) => Ok(decode_opening(&all.pop().unwrap_or_default())),
             Err(DesignerError::BadReply(BadReply::Length { .. })) => Ok(None),
             Err(e) => Err(e),
         }
     }
+}
+
+/// The openings of one audited step, on their way while later steps run
+/// ([`Session::train`]).
+struct Prefetch {
+    step: u64,
+    transfer: Transfer,
+}
+
+/// An opening as a hop sent it; `None` for a refusal (empty, or not an
+/// opening).
+fn decode_opening(bytes: &[u8]) -> Option<Opening> {
+    (!bytes.is_empty())
+        .then(|| Opening::decode(bytes).ok())
+        .flatten()
 }

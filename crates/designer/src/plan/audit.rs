@@ -16,9 +16,12 @@
 //! - **Draws.** After a step completes, the designer's secret RNG picks
 //!   each hop with parameters with probability `audit_rate`
 //!   ([`Audits::step_done`]); nothing on the wire depends on the draw until
-//!   the audit is sent, after the step. The pipeline drains before an
-//!   opening could leave the hop's window ([`mixnn_proto::audit::KEPT`]
-//!   steps; [`Audits::due`]).
+//!   the audit is sent, after the step. The openings of the oldest audited
+//!   step are asked for at once, while later steps run (the session's
+//!   prefetch: the pipeline does not stop for them); only audits the
+//!   prefetch did not take (after a bad reply, or a backlog) make the
+//!   pipeline drain before an opening could leave the hop's window
+//!   ([`mixnn_proto::audit::KEPT`] steps; [`Audits::due`]).
 //! - **One audit** ([`crate::plan::opening::AuditCase`]): the designer asks the hop, through a
 //!   route out and back like a fetch, to open the step, checks the opening against
 //!   both commitments and re-executes the stage from the opened state
@@ -84,6 +87,9 @@ pub struct AuditStats {
     pub audits: u64,
     /// Audits passed.
     pub passed: u64,
+    /// Audits whose openings came while later steps ran (the pipeline
+    /// did not stop for them).
+    pub in_flight: u64,
     /// Failed or refused audits, in order.
     pub failures: Vec<AuditFailure>,
     /// The test-phase check found an accuracy drop (paper §4.2).
@@ -325,6 +331,28 @@ impl Audits {
         !self.queue.is_empty()
     }
 
+    /// The oldest step with audits waiting.
+    pub fn oldest_queued(&self) -> Option<u64> {
+        self.queue.iter().map(|q| q.0).min()
+    }
+
+    /// The hops whose audits of `step` wait, in the order drawn.
+    pub fn queued_at(&self, step: u64) -> Vec<usize> {
+        self.queue
+            .iter()
+            .filter(|q| q.0 == step)
+            .map(|q| q.1)
+            .collect()
+    }
+
+    /// The hops whose audits of `step` wait, in the order drawn; they
+    /// leave the queue.
+    pub fn take_step(&mut self, step: u64) -> Vec<usize> {
+        let (of_step, rest): (Vec<_>, Vec<_>) = self.queue.iter().partition(|q| q.0 == step);
+        self.queue = rest;
+        of_step.into_iter().map(|q| q.1).collect()
+    }
+
     /// The audits waiting (step, hop), in the order drawn; the queue is
     /// emptied.
     pub fn take_queue(&mut self) -> Vec<(u64, usize)> {
@@ -348,6 +376,12 @@ impl Audits {
             None => self.stats.passed += 1,
             Some(f) => self.stats.failures.push(f),
         }
+    }
+
+    /// `n` audits just recorded had their openings fetched while later
+    /// steps ran.
+    pub fn ran_in_flight(&mut self, n: usize) {
+        self.stats.in_flight += n as u64;
     }
 
     /// Checks the test accuracies of the epochs done (paper §4.2).

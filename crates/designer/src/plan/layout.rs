@@ -98,8 +98,8 @@ impl Layout {
         self.hops.is_empty()
     }
 
-    /// Whether hop `j` has parameters: only those are fetched, loaded and
-    /// audited, so that the others never learn the designer's address.
+    /// Whether hop `j` has parameters: only those are fetched and loaded
+    /// (every hop is audited).
     pub fn has_params(&self, j: usize) -> bool {
         self.hops.get(j).is_some_and(|h| h.spec.has_params())
     }

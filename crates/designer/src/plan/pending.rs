@@ -84,6 +84,9 @@ pub enum Expected {
     Init,
     /// The losses and ends of backward of training steps.
     Step,
+    /// The same, or a chunk of an audit opening fetched while steps are
+    /// in flight.
+    StepOrOpening,
     /// Test outputs.
     Test,
     /// State chunks (a fetch).
@@ -104,6 +107,7 @@ impl Expected {
         match self {
             Expected::Init => "the init loop",
             Expected::Step => "the loss",
+            Expected::StepOrOpening => "the loss or an audit opening",
             Expected::Test => "a test output",
             Expected::State => "the parameters",
             Expected::Load => "a state load",
@@ -119,6 +123,10 @@ impl Expected {
             (self, got),
             (Expected::Init, Await::Init)
                 | (Expected::Step, Await::Output { .. } | Await::Done { .. })
+                | (
+                    Expected::StepOrOpening,
+                    Await::Output { .. } | Await::Done { .. } | Await::Opening { .. }
+                )
                 | (Expected::Test, Await::Test { .. })
                 | (Expected::State, Await::Chunk { .. })
                 | (Expected::Load, Await::Loaded { .. })
@@ -150,6 +158,20 @@ impl Pending {
     /// What `rid` answers, once: the id is forgotten.
     pub fn take(&mut self, rid: &ReplyId) -> Option<Await> {
         self.0.remove(rid)
+    }
+
+    /// Forgets the replies `abandoned` names; their ids.
+    pub fn forget(&mut self, abandoned: impl Fn(Await) -> bool) -> Vec<ReplyId> {
+        let ids: Vec<ReplyId> = self
+            .0
+            .iter()
+            .filter(|(_, what)| abandoned(**what))
+            .map(|(rid, _)| *rid)
+            .collect();
+        for rid in &ids {
+            self.0.remove(rid);
+        }
+        ids
     }
 
     /// Forgets every reply (a new session).
@@ -188,5 +210,9 @@ mod tests {
         assert!(Expected::Step.matches(Await::Done { step: 1, micro: 0 }));
         assert!(!Expected::Test.matches(out));
         assert!(!Expected::State.matches(Await::Opening { hop: 0, chunk: 0 }));
+        assert!(!Expected::Step.matches(Await::Opening { hop: 0, chunk: 0 }));
+        assert!(Expected::StepOrOpening.matches(Await::Opening { hop: 0, chunk: 0 }));
+        assert!(Expected::StepOrOpening.matches(out));
+        assert!(!Expected::StepOrOpening.matches(Await::Chunk { hop: 0, chunk: 0 }));
     }
 }

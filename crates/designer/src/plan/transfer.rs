@@ -103,11 +103,11 @@ impl Download {
         if self.parts.iter().any(Option::is_none) {
             return Ok(None);
         }
-        let all: Vec<u8> = std::mem::take(&mut self.parts)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .collect();
+        let parts = std::mem::take(&mut self.parts);
+        let mut all = Vec::with_capacity(parts.iter().flatten().map(Vec::len).sum());
+        for part in parts.iter().flatten() {
+            all.extend_from_slice(part);
+        }
         if Some(all.len()) != self.total {
             return Err(BadReply::Length { hop: self.hop });
         }
