@@ -126,6 +126,7 @@ pub fn from_directory(
         drawn.dummies
     ));
     opts.dummies = drawn.dummies.clone();
+    say_hops(&drawn.hops, &drawn.dummies);
     if matches!(recovery.replacements, ReplacementSource::None) {
         recovery.replacements = ReplacementSource::Directory {
             dirs,
@@ -134,6 +135,20 @@ pub fn from_directory(
         };
     }
     Ok(drawn.hops)
+}
+
+/// Prints the cascade's hops in order (the designer's own view: who it
+/// drew, and where the dummies are).
+pub fn say_hops(hops: &[HopInfo], dummies: &[usize]) {
+    for (i, h) in hops.iter().enumerate() {
+        crate::progress::say(&format!(
+            "  hop {} at {} (link key {}…){}",
+            i + 1,
+            h.addr,
+            h.link.get(..16).unwrap_or(&h.link),
+            if dummies.contains(&i) { ", dummy" } else { "" }
+        ));
+    }
 }
 
 impl RecoveryArgs {

@@ -137,18 +137,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         "  state directories and logs under {}",
         nodes.dir.display()
     ));
-    for (i, h) in hops.iter().enumerate() {
-        say(&format!(
-            "  hop {} at {} (link key {}…){}",
-            i + 1,
-            h.addr,
-            &h.link[..16],
-            if opts.dummies.contains(&i) {
-                ", dummy"
-            } else {
-                ""
-            }
-        ));
+    if directory.is_none() {
+        crate::cascade::say_hops(&hops, &opts.dummies);
     }
     say("cascade run:");
     let mut observer = Progress::with_label("cascade");

@@ -151,6 +151,43 @@ pub struct NodeArgs {
     #[cfg(feature = "adversary")]
     #[arg(long, hide = true, value_name = "MODE@STEP")]
     pub adversary: Option<mixnn_node::Adversary>,
+    /// A curious hop, for collusion tests: appends every byte string the
+    /// node receives outside the model's tensors (headers, notes, sender
+    /// keys, peeled notes and tags, trailers, relayed bodies) to FILE, as
+    /// `len u32 LE ‖ bytes` records, within 50 ms of receiving it.
+    #[cfg(feature = "adversary")]
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub record_received: Option<PathBuf>,
+}
+
+/// Starts appending what a curious hop receives to `path` (see
+/// `--record-received`); the record to give the node.
+#[cfg(feature = "adversary")]
+fn record_to(path: &std::path::Path) -> anyhow::Result<mixnn_node::core::Record> {
+    use std::io::Write;
+    let mut file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let record = mixnn_node::core::Record::default();
+    let shared = record.clone();
+    std::thread::Builder::new()
+        .name("record".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(20));
+            let taken = match shared.lock() {
+                Ok(mut r) => std::mem::take(&mut *r),
+                Err(_) => return,
+            };
+            let mut out = Vec::new();
+            for bytes in taken {
+                out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                out.extend_from_slice(&bytes);
+            }
+            if file.write_all(&out).and_then(|()| file.flush()).is_err() {
+                return;
+            }
+        })
+        .context("starting the record thread")?;
+    Ok(record)
 }
 
 /// A `--cover-peer`: address and link key.
@@ -349,6 +386,8 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
             link_jitter: args.link_jitter,
             #[cfg(feature = "adversary")]
             adversary: args.adversary,
+            #[cfg(feature = "adversary")]
+            record: args.record_received.as_deref().map(record_to).transpose()?,
             ..NodeConfig::default()
         };
         let served = mixnn_node::run(listener, &keys, node_config, shutdown_signal()).await;

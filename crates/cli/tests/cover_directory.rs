@@ -4,10 +4,7 @@
 //! `--cover-peer` sends its cover to the other nodes of the directory's
 //! signed view, and they drop it (SECURITY.md, "Timing and cover traffic").
 
-use std::fs::File;
-use std::path::Path;
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
 
 use mixnn_directory::{parse_key_hex, unix_now};
 use mixnn_directory_client::DirectoryClient;
@@ -28,52 +25,6 @@ ops = [
   { op = "nll_loss" },
 ]
 "#;
-
-/// A `mixnn directory` on a free port; stopped on drop.
-struct Directory {
-    child: Child,
-    url: String,
-    key: String,
-}
-
-impl Directory {
-    fn start(dir: &Path) -> Directory {
-        let mut child = mixnn()
-            .args(["directory", "--listen", "127.0.0.1:0", "--db"])
-            .arg(dir.join("directory.db"))
-            .args(["--heartbeat-interval", "1", "--allow-same-subnet"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(File::create(dir.join("directory.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let line = ready_line(child.stdout.take().unwrap()).expect("directory ready in 30 s");
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
-                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-                .to_owned()
-        };
-        let (url, key) = (field("url"), field("key"));
-        Directory { child, url, key }
-    }
-}
-
-impl Drop for Directory {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Polls `check` every 100 ms until it holds, for at most `secs`.
-fn wait_until(secs: u64, what: impl Fn() -> String, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !check() {
-        assert!(Instant::now() < deadline, "not within {secs} s: {}", what());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// The senders of the cover messages node `i` dropped, as its debug log
 /// says (`from=key#…`: the log alias of the sender's link key, not the

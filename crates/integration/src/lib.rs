@@ -9,6 +9,8 @@
 //! processes, live with the binary (`crates/cli/tests`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod collusion;
+
 use std::net::SocketAddr;
 
 use mixnn_designer::HopInfo;

@@ -317,3 +317,49 @@ pub fn assert_same_run(local: &Run, cascade: &Run) {
         }
     }
 }
+
+/// A `mixnn directory` on a free port; stopped on drop.
+pub struct Directory {
+    pub child: Child,
+    pub url: String,
+    pub key: String,
+}
+
+impl Directory {
+    pub fn start(dir: &Path) -> Directory {
+        let mut child = mixnn()
+            .args(["directory", "--listen", "127.0.0.1:0", "--db"])
+            .arg(dir.join("directory.db"))
+            .args(["--heartbeat-interval", "1", "--allow-same-subnet"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(dir.join("directory.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let line = ready_line(child.stdout.take().unwrap()).expect("directory ready in 30 s");
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                .to_owned()
+        };
+        let (url, key) = (field("url"), field("key"));
+        Directory { child, url, key }
+    }
+}
+
+impl Drop for Directory {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` every 100 ms until it holds, for at most `secs`.
+pub fn wait_until(secs: u64, what: impl Fn() -> String, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check() {
+        assert!(Instant::now() < deadline, "not within {secs} s: {}", what());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
