@@ -92,6 +92,11 @@ impl CascadeBuilder<'_> {
         let loop_seed = rng.next_u64();
         let audit_seed = opts.audit_seed.unwrap_or_else(|| rng.next_u64());
         let audits = Audits::new(opts.audit_rate, cfg.micro_batches, audit_seed)?;
+        // With the first stage kept, one step is in flight whatever the
+        // window.
+        if !opts.keep.first() {
+            audits.check_window(opts.window)?;
+        }
         let policy = layout.policy(opts.padding, &cfg, audits.on());
         let driver = Driver::start(
             opts.listen,

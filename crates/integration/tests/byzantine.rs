@@ -416,3 +416,39 @@ fn middle_hops_never_reach_the_designer_through_audits_checkpoints_and_a_recover
         );
     }
 }
+
+/// A window as wide as the hops' audit window is refused with audits on:
+/// a hop keeps the openings of its last `KEPT` steps, and with more steps
+/// sent after an audited one an honest hop had dropped its opening when
+/// asked (before: a window of 24 at Q = 0.2, "audit failed at hop 1:
+/// hop refused to open step 0", an honest hop blamed).
+#[test]
+fn a_window_wider_than_the_audit_window_is_refused() {
+    let model = ModelSpec::parse(MODEL, "narrow").unwrap();
+    let cfg = cfg(1);
+    let hops: Vec<HopInfo> = (0..5).map(|i| start_node(990 + i)).collect();
+    let wide = CascadeOptions {
+        window: 24,
+        ..opts()
+    };
+    match CascadeRunner::connect(&model, hops.clone(), &cfg, wide) {
+        Err(DesignerError::Config { message }) => {
+            assert!(message.contains("window of 24"), "{message}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a window of 24 accepted with audits"),
+    }
+    // The widest window allowed trains through audits, all passed.
+    let (train, test) = data(60);
+    let widest = CascadeOptions {
+        window: mixnn_proto::audit::KEPT - 1,
+        audit_rate: AuditRate::new(0.2),
+        ..opts()
+    };
+    let mut runner = CascadeRunner::connect(&model, hops, &cfg, widest).unwrap();
+    let (cm, _) = run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).unwrap();
+    let stats = runner.audit_stats();
+    assert!(stats.audits > 0 && stats.failures.is_empty(), "{stats:?}");
+    let lm = local(&model, &cfg, &train, &test);
+    assert_eq!(lm.weights_sha256, cm.weights_sha256);
+}

@@ -166,6 +166,23 @@ impl Audits {
         })
     }
 
+    /// Refuses a window of `window` steps in flight if audits are on and
+    /// it is as wide as the hops' audit window: a hop keeps the openings
+    /// of its last [`KEPT`] steps, and with that many steps sent after a
+    /// step it could drop the step's opening before the designer's
+    /// request came, and an honest hop would fail its audit.
+    pub fn check_window(&self, window: usize) -> Result<(), DesignerError> {
+        if self.on() && window >= KEPT {
+            return Err(DesignerError::Config {
+                message: format!(
+                    "a window of {window} steps in flight is too wide for audits: hops keep the openings of their last {KEPT} steps; use a window of at most {} or set the audit rate to 0",
+                    KEPT - 1
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Commitments (and audits) are on.
     pub fn on(&self) -> bool {
         self.rate.is_some()
@@ -489,6 +506,14 @@ mod tests {
         assert_eq!(a.take(kind, body.clone(), 3).unwrap(), (body.clone(), None));
         assert_eq!(a.key(0), None);
         assert!(Audits::new(AuditRate::new(0.5), 2, 3).is_err());
+        let a = Audits::new(AuditRate::new(0.5), 1, 3).unwrap();
+        assert!(a.check_window(KEPT - 1).is_ok());
+        let e = a.check_window(KEPT).unwrap_err().to_string();
+        assert!(
+            e.contains("window of 16") && e.contains("at most 15"),
+            "{e}"
+        );
+        assert!(Audits::new(None, 1, 3).unwrap().check_window(1000).is_ok());
     }
 
     #[test]
