@@ -147,7 +147,9 @@ pub struct NodeArgs {
     #[arg(long)]
     pub debug_record_peers: bool,
     /// Misbehave from a step on, for tests of audits: `MODE@STEP`, MODE
-    /// `noise`, `flip-gradient` or `skip-update`.
+    /// `noise`, `flip-gradient`, `skip-update`, `hidden-noise`,
+    /// `tamper-between-steps`, `forge-slots`, `false-state` or
+    /// `garble-openings`.
     #[cfg(feature = "adversary")]
     #[arg(long, hide = true, value_name = "MODE@STEP")]
     pub adversary: Option<mixnn_node::Adversary>,

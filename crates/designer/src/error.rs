@@ -209,6 +209,18 @@ pub enum RecoveryError {
         /// The last attempt's error.
         last: String,
     },
+    /// The cascade failed again and again after resuming from the same
+    /// checkpoint while every hop answered: a fault no replacement can
+    /// fix is not retried for ever.
+    #[error("no progress: the cascade failed {times} times after resuming at step {step} while every hop answered; last: {last}")]
+    NoProgress {
+        /// The checkpoint's step.
+        step: u64,
+        /// Recoveries from it without a replacement.
+        times: usize,
+        /// The last failure.
+        last: String,
+    },
     /// Replacing a hop was asked for without replacements.
     #[error("no replacements configured")]
     NoReplacements,

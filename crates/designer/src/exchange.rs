@@ -54,6 +54,15 @@ impl Fetch {
         }
     }
 
+    /// Whether `a` is an answer to a transfer of this kind.
+    pub fn answered_by(self, a: Await) -> bool {
+        matches!(
+            (self, a),
+            (Fetch::State { .. }, Await::Chunk { .. })
+                | (Fetch::Opening { .. }, Await::Opening { .. })
+        )
+    }
+
     fn expected(self) -> Expected {
         match self {
             Fetch::State { .. } => Expected::State,
@@ -81,6 +90,11 @@ pub struct Transfer {
 }
 
 impl Transfer {
+    /// What it fetches.
+    pub fn what(&self) -> Fetch {
+        self.what
+    }
+
     /// The hops it fetches from.
     pub fn hops(&self) -> &[usize] {
         &self.hops
@@ -308,8 +322,15 @@ impl Exchange {
     ) -> Result<Vec<Vec<u8>>, DesignerError> {
         let mut t = self.start_transfer(hops, max_total, what)?;
         while !t.complete() {
-            let (got, body) = self.wait(what.expected(), step)?;
-            self.on_transfer_reply(&mut t, got, &body)?;
+            let got = self
+                .wait(what.expected(), step)
+                .and_then(|(got, body)| self.on_transfer_reply(&mut t, got, &body));
+            if let Err(e) = got {
+                // The other hops' answers still on their way would be
+                // taken for answers to the next transfer.
+                self.forget(|a| what.answered_by(a));
+                return Err(e);
+            }
         }
         Ok(t.into_bytes())
     }

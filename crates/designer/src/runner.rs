@@ -137,6 +137,7 @@ impl CascadeBuilder<'_> {
             saver: Saver::new(recovery::Checkpoints::new(model, enabled, every), dir),
             replacements,
             events: Vec::new(),
+            stalled: None,
             model: model.clone(),
             cfg,
         })
@@ -149,6 +150,9 @@ pub struct CascadeRunner {
     saver: Saver,
     replacements: Option<Box<dyn Replacements>>,
     events: Vec<RecoveryEvent>,
+    /// The checkpoint step of the last recoveries that replaced no hop,
+    /// and how many there were in a row ([`RecoveryError::NoProgress`]).
+    stalled: Option<(u64, usize)>,
     model: ModelSpec,
     cfg: TrainConfig,
 }
@@ -323,6 +327,7 @@ impl CascadeRunner {
             }
             match self.session.rebuild(hops, &c) {
                 Ok(()) => {
+                    self.note_progress(&replaced, c.step, &cause)?;
                     let event = RecoveryEvent {
                         cause: cause.to_string(),
                         bound_s: bound,
@@ -347,6 +352,37 @@ impl CascadeRunner {
             last: last_error,
         }
         .into())
+    }
+
+    /// After a recovery that resumed at `step` having replaced
+    /// `replaced`: a failure that keeps coming back after resuming from
+    /// the same checkpoint while every hop answers (a bad reply no probe
+    /// pins on a hop) ends the run after [`MAX_ATTEMPTS`] such recoveries
+    /// instead of looping for ever.
+    fn note_progress(
+        &mut self,
+        replaced: &[std::net::SocketAddr],
+        step: u64,
+        cause: &DesignerError,
+    ) -> Result<(), DesignerError> {
+        if !replaced.is_empty() {
+            self.stalled = None;
+            return Ok(());
+        }
+        let times = match self.stalled {
+            Some((at, n)) if at == step => n + 1,
+            _ => 1,
+        };
+        self.stalled = Some((step, times));
+        if times > MAX_ATTEMPTS {
+            return Err(RecoveryError::NoProgress {
+                step,
+                times,
+                last: cause.to_string(),
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// Recovers from a failed audit: replaces the hop (and the other side
@@ -423,6 +459,7 @@ impl CascadeRunner {
         }
         self.session.rebuild(hops, c)?;
         self.saver.policy.rolled_back_to(c);
+        self.stalled = None;
         self.events.push(RecoveryEvent {
             cause: reason.to_string(),
             bound_s: self.session.exchange_ref().bound().as_secs_f64(),

@@ -316,7 +316,7 @@ impl Session {
                             // Left to the audits between steps, which
                             // fetch each opening on its own and so pin a
                             // failure to its hop.
-                            self.ex.forget(|a| matches!(a, Await::Opening { .. }));
+                            self.ex.forget(|a| p.transfer.what().answered_by(a));
                             prefetching = false;
                         }
                         Err(e) => return Err(e),
@@ -716,7 +716,7 @@ impl Session {
             match self.ex.on_transfer_reply(&mut p.transfer, got, &body) {
                 Ok(()) => {}
                 Err(DesignerError::BadReply(_)) => {
-                    self.ex.forget(|a| matches!(a, Await::Opening { .. }));
+                    self.ex.forget(|a| p.transfer.what().answered_by(a));
                     return Ok(());
                 }
                 Err(e) => return Err(e),

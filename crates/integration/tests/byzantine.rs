@@ -452,3 +452,47 @@ fn a_window_wider_than_the_audit_window_is_refused() {
     let lm = local(&model, &cfg, &train, &test);
     assert_eq!(lm.weights_sha256, cm.weights_sha256);
 }
+
+/// A hop that trains honestly but garbles every audit opening it sends
+/// (and answers probes) makes a bad reply no probe pins on a hop: every
+/// recovery sets the same cascade up again from the same checkpoint, and
+/// the next audit of that hop fails the same way. The run ends with a
+/// clear error naming the hop's transfer after 4 such recoveries, and no
+/// honest hop is replaced. Before: the other hops' openings of the failed
+/// fetch were taken for answers to the next one ("chunk 0 of a transfer
+/// from hop 3"), 15 recoveries replaced honest hops found by probes until
+/// the spares ran out, and the run ended after 40 s with "no spare node
+/// left".
+#[test]
+fn a_bad_reply_that_keeps_coming_back_ends_the_run_instead_of_looping() {
+    let model = ModelSpec::parse(MODEL, "narrow").unwrap();
+    let (train, test) = data(60);
+    let cfg = cfg(1);
+    let hops: Vec<HopInfo> = (0..5)
+        .map(|i| {
+            let config = NodeConfig {
+                adversary: (i == 2).then_some(Adversary {
+                    mode: AdversaryMode::GarbleOpenings,
+                    from_step: 0,
+                }),
+                ..NodeConfig::default()
+            };
+            start_node_with(1000 + i as u64, config)
+        })
+        .collect();
+    let spares: Vec<HopInfo> = (0..2).map(|i| start_node(1010 + i)).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut runner = with_spares(&model, &cfg, &hops, &spares, 0.5, 4);
+        let r = run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).map(|_| ());
+        let replaced: usize = runner.recoveries().iter().map(|e| e.replaced.len()).sum();
+        let _ = tx.send((r, runner.recoveries().len(), replaced));
+    });
+    let (r, recoveries, replaced) = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the run still recovering after 120 s");
+    let err = r.unwrap_err().to_string();
+    assert!(err.contains("no progress"), "{err}");
+    assert!(err.contains("hop 2 does not open"), "{err}");
+    assert_eq!((recoveries, replaced), (4, 0), "{err}");
+}

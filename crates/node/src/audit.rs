@@ -185,6 +185,10 @@ pub enum AdversaryMode {
     /// (the slots of every hop before it), to erase their commitments or
     /// get an honest hop blamed; its own slot is honest.
     ForgeSlots,
+    /// Trains and commits honestly but answers every audit opening with a
+    /// sealed chunk that does not open, and answers probes: a bad reply
+    /// the designer cannot pin on one hop (a relay could have changed it).
+    GarbleOpenings,
 }
 
 /// A node that misbehaves from step `from_step` on (tests only). It commits
@@ -202,7 +206,9 @@ pub struct Adversary {
 impl std::str::FromStr for Adversary {
     type Err = String;
 
-    /// `MODE@STEP`, MODE one of `noise`, `flip-gradient`, `skip-update`.
+    /// `MODE@STEP`, MODE one of `noise`, `flip-gradient`, `skip-update`,
+    /// `hidden-noise`, `tamper-between-steps`, `forge-slots`,
+    /// `false-state`, `garble-openings`.
     fn from_str(s: &str) -> Result<Self, String> {
         let (mode, step) = s
             .split_once('@')
@@ -215,6 +221,7 @@ impl std::str::FromStr for Adversary {
             "tamper-between-steps" => AdversaryMode::TamperBetweenSteps,
             "forge-slots" => AdversaryMode::ForgeSlots,
             "false-state" => AdversaryMode::FalseState,
+            "garble-openings" => AdversaryMode::GarbleOpenings,
             other => return Err(format!("unknown adversary mode {other}")),
         };
         let from_step = step.parse().map_err(|e| format!("{step}: {e}"))?;
@@ -254,6 +261,16 @@ impl Adversary {
             }
         }
         state
+    }
+
+    /// The sealed opening chunk of `step` it sends instead of `sealed`.
+    pub(crate) fn opening(&self, step: u64, mut sealed: Vec<u8>) -> Vec<u8> {
+        if self.active(AdversaryMode::GarbleOpenings, step) {
+            if let Some(b) = sealed.last_mut() {
+                *b ^= 1;
+            }
+        }
+        sealed
     }
 
     /// The trailer it builds on instead of the `trailer` it received.

@@ -482,6 +482,7 @@ impl Core {
                 // A step no longer kept (or never run) is refused with an
                 // empty opening.
                 let nonce = self.nonce();
+                let adversary = self.adversary();
                 let s = self.session_mut(id)?;
                 let all = s
                     .auditor
@@ -489,11 +490,17 @@ impl Core {
                     .and_then(|a| a.opening(n.step))
                     .unwrap_or_default();
                 let chunk = state_chunk(all, n.chunk, &s.policy);
-                (
-                    s.reply_key
-                        .seal(Sealed::Audit, n.step, n.chunk, &chunk, nonce),
-                    None,
-                )
+                let sealed = s
+                    .reply_key
+                    .seal(Sealed::Audit, n.step, n.chunk, &chunk, nonce);
+                #[cfg(feature = "adversary")]
+                let sealed = match adversary {
+                    Some(a) => a.opening(n.step, sealed),
+                    None => sealed,
+                };
+                #[cfg(not(feature = "adversary"))]
+                let _ = adversary;
+                (sealed, None)
             }
             SessionNote::Close { .. } => {
                 return Err(NodeError::Refused(
