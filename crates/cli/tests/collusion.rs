@@ -19,7 +19,7 @@ use mixnn_designer::plan::layout::Layout;
 use mixnn_designer::{Keep, Padding};
 use mixnn_directory::{parse_key_hex, unix_now};
 use mixnn_directory_client::DirectoryClient;
-use mixnn_integration::collusion::{assert_nothing_common, parse_record_file, windows, Colluders};
+use mixnn_integration::collusion::{assert_nothing_common, parse_record_file, Colluders};
 use mixnn_model::seed::RunSeed;
 use mixnn_model::spec::ModelSpec;
 use mixnn_model::stage::Sgd;
@@ -99,8 +99,7 @@ fn check(
         .iter()
         .map(|&i| {
             let bytes = std::fs::read(dir.join(format!("received-{i}.bin"))).unwrap();
-            let r = parse_record_file(&bytes);
-            windows(r.iter().map(Vec::as_slice))
+            parse_record_file(&bytes)
         })
         .collect();
     let hops: Vec<(SocketAddr, [u8; 32])> = order

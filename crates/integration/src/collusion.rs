@@ -8,7 +8,10 @@
 //! public protocol values (step numbers, micro-batch and chunk indices,
 //! batch sizes, the model's description and optimiser settings, the
 //! padding), the wall clock, the host all test nodes share, and — for hops
-//! two apart — the link key and address of the neighbour they share.
+//! two apart — the link key and address of the neighbour they share. A
+//! window that is 7 bytes of such a value and one byte more is not
+//! counted (that byte agrees by chance 1 time in 256 where a known field
+//! meets a secret one: a stage seed after the optimiser settings).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -46,8 +49,8 @@ pub fn parse_record_file(bytes: &[u8]) -> Vec<Vec<u8>> {
 
 /// One run's records and what is public about it.
 pub struct Colluders<'a> {
-    /// The windows each hop received, by position.
-    pub records: Vec<HashSet<Window>>,
+    /// What each hop received (its records), by position.
+    pub records: Vec<Vec<Vec<u8>>>,
     /// Each hop's address and link key, by position.
     pub hops: Vec<(SocketAddr, [u8; 32])>,
     /// The model trained.
@@ -63,11 +66,42 @@ pub struct Colluders<'a> {
     pub time: (u64, u64),
 }
 
-/// The 8-byte windows of what every participant knows: the notes a
-/// designer sends at every step (their public fields), init notes of the
-/// model's stages (and identity stages of its widths) with every key zero
-/// at every second of the run, the padding and the optimiser.
-fn public(c: &Colluders<'_>) -> HashSet<Window> {
+/// What some participants know: its 8-byte windows, and its 7-byte ones.
+/// A common window that is 7 bytes of a known string and one more byte
+/// says no more than that byte, which two records share by chance one
+/// time in 256 where a known field meets a secret one (a seed after the
+/// optimiser settings, a key after a zero byte); it is not counted.
+#[derive(Default)]
+struct Known {
+    windows: HashSet<Window>,
+    sevens: HashSet<[u8; 7]>,
+}
+
+impl Known {
+    fn of<'a>(strings: impl IntoIterator<Item = &'a [u8]>) -> Known {
+        let mut k = Known::default();
+        for s in strings {
+            k.windows
+                .extend(s.windows(8).map(|w| <Window>::try_from(w).unwrap()));
+            k.sevens
+                .extend(s.windows(7).map(|w| <[u8; 7]>::try_from(w).unwrap()));
+        }
+        k
+    }
+
+    /// `w` is known, or all but its first or last byte is.
+    fn explains(&self, w: &Window) -> bool {
+        self.windows.contains(w)
+            || self.sevens.contains(<&[u8; 7]>::try_from(&w[..7]).unwrap())
+            || self.sevens.contains(<&[u8; 7]>::try_from(&w[1..]).unwrap())
+    }
+}
+
+/// What every participant knows: the notes a designer sends at every step
+/// (their public fields), init notes of the model's stages (and identity
+/// stages of its widths) with every key zero at every second of the run,
+/// the padding and the optimiser, and the test host's addresses.
+fn public(c: &Colluders<'_>) -> Known {
     let mut p = Vec::new();
     for step in 0..=c.steps + 2 {
         for rows in 1..=64 {
@@ -130,7 +164,7 @@ fn public(c: &Colluders<'_>) -> HashSet<Window> {
             );
         }
     }
-    let mut public = windows(p.iter().map(Vec::as_slice));
+    let mut public = Known::of(p.iter().map(Vec::as_slice));
     // Every test node runs on one host: its IP, as an address field
     // starts, is no secret of anyone's. Addresses on it differ in their
     // two port bytes only, so two of them (or "no address", a zero byte,
@@ -145,7 +179,13 @@ fn public(c: &Colluders<'_>) -> HashSet<Window> {
         for (i, w) in s.windows(8).enumerate() {
             let port_bytes = (i..i + 8).filter(|j| (18..20).contains(j)).count();
             if port_bytes <= 1 {
-                public.insert(w.try_into().unwrap());
+                public.windows.insert(w.try_into().unwrap());
+            }
+        }
+        for (i, w) in s.windows(7).enumerate() {
+            let port_bytes = (i..i + 7).filter(|j| (18..20).contains(j)).count();
+            if port_bytes <= 1 {
+                public.sevens.insert(w.try_into().unwrap());
             }
         }
     }
@@ -159,56 +199,90 @@ fn is_time(w: &Window, (t0, t1): (u64, u64)) -> bool {
     (t0.saturating_sub(3600)..=t1 + 3600).contains(&v)
 }
 
-/// The windows of what two hops that share a neighbour both know of it
-/// by talking to it: its link key and its address.
-fn neighbour((addr, key): (SocketAddr, [u8; 32])) -> HashSet<Window> {
+/// What two hops that share a neighbour both know of it by talking to
+/// it: its link key and its address.
+fn neighbour((addr, key): (SocketAddr, [u8; 32])) -> Known {
     // Its address, between two other addresses on the same host (every
     // node of these tests is on 127.0.0.1, so the fields around it in a
     // note start with the same bytes).
     let host = HopAddr(SocketAddr::new(addr.ip(), 0)).encode();
     let addr = [&host[..], &HopAddr(addr).encode(), &host[..]].concat();
-    windows([&key[..], &addr[..]])
+    Known::of([&key[..], &addr[..]])
 }
 
 /// Asserts that the colluders at positions {1, 3}, {2, 4}, {1, 5}
-/// (1-based) and both ends share no window beyond the public ones.
+/// (1-based) and both ends share no window beyond the public ones; on
+/// failure it says where each common window is in every hop's records.
 pub fn assert_nothing_common(c: &Colluders<'_>, label: &str) {
-    if let Err(e) = check_nothing_common(c) {
-        panic!("{label}: {e}");
+    if let Err((e, common)) = check(c) {
+        let places: Vec<String> = common.iter().flat_map(|w| whereabouts(c, w)).collect();
+        panic!("{label}: {e}\n{}", places.join("\n"));
     }
 }
 
 /// [`assert_nothing_common`], as a result: what the first pair of
 /// colluders found in common.
 pub fn check_nothing_common(c: &Colluders<'_>) -> Result<(), String> {
+    check(c).map_err(|(e, _)| e)
+}
+
+/// Where window `w` is in every hop's records: hop, record, its length
+/// and first bytes, offset and the bytes around.
+fn whereabouts(c: &Colluders<'_>, w: &Window) -> Vec<String> {
+    let mut out = Vec::new();
+    for (pos, records) in c.records.iter().enumerate() {
+        for (k, r) in records.iter().enumerate() {
+            if let Some(at) = r.windows(8).position(|x| x == w) {
+                let (lo, hi) = (at.saturating_sub(16), (at + 24).min(r.len()));
+                out.push(format!(
+                    "{w:02x?} at hop {} record {k} (len {}, starts {:02x?}), offset {at}: {:02x?}",
+                    pos + 1,
+                    r.len(),
+                    &r[..r.len().min(8)],
+                    &r[lo..hi]
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn check(c: &Colluders<'_>) -> Result<(), (String, Vec<Window>)> {
     let public = public(c);
-    let last = c.records.len() - 1;
+    let all: Vec<HashSet<Window>> = c
+        .records
+        .iter()
+        .map(|r| windows(r.iter().map(Vec::as_slice)))
+        .collect();
+    let last = all.len() - 1;
     for (a, b) in [(0, 2), (1, 3), (0, 4), (0, last)] {
         // Hops two apart share a neighbour; both know who it is.
         let shared = if b == a + 2 {
             neighbour(c.hops[a + 1])
         } else {
-            HashSet::new()
+            Known::default()
         };
-        let common: Vec<Window> = c.records[a]
-            .intersection(&c.records[b])
+        let common: Vec<Window> = all[a]
+            .intersection(&all[b])
             .filter(|w| w.iter().any(|&x| x != 0))
-            .filter(|w| !public.contains(*w))
+            .filter(|w| !public.explains(w))
             .filter(|w| !is_time(w, c.time))
-            .filter(|w| !shared.contains(*w))
+            .filter(|w| !shared.explains(w))
             .copied()
             .collect();
         if !common.is_empty() {
-            return Err(format!(
+            let e = format!(
                 "hops {} and {} received {} common 8-byte strings, e.g. {:02x?}",
                 a + 1,
                 b + 1,
                 common.len(),
                 &common[..common.len().min(4)]
-            ));
+            );
+            return Err((e, common.into_iter().take(4).collect()));
         }
-        if c.records[a].len() <= 1000 || c.records[b].len() <= 1000 {
-            return Err(format!("records of hops {} and {} too small", a + 1, b + 1));
+        if all[a].len() <= 1000 || all[b].len() <= 1000 {
+            let e = format!("records of hops {} and {} too small", a + 1, b + 1);
+            return Err((e, Vec::new()));
         }
     }
     Ok(())
@@ -242,15 +316,14 @@ mod tests {
         rand_chacha::ChaCha8Rng::seed_from_u64(99).fill_bytes(&mut secret);
         // Five hops' records of their own random bytes, and one secret
         // that hops 2 and 4 both received.
-        let mut records: Vec<HashSet<Window>> = (0..5)
-            .map(|i| {
-                let mut own = vec![0u8; 2000];
-                rand_chacha::ChaCha8Rng::seed_from_u64(i).fill_bytes(&mut own);
-                windows([&own[..]])
-            })
-            .collect();
-        records[1].extend(windows([&secret[..]]));
-        records[3].extend(windows([&secret[..]]));
+        let own = |i: u64| {
+            let mut own = vec![0u8; 2000];
+            rand_chacha::ChaCha8Rng::seed_from_u64(i).fill_bytes(&mut own);
+            own
+        };
+        let mut records: Vec<Vec<Vec<u8>>> = (0..5).map(|i| vec![own(i)]).collect();
+        records[1].push(secret.to_vec());
+        records[3].push(secret.to_vec());
         let c = Colluders {
             records,
             hops: vec![(addr, [7; 32]); 5],
@@ -264,11 +337,23 @@ mod tests {
         assert!(err.contains("hops 2 and 4 received 25 common"), "{err}");
         // Without it, nothing.
         let mut c = c;
-        c.records[3] = {
-            let mut own = vec![0u8; 2000];
-            rand_chacha::ChaCha8Rng::seed_from_u64(3).fill_bytes(&mut own);
-            windows([&own[..]])
-        };
+        c.records[3] = vec![own(3)];
         assert_eq!(check_nothing_common(&c), Ok(()));
+        // Seven bytes of the neighbour's key after a byte that agrees by
+        // chance (the key after a zero byte in both): not counted.
+        let mut key = [0u8; 32];
+        rand_chacha::ChaCha8Rng::seed_from_u64(5).fill_bytes(&mut key);
+        c.hops[2].1 = key;
+        let mut chance = vec![0u8];
+        chance.extend_from_slice(&key[..7]);
+        c.records[1].push(chance.clone());
+        c.records[3].push(chance);
+        assert_eq!(check_nothing_common(&c), Ok(()));
+        // Two such bytes are counted.
+        let mut two = vec![0x5a, 0xa5];
+        two.extend_from_slice(&key[..6]);
+        c.records[1].push(two.clone());
+        c.records[3].push(two);
+        assert!(check_nothing_common(&c).is_err());
     }
 }

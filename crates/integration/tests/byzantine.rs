@@ -302,7 +302,6 @@ fn an_honest_run_over_two_epochs_is_never_flagged() {
     assert_eq!(stats.passed, stats.audits, "{stats:?}");
     // Openings are fetched while later steps run: the pipeline stops for
     // few audits (before, for every one of them).
-    eprintln!("{stats:?}");
     assert!(stats.in_flight > 0, "{stats:?}");
     assert!(stats.failures.is_empty(), "{stats:?}");
     assert!(!stats.suspect, "{stats:?}");

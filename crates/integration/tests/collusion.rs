@@ -19,7 +19,7 @@ use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex};
 
 use mixnn_designer::{AuditRate, CascadeOptions, CascadeRunner, Checkpoints, HopInfo};
-use mixnn_integration::collusion::{assert_nothing_common, windows, Colluders};
+use mixnn_integration::collusion::{assert_nothing_common, Colluders};
 use mixnn_integration::{dataset, start_node_with};
 use mixnn_model::seed::RunSeed;
 use mixnn_model::spec::ModelSpec;
@@ -81,10 +81,7 @@ fn run_and_check(base: u64, dummies: &[usize], label: &str) {
     runner.close().unwrap();
     drop(runner);
     let colluders = Colluders {
-        records: records
-            .iter()
-            .map(|r| windows(r.lock().unwrap().iter().map(Vec::as_slice)))
-            .collect(),
+        records: records.iter().map(|r| r.lock().unwrap().clone()).collect(),
         hops: hops
             .iter()
             .map(|h| {
