@@ -56,6 +56,18 @@ fn run_flags(seed: &str) -> Vec<String> {
     .collect()
 }
 
+/// Trains through the cascade `mode` names (`--cascade F` or a
+/// directory) with [`run_flags`] and a fresh seed; what it printed, every
+/// audit passed.
+fn train_through(dir: &Path, mode: &[&str]) -> String {
+    let flags = run_flags(&fresh_seed());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let out = train_cmd(dir, "cascade", mode, &flags).output().unwrap();
+    let said = said_ok(&out, "the cascade run");
+    assert!(said.contains("0 failed"), "{said}");
+    said
+}
+
 /// A fresh secret seed, in hex.
 fn fresh_seed() -> String {
     RunSeed::random().to_string()
@@ -128,18 +140,7 @@ fn colluding_node_processes_share_no_byte_string_but_public_ones() {
     let mut nodes = recording_nodes(dir, 5, &[]);
     let cascade = nodes.cascade_file("cascade.toml");
     let t0 = unix_now();
-    let flags = run_flags(&fresh_seed());
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let out = train_cmd(
-        dir,
-        "cascade",
-        &["--cascade", cascade.to_str().unwrap()],
-        &flags,
-    )
-    .output()
-    .unwrap();
-    let said = said_ok(&out, "the cascade run");
-    assert!(said.contains("0 failed"), "{said}");
+    train_through(dir, &["--cascade", cascade.to_str().unwrap()]);
     check(
         dir,
         &nodes,
@@ -171,11 +172,8 @@ fn colluding_node_processes_with_dummies_share_no_byte_string_but_public_ones() 
         },
     );
     let t0 = unix_now();
-    let flags = run_flags(&fresh_seed());
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let out = train_cmd(
+    let said = train_through(
         dir,
-        "cascade",
         &[
             "--directory",
             &directory.url,
@@ -185,12 +183,7 @@ fn colluding_node_processes_with_dummies_share_no_byte_string_but_public_ones() 
             "2",
             "--allow-same-subnet",
         ],
-        &flags,
-    )
-    .output()
-    .unwrap();
-    let said = said_ok(&out, "the cascade run");
-    assert!(said.contains("0 failed"), "{said}");
+    );
     // The designer names the hops it drew, in order, and the dummies.
     let mut order = Vec::new();
     let mut dummies = Vec::new();

@@ -51,13 +51,15 @@ fn cascade(base: u64, mode: AdversaryMode) -> Vec<HopInfo> {
 }
 
 fn cascade_at(base: u64, mode: AdversaryMode, bad: usize) -> Vec<HopInfo> {
+    cascade_from(base, mode, bad, FROM)
+}
+
+/// Five hops, hop `bad` misbehaving in `mode` from step `from_step`.
+fn cascade_from(base: u64, mode: AdversaryMode, bad: usize, from_step: u64) -> Vec<HopInfo> {
     (0..5)
         .map(|i| {
             let config = NodeConfig {
-                adversary: (i == bad).then_some(Adversary {
-                    mode,
-                    from_step: FROM,
-                }),
+                adversary: (i == bad).then_some(Adversary { mode, from_step }),
                 ..NodeConfig::default()
             };
             start_node_with(base + i as u64, config)
@@ -467,18 +469,7 @@ fn a_bad_reply_that_keeps_coming_back_ends_the_run_instead_of_looping() {
     let model = ModelSpec::parse(MODEL, "narrow").unwrap();
     let (train, test) = data(60);
     let cfg = cfg(1);
-    let hops: Vec<HopInfo> = (0..5)
-        .map(|i| {
-            let config = NodeConfig {
-                adversary: (i == 2).then_some(Adversary {
-                    mode: AdversaryMode::GarbleOpenings,
-                    from_step: 0,
-                }),
-                ..NodeConfig::default()
-            };
-            start_node_with(1000 + i as u64, config)
-        })
-        .collect();
+    let hops = cascade_from(1000, AdversaryMode::GarbleOpenings, 2, 0);
     let spares: Vec<HopInfo> = (0..2).map(|i| start_node(1010 + i)).collect();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
