@@ -654,6 +654,7 @@ impl Session {
     fn run_audits(&mut self, batches: &[Batch], base: u64) -> Result<(), DesignerError> {
         let queue = self.audits.take_queue();
         let mut steps: Vec<u64> = queue.iter().map(|q| q.0).collect();
+        steps.sort_unstable();
         steps.dedup();
         for step in steps {
             let hops: Vec<usize> = queue.iter().filter(|q| q.0 == step).map(|q| q.1).collect();
