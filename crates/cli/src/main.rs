@@ -41,6 +41,11 @@ struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
 
+    /// Threads the kernels may use in this process (default:
+    /// `MIXNN_THREADS`, else every core). Any count gives the same bits.
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    threads: Option<u32>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -72,6 +77,12 @@ fn main() -> ExitCode {
     memcpy::tune();
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    if let Some(n) = cli.threads {
+        if let Err(e) = mixnn_model::arith::threads::configure(n as usize) {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         // Interrupted: the signal handler is stopping the nodes and ends

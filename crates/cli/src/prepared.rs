@@ -6,7 +6,7 @@ use mixnn_model::spec::ModelSpec;
 use mixnn_model::trainer::TrainConfig;
 
 /// What a training run needs, loaded and checked.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Prepared {
     /// The model.
     pub model: ModelSpec,

@@ -2,17 +2,22 @@
 //!
 //! Every path computes the same function (the order of operations of
 //! [`super::gemm`]); they differ only in how many outputs they compute per
-//! instruction. The best path the CPU supports is chosen once; the
-//! environment variable `MIXNN_KERNELS=scalar|sse2|avx2|avx512|neon` forces
-//! one (an unknown or unsupported name is an error from
-//! [`configure_from_env`]), and [`with_path`] forces one for the current
-//! thread (tests, the self-test).
+//! instruction, so choosing among them by speed is safe. Once per process
+//! [`configure_from_env`] times a short fixed workload on every supported
+//! path ([`calibrate`]: a few milliseconds, most of it the scalar path) and
+//! keeps the fastest: the widest vectors are not always the fastest (a CPU
+//! that splits 512-bit instructions in two, or lowers its clock for them).
+//! The environment variable `MIXNN_KERNELS=scalar|sse2|avx2|avx512|neon`
+//! forces one (an unknown or unsupported name is an error), and
+//! [`with_path`] forces one for the current thread (tests, the self-test).
 
 use std::cell::Cell;
 use std::fmt;
+use std::hint::black_box;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
-use crate::arith::gemm::{self, SoftFma, View};
+use crate::arith::gemm::{self, Init, View};
 use crate::error::{ModelError, Result};
 
 /// One compiled implementation of the kernels.
@@ -21,13 +26,14 @@ use crate::error::{ModelError, Result};
 pub enum KernelPath {
     /// One output at a time, the specification as written: every CPU.
     Scalar,
-    /// 4 × 8 register tiles, baseline x86-64 (SSE2), FMA in software.
+    /// 4 × 8 register tiles, baseline x86-64 (SSE2), FMA in software,
+    /// two outputs per instruction.
     Sse2,
-    /// 6 × 16 register tiles compiled for AVX2 and FMA3.
+    /// 6 × 16 register tiles in AVX2 `ymm` registers, FMA3.
     Avx2,
-    /// 8 × 32 register tiles compiled for AVX-512F (with its FMA).
+    /// 8 × 32 register tiles in AVX-512F `zmm` registers, with its FMA.
     Avx512,
-    /// 6 × 16 register tiles, baseline AArch64 (NEON, FMA).
+    /// 6 × 16 register tiles, baseline AArch64 (NEON, FMA), portable code.
     Neon,
 }
 
@@ -70,17 +76,11 @@ impl KernelPath {
         match self {
             KernelPath::Scalar => true,
             #[cfg(target_arch = "x86_64")]
-            KernelPath::Sse2 => true,
+            KernelPath::Sse2 => gemm::x86::Sse2::detect().is_some(),
             #[cfg(target_arch = "x86_64")]
-            KernelPath::Avx2 => {
-                std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-            }
+            KernelPath::Avx2 => gemm::x86::Avx2::detect().is_some(),
             #[cfg(target_arch = "x86_64")]
-            KernelPath::Avx512 => {
-                std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("fma")
-            }
+            KernelPath::Avx512 => gemm::x86::Avx512::detect().is_some(),
             #[cfg(target_arch = "aarch64")]
             KernelPath::Neon => true,
             #[allow(unreachable_patterns)]
@@ -93,7 +93,8 @@ impl KernelPath {
         ALL_PATHS.into_iter().filter(|p| p.supported()).collect()
     }
 
-    /// The fastest path this machine supports.
+    /// The widest path this machine supports (not always the fastest:
+    /// [`calibrate`]).
     pub fn best() -> KernelPath {
         ALL_PATHS
             .into_iter()
@@ -109,20 +110,115 @@ impl fmt::Display for KernelPath {
     }
 }
 
-static GLOBAL: OnceLock<KernelPath> = OnceLock::new();
+static GLOBAL: OnceLock<Choice> = OnceLock::new();
 
 thread_local! {
     static FORCED: Cell<Option<KernelPath>> = const { Cell::new(None) };
 }
 
-/// Reads `MIXNN_KERNELS` once and fixes the process's path: the named one
-/// (which must be known and supported), or [`KernelPath::best`] without
-/// the variable. Later calls return the path fixed by the first.
-pub fn configure_from_env() -> Result<KernelPath> {
-    if let Some(p) = GLOBAL.get() {
-        return Ok(*p);
+/// How long one path took on the calibration workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathTiming {
+    /// The path.
+    pub path: KernelPath,
+    /// The fastest of its runs.
+    pub time: Duration,
+}
+
+/// The process's kernel path and how it was chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    /// The path every product of the process uses.
+    pub path: KernelPath,
+    /// Named by `MIXNN_KERNELS` (no calibration ran).
+    pub forced: bool,
+    /// Every supported path's time on the calibration workload (empty
+    /// when forced), fastest first.
+    pub timings: Vec<PathTiming>,
+}
+
+/// The calibration workload: a product and one with a transposed
+/// operand (as a weight gradient reads it), 2 · 32 × 128 × 64
+/// multiply-adds, too small to be shared between threads.
+fn workload() -> impl FnMut() {
+    let (m, k, n) = (32, 128, 64);
+    let values = |len: usize, seed: u32| -> Vec<f32> {
+        (0..len as u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) >> 9) as f32 * 1.0e-6 - 2.0)
+            .collect()
+    };
+    let (a, b, at) = (values(m * k, 1), values(k * n, 2), values(k * m, 3));
+    let mut c = vec![0.0f32; m * n];
+    move || {
+        gemm_into(
+            View::rows_of(&a, m, k),
+            View::rows_of(&b, k, n),
+            &mut c,
+            Init::Zero,
+        );
+        gemm_into(
+            View::rows_of(&at, k, m).t(),
+            View::rows_of(&b, k, n),
+            &mut c,
+            Init::Accumulate,
+        );
+        black_box(&mut c);
     }
-    let path = match std::env::var("MIXNN_KERNELS") {
+}
+
+/// Times the calibration workload on every supported path, interleaved
+/// over a few rounds (the best run of each counts), fastest first. A path
+/// more than four times slower than the best after the first round is not
+/// run again. Takes a few milliseconds.
+pub fn calibrate() -> Vec<PathTiming> {
+    let paths = KernelPath::supported_paths();
+    let mut best: Vec<Option<Duration>> = vec![None; paths.len()];
+    for round in 0..5 {
+        let leader = best.iter().flatten().min().copied();
+        for (path, slot) in paths.iter().zip(best.iter_mut()) {
+            if round > 0 {
+                if let (Some(mine), Some(lead)) = (*slot, leader) {
+                    if mine > lead * 4 {
+                        continue;
+                    }
+                }
+            }
+            let mut run = workload();
+            let timed = with_path(*path, || {
+                run(); // warm: caches, the first use of wide registers
+                let start = Instant::now();
+                run();
+                start.elapsed()
+            });
+            if let Ok(t) = timed {
+                *slot = Some(slot.map_or(t, |s| s.min(t)));
+            }
+        }
+    }
+    let mut out: Vec<PathTiming> = paths
+        .into_iter()
+        .zip(best)
+        .filter_map(|(path, t)| t.map(|time| PathTiming { path, time }))
+        .collect();
+    // Ties (and a sort that keeps the order) favour the wider path.
+    out.reverse();
+    out.sort_by_key(|t| t.time);
+    out
+}
+
+/// Fixes the process's path once: the one `MIXNN_KERNELS` names (which
+/// must be known and supported), or the fastest by [`calibrate`]. Later
+/// calls return the first choice.
+pub fn configure_from_env() -> Result<KernelPath> {
+    choice().map(|c| c.path)
+}
+
+/// The process's choice (see [`configure_from_env`]), made on first use.
+pub fn choice() -> Result<&'static Choice> {
+    if let Some(c) = GLOBAL.get() {
+        return Ok(c);
+    }
+    let chosen = match std::env::var("MIXNN_KERNELS") {
         Ok(name) if !name.is_empty() => {
             let p = KernelPath::parse(&name)?;
             if !p.supported() {
@@ -132,11 +228,22 @@ pub fn configure_from_env() -> Result<KernelPath> {
                     supported_names()
                 )));
             }
-            p
+            Choice {
+                path: p,
+                forced: true,
+                timings: Vec::new(),
+            }
         }
-        _ => KernelPath::best(),
+        _ => {
+            let timings = calibrate();
+            Choice {
+                path: timings.first().map_or_else(KernelPath::best, |t| t.path),
+                forced: false,
+                timings,
+            }
+        }
     };
-    Ok(*GLOBAL.get_or_init(|| path))
+    Ok(GLOBAL.get_or_init(|| chosen))
 }
 
 fn supported_names() -> String {
@@ -149,8 +256,9 @@ fn supported_names() -> String {
 
 /// The path the current thread computes with: the one [`with_path`]
 /// forces, else the process's (see [`configure_from_env`]; without a call
-/// to it, `MIXNN_KERNELS` is read here, and a bad value falls back to the
-/// best path — binaries call [`configure_from_env`] first to report it).
+/// to it, the choice is made here, and a bad `MIXNN_KERNELS` falls back to
+/// the widest path — binaries call [`configure_from_env`] first to report
+/// it).
 pub fn active() -> KernelPath {
     FORCED
         .with(Cell::get)
@@ -171,52 +279,38 @@ pub fn with_path<R>(path: KernelPath, f: impl FnOnce() -> R) -> Result<R> {
     Ok(out)
 }
 
-/// `C = A·B` (see [`gemm`] for the order of operations) on the active path.
-/// `c` is overwritten; shapes are the caller's to check.
-pub(crate) fn gemm_into(a: View<'_>, b: View<'_>, c: &mut [f32]) {
-    debug_assert_eq!(a.cols(), b.rows());
-    debug_assert_eq!(c.len(), a.rows() * b.cols());
+/// `C = A·B`, or `C` continued by `A·B` ([`Init`]; see [`gemm`] for the
+/// order of operations), on the active path. Shapes are the caller's to
+/// check (`c.len()` must be `A.rows × B.cols`).
+pub(crate) fn gemm_into(a: View<'_>, b: View<'_>, c: &mut [f32], init: Init) {
     match active() {
-        KernelPath::Scalar => gemm::reference(a, b, c),
+        KernelPath::Scalar => gemm::reference(a, b, c, init),
         #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx512 if KernelPath::Avx512.supported() => x86::avx512(a, b, c),
+        KernelPath::Avx512 => match gemm::x86::Avx512::detect() {
+            Some(k) => gemm::gemm(k, a, b, c, init),
+            None => sse2(a, b, c, init),
+        },
         #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx2 if KernelPath::Avx2.supported() => x86::avx2(a, b, c),
+        KernelPath::Avx2 => match gemm::x86::Avx2::detect() {
+            Some(k) => gemm::gemm(k, a, b, c, init),
+            None => sse2(a, b, c, init),
+        },
         #[cfg(target_arch = "aarch64")]
-        KernelPath::Neon => gemm::tiled::<gemm::HardFma, 6, 16>(a, b, c),
-        // SSE2 is the x86-64 baseline; elsewhere this is plain code.
-        _ => gemm::tiled::<SoftFma, 4, 8>(a, b, c),
+        KernelPath::Neon => {
+            gemm::gemm(gemm::Portable::<gemm::HardFma, 6, 16>::new(), a, b, c, init)
+        }
+        #[cfg(target_arch = "x86_64")]
+        _ => sse2(a, b, c, init),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => gemm::gemm(gemm::Portable::<gemm::SoftFma, 4, 8>::new(), a, b, c, init),
     }
 }
 
-/// The x86-64 paths that need more than the baseline instruction set: the
-/// same generic tile code, compiled with the wider vectors enabled. The
-/// only `unsafe` of the engine is calling them, after checking the CPU.
 #[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
-mod x86 {
-    use super::gemm::{self, HardFma, View};
-
-    pub(super) fn avx2(a: View<'_>, b: View<'_>, c: &mut [f32]) {
-        #[target_feature(enable = "avx2,fma")]
-        fn run(a: View<'_>, b: View<'_>, c: &mut [f32]) {
-            gemm::tiled::<HardFma, 6, 16>(a, b, c)
-        }
-        debug_assert!(super::KernelPath::Avx2.supported());
-        // SAFETY: callers reach this only after `is_x86_feature_detected!`
-        // confirmed AVX2 and FMA (see `gemm_into`), so the instructions
-        // `run` was compiled with exist on this CPU.
-        unsafe { run(a, b, c) }
-    }
-
-    pub(super) fn avx512(a: View<'_>, b: View<'_>, c: &mut [f32]) {
-        #[target_feature(enable = "avx512f,fma")]
-        fn run(a: View<'_>, b: View<'_>, c: &mut [f32]) {
-            gemm::tiled::<HardFma, 8, 32>(a, b, c)
-        }
-        debug_assert!(super::KernelPath::Avx512.supported());
-        // SAFETY: as in `avx2`, for AVX-512F.
-        unsafe { run(a, b, c) }
+fn sse2(a: View<'_>, b: View<'_>, c: &mut [f32], init: Init) {
+    match gemm::x86::Sse2::detect() {
+        Some(k) => gemm::gemm(k, a, b, c, init),
+        None => gemm::reference(a, b, c, init),
     }
 }
 
@@ -245,6 +339,17 @@ mod tests {
         let inner = with_path(KernelPath::Scalar, active).unwrap();
         assert_eq!(inner, KernelPath::Scalar);
         assert_eq!(active(), outer);
+    }
+
+    #[test]
+    fn calibration_times_every_supported_path_fastest_first() {
+        let t = calibrate();
+        let mut timed: Vec<KernelPath> = t.iter().map(|t| t.path).collect();
+        timed.sort_by_key(|p| p.name());
+        let mut supported = KernelPath::supported_paths();
+        supported.sort_by_key(|p| p.name());
+        assert_eq!(timed, supported);
+        assert!(t.windows(2).all(|w| w[0].time <= w[1].time));
     }
 
     #[test]

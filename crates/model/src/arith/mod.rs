@@ -12,7 +12,9 @@
 //! - [`matrix`]: the engine's one tensor type.
 //! - [`gemm`]: matrix products, one sequential reduction per output,
 //!   vectorised across outputs.
-//! - [`dispatch`]: which compiled path runs them (`MIXNN_KERNELS`).
+//! - [`dispatch`]: which kernel path runs them (the fastest, timed at
+//!   start, or `MIXNN_KERNELS`).
+//! - [`threads`]: how many threads share the outputs (`MIXNN_THREADS`).
 //! - [`math`]: `exp` and `ln` without libm.
 //! - [`ops`]: every op's forward and backward, the loss, SGD.
 
@@ -21,6 +23,7 @@ pub mod gemm;
 pub mod math;
 pub mod matrix;
 pub mod ops;
+pub mod threads;
 
 pub use dispatch::{KernelPath, ALL_PATHS};
 pub use matrix::Matrix;

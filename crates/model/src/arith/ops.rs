@@ -5,7 +5,7 @@
 //! compiler may vectorise across independent outputs but never reorders.
 
 use crate::arith::dispatch::gemm_into;
-use crate::arith::gemm::View;
+use crate::arith::gemm::{Init, View};
 use crate::arith::math;
 use crate::arith::matrix::Matrix;
 
@@ -27,7 +27,7 @@ pub fn canonical(v: f32) -> f32 {
 /// `C = A·B`.
 pub fn matmul(a: View<'_>, b: View<'_>) -> Matrix {
     let mut c = Matrix::zeros(a.rows(), b.cols());
-    gemm_into(a, b, c.as_mut_slice());
+    gemm_into(a, b, c.as_mut_slice(), Init::Zero);
     c
 }
 

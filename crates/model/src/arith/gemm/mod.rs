@@ -1,0 +1,515 @@
+//! Matrix products with one fixed order of operations per output.
+//!
+//! Every output of `C = A·B` is computed as
+//!
+//! ```text
+//! s = +0.0                                         (or C[i,j], when accumulating)
+//! for p in 0..K:  s = fma(A[i,p], B[p,j], s)     (binary32, rounded once, to nearest even)
+//! C[i,j] = s
+//! ```
+//!
+//! a fused multiply-add per term (the product is not rounded on its own),
+//! `p` in increasing order. *Accumulating* continues the sequence from the
+//! value already in `C` (a reduction cut into several products, such as a
+//! convolution's weight gradient summed over the images of a batch, carries
+//! its partial value from one product to the next: `docs/arithmetic.md`).
+//!
+//! The fast kernels compute many outputs at once: a tile of `MR` rows by
+//! `NR` columns held in vector registers ([`Micro`]), each register lane one
+//! output, so each output still sees exactly this sequence and every tile
+//! size, vector width and thread count gives the same bits as
+//! [`reference`]. The micro-kernels are written with explicit vector types
+//! per instruction set ([`x86`]: AVX-512F, AVX2 + FMA3, and SSE2 with the
+//! software FMA), not left to the compiler's auto-vectoriser, whose choices
+//! (gathers and scatters across rows, once) change with the compiler.
+//!
+//! [`gemm`] packs both operands into tile-shaped panels (zero-padded at
+//! the edges), and runs the tiles; with more than one thread
+//! ([`super::threads`]) the row blocks of `C` are shared out, never a
+//! reduction. Nothing here reads the CPU's cache sizes.
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86;
+
+use rayon::prelude::*;
+
+use crate::arith::math;
+use crate::arith::matrix::Matrix;
+use crate::arith::threads;
+
+/// How a kernel computes `a·b + c` rounded once.
+pub(crate) trait MulAdd {
+    /// `fma(a, b, c)`.
+    fn fma(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// [`math::fma`]: any CPU (the portable kernel off x86-64, and tests).
+#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+pub(crate) struct SoftFma;
+
+impl MulAdd for SoftFma {
+    #[inline(always)]
+    fn fma(a: f32, b: f32, c: f32) -> f32 {
+        math::fma(a, b, c)
+    }
+}
+
+/// The CPU's FMA instruction, through `f32::mul_add`: only used where it
+/// is baseline (AArch64); elsewhere `mul_add` may become a call to the C
+/// library.
+#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+pub(crate) struct HardFma;
+
+impl MulAdd for HardFma {
+    #[inline(always)]
+    fn fma(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+/// A read-only strided view of a matrix: element `(i, j)` is
+/// `data[i·rs + j·cs]`. [`View::t`] is the transpose without a copy.
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// The whole of `m`.
+    pub fn of(m: &'a Matrix) -> Self {
+        View {
+            data: m.as_slice(),
+            rows: m.rows(),
+            cols: m.cols(),
+            rs: m.cols(),
+            cs: 1,
+        }
+    }
+
+    /// A row-major `rows × cols` slice (`data.len()` must be `rows × cols`;
+    /// callers check it).
+    pub fn rows_of(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        debug_assert_eq!(data.len(), rows * cols);
+        View {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose.
+    pub fn t(self) -> Self {
+        View {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    #[inline(always)]
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[i * self.rs + j * self.cs]
+    }
+}
+
+/// Whether a product starts every output from `+0` or continues the
+/// reduction already in `C`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    /// `s = +0`.
+    Zero,
+    /// `s = C[i,j]`: the sequence continues where an earlier product left
+    /// it.
+    Accumulate,
+}
+
+/// The specification itself: one output at a time, `p` in order, the
+/// software FMA. Slow, obviously right, and what every fast path is tested
+/// against.
+pub(crate) fn reference(a: View<'_>, b: View<'_>, c: &mut [f32], init: Init) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = match init {
+                Init::Zero => 0.0f32,
+                Init::Accumulate => c[i * n + j],
+            };
+            for p in 0..k {
+                s = math::fma(a.at(i, p), b.at(p, j), s);
+            }
+            c[i * n + j] = s;
+        }
+    }
+}
+
+/// A register-tile micro-kernel: `MR × NR` outputs over the whole
+/// reduction. A value of the type is the proof that the CPU runs its
+/// instructions (constructed only after checking), so [`Micro::tile`] is
+/// safe to call.
+pub(crate) trait Micro: Copy + Send + Sync {
+    /// Rows of a tile.
+    const MR: usize;
+    /// Columns of a tile.
+    const NR: usize;
+
+    /// `c[r·ldc + j] = fma-sequence over p of a[p·MR + r] ⊗ b[p·NR + j]`,
+    /// starting from `+0` or from `c` itself ([`Init`]), for `r < MR`,
+    /// `j < NR`. `a` holds `k·MR` values (packed, column by column), `b`
+    /// `k·NR` (row by row); `c` at least `(MR − 1)·ldc + NR`. Panics if a
+    /// slice is too short.
+    fn tile(self, k: usize, a: &[f32], b: &[f32], c: &mut [f32], ldc: usize, init: Init);
+}
+
+/// The largest `MR × NR` of any kernel (the scratch tile for the edges).
+const MAX_TILE: usize = 256;
+
+/// The portable tile: plain Rust over `[f32; NR]` rows, for the paths
+/// without explicit vector code (AArch64, where NEON has a hardware FMA;
+/// the tests). One accumulator per output, `p` in order.
+pub(crate) struct Portable<F, const MR: usize, const NR: usize>(
+    std::marker::PhantomData<fn() -> F>,
+);
+
+impl<F, const MR: usize, const NR: usize> Clone for Portable<F, MR, NR> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<F, const MR: usize, const NR: usize> Copy for Portable<F, MR, NR> {}
+
+impl<F, const MR: usize, const NR: usize> Portable<F, MR, NR> {
+    /// The kernel (it runs on any CPU).
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+    pub(crate) const fn new() -> Self {
+        Portable(std::marker::PhantomData)
+    }
+}
+
+impl<F: MulAdd, const MR: usize, const NR: usize> Micro for Portable<F, MR, NR> {
+    const MR: usize = MR;
+    const NR: usize = NR;
+
+    #[inline(always)]
+    fn tile(self, k: usize, a: &[f32], b: &[f32], c: &mut [f32], ldc: usize, init: Init) {
+        let (a, b) = (&a[..k * MR], &b[..k * NR]);
+        let mut acc = [[0.0f32; NR]; MR];
+        if init == Init::Accumulate {
+            for (r, row) in acc.iter_mut().enumerate() {
+                row.copy_from_slice(&c[r * ldc..r * ldc + NR]);
+            }
+        }
+        for (av, bv) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
+            for r in 0..MR {
+                let x = av[r];
+                for j in 0..NR {
+                    acc[r][j] = F::fma(x, bv[j], acc[r][j]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            c[r * ldc..r * ldc + NR].copy_from_slice(row);
+        }
+    }
+}
+
+/// Columns `j0 .. j0 + NR` of `B`, row by row (`K` rows of `NR`), zero
+/// beyond the last column.
+fn pack_b(b: View<'_>, j0: usize, nr: usize, out: &mut [f32]) {
+    let k = b.rows;
+    let width = nr.min(b.cols - j0);
+    if width < nr {
+        out.fill(0.0);
+    }
+    if b.cs == 1 {
+        for (p, row) in out.chunks_exact_mut(nr).take(k).enumerate() {
+            let start = p * b.rs + j0;
+            row[..width].copy_from_slice(&b.data[start..start + width]);
+        }
+    } else {
+        for (p, row) in out.chunks_exact_mut(nr).take(k).enumerate() {
+            for (j, v) in row.iter_mut().enumerate().take(width) {
+                *v = b.at(p, j0 + j);
+            }
+        }
+    }
+}
+
+/// Rows `i0 .. i0 + MR` of `A`, column by column (`K` columns of `MR`),
+/// zero below the last row.
+fn pack_a(a: View<'_>, i0: usize, mr: usize, out: &mut [f32]) {
+    let k = a.cols;
+    let height = mr.min(a.rows - i0);
+    if height < mr {
+        out.fill(0.0);
+    }
+    if a.cs == 1 {
+        for r in 0..height {
+            let start = (i0 + r) * a.rs;
+            for (col, v) in out.chunks_exact_mut(mr).zip(&a.data[start..start + k]) {
+                col[r] = *v;
+            }
+        }
+    } else if a.rs == 1 {
+        for (p, col) in out.chunks_exact_mut(mr).take(k).enumerate() {
+            let start = p * a.cs + i0;
+            col[..height].copy_from_slice(&a.data[start..start + height]);
+        }
+    } else {
+        for (p, col) in out.chunks_exact_mut(mr).take(k).enumerate() {
+            for (r, v) in col.iter_mut().enumerate().take(height) {
+                *v = a.at(i0 + r, p);
+            }
+        }
+    }
+}
+
+/// Products smaller than this many multiply-adds run on the calling
+/// thread: handing them out costs more than it saves.
+const PARALLEL_MIN_WORK: usize = 1 << 19;
+
+/// `C = A·B` (or `C = C + A·B` continued, [`Init::Accumulate`]) with the
+/// micro-kernel `kernel`. `c` is row-major `A.rows × B.cols`.
+pub(crate) fn gemm<K: Micro>(kernel: K, a: View<'_>, b: View<'_>, c: &mut [f32], init: Init) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(a.cols, b.rows, "inner dimensions");
+    assert_eq!(c.len(), m * n, "output size");
+    assert!(K::MR * K::NR <= MAX_TILE);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if init == Init::Zero {
+            c.fill(0.0);
+        }
+        return;
+    }
+    let (mr, nr) = (K::MR, K::NR);
+    let panels = n.div_ceil(nr);
+    let mut packed_b = vec![0.0f32; panels * k * nr];
+    for (panel, out) in packed_b.chunks_exact_mut(k * nr).enumerate() {
+        pack_b(b, panel * nr, nr, out);
+    }
+    let packed_b = &packed_b;
+    // One task per block of MR rows of C: its rows are its own, so tasks
+    // never share an output (nor a reduction).
+    let block = |(bi, rows): (usize, &mut [f32])| {
+        let mut packed_a = vec![0.0f32; k * mr];
+        pack_a(a, bi * mr, mr, &mut packed_a);
+        let height = rows.len() / n;
+        for (panel, bp) in packed_b.chunks_exact(k * nr).enumerate() {
+            let j0 = panel * nr;
+            let width = nr.min(n - j0);
+            if height == mr && width == nr {
+                kernel.tile(k, &packed_a, bp, &mut rows[j0..], n, init);
+            } else {
+                let mut scratch = [0.0f32; MAX_TILE];
+                if init == Init::Accumulate {
+                    for r in 0..height {
+                        scratch[r * nr..r * nr + width]
+                            .copy_from_slice(&rows[r * n + j0..r * n + j0 + width]);
+                    }
+                }
+                kernel.tile(k, &packed_a, bp, &mut scratch, nr, init);
+                for r in 0..height {
+                    rows[r * n + j0..r * n + j0 + width]
+                        .copy_from_slice(&scratch[r * nr..r * nr + width]);
+                }
+            }
+        }
+    };
+    let blocks = m.div_ceil(mr);
+    if blocks > 1 && m * n * k >= PARALLEL_MIN_WORK && threads::count() > 1 {
+        threads::install(|| c.par_chunks_mut(mr * n).enumerate().for_each(block));
+    } else {
+        c.chunks_mut(mr * n).enumerate().for_each(block);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
+        // Mixed magnitudes and signs, so a reordered sum would show.
+        (0..n as u32)
+            .map(|i| {
+                let x = i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
+                let m = (x % 2001) as f32 / 1000.0 - 1.0;
+                m * [1.0, 1e-3, 1e3, 0.5][(x % 4) as usize]
+            })
+            .collect()
+    }
+
+    pub(crate) fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Shapes that leave partial tiles on every kernel.
+    pub(crate) const SHAPES: &[(usize, usize, usize)] = &[
+        (1, 1, 1),
+        (7, 13, 5),
+        (64, 70, 33),
+        (13, 1, 40),
+        (6, 16, 16),
+        (8, 32, 32),
+        (17, 9, 65),
+        (100, 200, 70),
+    ];
+
+    /// `kernel` gives the reference's bits on every shape, plain and
+    /// transposed, from zero and accumulating.
+    pub(crate) fn check_kernel<K: Micro>(kernel: K) {
+        for &(m, k, n) in SHAPES {
+            let a = Matrix::new(m, k, values(m * k, 1)).unwrap();
+            let b = Matrix::new(k, n, values(k * n, 2)).unwrap();
+            let at = Matrix::new(k, m, values(m * k, 3)).unwrap();
+            let start = values(m * n, 4);
+            for (av, bv) in [
+                (View::of(&a), View::of(&b)),
+                (View::of(&at).t(), View::of(&b)),
+            ] {
+                for init in [Init::Zero, Init::Accumulate] {
+                    let mut want = start.clone();
+                    reference(av, bv, &mut want, init);
+                    let mut got = start.clone();
+                    gemm(kernel, av, bv, &mut got, init);
+                    assert_eq!(bits(&got), bits(&want), "{m}×{k}×{n} {init:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn portable_tiles_of_every_shape_equal_the_reference_bit_for_bit() {
+        check_kernel(Portable::<SoftFma, 4, 8>::new());
+        check_kernel(Portable::<SoftFma, 6, 16>::new());
+        check_kernel(Portable::<SoftFma, 8, 32>::new());
+    }
+
+    #[test]
+    fn threads_do_not_change_a_bit() {
+        // Large enough to be handed out.
+        let (m, k, n) = (96, 160, 72);
+        let a = Matrix::new(m, k, values(m * k, 5)).unwrap();
+        let b = Matrix::new(k, n, values(k * n, 6)).unwrap();
+        let mut want = vec![0.0; m * n];
+        reference(View::of(&a), View::of(&b), &mut want, Init::Zero);
+        for t in [1, 2, 3, 16] {
+            let mut got = vec![9.0; m * n];
+            threads::with_count(t, || {
+                gemm(
+                    Portable::<SoftFma, 4, 8>::new(),
+                    View::of(&a),
+                    View::of(&b),
+                    &mut got,
+                    Init::Zero,
+                )
+            })
+            .unwrap();
+            assert_eq!(bits(&got), bits(&want), "{t} threads");
+        }
+    }
+
+    #[test]
+    fn transposed_views_read_the_transpose() {
+        let a = Matrix::new(2, 3, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        let mut c = vec![0.0; 4];
+        // A·Aᵀ
+        gemm(
+            Portable::<SoftFma, 4, 8>::new(),
+            View::of(&a),
+            View::of(&a).t(),
+            &mut c,
+            Init::Zero,
+        );
+        assert_eq!(c, vec![14.0, 32.0, 32.0, 77.0]);
+        // Aᵀ·A is 3 × 3
+        let mut c = vec![0.0; 9];
+        reference(View::of(&a).t(), View::of(&a), &mut c, Init::Zero);
+        assert_eq!(
+            c,
+            vec![17.0, 22.0, 27.0, 22.0, 29.0, 36.0, 27.0, 36.0, 45.0]
+        );
+    }
+
+    #[test]
+    fn each_term_is_fused_not_rounded_twice() {
+        // 1 + (1 + ε)·(−(1 − ε)) = ε²: a rounded product would be −1,
+        // and 1 − 1 = 0; fused, the ε² survives.
+        let e = f32::EPSILON;
+        let a = Matrix::new(1, 2, vec![1.0, 1.0 + e]).unwrap();
+        let b = Matrix::new(2, 1, vec![1.0, -(1.0 - e)]).unwrap();
+        let mut c = vec![0.0; 1];
+        reference(View::of(&a), View::of(&b), &mut c, Init::Zero);
+        assert_eq!(c[0], e * e);
+    }
+
+    #[test]
+    fn accumulating_continues_the_sequence() {
+        // Two products over halves of K, the second accumulating, equal
+        // one product over all of K.
+        let (m, k, n) = (9, 40, 11);
+        let a = Matrix::new(m, k, values(m * k, 7)).unwrap();
+        let b = Matrix::new(k, n, values(k * n, 8)).unwrap();
+        let mut whole = vec![0.0; m * n];
+        reference(View::of(&a), View::of(&b), &mut whole, Init::Zero);
+        let half = |lo: usize, hi: usize| {
+            let av: Vec<f32> = (0..m).flat_map(|i| a.row(i)[lo..hi].to_vec()).collect();
+            let bv = b.as_slice()[lo * n..hi * n].to_vec();
+            (
+                Matrix::new(m, hi - lo, av).unwrap(),
+                Matrix::new(hi - lo, n, bv).unwrap(),
+            )
+        };
+        let (a1, b1) = half(0, 17);
+        let (a2, b2) = half(17, k);
+        let mut parts = vec![0.0; m * n];
+        let kernel = Portable::<SoftFma, 4, 8>::new();
+        gemm(kernel, View::of(&a1), View::of(&b1), &mut parts, Init::Zero);
+        gemm(
+            kernel,
+            View::of(&a2),
+            View::of(&b2),
+            &mut parts,
+            Init::Accumulate,
+        );
+        assert_eq!(bits(&parts), bits(&whole));
+    }
+
+    #[test]
+    fn the_order_is_sequential_not_pairwise() {
+        // 1e8 + 1 − 1e8 + 1 … : sequential f32 sums lose each 1, a
+        // pairwise or lane-split sum would keep some.
+        let k = 8;
+        let a = Matrix::new(1, k, vec![1.0; k]).unwrap();
+        let b = Matrix::new(k, 1, vec![1e8, 1.0, -1e8, 1.0, 1.0, 1.0, 1.0, 1.0]).unwrap();
+        let mut c = vec![0.0; 1];
+        gemm(
+            Portable::<SoftFma, 4, 8>::new(),
+            View::of(&a),
+            View::of(&b),
+            &mut c,
+            Init::Zero,
+        );
+        assert_eq!(c[0], 5.0);
+    }
+}

@@ -1,0 +1,106 @@
+//! How many threads the kernels may use.
+//!
+//! Work is shared out only by outputs (row blocks of a product, images of
+//! a batch, channels), never inside a reduction, so 1, 2 or 16 threads give
+//! the same bits (`docs/arithmetic.md`, "Threads"). The count is fixed once
+//! per process: [`configure`] (the CLI's `--threads`), else the environment
+//! variable `MIXNN_THREADS`, else every core the process may use.
+//! [`with_count`] runs a closure on a pool of its own (tests, benches).
+
+use std::sync::OnceLock;
+
+use crate::error::{ModelError, Result};
+
+static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+static WANTED: OnceLock<usize> = OnceLock::new();
+
+/// Fixes the process's thread count (at least 1). Fails if the kernels
+/// already run with another count.
+pub fn configure(n: usize) -> Result<()> {
+    let n = n.max(1);
+    let set = *WANTED.get_or_init(|| n);
+    if set != n {
+        return Err(ModelError::Kernels(format!(
+            "the kernels already use {set} threads; {n} asked for too late"
+        )));
+    }
+    Ok(())
+}
+
+fn from_env() -> usize {
+    match std::env::var("MIXNN_THREADS") {
+        Ok(v) if !v.trim().is_empty() => v.trim().parse::<usize>().unwrap_or(1).max(1),
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    }
+}
+
+/// Checks `MIXNN_THREADS` (a positive integer, when set): binaries call
+/// this to report a bad value rather than run on one thread.
+pub fn check_env() -> Result<()> {
+    match std::env::var("MIXNN_THREADS") {
+        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(()),
+            _ => Err(ModelError::Kernels(format!(
+                "MIXNN_THREADS={v:?}: expected a positive number of threads"
+            ))),
+        },
+        _ => Ok(()),
+    }
+}
+
+/// The process's thread count ([`configure`], `MIXNN_THREADS`, or the
+/// cores available).
+pub fn configured() -> usize {
+    *WANTED.get_or_init(from_env)
+}
+
+/// Threads the kernels use here: inside [`with_count`] (or any rayon
+/// pool) that pool's size, else [`configured`].
+pub fn count() -> usize {
+    if rayon::current_thread_index().is_some() {
+        rayon::current_num_threads()
+    } else {
+        configured()
+    }
+}
+
+/// Runs `f` where the kernels' parallel loops find their threads: the
+/// current pool, if `f` is already called from one, else the process's.
+pub(crate) fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let pool = POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(configured())
+            .thread_name(|i| format!("mixnn-kernel-{i}"))
+            .build()
+            .ok()
+    });
+    match pool {
+        Some(pool) => pool.install(f),
+        // No threads could be started: the caller computes alone.
+        None => f(),
+    }
+}
+
+/// Runs `f` with the kernels on a pool of `n` threads of its own.
+pub fn with_count<R: Send>(n: usize, f: impl FnOnce() -> R + Send) -> Result<R> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(n.max(1))
+        .build()
+        .map_err(|e| ModelError::Kernels(format!("cannot start {n} kernel threads: {e}")))?;
+    Ok(pool.install(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_count_sets_the_count_inside_only() {
+        assert_eq!(with_count(3, count).unwrap(), 3);
+        assert_eq!(with_count(1, count).unwrap(), 1);
+        assert!(count() >= 1);
+    }
+}
