@@ -214,15 +214,16 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    /// The training settings these arguments ask for.
-    pub fn config(&self) -> TrainConfig {
+    /// The training settings these arguments ask for `model`: its
+    /// optimiser, else SGD with `--lr` and `--momentum`.
+    pub fn config(&self, model: &ModelSpec) -> TrainConfig {
         TrainConfig {
             epochs: self.epochs,
             batch: self.batch as usize,
-            sgd: Sgd {
+            optimizer: model.optimizer_or(Sgd {
                 lr: self.lr,
                 momentum: self.momentum,
-            },
+            }),
             seed: self.seed.unwrap_or_else(|| {
                 let seed = RunSeed::random();
                 println!("seed {seed} (random; --seed {seed} repeats this run)");
@@ -246,15 +247,13 @@ impl TrainArgs {
             Some(n) => split.test.truncate(n),
             None => split.test,
         };
-        if train.features() != model.input {
+        if !train.fits(&model.input) {
             anyhow::bail!(
-                "model {} takes {} features per sample but the images in {} have {}x{} = {}",
+                "model {} takes samples of shape {} but the images in {} are {}",
                 model.name,
                 model.input,
                 dir.display(),
-                train.rows,
-                train.cols,
-                train.features()
+                train.shape(),
             );
         }
         if train.is_empty() || test.is_empty() {
@@ -274,9 +273,9 @@ impl TrainArgs {
             "prepared training run"
         );
         Ok(Prepared {
-            model,
             split: Split { train, test, dir },
-            cfg: self.config(),
+            cfg: self.config(&model),
+            model,
         })
     }
 }
@@ -313,7 +312,7 @@ pub fn run_local(
 ) -> anyhow::Result<(RunMetrics, Vec<u8>)> {
     let Prepared { model, split, cfg } = prepared;
     let mut local =
-        LocalModel::new(model, &cfg.seed, cfg.sgd).with_micro_batches(cfg.micro_batches);
+        LocalModel::new(model, &cfg.seed, cfg.optimizer).with_micro_batches(cfg.micro_batches);
     Ok(run_training(
         &mut local,
         model,
@@ -384,7 +383,7 @@ mod tests {
     fn built_in_model_is_the_papers_five_stages() {
         let m = ModelSpec::parse(PAPER_MODEL_TOML, "built-in").unwrap();
         assert_eq!(m.stages.len(), 5);
-        assert_eq!(m.input, 784);
+        assert_eq!(m.input, mixnn_model::spec::Shape::flat(784));
     }
 
     #[test]

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use mixnn_model::optim::Optimizer;
 use mixnn_model::spec::{OpSpec, StageSpec};
-use mixnn_model::stage::Sgd;
 use mixnn_model::tensor_bytes::TensorBytes;
 use mixnn_proto::{BackwardNote, ChunkNote, ForwardNote, InitNote, Micro, SessionNote};
 use mixnn_wire::{HopTag, OnionSecret, Op, PaddingPolicy, FIRST_CELL_BODY};
@@ -77,7 +77,10 @@ fn linear(input: usize, output: usize) -> OpSpec {
 }
 
 fn stage(input: usize, ops: Vec<OpSpec>) -> StageSpec {
-    StageSpec { input, ops }
+    StageSpec {
+        input: mixnn_model::spec::Shape::flat(input),
+        ops,
+    }
 }
 
 /// Seconds since the Unix epoch (an init's issue time).
@@ -95,7 +98,7 @@ fn init_note(stage: StageSpec, policy: PaddingPolicy, prev: [u8; 32], probe: &Pr
     InitNote {
         arith: mixnn_model::arith::ARITH_VERSION,
         stage,
-        sgd: Sgd::default(),
+        optimizer: Optimizer::default(),
         seed: 1,
         start_step: 0,
         padding: policy,

@@ -20,9 +20,9 @@ use mixnn_designer::{Keep, Padding};
 use mixnn_directory::{parse_key_hex, unix_now};
 use mixnn_directory_client::DirectoryClient;
 use mixnn_integration::collusion::{assert_nothing_common, parse_record_file, Colluders};
+use mixnn_model::optim::Optimizer;
 use mixnn_model::seed::RunSeed;
 use mixnn_model::spec::ModelSpec;
-use mixnn_model::stage::Sgd;
 use mixnn_model::trainer::TrainConfig;
 
 mod common;
@@ -102,7 +102,7 @@ fn check(
     let cfg = TrainConfig {
         epochs: 1,
         batch: BATCH,
-        sgd: Sgd::default(),
+        optimizer: Optimizer::default(),
         seed: RunSeed::random(),
         micro_batches: 1,
     };
@@ -125,7 +125,7 @@ fn check(
         records,
         hops,
         model: &model,
-        sgd: cfg.sgd,
+        optimizer: cfg.optimizer,
         padding: layout.policy(Padding::Uniform, &cfg, true),
         steps: STEPS,
         time,

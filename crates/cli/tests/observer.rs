@@ -39,8 +39,8 @@ use std::time::{Duration, Instant};
 
 use common::{mixnn, parse_ready, ready_line, Hop, DATA};
 use mixnn_designer::{CascadeOptions, CascadeRunner, HopInfo, LinkPacing, Rate};
+use mixnn_model::optim::Optimizer;
 use mixnn_model::spec::ModelSpec;
-use mixnn_model::stage::Sgd;
 use mixnn_model::trainer::{batches, StepRunner, TrainConfig};
 
 const PAPER: &str = include_str!("../../../models/paper-mlp.toml");
@@ -455,7 +455,7 @@ fn observe(setup: &Setup) -> Observed {
     let cfg = TrainConfig {
         epochs: 1,
         batch: 64,
-        sgd: Sgd::default(),
+        optimizer: Optimizer::default(),
         seed: mixnn_model::seed::RunSeed::from_number(3),
         micro_batches: 1,
     };

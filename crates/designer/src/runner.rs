@@ -118,11 +118,14 @@ impl CascadeBuilder<'_> {
             first: opts
                 .keep
                 .first()
-                .then(|| Stage::new(&model.stages[0], stage_seed(&cfg.seed, 0), cfg.sgd)),
-            last: opts
-                .keep
-                .last()
-                .then(|| Stage::new(&model.stages[n - 1], stage_seed(&cfg.seed, n - 1), cfg.sgd)),
+                .then(|| Stage::new(&model.stages[0], stage_seed(&cfg.seed, 0), cfg.optimizer)),
+            last: opts.keep.last().then(|| {
+                Stage::new(
+                    &model.stages[n - 1],
+                    stage_seed(&cfg.seed, n - 1),
+                    cfg.optimizer,
+                )
+            }),
         };
         let mut session = Session::new(ex, layout, hops, kept, audits, cfg, opts.window);
         session.init()?;
@@ -415,7 +418,8 @@ impl CascadeRunner {
             batches,
             base,
             &self.model,
-            self.cfg.sgd,
+            self.cfg.optimizer,
+            &self.cfg.seed,
         )?;
         tracing::warn!(?bad, step, back_to = c.step, "{reason}; replacing");
         self.replace_and_rebuild(&bad, step, &reason, &c)?;

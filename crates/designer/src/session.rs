@@ -171,7 +171,7 @@ impl Session {
             .map(|(k, h)| InitNote {
                 arith: ARITH_VERSION,
                 stage: h.spec.clone(),
-                sgd: self.cfg.sgd,
+                optimizer: self.cfg.optimizer,
                 // A dummy's seed initialises nothing; it is drawn like a
                 // stage's so that it does not stand out.
                 seed: match h.index {
@@ -363,7 +363,11 @@ impl Session {
                     .rows(i, micro)
                     .ok_or(BadReply::MicroBatch { step, micro })?;
                 let labels = batches[i].slice(rows).labels;
-                let (l, c) = last.forward_micro_bytes(body, Some(&labels), batches[i].rows)?;
+                let place = mixnn_model::stage::Micro {
+                    index: u32::from(micro),
+                    batch_rows: batches[i].rows,
+                };
+                let (l, c) = last.forward_step_bytes(body, Some(&labels), place)?;
                 let g = last
                     .backward_micro_bytes(c, None, true, u32::from(micro))?
                     .unwrap_or_default();
@@ -387,10 +391,15 @@ impl Session {
         let mut caches = Vec::new();
         for (m, micro) in micros.iter().enumerate() {
             let m = m as u16;
-            let x = TensorBytes::encode_pixels(&[micro.rows, self.layout.input], &micro.pixels);
+            let x =
+                TensorBytes::encode_pixels(&self.layout.input.batched(micro.rows), &micro.pixels);
             let body = match &self.kept.first {
                 Some(first) => {
-                    let (y, c) = first.forward_bytes(&x, None)?;
+                    let place = mixnn_model::stage::Micro {
+                        index: u32::from(m),
+                        batch_rows: batch.rows,
+                    };
+                    let (y, c) = first.forward_step_bytes(&x, None, place)?;
                     caches.push(c);
                     y
                 }
@@ -464,8 +473,10 @@ impl Session {
         while received < batches.len() {
             while next < batches.len() && next - received < window {
                 for (m, micro) in batches[next].micro_batches(k).iter().enumerate() {
-                    let x =
-                        TensorBytes::encode_pixels(&[micro.rows, self.layout.input], &micro.pixels);
+                    let x = TensorBytes::encode_pixels(
+                        &self.layout.input.batched(micro.rows),
+                        &micro.pixels,
+                    );
                     let body = match &self.kept.first {
                         Some(first) => first.eval_bytes(&x)?,
                         None => x,
@@ -502,7 +513,7 @@ impl Session {
     fn output_to_classes(&self, body: &[u8]) -> Result<Vec<u32>, DesignerError> {
         let mut out = TensorBytes::decode(body)?;
         if let Some(last) = &self.kept.last {
-            let y = last.forward_eval(out.into_matrix()?)?;
+            let y = last.forward_eval(out.into_batch(&last.spec().input)?)?;
             out = TensorBytes {
                 shape: y.dims().to_vec(),
                 values: y.into_vec(),
@@ -805,7 +816,8 @@ impl Session {
             };
             let ctx = AuditContext {
                 layout: &self.layout,
-                sgd: self.cfg.sgd,
+                optimizer: self.cfg.optimizer,
+                seed: &self.cfg.seed,
                 batch,
             };
             if let Some(v) = case.on_opening(&self.audits, &ctx, opening) {

@@ -10,6 +10,7 @@ use std::path::Path;
 use mixnn_designer::checkpoint::{
     file_name, model_digest, Checkpoint, CheckpointDir, CheckpointError, Defect, MAGIC,
 };
+use mixnn_model::optim::Optimizer;
 use mixnn_model::stage::{NamedParam, Sgd, StageState};
 use mixnn_model::trainer::{EpochMetrics, TrainConfig};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -48,10 +49,11 @@ fn sample(step: u64) -> Checkpoint {
         config: TrainConfig {
             epochs: 3,
             batch: 64,
-            sgd: Sgd {
+            optimizer: Sgd {
                 lr: 0.01,
                 momentum: 0.9,
-            },
+            }
+            .into(),
             seed: RunSeed::from_bytes([0xfe; 32]),
             micro_batches: 4,
         },
@@ -129,9 +131,26 @@ fn random(seed: u64) -> Checkpoint {
         config: TrainConfig {
             epochs: rng.next_u32(),
             batch: rng.next_u32() as usize,
-            sgd: Sgd {
-                lr: f32_(&mut rng),
-                momentum: f32_(&mut rng),
+            optimizer: match rng.next_u32() % 3 {
+                0 => Sgd {
+                    lr: (rng.next_u32() % 1000) as f32 / 997.0,
+                    momentum: (rng.next_u32() % 1000) as f32 / 1000.0,
+                }
+                .into(),
+                1 => Optimizer::Adam {
+                    lr: (rng.next_u32() % 1000) as f32 / 997.0,
+                    beta1: 0.9,
+                    beta2: (rng.next_u32() % 1000) as f32 / 1001.0,
+                    eps: 1e-8,
+                    weight_decay: 0.0,
+                },
+                _ => Optimizer::Adamw {
+                    lr: 1e-3,
+                    beta1: (rng.next_u32() % 1000) as f32 / 1001.0,
+                    beta2: 0.999,
+                    eps: (rng.next_u32() % 1000) as f32 * 1e-9,
+                    weight_decay: 0.01,
+                },
             },
             seed: RunSeed::from_number(rng.next_u64()),
             micro_batches: rng.next_u32() as usize,
@@ -152,10 +171,7 @@ fn float_bits(c: &Checkpoint) -> Vec<u64> {
     for m in &c.done_epochs {
         out.extend([m.train_s.to_bits(), m.loss.to_bits(), m.test_acc.to_bits()]);
     }
-    out.extend([
-        u64::from(c.config.sgd.lr.to_bits()),
-        u64::from(c.config.sgd.momentum.to_bits()),
-    ]);
+    out.extend(c.config.optimizer.encode().into_iter().map(u64::from));
     for s in &c.stages {
         for t in &s.tensors {
             out.extend(t.values.iter().map(|v| u64::from(v.to_bits())));

@@ -16,8 +16,8 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 
-use mixnn_model::spec::{ModelSpec, StageSpec};
-use mixnn_model::stage::Sgd;
+use mixnn_model::optim::Optimizer;
+use mixnn_model::spec::{ModelSpec, Shape, StageSpec};
 use mixnn_proto::{BackwardNote, ChunkNote, ForwardNote, InitNote, Micro, SessionNote};
 use mixnn_wire::{HopAddr, PaddingPolicy};
 
@@ -56,7 +56,7 @@ pub struct Colluders<'a> {
     /// The model trained.
     pub model: &'a ModelSpec,
     /// Its optimiser.
-    pub sgd: Sgd,
+    pub optimizer: Optimizer,
     /// The cascade's padding.
     pub padding: PaddingPolicy,
     /// Training steps of the run (test batches included, as an upper
@@ -130,15 +130,15 @@ fn public(c: &Colluders<'_>) -> Known {
         }
     }
     let mut stages = c.model.stages.clone();
-    let mut widths: Vec<usize> = c
+    let mut shapes: Vec<Shape> = c
         .model
         .stages
         .iter()
-        .flat_map(|s| [s.input, s.output()])
+        .flat_map(|s| [s.input.clone(), s.output()])
         .collect();
-    widths.sort_unstable();
-    widths.dedup();
-    stages.extend(widths.into_iter().map(StageSpec::identity));
+    shapes.sort_by(|a, b| a.dims().cmp(b.dims()));
+    shapes.dedup();
+    stages.extend(shapes.into_iter().map(StageSpec::identity));
     let (t0, t1) = c.time;
     for stage in &stages {
         for issued_at in t0.saturating_sub(40)..=t1 {
@@ -146,7 +146,7 @@ fn public(c: &Colluders<'_>) -> Known {
                 InitNote {
                     arith: mixnn_model::arith::ARITH_VERSION,
                     stage: stage.clone(),
-                    sgd: c.sgd,
+                    optimizer: c.optimizer,
                     seed: 0,
                     start_step: 0,
                     padding: c.padding,
@@ -328,7 +328,7 @@ mod tests {
             records,
             hops: vec![(addr, [7; 32]); 5],
             model: &model,
-            sgd: Sgd::default(),
+            optimizer: Optimizer::default(),
             padding: PaddingPolicy::Uniform { max_body: 100 },
             steps: 4,
             time: (1_000_000, 1_000_010),

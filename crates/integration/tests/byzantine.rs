@@ -12,8 +12,8 @@ use mixnn_designer::{
 };
 use mixnn_integration::{dataset, start_node, start_node_with};
 use mixnn_model::data::Dataset;
+use mixnn_model::optim::Optimizer;
 use mixnn_model::spec::ModelSpec;
-use mixnn_model::stage::Sgd;
 use mixnn_model::trainer::{run_training, LocalModel, Quiet, RunMetrics, TrainConfig};
 use mixnn_node::{Adversary, AdversaryMode, NodeConfig};
 
@@ -28,7 +28,7 @@ fn cfg(epochs: u32) -> TrainConfig {
     TrainConfig {
         epochs,
         batch: 16,
-        sgd: Sgd::default(),
+        optimizer: Optimizer::default(),
         seed: mixnn_model::seed::RunSeed::from_number(5),
         micro_batches: 1,
     }
@@ -40,7 +40,7 @@ fn data(steps: usize) -> (Dataset, Dataset) {
 }
 
 fn local(model: &ModelSpec, cfg: &TrainConfig, train: &Dataset, test: &Dataset) -> RunMetrics {
-    let mut local = LocalModel::new(model, &cfg.seed, cfg.sgd);
+    let mut local = LocalModel::new(model, &cfg.seed, cfg.optimizer);
     run_training(&mut local, model, train, test, cfg, &mut Quiet)
         .unwrap()
         .0

@@ -21,9 +21,9 @@ use std::sync::{Arc, Mutex};
 use mixnn_designer::{AuditRate, CascadeOptions, CascadeRunner, Checkpoints, HopInfo};
 use mixnn_integration::collusion::{assert_nothing_common, Colluders};
 use mixnn_integration::{dataset, start_node_with};
+use mixnn_model::optim::Optimizer;
 use mixnn_model::seed::RunSeed;
 use mixnn_model::spec::ModelSpec;
-use mixnn_model::stage::Sgd;
 use mixnn_model::trainer::{run_training, Quiet, TrainConfig};
 use mixnn_node::NodeConfig;
 
@@ -41,7 +41,7 @@ fn run_and_check(base: u64, dummies: &[usize], label: &str) {
     let cfg = TrainConfig {
         epochs: 1,
         batch: BATCH as usize,
-        sgd: Sgd::default(),
+        optimizer: Optimizer::default(),
         seed: RunSeed::random(),
         micro_batches: 1,
     };
@@ -90,7 +90,7 @@ fn run_and_check(base: u64, dummies: &[usize], label: &str) {
             })
             .collect(),
         model: &model,
-        sgd: cfg.sgd,
+        optimizer: cfg.optimizer,
         padding,
         steps: STEPS,
         time: (t0, now()),

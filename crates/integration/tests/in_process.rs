@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use mixnn_designer::{CascadeOptions, CascadeRunner, HopInfo, Keep};
+use mixnn_model::optim::Optimizer;
 use mixnn_model::spec::ModelSpec;
-use mixnn_model::stage::Sgd;
 use mixnn_model::trainer::{run_training, LocalModel, Quiet, TrainConfig};
 
 use mixnn_integration::{dataset, start_node, PAPER};
@@ -32,11 +32,12 @@ fn run_both_with(
     let cfg = TrainConfig {
         epochs: 2,
         batch: 64,
-        sgd: Sgd::default(),
+        optimizer: Optimizer::default(),
         seed: mixnn_model::seed::RunSeed::from_number(77),
         micro_batches,
     };
-    let mut local = LocalModel::new(&model, &cfg.seed, cfg.sgd).with_micro_batches(micro_batches);
+    let mut local =
+        LocalModel::new(&model, &cfg.seed, cfg.optimizer).with_micro_batches(micro_batches);
     let (lm, lw) = run_training(&mut local, &model, &train, &test, &cfg, &mut Quiet).unwrap();
 
     let remote = 5 - usize::from(keep_first) - usize::from(keep_last) + dummies.len();

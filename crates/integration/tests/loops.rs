@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use mixnn_designer::{CascadeOptions, CascadeRunner, DesignerError, HopInfo, Rate};
 use mixnn_integration::{dataset, start_node, start_node_with, PAPER};
+use mixnn_model::optim::Optimizer;
 use mixnn_model::spec::ModelSpec;
-use mixnn_model::stage::Sgd;
 use mixnn_model::trainer::{run_training, LocalModel, Quiet, TrainConfig};
 use mixnn_node::NodeConfig;
 
@@ -16,7 +16,7 @@ fn cfg() -> TrainConfig {
     TrainConfig {
         epochs: 1,
         batch: 64,
-        sgd: Sgd::default(),
+        optimizer: Optimizer::default(),
         seed: mixnn_model::seed::RunSeed::from_number(5),
         micro_batches: 1,
     }
@@ -27,7 +27,7 @@ fn loops_come_back_and_change_nothing() {
     let model = ModelSpec::parse(PAPER, "paper").unwrap();
     let (train, test) = (dataset(640, 1), dataset(256, 2));
     let cfg = cfg();
-    let mut local = LocalModel::new(&model, &cfg.seed, cfg.sgd);
+    let mut local = LocalModel::new(&model, &cfg.seed, cfg.optimizer);
     let (lm, _) = run_training(&mut local, &model, &train, &test, &cfg, &mut Quiet).unwrap();
 
     let hops: Vec<HopInfo> = (0..5).map(|i| start_node(300 + i)).collect();

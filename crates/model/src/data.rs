@@ -62,6 +62,17 @@ impl Dataset {
         self.rows * self.cols
     }
 
+    /// The shape of one image: `[1, rows, cols]`.
+    pub fn shape(&self) -> crate::spec::Shape {
+        crate::spec::Shape::image(1, self.rows, self.cols)
+    }
+
+    /// Whether a model taking samples of shape `input` can read these
+    /// images: the image shape itself, or its values as flat features.
+    pub fn fits(&self, input: &crate::spec::Shape) -> bool {
+        *input == self.shape() || input.features() == Some(self.features())
+    }
+
     /// The first `n` images (all if `n` is larger).
     pub fn truncate(mut self, n: usize) -> Self {
         let n = n.min(self.len());

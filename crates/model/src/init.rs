@@ -45,6 +45,19 @@ pub fn linear(seed: u64, fan_in: usize, fan_out: usize) -> (Vec<f32>, Vec<f32>) 
     (weight, bias)
 }
 
+/// Weight `[out, fan_in]` (a `conv2d` weight `[out, in, k, k]`, drawn in
+/// that order) and bias `[out]`, with PyTorch's bounds for `fan_in = in·k·k`.
+pub fn conv(seed: u64, fan_in: usize, out: usize) -> (Vec<f32>, Vec<f32>) {
+    let bound = 1.0 / (fan_in as f32).sqrt();
+    let mut w_rng = rng(derive_seed(seed, 0));
+    let mut b_rng = rng(derive_seed(seed, 1));
+    let weight = (0..fan_in * out)
+        .map(|_| uniform(&mut w_rng, bound))
+        .collect();
+    let bias = (0..out).map(|_| uniform(&mut b_rng, bound)).collect();
+    (weight, bias)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

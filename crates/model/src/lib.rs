@@ -7,7 +7,7 @@
 //!   (`docs/arithmetic.md`, [`arith::ARITH_VERSION`]): matrix kernels with a
 //!   fixed order of operations, `exp`/`ln` without libm, the self-test.
 //! - [`stage`]: forward/backward of one stage, with explicit per-op
-//!   gradients and PyTorch's SGD rule.
+//!   gradients ([`layer`]) and the optimisers ([`optim`]).
 //! - [`tensor_bytes`]: the only form in which activations and gradients
 //!   cross a stage boundary (shape + little-endian bytes).
 //! - [`data`]: IDX files and the seeded batch order.
@@ -31,6 +31,8 @@ pub mod arith;
 pub mod data;
 pub mod error;
 pub mod init;
+pub(crate) mod layer;
+pub mod optim;
 pub mod seed;
 pub mod selftest;
 pub mod spec;

@@ -158,7 +158,7 @@ fn products(h: &mut Hasher) -> Result<()> {
 /// Two steps of a stage with every op, in two micro-batches each.
 fn training(h: &mut Hasher) -> Result<()> {
     let spec = StageSpec {
-        input: 37,
+        input: crate::spec::Shape::flat(37),
         ops: vec![
             OpSpec::Normalize {
                 mean: 0.1,

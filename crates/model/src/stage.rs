@@ -1,131 +1,28 @@
 //! The stage engine: what one node runs.
 //!
-//! (Length: about 690 lines: each op's forward and backward sit side by
-//! side with the state and SGD code they share; the kernels are in
-//! `crate::arith`.)
+//! A [`Stage`] holds the layers of its ops ([`crate::layer`]: parameters,
+//! running statistics) and the optimiser's buffers. Each op has an
+//! explicit backward (no autodiff graph), computed with the reproducible
+//! arithmetic of [`crate::arith`] (`docs/arithmetic.md`). Activations are
+//! `[batch, values]` matrices whose values are one sample of the op's
+//! [`Shape`] in row-major order (`[c, h, w]` images, flat features);
+//! tensor messages carry the whole shape (`[batch, c, h, w]`) and a stage
+//! checks it against its own.
 //!
-//! A [`Stage`] holds the parameters of its ops and their SGD momentum. Each
-//! op has an explicit backward (no autodiff graph), computed with the
-//! reproducible arithmetic of [`crate::arith`] (`docs/arithmetic.md`):
-//!
-//! | op | forward | backward |
-//! |---|---|---|
-//! | linear | `y = x·W + b` | `dX = dY·Wᵀ`, `dW = Xᵀ·dY`, `db = Σ_batch dY` |
-//! | relu | `y = max(x, 0)` | `dX = dY ⊙ [y > 0]` |
-//! | log_softmax | `y = x − m − log Σ exp(x − m)` | `dX = dY − exp(y) ⊙ Σ dY` |
-//! | nll_loss | `l = −(1/N) Σ y[i, t_i]` | `dX[i, t_i] = −1/N` |
-//!
-//! Parameters follow PyTorch's SGD: `v = μ·v + g` (`v = g` on the first
-//! step), `p = p − lr·v`; no dampening, no weight decay.
+//! A step's micro-batches each run a forward and a backward; their
+//! parameter gradients, and batch norms' batch statistics, wait until
+//! [`Stage::apply`], which adds them up in micro-batch order and makes one
+//! optimiser update (GPipe; no stale weights).
 
-use serde::{Deserialize, Serialize};
-
-use crate::arith::gemm::View;
 use crate::arith::matrix::Matrix;
+use crate::arith::norm;
 use crate::arith::ops;
 use crate::error::{ModelError, Result};
-use crate::init;
-use crate::spec::{OpSpec, StageSpec};
+use crate::layer::{self, Ctx, Grad, Layer, Saved};
+use crate::spec::{Shape, StageSpec};
 use crate::tensor_bytes::TensorBytes;
 
-/// Optimiser settings shared by every stage of a run.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Sgd {
-    /// Learning rate.
-    pub lr: f32,
-    /// Momentum factor μ (0 disables the buffer).
-    pub momentum: f32,
-}
-
-impl Default for Sgd {
-    fn default() -> Self {
-        Sgd {
-            lr: 0.01,
-            momentum: 0.9,
-        }
-    }
-}
-
-/// One parameter tensor (row-major), its momentum buffer and the
-/// gradients of the current step's micro-batches.
-struct Param {
-    shape: Vec<usize>,
-    value: Vec<f32>,
-    velocity: Option<Vec<f32>>,
-    /// Gradients of the micro-batches of the current step, by micro index,
-    /// not yet applied.
-    pending: Vec<(u32, Vec<f32>)>,
-}
-
-impl Param {
-    fn new(shape: Vec<usize>, value: Vec<f32>) -> Self {
-        Param {
-            shape,
-            value,
-            velocity: None,
-            pending: Vec::new(),
-        }
-    }
-
-    /// Adds the gradients of the current step in micro-batch order (so the
-    /// sum is the same whatever order they arrived in: `g₀ ⊕ g₁ ⊕ …`) and
-    /// applies them.
-    fn apply(&mut self, sgd: Sgd) {
-        let mut pending = std::mem::take(&mut self.pending);
-        pending.sort_by_key(|(m, _)| *m);
-        let mut grads = pending.into_iter().map(|(_, g)| g);
-        let Some(mut sum) = grads.next() else {
-            return;
-        };
-        for g in grads {
-            ops::add_assign(&mut sum, &g);
-        }
-        ops::sgd_step(
-            &mut self.value,
-            &mut self.velocity,
-            sum,
-            sgd.lr,
-            sgd.momentum,
-        );
-    }
-
-    fn load(&mut self, name: &str, p: &NamedParam) -> Result<()> {
-        expect_shape(name, &p.shape, &self.shape)?;
-        self.value = p.values.clone();
-        Ok(())
-    }
-}
-
-enum OpState {
-    Linear {
-        input: usize,
-        output: usize,
-        w: Param,
-        b: Param,
-    },
-    Normalize {
-        mean: f32,
-        std: f32,
-    },
-    Relu,
-    Identity,
-    LogSoftmax,
-    NllLoss,
-}
-
-/// What one op saved in forward for its backward.
-enum Saved {
-    Input(Matrix),
-    Output(Matrix),
-    Nothing,
-    Loss {
-        labels: Vec<u32>,
-        classes: usize,
-        /// Rows the mean is taken over: the whole batch, when this forward
-        /// is one micro-batch of it.
-        rows: usize,
-    },
-}
+pub use crate::optim::{Optimizer, Sgd};
 
 /// What a training forward saved for the matching backward. A node keeps
 /// one per step in flight, under the step's per-hop tag.
@@ -134,6 +31,8 @@ pub struct StageCache {
     /// Rows of the forward's input: the backward's gradient must have as
     /// many.
     rows: usize,
+    /// The micro-batch it belongs to.
+    micro: u32,
 }
 
 impl StageCache {
@@ -145,33 +44,39 @@ impl StageCache {
     /// Bytes of activations the cache holds (what a node counts against
     /// its memory bound).
     pub fn bytes(&self) -> usize {
-        self.saved
-            .iter()
-            .map(|s| match s {
-                Saved::Input(m) | Saved::Output(m) => 4 * m.as_slice().len(),
-                Saved::Loss { labels, .. } => 4 * labels.len(),
-                Saved::Nothing => 0,
-            })
-            .sum()
+        self.saved.iter().map(Saved::bytes).sum()
     }
 }
 
-/// One named parameter tensor, as exported to weights files.
+/// One named tensor, as exported to weights files and states.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NamedParam {
-    /// `"{op}.weight"` or `"{op}.bias"`, `op` the 0-based op index.
+    /// `"{op}.weight"`, `"{op}.bias"`, `"{op}.running_mean"`, … with `op`
+    /// the 0-based op index (`"{op}.ops.{i}"` inside a residual block);
+    /// optimiser buffers add `.velocity`, `.exp_avg`, `.exp_avg_sq`.
     pub name: String,
-    /// Shape in the engine's layout (`linear` weights are `[in, out]`).
+    /// Shape in the engine's layout (`linear` weights are `[in, out]`,
+    /// `conv2d` weights `[out, in, k, k]`).
     pub shape: Vec<usize>,
     /// Row-major values.
     pub values: Vec<f32>,
 }
 
+/// How a training forward is placed in its step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Micro {
+    /// Which micro-batch of the step (0 without micro-batches).
+    pub index: u32,
+    /// Rows of the whole batch the loss divides by (0: this forward's own).
+    pub batch_rows: usize,
+}
+
 /// The slice of a model one server runs, with its parameters.
 pub struct Stage {
     spec: StageSpec,
-    ops: Vec<OpState>,
-    sgd: Sgd,
+    layers: Vec<Layer>,
+    opt: Optimizer,
+    seed: u64,
     steps: u64,
     /// Micro-batch indices whose gradients wait for [`Stage::apply`].
     pending: Vec<u32>,
@@ -179,33 +84,16 @@ pub struct Stage {
 
 impl Stage {
     /// Builds a stage, initialising parameters from `seed` (one seed per
-    /// stage; ops draw from streams derived from it).
-    pub fn new(spec: &StageSpec, seed: u64, sgd: Sgd) -> Self {
-        let ops = spec
-            .ops
-            .iter()
-            .enumerate()
-            .map(|(i, op)| match *op {
-                OpSpec::Linear { input, output } => {
-                    let (w, b) = init::linear(init::derive_seed(seed, i as u64), input, output);
-                    OpState::Linear {
-                        input,
-                        output,
-                        w: Param::new(vec![input, output], w),
-                        b: Param::new(vec![output], b),
-                    }
-                }
-                OpSpec::Normalize { mean, std } => OpState::Normalize { mean, std },
-                OpSpec::Relu => OpState::Relu,
-                OpSpec::Identity => OpState::Identity,
-                OpSpec::LogSoftmax => OpState::LogSoftmax,
-                OpSpec::NllLoss => OpState::NllLoss,
-            })
-            .collect();
+    /// stage; ops draw from streams derived from it). The spec must have
+    /// been checked ([`StageSpec::check`], or as part of a model).
+    pub fn new(spec: &StageSpec, seed: u64, opt: impl Into<Optimizer>) -> Self {
+        let (mut ids, mut params) = (0, 0);
+        let layers = layer::build(&spec.ops, &spec.input, seed, "", &mut ids, &mut params);
         Stage {
             spec: spec.clone(),
-            ops,
-            sgd,
+            layers,
+            opt: opt.into(),
+            seed,
             steps: 0,
             pending: Vec::new(),
         }
@@ -214,6 +102,11 @@ impl Stage {
     /// The stage's description.
     pub fn spec(&self) -> &StageSpec {
         &self.spec
+    }
+
+    /// The optimiser.
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.opt
     }
 
     /// Training steps applied so far.
@@ -228,16 +121,19 @@ impl Stage {
     }
 
     fn check_input(&self, x: &Matrix, context: &'static str) -> Result<usize> {
-        let [batch, features] = x.dims();
+        let [batch, values] = x.dims();
         // An identity stage (a dummy hop) passes anything through: after
         // the loss stage it sees the loss in training and the
         // log-probabilities in test.
-        let any_width = self.ops.iter().all(|o| matches!(o, OpState::Identity));
-        if (features != self.spec.input && !any_width) || batch == 0 {
+        if (values != self.spec.input.numel() && !self.spec.is_identity()) || batch == 0 {
             return Err(ModelError::Shape {
                 context,
-                expected: format!("[batch ≥ 1, {}]", self.spec.input),
-                actual: format!("[{batch}, {features}]"),
+                expected: format!(
+                    "[batch ≥ 1, {} values per sample {}]",
+                    self.spec.input.numel(),
+                    self.spec.input
+                ),
+                actual: format!("[{batch}, {values}]"),
             });
         }
         Ok(batch)
@@ -246,115 +142,103 @@ impl Stage {
     /// Training forward. A loss stage needs `labels` (one class per row) and
     /// returns the mean loss as a `[1, 1]` matrix.
     pub fn forward_train(&self, x: Matrix, labels: Option<&[u32]>) -> Result<(Matrix, StageCache)> {
-        self.forward_micro(x, labels, 0)
+        self.forward_step(x, labels, Micro::default())
     }
 
-    /// [`Stage::forward_train`] of one micro-batch of a batch of
-    /// `batch_rows` rows: a loss stage divides by `batch_rows` instead of
-    /// the micro-batch's own rows (0 means those), so that the micro-batch
-    /// losses and gradients add up to the whole batch's.
+    /// [`Stage::forward_step`] of micro-batch 0 of a batch of `batch_rows`
+    /// rows.
     pub fn forward_micro(
         &self,
         x: Matrix,
         labels: Option<&[u32]>,
         batch_rows: usize,
     ) -> Result<(Matrix, StageCache)> {
+        self.forward_step(
+            x,
+            labels,
+            Micro {
+                index: 0,
+                batch_rows,
+            },
+        )
+    }
+
+    /// Training forward of one micro-batch of the current step: a loss
+    /// stage divides by `micro.batch_rows` instead of the micro-batch's
+    /// own rows (0 means those), so that the micro-batch losses and
+    /// gradients add up to the whole batch's; dropout masks depend on the
+    /// step and `micro.index`.
+    pub fn forward_step(
+        &self,
+        x: Matrix,
+        labels: Option<&[u32]>,
+        micro: Micro,
+    ) -> Result<(Matrix, StageCache)> {
         let batch = self.check_input(&x, "stage forward")?;
-        let rows = if batch_rows == 0 { batch } else { batch_rows };
+        let rows = if micro.batch_rows == 0 {
+            batch
+        } else {
+            micro.batch_rows
+        };
         if rows < batch {
             return Err(ModelError::Misuse(format!(
                 "a micro-batch of {batch} rows in a batch of {rows}"
             )));
         }
-        let mut saved = Vec::with_capacity(self.ops.len());
-        let mut h = x;
-        for op in &self.ops {
-            h = match op {
-                OpState::Linear {
-                    input,
-                    output,
-                    w,
-                    b,
-                } => {
-                    let y = ops::linear_forward(&h, weight(&w.value, *input, *output), &b.value);
-                    saved.push(Saved::Input(h));
-                    y
-                }
-                OpState::Relu => {
-                    let y = ops::relu_forward(h);
-                    saved.push(Saved::Output(y.clone()));
-                    y
-                }
-                OpState::Identity => {
-                    saved.push(Saved::Nothing);
-                    h
-                }
-                OpState::Normalize { mean, std } => {
-                    saved.push(Saved::Nothing);
-                    ops::normalize_forward(h, *mean, *std)
-                }
-                OpState::LogSoftmax => {
-                    let y = ops::log_softmax_forward(h);
-                    saved.push(Saved::Output(y.clone()));
-                    y
-                }
-                OpState::NllLoss => {
-                    let labels = labels
-                        .ok_or_else(|| ModelError::Labels("the loss stage got no labels".into()))?;
-                    let classes = h.cols();
-                    check_labels(labels, batch, classes)?;
-                    let loss = ops::nll_forward(&h, labels, rows);
-                    saved.push(Saved::Loss {
-                        labels: labels.to_vec(),
-                        classes,
-                        rows,
-                    });
-                    Matrix::scalar(loss)
-                }
-            };
-        }
-        Ok((h, StageCache { saved, rows: batch }))
+        let ctx = Ctx {
+            train: true,
+            labels,
+            batch_rows: rows,
+            seed: self.seed,
+            step: self.steps,
+            micro: micro.index,
+        };
+        let mut saved = Vec::with_capacity(self.layers.len());
+        let y = layer::forward_seq(&self.layers, x, &ctx, Some(&mut saved))?;
+        Ok((
+            y,
+            StageCache {
+                saved,
+                rows: batch,
+                micro: micro.index,
+            },
+        ))
     }
 
     /// Inference forward: no cache, no update. A loss stage passes its
     /// input through (the designer reads log-probabilities before the loss).
     pub fn forward_eval(&self, x: Matrix) -> Result<Matrix> {
         self.check_input(&x, "stage eval")?;
-        let mut h = x;
-        for op in &self.ops {
-            h = match op {
-                OpState::Linear {
-                    input,
-                    output,
-                    w,
-                    b,
-                } => ops::linear_forward(&h, weight(&w.value, *input, *output), &b.value),
-                OpState::Normalize { mean, std } => ops::normalize_forward(h, *mean, *std),
-                OpState::Relu => ops::relu_forward(h),
-                OpState::Identity | OpState::NllLoss => h,
-                OpState::LogSoftmax => ops::log_softmax_forward(h),
-            };
-        }
-        Ok(h)
+        let ctx = Ctx {
+            train: false,
+            labels: None,
+            batch_rows: x.rows(),
+            seed: self.seed,
+            step: self.steps,
+            micro: 0,
+        };
+        layer::forward_seq(&self.layers, x, &ctx, None)
     }
 
-    /// Backward: consumes the cache of one forward, applies the SGD update
-    /// and returns the gradient with respect to the stage's input (or `None`
+    /// Backward: consumes the cache of one forward, applies the update and
+    /// returns the gradient with respect to the stage's input (or `None`
     /// when `need_input_grad` is false, as for the first stage, which saves
-    /// the largest matmul of the step). A loss stage takes no `grad_out`.
+    /// the largest product of the step). A loss stage takes no `grad_out`.
     pub fn backward(
         &mut self,
         cache: StageCache,
         grad_out: Option<Matrix>,
         need_input_grad: bool,
     ) -> Result<Option<Matrix>> {
-        let dx = self.backward_micro(cache, grad_out, need_input_grad, 0)?;
+        let micro = cache.micro;
+        let dx = self.backward_micro(cache, grad_out, need_input_grad, micro)?;
         self.apply();
         Ok(dx)
     }
 
     /// The shape the output gradient of a backward on `cache` must have:
-    /// `[rows, output]` (none for a loss stage). Checked before any math.
+    /// `[rows, output values]` (none for a loss stage). Checked before any
+    /// math.
     fn check_grad(&self, cache: &StageCache, grad_out: Option<&Matrix>) -> Result<()> {
         if self.spec.is_loss() {
             return Ok(());
@@ -362,9 +246,8 @@ impl Stage {
         let Some(g) = grad_out else {
             return Ok(());
         };
-        let any_width = self.ops.iter().all(|o| matches!(o, OpState::Identity));
-        let want = self.spec.output();
-        if g.rows() != cache.rows || (g.cols() != want && !any_width) {
+        let want = self.spec.output().numel();
+        if g.rows() != cache.rows || (g.cols() != want && !self.spec.is_identity()) {
             return Err(ModelError::Shape {
                 context: "stage backward",
                 expected: format!("[{}, {want}]", cache.rows),
@@ -377,8 +260,8 @@ impl Stage {
     /// Backward of micro-batch `micro` of the current step: like
     /// [`Stage::backward`], but the parameter gradients wait until
     /// [`Stage::apply`], which adds them up in micro-batch order and makes
-    /// one update (GPipe; no stale weights). A gradient whose shape does
-    /// not fit the cache is refused before anything changes.
+    /// one update. A gradient whose shape does not fit the cache is
+    /// refused before anything changes.
     pub fn backward_micro(
         &mut self,
         cache: StageCache,
@@ -386,7 +269,7 @@ impl Stage {
         need_input_grad: bool,
         micro: u32,
     ) -> Result<Option<Matrix>> {
-        if cache.saved.len() != self.ops.len() {
+        if cache.saved.len() != self.layers.len() {
             return Err(ModelError::Misuse("cache from another stage".into()));
         }
         if self.pending.contains(&micro) {
@@ -396,73 +279,67 @@ impl Stage {
             )));
         }
         self.check_grad(&cache, grad_out.as_ref())?;
-        let mut g = grad_out;
-        let last = self.ops.len() - 1;
-        let first_param_op = self
-            .ops
-            .iter()
-            .position(|op| matches!(op, OpState::Linear { .. }))
-            .unwrap_or(self.ops.len());
-        // Parameter gradients are kept aside until the whole backward has
+        // Gradients are kept aside until the whole backward has
         // succeeded, so a refused backward changes nothing.
-        let mut grads: Vec<(usize, Vec<f32>, Vec<f32>)> = Vec::new();
-        for (i, (op, saved)) in self.ops.iter().zip(cache.saved).enumerate().rev() {
-            // Below the first op that has parameters, the gradient is only
-            // needed if the caller wants the input gradient.
-            let need_dx = need_input_grad || i > first_param_op;
-            g = match (op, saved) {
-                (
-                    OpState::NllLoss,
-                    Saved::Loss {
-                        labels,
-                        classes,
-                        rows,
-                    },
-                ) => {
-                    if i != last {
-                        return Err(ModelError::Misuse("nll_loss not last".into()));
+        let mut grads = Vec::new();
+        let dx = layer::backward_seq(
+            &self.layers,
+            cache.saved,
+            grad_out,
+            need_input_grad,
+            &mut grads,
+        )?;
+        let mut params = Vec::new();
+        layer::params_of_mut(&mut self.layers, &mut params);
+        let mut grads_by_id: Vec<Option<Vec<f32>>> = Vec::new();
+        let mut stats = Vec::new();
+        for g in grads {
+            match g {
+                Grad::Param(id, v) => {
+                    if grads_by_id.len() <= id {
+                        grads_by_id.resize(id + 1, None);
                     }
-                    Some(ops::nll_backward(&labels, classes, rows))
+                    grads_by_id[id] = Some(v);
                 }
-                (OpState::LogSoftmax, Saved::Output(y)) => {
-                    Some(ops::log_softmax_backward(&y, need_grad(g)?))
-                }
-                (OpState::Relu, Saved::Output(y)) => Some(ops::relu_backward(&y, need_grad(g)?)),
-                (OpState::Identity, Saved::Nothing) => g,
-                (OpState::Normalize { std, .. }, Saved::Nothing) => {
-                    // Only needed below the first parameter op if asked.
-                    if need_dx {
-                        Some(ops::normalize_backward(need_grad(g)?, *std))
-                    } else {
-                        None
-                    }
-                }
-                (
-                    OpState::Linear {
-                        input, output, w, ..
-                    },
-                    Saved::Input(x),
-                ) => {
-                    let dy = need_grad(g)?;
-                    let (dx, dw, db) =
-                        ops::linear_backward(&x, weight(&w.value, *input, *output), &dy, need_dx);
-                    grads.push((i, dw.into_vec(), db));
-                    dx
-                }
-                _ => return Err(ModelError::Misuse("cache does not match the ops".into())),
-            };
-            if g.is_none() && i > 0 && need_dx {
-                return Err(ModelError::Misuse("missing gradient".into()));
+                Grad::Stats(id, mean, var) => stats.push((id, mean, var)),
             }
         }
-        for (i, dw, db) in grads {
-            if let Some(OpState::Linear { w, b, .. }) = self.ops.get_mut(i) {
-                w.pending.push((micro, dw));
-                b.pending.push((micro, db));
+        for (_, p) in params {
+            if let Some(g) = grads_by_id.get_mut(p.id).and_then(Option::take) {
+                p.pending.push((micro, g));
+            }
+        }
+        let mut running = Vec::new();
+        layer::running_of_mut(&mut self.layers, &mut running);
+        for (id, mean, var) in stats {
+            if let Some((_, _, r)) = running.iter_mut().find(|(_, lid, _)| *lid == id) {
+                r.pending.push((micro, mean, var));
             }
         }
         self.pending.push(micro);
-        Ok(if need_input_grad { g } else { None })
+        Ok(dx)
+    }
+
+    /// The gradients waiting for [`Stage::apply`], each parameter's added
+    /// in micro-batch order (what the update will use), named as in
+    /// [`Stage::params`]; parameters without one are left out.
+    pub fn pending_gradients(&self) -> Vec<NamedParam> {
+        let mut params = Vec::new();
+        layer::params_of(&self.layers, &mut params);
+        let mut out = Vec::new();
+        for (name, p) in params {
+            let mut pending: Vec<&(u32, Vec<f32>)> = p.pending.iter().collect();
+            pending.sort_by_key(|(m, _)| *m);
+            let mut grads = pending.into_iter().map(|(_, g)| g);
+            if let Some(first) = grads.next() {
+                let mut sum = first.clone();
+                for g in grads {
+                    ops::add_assign(&mut sum, g);
+                }
+                out.push(named(name, &p.shape, &sum));
+            }
+        }
+        out
     }
 
     /// Micro-batches of the current step whose gradients wait for
@@ -472,18 +349,63 @@ impl Stage {
     }
 
     /// Applies the current step's update: the gradients of its
-    /// micro-batches, added in micro-batch order, one SGD step. Moves the
-    /// stage to the next step.
+    /// micro-batches, added in micro-batch order, one optimiser step; the
+    /// running statistics take each micro-batch's batch statistics in
+    /// micro-batch order. Moves the stage to the next step.
     pub fn apply(&mut self) {
-        let sgd = self.sgd;
-        for op in &mut self.ops {
-            if let OpState::Linear { w, b, .. } = op {
-                w.apply(sgd);
-                b.apply(sgd);
+        let opt = self.opt;
+        let t = self.steps + 1;
+        let mut params = Vec::new();
+        layer::params_of_mut(&mut self.layers, &mut params);
+        for (_, p) in params {
+            let mut pending = std::mem::take(&mut p.pending);
+            pending.sort_by_key(|(m, _)| *m);
+            let mut grads = pending.into_iter().map(|(_, g)| g);
+            let Some(mut sum) = grads.next() else {
+                continue;
+            };
+            for g in grads {
+                ops::add_assign(&mut sum, &g);
+            }
+            opt.step(&mut p.value, &mut p.buffers, sum, t);
+        }
+        let mut running = Vec::new();
+        layer::running_of_mut(&mut self.layers, &mut running);
+        for (_, _, r) in running {
+            let mut pending = std::mem::take(&mut r.pending);
+            pending.sort_by_key(|(m, _, _)| *m);
+            for (_, mean, var) in pending {
+                norm::update_running(&mut r.mean, &mean, r.momentum);
+                norm::update_running(&mut r.var, &var, r.momentum);
             }
         }
         self.pending.clear();
         self.steps += 1;
+    }
+
+    /// The shape a tensor message entering this stage must have after its
+    /// batch axis (an identity stage takes any).
+    fn decode_input(&self, input: &[u8]) -> Result<(Matrix, Vec<usize>)> {
+        let t = TensorBytes::decode(input)?;
+        let shape = t.shape.clone();
+        let m = if self.spec.is_identity() {
+            t.into_rows()?
+        } else {
+            t.into_batch(&self.spec.input)?
+        };
+        Ok((m, shape))
+    }
+
+    /// Encodes an output: `[batch, output shape…]`, or the input's shape
+    /// for an identity stage, `[1, 1]` for a loss.
+    fn encode_output(&self, y: &Matrix, input_shape: &[usize], loss: bool) -> Vec<u8> {
+        if loss {
+            return TensorBytes::encode_f32(&[1, 1], y.as_slice());
+        }
+        if self.spec.is_identity() {
+            return TensorBytes::encode_f32(input_shape, y.as_slice());
+        }
+        TensorBytes::encode_f32(&self.spec.output().batched(y.rows()), y.as_slice())
     }
 
     /// [`Stage::forward_train`] on a tensor message: exactly what a node
@@ -493,19 +415,37 @@ impl Stage {
         input: &[u8],
         labels: Option<&[u32]>,
     ) -> Result<(Vec<u8>, StageCache)> {
-        self.forward_micro_bytes(input, labels, 0)
+        self.forward_step_bytes(input, labels, Micro::default())
     }
 
-    /// [`Stage::forward_micro`] on a tensor message.
+    /// [`Stage::forward_micro`] on a tensor message (micro-batch 0).
     pub fn forward_micro_bytes(
         &self,
         input: &[u8],
         labels: Option<&[u32]>,
         batch_rows: usize,
     ) -> Result<(Vec<u8>, StageCache)> {
-        let x = TensorBytes::decode(input)?.into_matrix()?;
-        let (y, cache) = self.forward_micro(x, labels, batch_rows)?;
-        Ok((TensorBytes::encode_matrix(&y), cache))
+        self.forward_step_bytes(
+            input,
+            labels,
+            Micro {
+                index: 0,
+                batch_rows,
+            },
+        )
+    }
+
+    /// [`Stage::forward_step`] on a tensor message.
+    pub fn forward_step_bytes(
+        &self,
+        input: &[u8],
+        labels: Option<&[u32]>,
+        micro: Micro,
+    ) -> Result<(Vec<u8>, StageCache)> {
+        let (x, shape) = self.decode_input(input)?;
+        let (y, cache) = self.forward_step(x, labels, micro)?;
+        let loss = self.spec.is_loss();
+        Ok((self.encode_output(&y, &shape, loss), cache))
     }
 
     /// [`Stage::backward`] on tensor messages.
@@ -515,12 +455,14 @@ impl Stage {
         grad_out: Option<&[u8]>,
         need_input_grad: bool,
     ) -> Result<Option<Vec<u8>>> {
-        let dx = self.backward_micro_bytes(cache, grad_out, need_input_grad, 0)?;
+        let micro = cache.micro;
+        let dx = self.backward_micro_bytes(cache, grad_out, need_input_grad, micro)?;
         self.apply();
         Ok(dx)
     }
 
-    /// [`Stage::backward_micro`] on tensor messages.
+    /// [`Stage::backward_micro`] on tensor messages: the gradient message
+    /// must have the stage's output shape, the result has its input shape.
     pub fn backward_micro_bytes(
         &mut self,
         cache: StageCache,
@@ -528,34 +470,79 @@ impl Stage {
         need_input_grad: bool,
         micro: u32,
     ) -> Result<Option<Vec<u8>>> {
-        let g = match grad_out {
-            Some(b) => Some(TensorBytes::decode(b)?.into_matrix()?),
-            None => None,
+        let (g, shape) = match grad_out {
+            Some(b) => {
+                let t = TensorBytes::decode(b)?;
+                let shape = t.shape.clone();
+                let m = if self.spec.is_identity() {
+                    t.into_rows()?
+                } else {
+                    t.into_batch(&self.spec.output())?
+                };
+                (Some(m), shape)
+            }
+            None => (None, Vec::new()),
         };
+        let rows = cache.rows;
         Ok(self
             .backward_micro(cache, g, need_input_grad, micro)?
-            .map(|t| TensorBytes::encode_matrix(&t)))
+            .map(|t| {
+                if self.spec.is_identity() {
+                    TensorBytes::encode_f32(&shape, t.as_slice())
+                } else {
+                    TensorBytes::encode_f32(&self.spec.input.batched(rows), t.as_slice())
+                }
+            }))
     }
 
     /// [`Stage::forward_eval`] on tensor messages.
     pub fn eval_bytes(&self, input: &[u8]) -> Result<Vec<u8>> {
-        let x = TensorBytes::decode(input)?.into_matrix()?;
-        Ok(TensorBytes::encode_matrix(&self.forward_eval(x)?))
+        let (x, shape) = self.decode_input(input)?;
+        let y = self.forward_eval(x)?;
+        if self.spec.is_identity() {
+            return Ok(TensorBytes::encode_f32(&shape, y.as_slice()));
+        }
+        // A loss stage passes its input (the log-probabilities) through.
+        let out: Shape = if self.spec.is_loss() {
+            let shapes = self.spec.shapes();
+            shapes[shapes.len() - 2].clone()
+        } else {
+            self.spec.output()
+        };
+        Ok(TensorBytes::encode_f32(
+            &out.batched(y.rows()),
+            y.as_slice(),
+        ))
     }
 
-    /// The stage's parameters, in op order (NaNs canonical).
+    /// The stage's weights, in op order (NaNs canonical): trainable
+    /// parameters, and batch norms' running statistics after each one's
+    /// weight and bias.
     pub fn params(&self) -> Vec<NamedParam> {
+        let mut params = Vec::new();
+        layer::params_of(&self.layers, &mut params);
+        let mut running = Vec::new();
+        layer::running_of(&self.layers, &mut running);
         let mut out = Vec::new();
-        for (i, op) in self.ops.iter().enumerate() {
-            if let OpState::Linear { w, b, .. } = op {
-                out.push(named(format!("{i}.weight"), &w.shape, &w.value));
-                out.push(named(format!("{i}.bias"), &b.shape, &b.value));
+        for (name, p) in params {
+            out.push(named(name.clone(), &p.shape, &p.value));
+            // A batch norm's statistics follow its bias.
+            if let Some(path) = name.strip_suffix(".bias") {
+                if let Some((_, r)) = running.iter().find(|(rp, _)| rp == path) {
+                    out.push(named(
+                        format!("{path}.running_mean"),
+                        &[r.mean.len()],
+                        &r.mean,
+                    ));
+                    out.push(named(format!("{path}.running_var"), &[r.var.len()], &r.var));
+                }
             }
         }
         out
     }
 
-    /// Replaces parameters (and clears momentum) from exported tensors.
+    /// Replaces the weights (and clears the optimiser's buffers) from
+    /// exported tensors. Every tensor is checked before any is replaced.
     pub fn load_params(&mut self, params: &[NamedParam]) -> Result<()> {
         let find = |name: &str| {
             params
@@ -563,44 +550,37 @@ impl Stage {
                 .find(|p| p.name == name)
                 .ok_or_else(|| ModelError::Misuse(format!("parameter {name} missing")))
         };
-        // Every tensor is checked before any is replaced.
-        for (i, op) in self.ops.iter().enumerate() {
-            if let OpState::Linear { w, b, .. } = op {
-                for (param, suffix) in [(w, "weight"), (b, "bias")] {
-                    let name = format!("{i}.{suffix}");
-                    expect_shape(&name, &find(&name)?.shape, &param.shape)?;
-                }
-            }
+        for want in self.params() {
+            let got = find(&want.name)?;
+            expect_shape(&want.name, &got.shape, &want.shape)?;
+            expect_len(&want.name, got.values.len(), &want.shape)?;
         }
-        for (i, op) in self.ops.iter_mut().enumerate() {
-            if let OpState::Linear { w, b, .. } = op {
-                for (param, suffix) in [(w, "weight"), (b, "bias")] {
-                    let name = format!("{i}.{suffix}");
-                    param.load(&name, find(&name)?)?;
-                    param.velocity = None;
-                }
-            }
+        let mut ps = Vec::new();
+        layer::params_of_mut(&mut self.layers, &mut ps);
+        for (name, p) in ps {
+            p.value = find(&name)?.values.clone();
+            p.buffers = None;
+        }
+        let mut running = Vec::new();
+        layer::running_of_mut(&mut self.layers, &mut running);
+        for (path, _, r) in running {
+            r.mean = find(&format!("{path}.running_mean"))?.values.clone();
+            r.var = find(&format!("{path}.running_var"))?.values.clone();
         }
         Ok(())
     }
 }
 
-/// A `linear` weight, `[input, output]` row-major. Its length is
-/// `input × output` by construction (initialisation, and loads that check
-/// the shape).
-fn weight(values: &[f32], input: usize, output: usize) -> View<'_> {
-    View::rows_of(values, input, output)
-}
-
 /// Everything a stage needs to continue training where it stopped: its
-/// parameters, their momentum buffers and its step counter (a checkpoint).
+/// weights, the optimiser's buffers and its step counter (a checkpoint).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StageState {
     /// Training steps applied.
     pub steps: u64,
-    /// Parameters (as [`Stage::params`]), then momentum buffers named
-    /// `"{op}.weight.velocity"` / `"{op}.bias.velocity"` (absent before the
-    /// first step).
+    /// The weights (as [`Stage::params`]), then the optimiser's buffers of
+    /// each parameter, named `"{param}.velocity"` (SGD) or
+    /// `"{param}.exp_avg"` and `"{param}.exp_avg_sq"` (Adam), absent before
+    /// the first update.
     pub tensors: Vec<NamedParam>,
 }
 
@@ -608,12 +588,13 @@ impl Stage {
     /// The stage's state, for a checkpoint (NaNs canonical).
     pub fn state(&self) -> StageState {
         let mut tensors = self.params();
-        for (i, op) in self.ops.iter().enumerate() {
-            if let OpState::Linear { w, b, .. } = op {
-                for (param, suffix) in [(w, "weight"), (b, "bias")] {
-                    if let Some(v) = &param.velocity {
-                        tensors.push(named(format!("{i}.{suffix}.velocity"), &param.shape, v));
-                    }
+        let mut params = Vec::new();
+        layer::params_of(&self.layers, &mut params);
+        let names = self.opt.buffers();
+        for (name, p) in params {
+            if let Some(bufs) = &p.buffers {
+                for (suffix, b) in names.iter().zip(bufs) {
+                    tensors.push(named(format!("{name}.{suffix}"), &p.shape, b));
                 }
             }
         }
@@ -623,30 +604,62 @@ impl Stage {
         }
     }
 
-    /// Restores a state from [`Stage::state`]: parameters, momentum and the
-    /// step counter. Gradients waiting for an update are dropped. Every
-    /// tensor is checked before anything changes.
+    /// Restores a state from [`Stage::state`]: weights, optimiser buffers
+    /// and the step counter. Gradients waiting for an update are dropped.
+    /// Every tensor is checked (shapes, no unknown names, buffers all or
+    /// none) before anything changes.
     pub fn load_state(&mut self, state: &StageState) -> Result<()> {
         let find = |name: &str| state.tensors.iter().find(|p| p.name == name);
-        for (i, op) in self.ops.iter().enumerate() {
-            if let OpState::Linear { w, b, .. } = op {
-                for (param, suffix) in [(w, "weight"), (b, "bias")] {
-                    let name = format!("{i}.{suffix}.velocity");
-                    if let Some(p) = find(&name) {
-                        expect_shape(&name, &p.shape, &param.shape)?;
+        let names = self.opt.buffers();
+        let mut known: Vec<String> = self.params().into_iter().map(|p| p.name).collect();
+        {
+            let mut params = Vec::new();
+            layer::params_of(&self.layers, &mut params);
+            for (name, p) in &params {
+                let present: Vec<bool> = names
+                    .iter()
+                    .map(|suffix| {
+                        let n = format!("{name}.{suffix}");
+                        let found = find(&n);
+                        known.push(n.clone());
+                        found.is_some()
+                    })
+                    .collect();
+                if present.iter().any(|b| *b) && !present.iter().all(|b| *b) {
+                    return Err(ModelError::Misuse(format!(
+                        "state of {name}: some optimiser buffers missing"
+                    )));
+                }
+                for suffix in names {
+                    let n = format!("{name}.{suffix}");
+                    if let Some(b) = find(&n) {
+                        expect_shape(&n, &b.shape, &p.shape)?;
+                        expect_len(&n, b.values.len(), &p.shape)?;
                     }
                 }
             }
         }
+        if let Some(extra) = state.tensors.iter().find(|t| !known.contains(&t.name)) {
+            return Err(ModelError::Misuse(format!(
+                "state holds an unknown tensor {}",
+                extra.name
+            )));
+        }
         self.load_params(&state.tensors)?;
-        for (i, op) in self.ops.iter_mut().enumerate() {
-            if let OpState::Linear { w, b, .. } = op {
-                for (param, suffix) in [(w, "weight"), (b, "bias")] {
-                    param.velocity =
-                        find(&format!("{i}.{suffix}.velocity")).map(|p| p.values.clone());
-                    param.pending.clear();
-                }
-            }
+        let mut params = Vec::new();
+        layer::params_of_mut(&mut self.layers, &mut params);
+        for (name, p) in params {
+            let bufs: Option<Vec<Vec<f32>>> = names
+                .iter()
+                .map(|suffix| find(&format!("{name}.{suffix}")).map(|b| b.values.clone()))
+                .collect();
+            p.buffers = bufs.filter(|b| !b.is_empty());
+            p.pending.clear();
+        }
+        let mut running = Vec::new();
+        layer::running_of_mut(&mut self.layers, &mut running);
+        for (_, _, r) in running {
+            r.pending.clear();
         }
         self.pending.clear();
         self.steps = state.steps;
@@ -665,29 +678,22 @@ fn expect_shape(name: &str, got: &[usize], want: &[usize]) -> Result<()> {
     Ok(())
 }
 
+fn expect_len(name: &str, len: usize, shape: &[usize]) -> Result<()> {
+    let want: usize = shape.iter().product();
+    if len != want {
+        return Err(ModelError::Shape {
+            context: "load parameters",
+            expected: format!("{name}: {want} values"),
+            actual: format!("{len} values"),
+        });
+    }
+    Ok(())
+}
+
 fn named(name: String, shape: &[usize], values: &[f32]) -> NamedParam {
     NamedParam {
         name,
         shape: shape.to_vec(),
         values: values.iter().copied().map(ops::canonical).collect(),
     }
-}
-
-fn need_grad(g: Option<Matrix>) -> Result<Matrix> {
-    g.ok_or_else(|| ModelError::Misuse("backward needs the output gradient".into()))
-}
-
-fn check_labels(labels: &[u32], batch: usize, classes: usize) -> Result<()> {
-    if labels.len() != batch {
-        return Err(ModelError::Labels(format!(
-            "{} labels for a batch of {batch}",
-            labels.len()
-        )));
-    }
-    if let Some(bad) = labels.iter().find(|l| **l as usize >= classes) {
-        return Err(ModelError::Labels(format!(
-            "label {bad} outside 0..{classes}"
-        )));
-    }
-    Ok(())
 }

@@ -120,6 +120,43 @@ impl TensorBytes {
         Ok(TensorBytes { shape, values })
     }
 
+    /// Turns the message into a `[batch, values]` matrix, checking that
+    /// the dimensions after the batch axis are `sample`'s.
+    pub fn into_batch(self, sample: &crate::spec::Shape) -> Result<Matrix> {
+        match self.shape.split_first() {
+            Some((rows, dims)) if dims == sample.dims() => {
+                Matrix::new(*rows, sample.numel(), self.values)
+            }
+            _ => Err(ModelError::Shape {
+                context: "tensor message",
+                expected: format!(
+                    "[batch, {}]",
+                    sample
+                        .dims()
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                actual: format!("{:?}", self.shape),
+            }),
+        }
+    }
+
+    /// Turns the message into a `[first dimension, rest]` matrix, whatever
+    /// its shape (what an identity stage passes through).
+    pub fn into_rows(self) -> Result<Matrix> {
+        match self.shape.split_first() {
+            Some((rows, dims)) => {
+                let cols = dims.iter().product::<usize>();
+                Matrix::new(*rows, cols, self.values)
+            }
+            None => Err(ModelError::TensorBytes(
+                "a message without dimensions".into(),
+            )),
+        }
+    }
+
     /// Turns the message into a `[batch, features]` matrix.
     pub fn into_matrix(self) -> Result<Matrix> {
         let [rows, cols] = match self.shape.as_slice() {
@@ -134,6 +171,29 @@ impl TensorBytes {
         };
         Matrix::new(rows, cols, self.values)
     }
+}
+
+/// The dimensions a tensor message announces, read from its header only
+/// (the body is checked when the message is decoded); `None` for a header
+/// that is not well formed.
+pub fn peek_shape(bytes: &[u8]) -> Option<Vec<usize>> {
+    let rank = usize::from(*bytes.get(1)?);
+    if !matches!(bytes.first()?, 0 | 1) || rank == 0 || rank > MAX_RANK {
+        return None;
+    }
+    bytes
+        .get(2..2 + 4 * rank)?
+        .chunks_exact(4)
+        .map(|c| Some(u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize))
+        .collect()
+}
+
+/// Bytes of the `f32` message of `shape` ([`TensorBytes::encode_f32`]).
+pub fn f32_message_len(shape: &[usize]) -> u64 {
+    shape
+        .iter()
+        .fold(4u64, |n, d| n.saturating_mul(*d as u64))
+        .saturating_add(2 + 4 * shape.len() as u64)
 }
 
 fn header(dtype: DType, shape: &[usize], body: usize) -> Vec<u8> {

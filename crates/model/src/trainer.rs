@@ -12,9 +12,10 @@ use serde::{Deserialize, Serialize};
 use crate::arith::matrix::Matrix;
 use crate::data::{epoch_order, Dataset};
 use crate::error::{ModelError, Result};
+use crate::optim::Optimizer;
 use crate::seed::{Purpose, RunSeed};
 use crate::spec::ModelSpec;
-use crate::stage::{Sgd, Stage, StageCache};
+use crate::stage::{Micro, Stage, StageCache};
 use crate::tensor_bytes::pixel_to_f32;
 use crate::weights::{self, StageParams};
 
@@ -25,8 +26,9 @@ pub struct TrainConfig {
     pub epochs: u32,
     /// Images per batch.
     pub batch: usize,
-    /// Optimiser settings.
-    pub sgd: Sgd,
+    /// The optimiser: the model file's, else the command line's (SGD lr
+    /// 0.01 momentum 0.9 by default; [`ModelSpec::optimizer_or`]).
+    pub optimizer: Optimizer,
     /// The run's secret seed: initialisation and shuffling derive from it
     /// ([`crate::seed`]).
     pub seed: RunSeed,
@@ -80,7 +82,7 @@ impl Default for TrainConfig {
         TrainConfig {
             epochs: 3,
             batch: 64,
-            sgd: Sgd::default(),
+            optimizer: Optimizer::default(),
             seed: RunSeed::from_number(1),
             micro_batches: 1,
         }
@@ -282,13 +284,15 @@ pub fn stage_seed(seed: &RunSeed, index: usize) -> u64 {
 }
 
 impl LocalModel {
-    /// Builds every stage of `model` from `seed`.
-    pub fn new(model: &ModelSpec, seed: &RunSeed, sgd: Sgd) -> Self {
+    /// Builds every stage of `model` from `seed`, each with the optimiser
+    /// `opt` (a run's [`TrainConfig::optimizer`]).
+    pub fn new(model: &ModelSpec, seed: &RunSeed, opt: impl Into<Optimizer>) -> Self {
+        let opt = opt.into();
         let stages = model
             .stages
             .iter()
             .enumerate()
-            .map(|(i, s)| Stage::new(s, stage_seed(seed, i), sgd))
+            .map(|(i, s)| Stage::new(s, stage_seed(seed, i), opt))
             .collect();
         LocalModel {
             stages,
@@ -313,7 +317,7 @@ impl LocalModel {
             .stages
             .first()
             .ok_or_else(|| ModelError::Misuse("model without stages".into()))?;
-        let features = first.spec().input;
+        let features = first.spec().input.numel();
         if batch.pixels.len() != batch.rows * features {
             return Err(ModelError::Shape {
                 context: "batch",
@@ -339,7 +343,11 @@ impl LocalModel {
             let mut caches: Vec<StageCache> = Vec::with_capacity(self.stages.len());
             for stage in &self.stages {
                 let labels = stage.spec().is_loss().then_some(micro.labels.as_slice());
-                let (out, cache) = stage.forward_micro(h, labels, batch.rows)?;
+                let micro = Micro {
+                    index: m as u32,
+                    batch_rows: batch.rows,
+                };
+                let (out, cache) = stage.forward_step(h, labels, micro)?;
                 caches.push(cache);
                 h = out;
             }

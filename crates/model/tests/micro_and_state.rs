@@ -113,8 +113,8 @@ fn micro_inputs(n: usize, rows: usize, width: usize, seed: u64) -> Vec<(Vec<u8>,
 #[test]
 fn gradients_add_up_in_micro_batch_order_whatever_order_they_arrive_in() {
     let model = ModelSpec::parse(PAPER, "paper").unwrap();
-    let width = model.stages[1].input;
-    let inputs = micro_inputs(3, 8, width, 11);
+    let width = model.stages[1].input.clone();
+    let inputs = micro_inputs(3, 8, width.numel(), 11);
     let run = |order: &[usize]| {
         let mut stage = hidden_stage(&model);
         let caches: Vec<_> = inputs
@@ -144,7 +144,7 @@ fn gradients_add_up_in_micro_batch_order_whatever_order_they_arrive_in() {
 #[test]
 fn a_micro_batch_twice_in_one_step_is_refused() {
     let model = ModelSpec::parse(PAPER, "paper").unwrap();
-    let inputs = micro_inputs(2, 4, model.stages[1].input, 12);
+    let inputs = micro_inputs(2, 4, model.stages[1].input.numel(), 12);
     let mut stage = hidden_stage(&model);
     let (_, c0) = stage.forward_micro_bytes(&inputs[0].0, None, 0).unwrap();
     let (_, c1) = stage.forward_micro_bytes(&inputs[1].0, None, 0).unwrap();
@@ -161,7 +161,7 @@ fn a_micro_batch_twice_in_one_step_is_refused() {
 #[test]
 fn a_restored_state_continues_bit_for_bit_and_momentum_matters() {
     let model = ModelSpec::parse(PAPER, "paper").unwrap();
-    let inputs = micro_inputs(10, 16, model.stages[1].input, 13);
+    let inputs = micro_inputs(10, 16, model.stages[1].input.numel(), 13);
     let step = |stage: &mut Stage, (x, g): &(Vec<u8>, Vec<u8>)| {
         let (_, c) = stage.forward_bytes(x, None).unwrap();
         stage.backward_bytes(c, Some(g), true).unwrap();

@@ -24,13 +24,14 @@ use rand_core::{RngCore, SeedableRng};
 
 use crate::error::NodeError;
 pub use crate::limits::Limits;
-use crate::limits::{forward_bytes, output_width, tensor_bytes, tensor_shape};
+use crate::limits::{answer_bytes, fits_input, forward_bytes};
 use crate::routes::Routes;
 #[cfg(not(feature = "adversary"))]
 use crate::session::NoAdversary;
 use crate::session::{
     self, load_chunk, short, state_chunk, Cached, MaybeAdversary, NodeSession, Parked,
 };
+use mixnn_model::tensor_bytes::{f32_message_len, peek_shape};
 
 mod init;
 
@@ -554,23 +555,26 @@ impl Core {
                 short(&id.0)
             )));
         }
-        let (rows, cols) = tensor_shape(body)
-            .ok_or_else(|| NodeError::Refused(format!("{} body is not a matrix", op_name(op))))?;
+        let shape = peek_shape(body)
+            .ok_or_else(|| NodeError::Refused(format!("{} body is not a tensor", op_name(op))))?;
         let spec = s.stage.spec();
-        let bytes = forward_bytes(spec, rows, cols);
+        if !fits_input(spec, &shape) {
+            return Err(NodeError::Refused(format!(
+                "a {} of shape {shape:?} for a stage that takes [batch, {}]",
+                op_name(op),
+                spec.input
+            )));
+        }
+        let rows = shape[0];
+        let bytes = forward_bytes(spec, &shape);
         if bytes > limits.max_forward_bytes {
             return Err(NodeError::Limit(format!(
-                "a {} of {rows} × {cols} would compute {bytes} bytes of activations, above the limit of {}",
+                "a {} of shape {shape:?} would compute {bytes} bytes of activations, above the limit of {}",
                 op_name(op),
                 limits.max_forward_bytes
             )));
         }
-        let answer = if op == Op::Forward && spec.is_loss() {
-            tensor_bytes(1, 1)
-        } else {
-            tensor_bytes(rows, output_width(spec, cols))
-        }
-        .saturating_add(trailer_len);
+        let answer = answer_bytes(spec, &shape, op == Op::Test).saturating_add(trailer_len);
         let max = s.policy.max_body() as u64;
         if answer > max {
             return Err(NodeError::Limit(format!(
@@ -625,16 +629,12 @@ impl Core {
             });
         }
         let spec = s.stage.spec();
-        let identity = spec
-            .ops
-            .iter()
-            .all(|o| matches!(o, mixnn_model::spec::OpSpec::Identity));
-        let width = match tensor_shape(body) {
-            Some((_, cols)) if identity => cols,
-            _ => spec.input,
+        let input_shape = match peek_shape(body) {
+            Some(shape) if spec.is_identity() => shape,
+            _ => spec.input.batched(cache.rows()),
         };
         let answer = if note.need_input_grad {
-            tensor_bytes(cache.rows(), width)
+            f32_message_len(&input_shape)
         } else {
             0
         }
@@ -747,13 +747,13 @@ mod tests {
         let note = InitNote {
             arith: mixnn_model::arith::ARITH_VERSION,
             stage: StageSpec {
-                input: 4,
+                input: mixnn_model::spec::Shape::flat(4),
                 ops: vec![OpSpec::Linear {
                     input: 4,
                     output: 3,
                 }],
             },
-            sgd: Sgd::default(),
+            optimizer: Sgd::default().into(),
             seed: 1,
             start_step: 0,
             padding: POLICY,

@@ -10,7 +10,8 @@
 
 use std::time::Duration;
 
-use mixnn_model::spec::{OpSpec, StageSpec};
+use mixnn_model::spec::StageSpec;
+use mixnn_model::tensor_bytes::f32_message_len;
 use mixnn_wire::DEFAULT_INIT_REPLAY_CAPACITY;
 
 /// Bounds on what one node keeps and does. Every field is a hard limit: a
@@ -72,72 +73,62 @@ impl Default for Limits {
     }
 }
 
-/// Parameters of `spec`: `(in + 1) · out` per linear op.
+/// Values a stage of `spec` holds: its parameters and buffers (batch
+/// norms' running statistics), from the description
+/// ([`StageSpec::param_count`]).
 pub fn stage_params(spec: &StageSpec) -> u64 {
-    spec.ops
-        .iter()
-        .map(|op| match *op {
-            OpSpec::Linear { input, output } => (input as u64 + 1).saturating_mul(output as u64),
-            _ => 0,
-        })
-        .fold(0, u64::saturating_add)
+    (spec.param_count() as u64).saturating_add(spec.buffer_count() as u64)
 }
 
-/// Bytes of activations a forward of `rows` rows of `cols` features makes
-/// `spec` compute: the input and every op's output, as `f32`. An upper
-/// bound of its cache and of the peak of its computation.
-pub fn forward_bytes(spec: &StageSpec, rows: usize, cols: usize) -> u64 {
-    let mut width = cols as u64;
-    let mut values = width;
-    for op in &spec.ops {
-        width = match *op {
-            OpSpec::Linear { output, .. } => output as u64,
-            OpSpec::NllLoss => 1,
-            _ => width,
-        };
-        values = values.saturating_add(width);
-    }
-    values.saturating_mul(rows as u64).saturating_mul(4)
-}
-
-/// Bytes of the tensor message (`f32`, rank 2) of `rows` × `cols`.
-pub fn tensor_bytes(rows: usize, cols: usize) -> u64 {
-    (rows as u64)
-        .saturating_mul(cols as u64)
-        .saturating_mul(4)
-        .saturating_add(2 + 8)
-}
-
-/// Rows and columns a rank-2 tensor message announces, read from its
-/// header only (the body is checked when it is decoded).
-pub fn tensor_shape(body: &[u8]) -> Option<(usize, usize)> {
-    if body.get(1) != Some(&2) {
-        return None;
-    }
-    let dim = |at: usize| {
-        let b = body.get(at..at + 4)?;
-        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+/// Bytes of activations a forward of a message of `shape` (`[rows, …]`)
+/// makes `spec` compute, as `f32` ([`StageSpec::forward_values`]): an
+/// upper bound of its cache and of the peak of its computation. An
+/// identity stage keeps nothing and copies its input once.
+pub fn forward_bytes(spec: &StageSpec, shape: &[usize]) -> u64 {
+    let rows = shape.first().copied().unwrap_or(0);
+    let values = if spec.is_identity() {
+        shape.iter().fold(2u64, |n, d| n.saturating_mul(*d as u64))
+    } else {
+        spec.forward_values(rows)
     };
-    Some((dim(2)?, dim(6)?))
+    values.saturating_mul(4)
 }
 
-/// The width of `spec`'s output for an input of `cols` features (an
-/// identity stage passes any width through).
-pub fn output_width(spec: &StageSpec, cols: usize) -> usize {
-    spec.ops.iter().fold(cols, |w, op| match *op {
-        OpSpec::Linear { output, .. } => output,
-        _ => w,
-    })
+/// Whether a message of `shape` (`[rows, …]`) fits the input of `spec`:
+/// its sample dimensions are the stage's (an identity stage takes any).
+pub fn fits_input(spec: &StageSpec, shape: &[usize]) -> bool {
+    match shape.split_first() {
+        Some((rows, dims)) => *rows > 0 && (spec.is_identity() || dims == spec.input.dims()),
+        None => false,
+    }
+}
+
+/// Bytes of the answer to a training forward (`test` false) or a test of
+/// a message of `shape`: the loss `[1, 1]`, the stage's output (its
+/// evaluation output for a test), or the input's shape for an identity
+/// stage.
+pub fn answer_bytes(spec: &StageSpec, shape: &[usize], test: bool) -> u64 {
+    let rows = shape.first().copied().unwrap_or(0);
+    if spec.is_identity() {
+        f32_message_len(shape)
+    } else if !test && spec.is_loss() {
+        f32_message_len(&[1, 1])
+    } else if test {
+        f32_message_len(&spec.eval_output().batched(rows))
+    } else {
+        f32_message_len(&spec.output().batched(rows))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mixnn_model::spec::{OpSpec, Shape};
     use mixnn_model::tensor_bytes::TensorBytes;
 
     fn paper_first() -> StageSpec {
         StageSpec {
-            input: 784,
+            input: Shape::flat(784),
             ops: vec![
                 OpSpec::Linear {
                     input: 784,
@@ -153,11 +144,11 @@ mod tests {
         assert_eq!(stage_params(&paper_first()), 785 * 128);
         // 64 rows: input, linear output, relu output.
         assert_eq!(
-            forward_bytes(&paper_first(), 64, 784),
+            forward_bytes(&paper_first(), &[64, 784]),
             64 * (784 + 128 + 128) * 4
         );
         let huge = StageSpec {
-            input: 1 << 20,
+            input: Shape::flat(1 << 20),
             ops: vec![OpSpec::Linear {
                 input: 1 << 20,
                 output: 1 << 20,
@@ -169,17 +160,37 @@ mod tests {
     }
 
     #[test]
-    fn tensor_shape_reads_the_header_of_what_tensor_bytes_encodes() {
-        let t = TensorBytes::encode_f32(&[3, 5], &[0.0; 15]);
-        assert_eq!(tensor_shape(&t), Some((3, 5)));
-        assert_eq!(tensor_bytes(3, 5), t.len() as u64);
-        let p = TensorBytes::encode_pixels(&[2, 784], &[0; 1568]);
-        assert_eq!(tensor_shape(&p), Some((2, 784)));
+    fn answers_and_inputs_are_sized_from_the_description() {
+        let t = TensorBytes::encode_f32(&[3, 128], &[0.0; 384]);
         assert_eq!(
-            tensor_shape(&TensorBytes::encode_f32(&[4], &[0.0; 4])),
-            None
+            answer_bytes(&paper_first(), &[3, 784], false),
+            t.len() as u64
         );
-        assert_eq!(tensor_shape(&[0, 2, 1]), None);
-        assert_eq!(output_width(&paper_first(), 784), 128);
+        assert!(fits_input(&paper_first(), &[3, 784]));
+        assert!(!fits_input(&paper_first(), &[3, 1, 28, 28]));
+        assert!(!fits_input(&paper_first(), &[0, 784]));
+        let conv = StageSpec {
+            input: Shape::image(1, 28, 28),
+            ops: vec![OpSpec::Conv2d {
+                in_channels: 1,
+                out_channels: 8,
+                kernel: 3,
+                stride: 1,
+                padding: 1,
+                bias: true,
+            }],
+        };
+        assert!(fits_input(&conv, &[2, 1, 28, 28]));
+        assert!(!fits_input(&conv, &[2, 784]));
+        let out = TensorBytes::encode_f32(&[2, 8, 28, 28], &vec![0.0; 2 * 8 * 784]);
+        assert_eq!(
+            answer_bytes(&conv, &[2, 1, 28, 28], false),
+            out.len() as u64
+        );
+        // input, output and one image's columns per image.
+        assert_eq!(
+            forward_bytes(&conv, &[2, 1, 28, 28]),
+            4 * (2 * 784 + 2 * 8 * 784 + 2 * 9 * 784)
+        );
     }
 }

@@ -132,8 +132,8 @@ mod tests {
     fn note() -> InitNote {
         InitNote {
             arith: mixnn_model::arith::ARITH_VERSION,
-            stage: StageSpec::identity(4),
-            sgd: Sgd::default(),
+            stage: StageSpec::identity(mixnn_model::spec::Shape::flat(4)),
+            optimizer: Sgd::default().into(),
             seed: 0,
             start_step: 0,
             padding: PaddingPolicy::default(),

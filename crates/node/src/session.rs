@@ -110,9 +110,11 @@ pub(crate) fn forward(
     adversary: MaybeAdversary,
 ) -> Result<(Vec<u8>, Cached), NodeError> {
     let labels = s.stage.spec().is_loss().then_some(note.labels.as_slice());
-    let (y, cache) = s
-        .stage
-        .forward_micro_bytes(body, labels, note.batch_rows as usize)?;
+    let micro = mixnn_model::stage::Micro {
+        index: u32::from(note.micro.index()),
+        batch_rows: note.batch_rows as usize,
+    };
+    let (y, cache) = s.stage.forward_step_bytes(body, labels, micro)?;
     #[cfg(feature = "adversary")]
     let y = match adversary {
         Some(a) => a.forward(note.step, y),
@@ -235,19 +237,9 @@ pub(crate) fn load_chunk(
     body: &[u8],
 ) -> Result<(), NodeError> {
     let chunk = ParamChunk::decode(body)?;
-    // Parameters and momentum (f32 each), with room for names and shapes;
-    // from the stage's description, without encoding the parameters.
-    let values: usize = s
-        .stage
-        .spec()
-        .ops
-        .iter()
-        .map(|op| match *op {
-            mixnn_model::spec::OpSpec::Linear { input, output } => (input + 1) * output,
-            _ => 0,
-        })
-        .sum();
-    let bound = 2 * 4 * values + 64 * s.stage.spec().ops.len() * 4 + 4096;
+    // Weights and optimiser buffers (f32 each), with room for names and
+    // shapes; from the stage's description, without encoding anything.
+    let bound = mixnn_proto::state_bound(s.stage.spec(), s.stage.optimizer());
     if chunk.total as usize > bound {
         return Err(NodeError::Refused(format!(
             "a state of {} bytes for a stage of at most {bound}",

@@ -4,8 +4,9 @@
 
 use std::net::SocketAddr;
 
+use mixnn_model::optim::Optimizer;
 use mixnn_model::spec::{OpSpec, StageSpec};
-use mixnn_model::stage::{Sgd, Stage};
+use mixnn_model::stage::Stage;
 use mixnn_model::tensor_bytes::TensorBytes;
 use std::time::{Duration, Instant};
 
@@ -37,7 +38,7 @@ fn designer_addr() -> SocketAddr {
 /// A whole small model in one stage: linear 4→3, log-softmax, NLL loss.
 fn stage_spec() -> StageSpec {
     StageSpec {
-        input: 4,
+        input: mixnn_model::spec::Shape::flat(4),
         ops: vec![
             OpSpec::Linear {
                 input: 4,
@@ -53,7 +54,7 @@ fn init_note(stage: StageSpec) -> InitNote {
     InitNote {
         arith: mixnn_model::arith::ARITH_VERSION,
         stage,
-        sgd: Sgd::default(),
+        optimizer: Optimizer::default(),
         seed: SEED,
         start_step: 0,
         padding: POLICY,
@@ -249,7 +250,7 @@ fn labels(step: u64) -> Vec<u32> {
 
 /// The losses the stage computes locally for steps 0, 1, …, n-1.
 fn local_losses(n: u64) -> Vec<Vec<u8>> {
-    let mut stage = Stage::new(&stage_spec(), SEED, Sgd::default());
+    let mut stage = Stage::new(&stage_spec(), SEED, Optimizer::default());
     (0..n)
         .map(|step| {
             let (loss, cache) = stage
@@ -266,7 +267,7 @@ fn invalid_init_note_is_refused_and_creates_no_session() {
     let mut rig = Rig::new();
     // Linear dimensions that do not chain: 4→3 then 5→2.
     let broken = StageSpec {
-        input: 4,
+        input: mixnn_model::spec::Shape::flat(4),
         ops: vec![
             OpSpec::Linear {
                 input: 4,
@@ -480,7 +481,7 @@ fn stages_above_the_parameter_limits_are_refused_before_they_are_built() {
     // linear(2^20, 2^20): 2^40 parameters; refused at once (no allocation).
     let mut rig = Rig::new();
     let huge = StageSpec {
-        input: 1 << 20,
+        input: mixnn_model::spec::Shape::flat(1 << 20),
         ops: vec![OpSpec::Linear {
             input: 1 << 20,
             output: 1 << 20,
@@ -645,7 +646,7 @@ fn forwards_are_checked_against_the_answer_size_and_the_byte_budgets_before_any_
     // A forward whose answer could not be sent: refused, nothing cached.
     let mut rig = Rig::new();
     let wide = StageSpec {
-        input: 4,
+        input: mixnn_model::spec::Shape::flat(4),
         ops: vec![OpSpec::Linear {
             input: 4,
             output: 1 << 16,

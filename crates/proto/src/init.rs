@@ -2,8 +2,8 @@
 
 use std::net::SocketAddr;
 
-use mixnn_model::spec::{OpSpec, StageSpec};
-use mixnn_model::stage::Sgd;
+use mixnn_model::optim::Optimizer;
+use mixnn_model::spec::StageSpec;
 use mixnn_wire::{HopAddr, PaddingPolicy, MAX_BODY_LEN};
 
 use crate::{ProtoError, Reader, Result, NO_ADDR};
@@ -15,10 +15,11 @@ pub struct InitNote {
     /// that computes another refuses the init, since none of its results
     /// could equal the designer's.
     pub arith: u32,
-    /// The stage it runs (an identity stage for a dummy hop).
+    /// The stage it runs (for a dummy hop, an identity stage or ops moved
+    /// onto it that change nothing about the result).
     pub stage: StageSpec,
     /// Optimiser settings.
-    pub sgd: Sgd,
+    pub optimizer: Optimizer,
     /// Seed of the stage's parameter initialisation.
     pub seed: u64,
     /// Training steps the stage counts as applied when it starts (0 for a
@@ -58,49 +59,20 @@ pub struct InitNote {
     pub audit_key: Option<[u8; 32]>,
 }
 
-const OP_LINEAR: u8 = 1;
-const OP_RELU: u8 = 2;
-const OP_IDENTITY: u8 = 3;
-const OP_LOG_SOFTMAX: u8 = 4;
-const OP_NLL_LOSS: u8 = 5;
-const OP_NORMALIZE: u8 = 6;
 const PAD_UNIFORM: u8 = 0;
 const PAD_CLASSES: u8 = 1;
 
-/// Largest stage input/width accepted from a note.
-pub const MAX_WIDTH: u32 = 1 << 20;
-/// Most ops in one stage.
-pub const MAX_OPS: usize = 64;
+/// Most ops in one stage, nested ops included.
+pub const MAX_OPS: usize = mixnn_model::spec::MAX_OPS;
 
 impl InitNote {
     /// Encodes the note.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(160);
         out.extend_from_slice(&self.arith.to_le_bytes());
-        out.extend_from_slice(&(self.stage.input as u32).to_le_bytes());
-        // At most MAX_OPS ops (checked when stages are built by the designer).
-        out.push(self.stage.ops.len().min(255) as u8);
-        for op in &self.stage.ops {
-            match *op {
-                OpSpec::Linear { input, output } => {
-                    out.push(OP_LINEAR);
-                    out.extend_from_slice(&(input as u32).to_le_bytes());
-                    out.extend_from_slice(&(output as u32).to_le_bytes());
-                }
-                OpSpec::Normalize { mean, std } => {
-                    out.push(OP_NORMALIZE);
-                    out.extend_from_slice(&mean.to_bits().to_le_bytes());
-                    out.extend_from_slice(&std.to_bits().to_le_bytes());
-                }
-                OpSpec::Relu => out.push(OP_RELU),
-                OpSpec::LogSoftmax => out.push(OP_LOG_SOFTMAX),
-                OpSpec::NllLoss => out.push(OP_NLL_LOSS),
-                // Identity and any op added later without a wire code.
-                _ => out.push(OP_IDENTITY),
-            }
-        }
-        out.extend_from_slice(&self.sgd.lr.to_bits().to_le_bytes());
-        out.extend_from_slice(&self.sgd.momentum.to_bits().to_le_bytes());
+        // The stage in the model's binary form (every op has a code there).
+        out.extend_from_slice(&self.stage.encode());
+        out.extend_from_slice(&self.optimizer.encode());
         out.extend_from_slice(&self.seed.to_le_bytes());
         out.extend_from_slice(&self.start_step.to_le_bytes());
         let (kind, max_body) = match self.padding {
@@ -133,50 +105,16 @@ impl InitNote {
         let what = "init note";
         let mut r = Reader::new(bytes, what);
         let arith = r.u32()?;
-        let input = r.u32()?;
-        let n = usize::from(r.u8()?);
         let invalid = |reason: String| ProtoError::Invalid { what, reason };
-        if input == 0 || input > MAX_WIDTH || n == 0 || n > MAX_OPS {
-            return Err(invalid(format!("stage input {input} with {n} ops")));
-        }
-        let mut ops = Vec::with_capacity(n);
-        for _ in 0..n {
-            ops.push(match r.u8()? {
-                OP_LINEAR => {
-                    let (i, o) = (r.u32()?, r.u32()?);
-                    if i == 0 || o == 0 || i > MAX_WIDTH || o > MAX_WIDTH {
-                        return Err(invalid(format!("linear({i}, {o})")));
-                    }
-                    OpSpec::Linear {
-                        input: i as usize,
-                        output: o as usize,
-                    }
-                }
-                OP_NORMALIZE => OpSpec::Normalize {
-                    mean: r.f32()?,
-                    std: r.f32()?,
-                },
-                OP_RELU => OpSpec::Relu,
-                OP_IDENTITY => OpSpec::Identity,
-                OP_LOG_SOFTMAX => OpSpec::LogSoftmax,
-                OP_NLL_LOSS => OpSpec::NllLoss,
-                other => return Err(invalid(format!("unknown op code {other}"))),
-            });
-        }
-        let stage = StageSpec {
-            input: input as usize,
-            ops,
-        };
-        // The same checks as a model file: dimensions chain, loss last.
-        mixnn_model::spec::ModelSpec::from_stages("stage".into(), stage.input, vec![stage.clone()])
+        let (stage, used) = StageSpec::decode(r.rest()).map_err(invalid)?;
+        r.skip(used)?;
+        // The same checks as a model file: shapes chain, loss only last,
+        // sizes within bounds.
+        stage
+            .check(1, stage.is_loss())
             .map_err(|e| invalid(e.to_string()))?;
-        let sgd = Sgd {
-            lr: r.f32()?,
-            momentum: r.f32()?,
-        };
-        if !sgd.lr.is_finite() || !sgd.momentum.is_finite() {
-            return Err(invalid("non-finite optimiser settings".into()));
-        }
+        let (optimizer, used) = Optimizer::decode(r.rest()).map_err(invalid)?;
+        r.skip(used)?;
         let seed = r.u64()?;
         let start_step = r.u64()?;
         let kind = r.u8()?;
@@ -196,7 +134,7 @@ impl InitNote {
         let note = InitNote {
             arith,
             stage,
-            sgd,
+            optimizer,
             seed,
             start_step,
             padding,
@@ -228,11 +166,13 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    use mixnn_model::spec::{OpSpec, Shape};
+
     fn note() -> InitNote {
         InitNote {
-            arith: 1,
+            arith: 2,
             stage: StageSpec {
-                input: 784,
+                input: Shape::flat(784),
                 ops: vec![
                     OpSpec::Linear {
                         input: 784,
@@ -241,7 +181,7 @@ mod tests {
                     OpSpec::Relu,
                 ],
             },
-            sgd: Sgd::default(),
+            optimizer: Optimizer::default(),
             seed: 99,
             start_step: 7,
             padding: PaddingPolicy::Uniform { max_body: 50_000 },
@@ -281,6 +221,10 @@ mod tests {
         };
         let mut b = n.encode();
         let at = b.len() - 32 - 3 * 32 - 8 - 4 - 19 - 19 - 1;
+        assert_eq!(
+            u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize,
+            MAX_BODY_LEN
+        );
         b[at..at + 4].copy_from_slice(&(MAX_BODY_LEN as u32 + 1).to_le_bytes());
         let err = InitNote::decode(&b).unwrap_err().to_string();
         assert!(err.contains("largest body"), "{err}");
@@ -295,11 +239,12 @@ mod tests {
         });
         let err = InitNote::decode(&n.encode()).unwrap_err().to_string();
         assert!(
-            err.contains("expects 64 input features but the previous op gives 128"),
+            err.contains("expects 64 input features but gets [128]"),
             "{err}"
         );
         let mut b = note().encode();
-        b[9] = 77;
+        // arith (4), rank (1), dims (4), op count (1), then the first op.
+        b[10] = 77;
         assert!(InitNote::decode(&b)
             .unwrap_err()
             .to_string()

@@ -30,9 +30,11 @@ pub mod reply;
 mod state;
 pub mod trailer;
 
-pub use init::{InitNote, MAX_OPS, MAX_WIDTH};
+pub use init::{InitNote, MAX_OPS};
 pub use note::{BackwardNote, ChunkNote, ForwardNote, Micro, SessionNote, MAX_LABELS};
-pub use state::{chunk_room, decode_params, decode_state, encode_params, encode_state, ParamChunk};
+pub use state::{
+    chunk_room, decode_params, decode_state, encode_params, encode_state, state_bound, ParamChunk,
+};
 
 /// A malformed note or body.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -72,6 +74,14 @@ impl<'a> Reader<'a> {
     pub(crate) fn new(bytes: &'a [u8], what: &'static str) -> Self {
         Reader { bytes, at: 0, what }
     }
+    /// The bytes not read yet.
+    pub(crate) fn rest(&self) -> &'a [u8] {
+        &self.bytes[self.at.min(self.bytes.len())..]
+    }
+    /// Skips `n` bytes.
+    pub(crate) fn skip(&mut self, n: usize) -> Result<()> {
+        self.take(n).map(|_| ())
+    }
     pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         let end = self.at.checked_add(n).filter(|e| *e <= self.bytes.len());
         let end = end.ok_or(ProtoError::Truncated {
@@ -98,9 +108,6 @@ impl<'a> Reader<'a> {
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
         Ok(u64::from_le_bytes(a))
-    }
-    pub(crate) fn f32(&mut self) -> Result<f32> {
-        Ok(f32::from_bits(self.u32()?))
     }
     pub(crate) fn key(&mut self) -> Result<[u8; 32]> {
         let mut k = [0u8; 32];

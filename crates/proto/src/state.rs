@@ -44,6 +44,29 @@ impl ParamChunk {
     }
 }
 
+/// The most bytes [`encode_state`] can take for a stage of `spec`
+/// trained with `opt`: every weight, buffer and optimiser buffer, four
+/// bytes each, with generous room for names and shapes. The designer caps
+/// a download with it before it asks for more chunks, and a hop caps a
+/// load.
+pub fn state_bound(
+    spec: &mixnn_model::spec::StageSpec,
+    opt: &mixnn_model::optim::Optimizer,
+) -> usize {
+    let per_param = 1 + opt.buffers().len();
+    let values = spec
+        .param_count()
+        .saturating_mul(per_param)
+        .saturating_add(spec.buffer_count());
+    let tensors = 4usize
+        .saturating_mul(spec.op_count())
+        .saturating_mul(per_param)
+        .saturating_add(1);
+    (8 + 2usize)
+        .saturating_add(values.saturating_mul(4))
+        .saturating_add(tensors.saturating_mul(256))
+}
+
 /// Serialises a stage's state (a fetch's answer, a load's payload):
 /// `steps u64 ‖` [`encode_params`] of its tensors.
 pub fn encode_state(state: &StageState) -> Vec<u8> {

@@ -168,8 +168,8 @@ struct Header {
 struct ConfigRecord {
     epochs: u32,
     batch: u64,
-    lr_bits: u32,
-    momentum_bits: u32,
+    /// The optimiser in its binary form (`Optimizer::encode`), hex.
+    optimizer: String,
     /// The run's secret seed (64 hex digits): the designer keeps it, no
     /// hop ever sees it.
     seed: mixnn_model::seed::RunSeed,
@@ -199,8 +199,7 @@ impl Checkpoint {
             config: ConfigRecord {
                 epochs: c.epochs,
                 batch: c.batch as u64,
-                lr_bits: c.sgd.lr.to_bits(),
-                momentum_bits: c.sgd.momentum.to_bits(),
+                optimizer: hex::encode(c.optimizer.encode()),
                 seed: c.seed,
                 micro_batches: c.micro_batches as u64,
             },
@@ -450,10 +449,7 @@ pub(crate) fn decode_defect(bytes: &[u8]) -> Result<Checkpoint, Defect> {
         config: TrainConfig {
             epochs: c.epochs,
             batch: usize::try_from(c.batch).map_err(|_| too_big("batch"))?,
-            sgd: mixnn_model::stage::Sgd {
-                lr: f32::from_bits(c.lr_bits),
-                momentum: f32::from_bits(c.momentum_bits),
-            },
+            optimizer: decode_optimizer(&c.optimizer).map_err(Defect::Malformed)?,
             seed: c.seed,
             micro_batches: usize::try_from(c.micro_batches)
                 .map_err(|_| too_big("micro_batches"))?,
@@ -464,6 +460,15 @@ pub(crate) fn decode_defect(bytes: &[u8]) -> Result<Checkpoint, Defect> {
     };
     checkpoint.consistency().map_err(Defect::Malformed)?;
     Ok(checkpoint)
+}
+
+fn decode_optimizer(text: &str) -> std::result::Result<mixnn_model::optim::Optimizer, String> {
+    let bytes = hex::decode(text).map_err(|e| format!("optimiser: {e}"))?;
+    match mixnn_model::optim::Optimizer::decode(&bytes) {
+        Ok((opt, used)) if used == bytes.len() => Ok(opt),
+        Ok(_) => Err("optimiser: trailing bytes".into()),
+        Err(e) => Err(format!("optimiser: {e}")),
+    }
 }
 
 #[cfg(test)]

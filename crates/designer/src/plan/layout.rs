@@ -2,8 +2,9 @@
 //! them as identity stages), which stages the designer keeps, which hop
 //! computes the loss, and how large the cascade's messages get.
 
-use mixnn_model::spec::{ModelSpec, OpSpec, StageSpec};
+use mixnn_model::spec::{ModelSpec, OpSpec, Shape, StageSpec};
 use mixnn_model::stage::StageState;
+use mixnn_model::tensor_bytes::f32_message_len;
 use mixnn_model::trainer::TrainConfig;
 use mixnn_wire::PaddingPolicy;
 
@@ -29,8 +30,8 @@ pub struct Layout {
     pub keep: Keep,
     /// Stages of the model.
     pub stages: usize,
-    /// Features of one input row.
-    pub input: usize,
+    /// The shape of one input sample.
+    pub input: Shape,
     /// The hop that runs the loss stage, if remote.
     pub loss_hop: Option<usize>,
 }
@@ -84,7 +85,7 @@ impl Layout {
             hops,
             keep,
             stages: n,
-            input: model.input,
+            input: model.input.clone(),
         })
     }
 
@@ -117,16 +118,20 @@ impl Layout {
     pub fn max_body(&self, cfg: &TrainConfig, audited: bool) -> usize {
         let micro_batches = cfg.micro_batches.clamp(1, usize::from(u16::MAX));
         let b = cfg.batch.div_ceil(micro_batches).max(1);
-        let tensor = |features: usize| 2 + 8 + b * features * 4;
+        let tensor = |s: &Shape| f32_message_len(&s.batched(b)) as usize;
         let mut max_body = match self.hops.first() {
-            Some(first) if self.keep.first() => tensor(first.spec.input),
-            Some(first) => 2 + 8 + b * first.spec.input,
+            Some(first) if self.keep.first() => tensor(&first.spec.input),
+            // Pixels: one byte per value.
+            Some(first) => {
+                2 + 4 * (1 + first.spec.input.dims().len()) + b * first.spec.input.numel()
+            }
             None => 0,
         };
         for (k, h) in self.hops.iter().enumerate() {
-            max_body = max_body.max(tensor(h.spec.output()));
+            max_body = max_body.max(tensor(&h.spec.output()));
+            max_body = max_body.max(tensor(&h.spec.eval_output()));
             if k > 0 {
-                max_body = max_body.max(tensor(h.spec.input));
+                max_body = max_body.max(tensor(&h.spec.input));
             }
         }
         if audited {
@@ -192,14 +197,16 @@ fn with_dummies(real: Vec<HopStage>, dummies: &[usize]) -> Result<Vec<HopStage>,
     let mut out: Vec<HopStage> = Vec::with_capacity(n);
     for k in 0..n {
         if sorted.contains(&k) {
-            let width = match out.last() {
+            let input = match out.last() {
                 Some(prev) => prev.spec.output(),
-                None => real.peek().map_or(1, |h| h.spec.input),
+                None => real
+                    .peek()
+                    .map_or_else(|| Shape::flat(1), |h| h.spec.input.clone()),
             };
             out.push(HopStage {
                 index: None,
                 spec: StageSpec {
-                    input: width,
+                    input,
                     ops: vec![OpSpec::Identity],
                 },
             });
@@ -237,8 +244,11 @@ ops = [{ op = "nll_loss" }]
     #[test]
     fn dummies_take_the_width_of_their_place() {
         let l = Layout::new(&model(), Keep::None, &[0, 2], 5).unwrap();
-        let widths: Vec<(Option<usize>, usize)> =
-            l.hops.iter().map(|h| (h.index, h.spec.input)).collect();
+        let widths: Vec<(Option<usize>, usize)> = l
+            .hops
+            .iter()
+            .map(|h| (h.index, h.spec.input.numel()))
+            .collect();
         assert_eq!(
             widths,
             vec![
@@ -262,7 +272,8 @@ ops = [{ op = "nll_loss" }]
         let err = Layout::new(&m, Keep::Both, &[], 1).unwrap();
         assert_eq!(err.hops.len(), 1);
         assert!(err.needs_input_grad(0));
-        let one = ModelSpec::from_stages("one".into(), 4, vec![m.stages[0].clone()]).unwrap();
+        let one = ModelSpec::from_stages("one".into(), Shape::flat(4), vec![m.stages[0].clone()])
+            .unwrap();
         assert!(Layout::new(&one, Keep::Both, &[], 0).is_err());
     }
 

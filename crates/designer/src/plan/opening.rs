@@ -2,9 +2,12 @@
 //! opening against its commitments and a re-execution ([`verify`]); see
 //! [`crate::plan::audit`] for the whole scheme.
 
+use mixnn_model::optim::Optimizer;
+use mixnn_model::seed::RunSeed;
 use mixnn_model::spec::ModelSpec;
-use mixnn_model::stage::{Sgd, Stage};
+use mixnn_model::stage::{Micro, Stage};
 use mixnn_model::tensor_bytes::TensorBytes;
+use mixnn_model::trainer::stage_seed;
 use mixnn_model::trainer::Batch;
 use mixnn_proto::audit::{state_digest, Opening};
 use mixnn_proto::{decode_state, encode_state};
@@ -36,7 +39,9 @@ pub struct AuditContext<'a> {
     /// The cascade.
     pub layout: &'a Layout,
     /// The optimiser the stages run.
-    pub sgd: Sgd,
+    pub optimizer: Optimizer,
+    /// The run's seed (a stage's seed decides its dropout masks).
+    pub seed: &'a RunSeed,
     /// The audited step's batch.
     pub batch: &'a Batch,
 }
@@ -113,7 +118,7 @@ impl AuditCase {
         if k == self.hop {
             if k == 0 && !ctx.layout.keep.first() {
                 let x = TensorBytes::encode_pixels(
-                    &[ctx.batch.rows, ctx.layout.input],
+                    &ctx.layout.input.batched(ctx.batch.rows),
                     &ctx.batch.pixels,
                 );
                 if o.x != x {
@@ -160,7 +165,8 @@ pub fn verify(
     }
     o.check(&key, &fwd, &bwd)?;
     // Re-execution from the opened state.
-    let spec = &ctx.layout.hops.get(j).ok_or("no such hop")?.spec;
+    let hop = ctx.layout.hops.get(j).ok_or("no such hop")?;
+    let spec = &hop.spec;
     let before = decode_state(&o.before).map_err(|e| format!("opened state: {e}"))?;
     if before.steps != step {
         return Err(format!(
@@ -168,13 +174,19 @@ pub fn verify(
             before.steps
         ));
     }
-    let mut stage = Stage::new(spec, 0, ctx.sgd);
+    // The hop's seed matters only to dropout, which only real stages run.
+    let seed = hop.index.map_or(0, |i| stage_seed(ctx.seed, i));
+    let mut stage = Stage::new(spec, seed, ctx.optimizer);
     stage
         .load_state(&before)
         .map_err(|e| format!("opened state: {e}"))?;
     let labels = spec.is_loss().then_some(ctx.batch.labels.as_slice());
+    let micro = Micro {
+        index: 0,
+        batch_rows: ctx.batch.rows,
+    };
     let (y, cache) = stage
-        .forward_micro_bytes(&o.x, labels, ctx.batch.rows)
+        .forward_step_bytes(&o.x, labels, micro)
         .map_err(|e| format!("opened input: {e}"))?;
     if y != o.y {
         return Err("forward output differs from the re-execution".into());
@@ -201,7 +213,7 @@ pub fn local_step(
     batch: &Batch,
     model: &ModelSpec,
 ) -> Result<(), DesignerError> {
-    let mut x = TensorBytes::encode_pixels(&[batch.rows, model.input], &batch.pixels);
+    let mut x = TensorBytes::encode_pixels(&model.input.batched(batch.rows), &batch.pixels);
     let mut caches = Vec::with_capacity(stages.len());
     for s in stages.iter() {
         let labels = s.spec().is_loss().then_some(batch.labels.as_slice());
@@ -284,7 +296,7 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
                 Stage::new(
                     &model.stages[i],
                     stage_seed(&mixnn_model::seed::RunSeed::from_number(1), i),
-                    Sgd::default(),
+                    Optimizer::default(),
                 )
             })
             .collect();
@@ -375,7 +387,8 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
     fn audit(s: &Step, hop: usize, openings: &[Option<Opening>]) -> (Verdict, Vec<usize>) {
         let ctx = AuditContext {
             layout: &s.layout,
-            sgd: Sgd::default(),
+            optimizer: Optimizer::default(),
+            seed: &mixnn_model::seed::RunSeed::from_number(1),
             batch: &s.batch,
         };
         let mut case = AuditCase::new(hop, 0, &s.layout);
@@ -454,7 +467,8 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
         let s = step(false);
         let ctx = AuditContext {
             layout: &s.layout,
-            sgd: Sgd::default(),
+            optimizer: Optimizer::default(),
+            seed: &mixnn_model::seed::RunSeed::from_number(1),
             batch: &s.batch,
         };
         let err = verify(&s.audits, &ctx, 1, 3, &s.openings[1]).unwrap_err();

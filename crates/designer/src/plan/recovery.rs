@@ -29,8 +29,11 @@ use std::collections::VecDeque;
 use std::num::NonZeroU64;
 use std::time::Duration;
 
+use mixnn_model::optim::Optimizer;
+use mixnn_model::seed::RunSeed;
 use mixnn_model::spec::ModelSpec;
-use mixnn_model::stage::{NamedParam, Sgd, Stage, StageState};
+use mixnn_model::stage::{NamedParam, Stage, StageState};
+use mixnn_model::trainer::stage_seed;
 use mixnn_model::trainer::{Batch, EpochMetrics, TrainConfig};
 use mixnn_model::weights::sha256_hex;
 use mixnn_proto::encode_state;
@@ -293,7 +296,8 @@ pub fn rollback_point(
     batches: &[Batch],
     base: u64,
     model: &ModelSpec,
-    sgd: Sgd,
+    optimizer: Optimizer,
+    seed: &RunSeed,
 ) -> Result<Checkpoint, DesignerError> {
     let candidates: Vec<&Checkpoint> = kept
         .iter()
@@ -303,8 +307,8 @@ pub fn rollback_point(
         return Err(RecoveryError::NoRollbackPoint { bad }.into());
     };
     let mut stages: Vec<Stage> = Vec::with_capacity(model.stages.len());
-    for (spec, state) in model.stages.iter().zip(&first.stages) {
-        let mut s = Stage::new(spec, 0, sgd);
+    for (i, (spec, state)) in model.stages.iter().zip(&first.stages).enumerate() {
+        let mut s = Stage::new(spec, stage_seed(seed, i), optimizer);
         s.load_state(state)?;
         stages.push(s);
     }
@@ -472,7 +476,7 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
                 Stage::new(
                     s,
                     stage_seed(&mixnn_model::seed::RunSeed::from_number(1), i),
-                    Sgd::default(),
+                    Optimizer::default(),
                 )
             })
             .collect();
@@ -508,16 +512,52 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
         let b = batches();
         let m = model();
         let honest = honest_run(&b, false);
-        let c = rollback_point(honest.kept(), 4, &b, 0, &m, Sgd::default()).unwrap();
+        let c = rollback_point(
+            honest.kept(),
+            4,
+            &b,
+            0,
+            &m,
+            Optimizer::default(),
+            &RunSeed::from_number(1),
+        )
+        .unwrap();
         assert_eq!(c.step, 4);
         // A bad update before step 4 shows in its checkpoint: back to 2.
         let bad = honest_run(&b, true);
-        let c = rollback_point(bad.kept(), 4, &b, 0, &m, Sgd::default()).unwrap();
+        let c = rollback_point(
+            bad.kept(),
+            4,
+            &b,
+            0,
+            &m,
+            Optimizer::default(),
+            &RunSeed::from_number(1),
+        )
+        .unwrap();
         assert_eq!(c.step, 2);
         // Never past the bad step, never before the epoch.
-        let c = rollback_point(bad.kept(), 3, &b, 0, &m, Sgd::default()).unwrap();
+        let c = rollback_point(
+            bad.kept(),
+            3,
+            &b,
+            0,
+            &m,
+            Optimizer::default(),
+            &RunSeed::from_number(1),
+        )
+        .unwrap();
         assert_eq!(c.step, 2);
-        let err = rollback_point(bad.kept(), 1, &b, 2, &m, Sgd::default()).unwrap_err();
+        let err = rollback_point(
+            bad.kept(),
+            1,
+            &b,
+            2,
+            &m,
+            Optimizer::default(),
+            &RunSeed::from_number(1),
+        )
+        .unwrap_err();
         assert!(matches!(
             err,
             DesignerError::Recovery(RecoveryError::NoRollbackPoint { bad: 1 })

@@ -158,7 +158,7 @@ mod tests {
     #[test]
     fn a_total_above_what_the_stage_can_hold_is_a_bad_reply() {
         let spec = mixnn_model::spec::StageSpec {
-            input: 4,
+            input: mixnn_model::spec::Shape::flat(4),
             ops: vec![mixnn_model::spec::OpSpec::Linear {
                 input: 4,
                 output: 3,

@@ -283,26 +283,44 @@ pub fn with_path<R>(path: KernelPath, f: impl FnOnce() -> R) -> Result<R> {
 /// order of operations), on the active path. Shapes are the caller's to
 /// check (`c.len()` must be `A.rows × B.cols`).
 pub(crate) fn gemm_into(a: View<'_>, b: View<'_>, c: &mut [f32], init: Init) {
-    match active() {
-        KernelPath::Scalar => gemm::reference(a, b, c, init),
-        #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx512 => match gemm::x86::Avx512::detect() {
-            Some(k) => gemm::gemm(k, a, b, c, init),
-            None => sse2(a, b, c, init),
-        },
-        #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx2 => match gemm::x86::Avx2::detect() {
-            Some(k) => gemm::gemm(k, a, b, c, init),
-            None => sse2(a, b, c, init),
-        },
-        #[cfg(target_arch = "aarch64")]
-        KernelPath::Neon => {
-            gemm::gemm(gemm::Portable::<gemm::HardFma, 6, 16>::new(), a, b, c, init)
+    Gemm::active().run(a, b, c, init)
+}
+
+/// The kernel path of the calling thread, captured so that work handed to
+/// other threads computes with it too (a path forced with [`with_path`]
+/// is the calling thread's alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Gemm(KernelPath);
+
+impl Gemm {
+    /// The calling thread's path ([`active`]).
+    pub(crate) fn active() -> Self {
+        Gemm(active())
+    }
+
+    /// `C = A·B` or `C` continued by `A·B` on this path.
+    pub(crate) fn run(self, a: View<'_>, b: View<'_>, c: &mut [f32], init: Init) {
+        match self.0 {
+            KernelPath::Scalar => gemm::reference(a, b, c, init),
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512 => match gemm::x86::Avx512::detect() {
+                Some(k) => gemm::gemm(k, a, b, c, init),
+                None => sse2(a, b, c, init),
+            },
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 => match gemm::x86::Avx2::detect() {
+                Some(k) => gemm::gemm(k, a, b, c, init),
+                None => sse2(a, b, c, init),
+            },
+            #[cfg(target_arch = "aarch64")]
+            KernelPath::Neon => {
+                gemm::gemm(gemm::Portable::<gemm::HardFma, 6, 16>::new(), a, b, c, init)
+            }
+            #[cfg(target_arch = "x86_64")]
+            _ => sse2(a, b, c, init),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => gemm::gemm(gemm::Portable::<gemm::SoftFma, 4, 8>::new(), a, b, c, init),
         }
-        #[cfg(target_arch = "x86_64")]
-        _ => sse2(a, b, c, init),
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => gemm::gemm(gemm::Portable::<gemm::SoftFma, 4, 8>::new(), a, b, c, init),
     }
 }
 

@@ -16,13 +16,17 @@
 //!   start, or `MIXNN_KERNELS`).
 //! - [`threads`]: how many threads share the outputs (`MIXNN_THREADS`).
 //! - [`math`]: `exp` and `ln` without libm.
-//! - [`ops`]: every op's forward and backward, the loss, SGD.
+//! - [`ops`]: the elementwise ops, `linear`, the loss, SGD.
+//! - [`conv`], [`pool`], [`norm`]: `conv2d`, pooling, `batch_norm2d`.
 
+pub mod conv;
 pub mod dispatch;
 pub mod gemm;
 pub mod math;
 pub mod matrix;
+pub mod norm;
 pub mod ops;
+pub mod pool;
 pub mod threads;
 
 pub use dispatch::{KernelPath, ALL_PATHS};

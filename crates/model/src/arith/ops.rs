@@ -171,6 +171,33 @@ pub fn nll_backward(labels: &[u32], classes: usize, rows: usize) -> Matrix {
     dx
 }
 
+/// The multipliers of a `dropout` mask: for each value, `u = f32(r >> 8) ⊗
+/// 2^−24` from the next `u32` `r` of a ChaCha8 stream seeded with `seed`;
+/// the value is kept (multiplier `1 ⊘ (1 ⊖ p)`) when `u ≥ p`, else zeroed
+/// (multiplier `+0`).
+pub fn dropout_mask(seed: u64, len: usize, p: f32) -> Vec<f32> {
+    use rand::RngCore;
+    let scale = 1.0 / (1.0 - p);
+    let mut r = crate::init::rng(seed);
+    (0..len)
+        .map(|_| {
+            let u = (r.next_u32() >> 8) as f32 * (1.0 / (1u32 << 24) as f32);
+            if u >= p {
+                scale
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// `y = x ⊗ m`, elementwise (dropout forward and backward).
+pub fn mul_assign(x: &mut [f32], m: &[f32]) {
+    for (v, k) in x.iter_mut().zip(m) {
+        *v *= *k;
+    }
+}
+
 /// `acc ⊕= g`, elementwise (the sum of a step's micro-batch gradients,
 /// taken in micro-batch order by the caller).
 pub fn add_assign(acc: &mut [f32], g: &[f32]) {

@@ -144,7 +144,7 @@ impl Core {
             }
         };
         // Every check passed: build the stage, then record the init.
-        let mut stage = Stage::new(&note.stage, note.seed, note.sgd);
+        let mut stage = Stage::new(&note.stage, note.seed, note.optimizer);
         stage.start_at(note.start_step);
         let auditor = note.audit_key.map(|k| Auditor::new(k, &stage));
         let tag = hop.init_tag();
