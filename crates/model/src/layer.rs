@@ -130,6 +130,7 @@ pub(crate) enum Saved {
         var_unbiased: Vec<f32>,
     },
     Mask(Vec<f32>),
+    Bits(Vec<u64>),
     Residual {
         f: Vec<Saved>,
         s: Vec<Saved>,
@@ -149,6 +150,7 @@ impl Saved {
                 var_unbiased,
             } => 4 * (xhat.as_slice().len() + inv.len() + mean.len() + var_unbiased.len()),
             Saved::Mask(m) => 4 * m.len(),
+            Saved::Bits(b) => 8 * b.len(),
             Saved::Nothing => 0,
             Saved::Residual { f, s } => f.iter().chain(s).map(Saved::bytes).sum(),
         }
@@ -423,7 +425,7 @@ fn forward_one(layer: &Layer, h: Matrix, ctx: &Ctx<'_>) -> Result<(Matrix, Saved
         Kind::Relu => {
             let y = ops::relu_forward(h);
             let s = if train {
-                Saved::Output(y.clone())
+                Saved::Bits(ops::relu_mask(&y))
             } else {
                 Saved::Nothing
             };
@@ -631,7 +633,7 @@ fn backward_one(
         (Kind::Normalize { std, .. }, Saved::Nothing) => {
             Some(ops::normalize_backward(need(g)?, *std))
         }
-        (Kind::Relu, Saved::Output(y)) => Some(ops::relu_backward(&y, need(g)?)),
+        (Kind::Relu, Saved::Bits(mask)) => Some(ops::relu_backward_masked(&mask, need(g)?)),
         (Kind::Identity | Kind::Flatten, Saved::Nothing) => g,
         (Kind::LogSoftmax, Saved::Output(y)) => Some(ops::log_softmax_backward(&y, need(g)?)),
         (Kind::MaxPool(pg), Saved::Arg(arg)) => Some(pool::max_pool_backward(&need(g)?, &arg, pg)),

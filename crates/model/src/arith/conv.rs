@@ -22,7 +22,10 @@
 use rayon::prelude::*;
 
 use crate::arith::dispatch::Gemm;
-use crate::arith::gemm::{Init, View};
+use crate::arith::gemm::{
+    pack_b_into, packed_b_len, run_packed, tile_into, Init, KernelTask, Micro, PackedA, View,
+    MAX_TILE,
+};
 use crate::arith::matrix::Matrix;
 use crate::arith::threads;
 
@@ -94,54 +97,85 @@ impl ConvGeom {
     }
 }
 
-/// `cols[(c·k + ky)·k + kx][y·wo + x] = Xp[c, y·s + ky, x·s + kx]` for one
-/// image (`+0` where the window reaches into the padding).
-fn im2col(x: &[f32], g: &ConvGeom, cols: &mut [f32]) {
+/// Row `r = (c·k + ky)·k + kx` of one image's columns:
+/// `row[y·wo + x] = Xp[c, y·s + ky, x·s + kx]` (`+0` in the padding).
+fn fill_row(x: &[f32], g: &ConvGeom, r: usize, row: &mut [f32]) {
     let (k, s, p) = (g.k, g.s, g.p);
-    let n = g.ho * g.wo;
-    for c in 0..g.c {
-        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-        for ky in 0..k {
-            for kx in 0..k {
-                let row = &mut cols[((c * k + ky) * k + kx) * n..][..n];
-                for y in 0..g.ho {
-                    let out = &mut row[y * g.wo..(y + 1) * g.wo];
-                    let iy = (y * s + ky) as isize - p as isize;
-                    if iy < 0 || iy >= g.h as isize {
-                        out.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    if s == 1 {
-                        // ix = x + kx − p: a shifted copy with zero edges.
-                        let shift = kx as isize - p as isize;
-                        for (x, v) in out.iter_mut().enumerate() {
-                            let ix = x as isize + shift;
-                            *v = if ix >= 0 && ix < g.w as isize {
-                                src[ix as usize]
-                            } else {
-                                0.0
-                            };
-                        }
-                    } else {
-                        for (x, v) in out.iter_mut().enumerate() {
-                            let ix = (x * s + kx) as isize - p as isize;
-                            *v = if ix >= 0 && ix < g.w as isize {
-                                src[ix as usize]
-                            } else {
-                                0.0
-                            };
-                        }
-                    }
-                }
+    let (c, ky, kx) = (r / (k * k), (r / k) % k, r % k);
+    let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+    for y in 0..g.ho {
+        let out = &mut row[y * g.wo..(y + 1) * g.wo];
+        let iy = (y * s + ky) as isize - p as isize;
+        if iy < 0 || iy >= g.h as isize {
+            out.fill(0.0);
+            continue;
+        }
+        let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+        if s == 1 {
+            // ix = x + kx − p: a shifted copy with zero edges.
+            let lo = p.saturating_sub(kx).min(g.wo);
+            let hi = (g.w + p).saturating_sub(kx).min(g.wo).max(lo);
+            out[..lo].fill(0.0);
+            out[lo..hi].copy_from_slice(&src[lo + kx - p..hi + kx - p]);
+            out[hi..].fill(0.0);
+        } else {
+            for (xo, v) in out.iter_mut().enumerate() {
+                let ix = (xo * s + kx) as isize - p as isize;
+                *v = if ix >= 0 && ix < g.w as isize {
+                    src[ix as usize]
+                } else {
+                    0.0
+                };
             }
         }
     }
 }
 
-/// Runs `f(n, image_out)` for every image, on the kernel threads when
-/// there is more than one image.
-fn per_image(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+/// One image's columns (`c·k·k` rows of `ho·wo`) packed straight into
+/// panels of `nr` columns, the right operand of the forward's product.
+fn im2col_panels(x: &[f32], g: &ConvGeom, nr: usize, out: &mut [f32], row: &mut [f32]) {
+    let (kk, n) = (g.patch(), g.ho * g.wo);
+    let row = &mut row[..n];
+    for r in 0..kk {
+        fill_row(x, g, r, row);
+        for (panel, chunk) in row.chunks(nr).enumerate() {
+            let dst = &mut out[(panel * kk + r) * nr..(panel * kk + r + 1) * nr];
+            dst[..chunk.len()].copy_from_slice(chunk);
+            dst[chunk.len()..].fill(0.0);
+        }
+    }
+}
+
+/// Rows `r0 .. r0 + mr` of one image's columns packed as one block of the
+/// left operand: `out[j·mr + i] = cols[r0 + i][j]` (zero past the last
+/// row). `rows` holds `mr` rows of scratch.
+fn im2col_block(x: &[f32], g: &ConvGeom, r0: usize, mr: usize, out: &mut [f32], rows: &mut [f32]) {
+    let n = g.ho * g.wo;
+    let rows = &mut rows[..mr * n];
+    for (i, row) in rows.chunks_exact_mut(n).enumerate() {
+        if r0 + i < g.patch() {
+            fill_row(x, g, r0 + i, row);
+        } else {
+            row.fill(0.0);
+        }
+    }
+    // Interleave: read the rows side by side, write `out` in order.
+    for (j, col) in out[..n * mr].chunks_exact_mut(mr).enumerate() {
+        for (i, v) in col.iter_mut().enumerate() {
+            *v = rows[i * n + j];
+        }
+    }
+}
+
+/// Runs `f(n, image_out, scratch)` for every image, on the kernel threads
+/// when there is more than one image; each thread's scratch comes from
+/// `init` once per batch of images it takes.
+fn per_image<S: Send>(
+    out: &mut [f32],
+    len: usize,
+    init: impl Fn() -> S + Sync + Send,
+    f: impl Fn(usize, &mut [f32], &mut S) + Sync + Send,
+) {
     if len == 0 {
         return;
     }
@@ -149,38 +183,223 @@ fn per_image(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync +
         threads::install(|| {
             out.par_chunks_mut(len)
                 .enumerate()
-                .for_each(|(n, o)| f(n, o))
+                .for_each_init(&init, |s, (n, o)| f(n, o, s))
         });
     } else {
-        out.chunks_mut(len).enumerate().for_each(|(n, o)| f(n, o));
+        let mut s = init();
+        out.chunks_mut(len)
+            .enumerate()
+            .for_each(|(n, o)| f(n, o, &mut s));
+    }
+}
+
+/// One image of a stride-1 convolution without im2col (an implicit one):
+/// `padded` is the input, `c` planes of `hp × wp` already padded, followed
+/// by at least `NR` zeros; the output `[o, hp − k + 1, wp − k + 1]`. Output
+/// positions are counted across the padded width (`j = y·wp + x`), so that
+/// the `NR` outputs of a tile read `NR` consecutive inputs for every
+/// `(c, ky, kx)` (at offset `c·hp·wp + ky·wp + kx`, in that order: the
+/// forward's dot product); the `k − 1` positions past each row's end are
+/// computed and dropped.
+#[allow(clippy::too_many_arguments)]
+fn direct_image<K: Micro>(
+    kernel: K,
+    a: &PackedA,
+    offsets: &[usize],
+    padded: &[f32],
+    (hp, wp, k): (usize, usize, usize),
+    out: &mut [f32],
+    tmp: &mut Vec<f32>,
+) {
+    let (mr, nr) = (K::MR, K::NR);
+    let (ho, wo) = (hp + 1 - k, wp + 1 - k);
+    let o = a.m;
+    let len = (ho - 1) * wp + wo;
+    let ld = len.div_ceil(nr) * nr;
+    tmp.resize(o * ld, 0.0);
+    let kk = a.k;
+    for j0 in (0..len).step_by(nr) {
+        let b = &padded[j0..];
+        for (bi, ap) in a.data.chunks_exact(kk * mr).enumerate() {
+            let i0 = bi * mr;
+            let height = mr.min(o - i0);
+            if height == mr {
+                kernel.tile_indirect(kk, ap, b, offsets, &mut tmp[i0 * ld + j0..], ld);
+            } else {
+                let mut scratch = [0.0f32; MAX_TILE];
+                kernel.tile_indirect(kk, ap, b, offsets, &mut scratch, nr);
+                for r in 0..height {
+                    tmp[(i0 + r) * ld + j0..(i0 + r) * ld + j0 + nr]
+                        .copy_from_slice(&scratch[r * nr..(r + 1) * nr]);
+                }
+            }
+        }
+    }
+    for (plane, src) in out.chunks_exact_mut(ho * wo).zip(tmp.chunks_exact(ld)) {
+        for (y, row) in plane.chunks_exact_mut(wo).enumerate() {
+            row.copy_from_slice(&src[y * wp..y * wp + wo]);
+        }
+    }
+}
+
+/// `(c, ky, kx)` offsets into `c` planes of `hp × wp`, in that order.
+fn window_offsets(c: usize, hp: usize, wp: usize, k: usize) -> Vec<usize> {
+    let mut out = Vec::with_capacity(c * k * k);
+    for ci in 0..c {
+        for ky in 0..k {
+            for kx in 0..k {
+                out.push(ci * hp * wp + ky * wp + kx);
+            }
+        }
+    }
+    out
+}
+
+/// Copies `c` planes of `h × w` into `out` (`c` planes of `hp × wp`, then
+/// slack), `top`/`left` zeros in front of each plane's rows and columns.
+fn pad_into(
+    x: &[f32],
+    (c, h, w): (usize, usize, usize),
+    (hp, wp): (usize, usize),
+    (top, left): (usize, usize),
+    out: &mut [f32],
+) {
+    out.fill(0.0);
+    for ci in 0..c {
+        for y in 0..h {
+            let dst = (ci * hp + top + y) * wp + left;
+            out[dst..dst + w].copy_from_slice(&x[(ci * h + y) * w..(ci * h + y + 1) * w]);
+        }
+    }
+}
+
+struct Forward<'a> {
+    x: &'a Matrix,
+    w: &'a [f32],
+    b: Option<&'a [f32]>,
+    g: &'a ConvGeom,
+}
+
+impl KernelTask for Forward<'_> {
+    type Output = Matrix;
+
+    fn run<K: Micro>(self, kernel: K) -> Matrix {
+        let g = self.g;
+        let (kk, hw) = (g.patch(), g.ho * g.wo);
+        let a = PackedA::new(View::rows_of(self.w, g.o, kk), K::MR);
+        let mut y = Matrix::zeros(self.x.rows(), g.out_len());
+        if g.s == 1 {
+            let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
+            let offsets = window_offsets(g.c, hp, wp, g.k);
+            per_image(
+                y.as_mut_slice(),
+                g.out_len(),
+                || (vec![0.0f32; g.c * hp * wp + K::NR], Vec::new()),
+                |n, out, (padded, tmp)| {
+                    pad_into(self.x.row(n), (g.c, g.h, g.w), (hp, wp), (g.p, g.p), padded);
+                    direct_image(kernel, &a, &offsets, padded, (hp, wp, g.k), out, tmp);
+                    if let Some(b) = self.b {
+                        for (plane, bias) in out.chunks_exact_mut(hw).zip(b) {
+                            for v in plane {
+                                *v += *bias;
+                            }
+                        }
+                    }
+                },
+            );
+            return y;
+        }
+        let blen = packed_b_len(kk, hw, K::NR);
+        per_image(
+            y.as_mut_slice(),
+            g.out_len(),
+            || (vec![0.0f32; blen], vec![0.0f32; hw]),
+            |n, out, (panels, row)| {
+                im2col_panels(self.x.row(n), g, K::NR, panels, row);
+                run_packed(kernel, &a, panels, hw, out, Init::Zero);
+                if let Some(b) = self.b {
+                    for (plane, bias) in out.chunks_exact_mut(hw).zip(b) {
+                        for v in plane {
+                            *v += *bias;
+                        }
+                    }
+                }
+            },
+        );
+        y
     }
 }
 
 /// The forward: `x` is `[batch, c·h·w]`, `w` is `[o, c, k, k]` and `b`
 /// (if any) `[o]`; the result `[batch, o·ho·wo]`.
 pub fn conv2d_forward(x: &Matrix, w: &[f32], b: Option<&[f32]>, g: &ConvGeom) -> Matrix {
-    let batch = x.rows();
-    let gemm = Gemm::active();
-    let mut y = Matrix::zeros(batch, g.out_len());
-    let (kk, hw) = (g.patch(), g.ho * g.wo);
-    per_image(y.as_mut_slice(), g.out_len(), |n, out| {
-        let mut cols = vec![0.0f32; kk * hw];
-        im2col(x.row(n), g, &mut cols);
-        gemm.run(
-            View::rows_of(w, g.o, kk),
-            View::rows_of(&cols, kk, hw),
-            out,
-            Init::Zero,
-        );
-        if let Some(b) = b {
-            for (plane, bias) in out.chunks_exact_mut(hw).zip(b) {
-                for v in plane {
-                    *v += *bias;
+    Gemm::active().task(Forward { x, w, b, g })
+}
+
+struct WeightGrad<'a> {
+    x: &'a Matrix,
+    dy: &'a Matrix,
+    g: &'a ConvGeom,
+}
+
+impl KernelTask for WeightGrad<'_> {
+    type Output = Vec<f32>;
+
+    /// `dWᵀ[(c,ky,kx), o]`, continued image after image (the reduction
+    /// over `(n, y, x)` in order, carried from one product to the next);
+    /// the row blocks of `dWᵀ` are shared between threads, each walking
+    /// every image for its own rows.
+    fn run<K: Micro>(self, kernel: K) -> Vec<f32> {
+        let g = self.g;
+        let (kk, hw, o) = (g.patch(), g.ho * g.wo, g.o);
+        let batch = self.x.rows();
+        let (mr, nr) = (K::MR, K::NR);
+        // dY_nᵀ (hw × o) of every image, packed once, shared.
+        let blen = packed_b_len(hw, o, nr);
+        let mut packed = vec![0.0f32; batch * blen];
+        let pack = |(n, out): (usize, &mut [f32])| {
+            pack_b_into(View::rows_of(self.dy.row(n), o, hw).t(), nr, out)
+        };
+        if batch > 1 && threads::count() > 1 {
+            threads::install(|| packed.par_chunks_mut(blen).enumerate().for_each(pack));
+        } else {
+            packed.chunks_mut(blen).enumerate().for_each(pack);
+        }
+        let mut dwt = vec![0.0f32; kk * o];
+        let block = |(bi, rows): (usize, &mut [f32]), (a, row): &mut (Vec<f32>, Vec<f32>)| {
+            let height = rows.len() / o;
+            for n in 0..batch {
+                im2col_block(self.x.row(n), g, bi * mr, mr, a, row);
+                let bp = &packed[n * blen..(n + 1) * blen];
+                let init = if n == 0 { Init::Zero } else { Init::Accumulate };
+                for (panel, panel_b) in bp.chunks_exact(hw * nr).enumerate() {
+                    let j0 = panel * nr;
+                    let width = nr.min(o - j0);
+                    tile_into(kernel, hw, a, panel_b, rows, o, j0, height, width, init);
                 }
             }
+        };
+        let scratch = || (vec![0.0f32; hw * mr], vec![0.0f32; hw * mr]);
+        if kk > mr && threads::count() > 1 {
+            threads::install(|| {
+                dwt.par_chunks_mut(mr * o)
+                    .enumerate()
+                    .for_each_init(scratch, |s, item| block(item, s))
+            });
+        } else {
+            let mut s = scratch();
+            dwt.chunks_mut(mr * o)
+                .enumerate()
+                .for_each(|item| block(item, &mut s));
         }
-    });
-    y
+        let mut dw = vec![0.0f32; o * kk];
+        for (r, row) in dwt.chunks_exact(o).enumerate() {
+            for (oi, v) in row.iter().enumerate() {
+                dw[oi * kk + r] = *v;
+            }
+        }
+        dw
+    }
 }
 
 /// The weight gradient `[o, c, k, k]` and the bias gradient `[o]` (if
@@ -192,27 +411,8 @@ pub fn conv2d_backward_weight(
     g: &ConvGeom,
     with_bias: bool,
 ) -> (Vec<f32>, Option<Vec<f32>>) {
-    let gemm = Gemm::active();
-    let (kk, hw) = (g.patch(), g.ho * g.wo);
-    // dWᵀ[(c,ky,kx), o], continued image after image: the reduction over
-    // (n, y, x) in order, carried from one product to the next.
-    let mut dwt = vec![0.0f32; kk * g.o];
-    let mut cols = vec![0.0f32; kk * hw];
-    for n in 0..x.rows() {
-        im2col(x.row(n), g, &mut cols);
-        gemm.run(
-            View::rows_of(&cols, kk, hw),
-            View::rows_of(dy.row(n), g.o, hw).t(),
-            &mut dwt,
-            if n == 0 { Init::Zero } else { Init::Accumulate },
-        );
-    }
-    let mut dw = vec![0.0f32; g.o * kk];
-    for (r, row) in dwt.chunks_exact(g.o).enumerate() {
-        for (o, v) in row.iter().enumerate() {
-            dw[o * kk + r] = *v;
-        }
-    }
+    let dw = Gemm::active().task(WeightGrad { x, dy, g });
+    let hw = g.ho * g.wo;
     let db = with_bias.then(|| {
         let mut db = vec![0.0f32; g.o];
         for n in 0..dy.rows() {
@@ -227,60 +427,76 @@ pub fn conv2d_backward_weight(
     (dw, db)
 }
 
+struct InputGrad<'a> {
+    dy: &'a Matrix,
+    w: &'a [f32],
+    g: &'a ConvGeom,
+}
+
+impl KernelTask for InputGrad<'_> {
+    type Output = Matrix;
+
+    fn run<K: Micro>(self, kernel: K) -> Matrix {
+        let g = self.g;
+        let (k, q) = (g.k, g.k - 1 - g.p);
+        // W'[c][(o, ky', kx')] = W[o][c][k−1−ky'][k−1−kx'].
+        let okk = g.o * k * k;
+        let mut wt = vec![0.0f32; g.c * okk];
+        for o in 0..g.o {
+            for c in 0..g.c {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        wt[c * okk + (o * k + (k - 1 - ky)) * k + (k - 1 - kx)] =
+                            g_weight(self.w, g, o, c, ky, kx);
+                    }
+                }
+            }
+        }
+        let a = PackedA::new(View::rows_of(&wt, g.c, okk), K::MR);
+        // A stride-1 convolution of D (o planes of hd × wd) without
+        // padding: with stride 1, D is dY padded by q on every side;
+        // otherwise dY spread s apart in a (h + k − 1) × (w + k − 1)
+        // plane, q zeros in front.
+        let (hd, wd) = (g.h + k - 1, g.w + k - 1);
+        let offsets = window_offsets(g.o, hd, wd, k);
+        let ohw = g.ho * g.wo;
+        let mut dx = Matrix::zeros(self.dy.rows(), g.in_len());
+        per_image(
+            dx.as_mut_slice(),
+            g.in_len(),
+            || (vec![0.0f32; g.o * hd * wd + K::NR], Vec::new()),
+            |n, out, (d, tmp)| {
+                let src = self.dy.row(n);
+                if g.s == 1 {
+                    pad_into(src, (g.o, g.ho, g.wo), (hd, wd), (q, q), d);
+                } else {
+                    d.fill(0.0);
+                    for o in 0..g.o {
+                        for y in 0..g.ho {
+                            for x in 0..g.wo {
+                                d[(o * hd + q + y * g.s) * wd + q + x * g.s] =
+                                    src[o * ohw + y * g.wo + x];
+                            }
+                        }
+                    }
+                }
+                direct_image(kernel, &a, &offsets, d, (hd, wd, k), out, tmp);
+            },
+        );
+        dx
+    }
+}
+
+#[inline(always)]
+fn g_weight(w: &[f32], g: &ConvGeom, o: usize, c: usize, ky: usize, kx: usize) -> f32 {
+    w[((o * g.c + c) * g.k + ky) * g.k + kx]
+}
+
 /// The input gradient `[batch, c·h·w]`: the transposed convolution of
 /// `dy` with `w`, as a stride-1 convolution of `dy` spread and padded
 /// (see the module's description).
 pub fn conv2d_backward_input(dy: &Matrix, w: &[f32], g: &ConvGeom) -> Matrix {
-    let gemm = Gemm::active();
-    let (k, q) = (g.k, g.k - 1 - g.p);
-    // W'[c][(o, ky', kx')] = W[o][c][k−1−ky'][k−1−kx'].
-    let okk = g.o * k * k;
-    let mut wt = vec![0.0f32; g.c * okk];
-    for o in 0..g.o {
-        for c in 0..g.c {
-            for ky in 0..k {
-                for kx in 0..k {
-                    wt[c * okk + (o * k + (k - 1 - ky)) * k + (k - 1 - kx)] =
-                        w[((o * g.c + c) * k + ky) * k + kx];
-                }
-            }
-        }
-    }
-    // The stride-1 convolution over D: input [o, hd, wd], output [c, h, w].
-    let (hd, wd) = (g.h + k - 1, g.w + k - 1);
-    let spread = ConvGeom {
-        c: g.o,
-        h: hd,
-        w: wd,
-        o: g.c,
-        k,
-        s: 1,
-        p: 0,
-        ho: g.h,
-        wo: g.w,
-    };
-    let hw_out = g.ho * g.wo;
-    let mut dx = Matrix::zeros(dy.rows(), g.in_len());
-    per_image(dx.as_mut_slice(), g.in_len(), |n, out| {
-        let mut d = vec![0.0f32; g.o * hd * wd];
-        let src = dy.row(n);
-        for o in 0..g.o {
-            for y in 0..g.ho {
-                for x in 0..g.wo {
-                    d[(o * hd + q + y * g.s) * wd + q + x * g.s] = src[o * hw_out + y * g.wo + x];
-                }
-            }
-        }
-        let mut cols = vec![0.0f32; okk * g.h * g.w];
-        im2col(&d, &spread, &mut cols);
-        gemm.run(
-            View::rows_of(&wt, g.c, okk),
-            View::rows_of(&cols, okk, g.h * g.w),
-            out,
-            Init::Zero,
-        );
-    });
-    dx
+    Gemm::active().task(InputGrad { dy, w, g })
 }
 
 #[cfg(test)]
@@ -438,37 +654,44 @@ mod tests {
             let wv = values(g.o * g.patch(), 2);
             let b = values(g.o, 3);
             let dy = Matrix::new(batch, g.out_len(), values(batch * g.out_len(), 4)).unwrap();
-            for t in [1, 2] {
+            for (t, path) in [1, 2].into_iter().flat_map(|t| {
+                crate::arith::KernelPath::supported_paths()
+                    .into_iter()
+                    .map(move |p| (t, p))
+            }) {
                 threads::with_count(t, || {
-                    let y = conv2d_forward(&x, &wv, Some(&b), &g);
-                    assert_eq!(
-                        bits(y.as_slice()),
-                        bits(&naive_forward(x.as_slice(), &wv, Some(&b), &g, batch)),
-                        "forward {g:?}"
-                    );
-                    let (dw, db) = conv2d_backward_weight(&x, &dy, &g, true);
-                    assert_eq!(
-                        bits(&dw),
-                        bits(&naive_dw(x.as_slice(), dy.as_slice(), &g, batch)),
-                        "dW {g:?}"
-                    );
-                    let db = db.unwrap();
-                    for (oi, v) in db.iter().enumerate() {
-                        let mut sum = 0.0f32;
-                        for n in 0..batch {
-                            for e in &dy.row(n)[oi * g.ho * g.wo..(oi + 1) * g.ho * g.wo] {
-                                sum += *e;
+                    crate::arith::dispatch::with_path(path, || {
+                        let y = conv2d_forward(&x, &wv, Some(&b), &g);
+                        assert_eq!(
+                            bits(y.as_slice()),
+                            bits(&naive_forward(x.as_slice(), &wv, Some(&b), &g, batch)),
+                            "forward {g:?}"
+                        );
+                        let (dw, db) = conv2d_backward_weight(&x, &dy, &g, true);
+                        assert_eq!(
+                            bits(&dw),
+                            bits(&naive_dw(x.as_slice(), dy.as_slice(), &g, batch)),
+                            "dW {g:?}"
+                        );
+                        let db = db.unwrap();
+                        for (oi, v) in db.iter().enumerate() {
+                            let mut sum = 0.0f32;
+                            for n in 0..batch {
+                                for e in &dy.row(n)[oi * g.ho * g.wo..(oi + 1) * g.ho * g.wo] {
+                                    sum += *e;
+                                }
                             }
+                            assert_eq!(v.to_bits(), sum.to_bits());
                         }
-                        assert_eq!(v.to_bits(), sum.to_bits());
-                    }
-                    let dx = conv2d_backward_input(&dy, &wv, &g);
-                    assert_eq!(
-                        bits(dx.as_slice()),
-                        bits(&naive_dx(dy.as_slice(), &wv, &g, batch)),
-                        "dX {g:?}"
-                    );
+                        let dx = conv2d_backward_input(&dy, &wv, &g);
+                        assert_eq!(
+                            bits(dx.as_slice()),
+                            bits(&naive_dx(dy.as_slice(), &wv, &g, batch)),
+                            "dX {g:?} {path}"
+                        );
+                    })
                 })
+                .unwrap()
                 .unwrap();
             }
         }

@@ -298,6 +298,31 @@ impl Gemm {
         Gemm(active())
     }
 
+    /// Runs `task` with this path's micro-kernel (the scalar path's is a
+    /// one-output tile with the software FMA: the specification's
+    /// sequence, one output at a time).
+    pub(crate) fn task<T: gemm::KernelTask>(self, task: T) -> T::Output {
+        match self.0 {
+            KernelPath::Scalar => task.run(gemm::Portable::<gemm::SoftFma, 1, 1>::new()),
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512 => match gemm::x86::Avx512::detect() {
+                Some(k) => task.run(k),
+                None => task.run(sse2_kernel()),
+            },
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 => match gemm::x86::Avx2::detect() {
+                Some(k) => task.run(k),
+                None => task.run(sse2_kernel()),
+            },
+            #[cfg(target_arch = "aarch64")]
+            KernelPath::Neon => task.run(gemm::Portable::<gemm::HardFma, 6, 16>::new()),
+            #[cfg(target_arch = "x86_64")]
+            _ => task.run(sse2_kernel()),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => task.run(gemm::Portable::<gemm::SoftFma, 4, 8>::new()),
+        }
+    }
+
     /// `C = A·B` or `C` continued by `A·B` on this path.
     pub(crate) fn run(self, a: View<'_>, b: View<'_>, c: &mut [f32], init: Init) {
         match self.0 {
@@ -325,11 +350,13 @@ impl Gemm {
 }
 
 #[cfg(target_arch = "x86_64")]
+fn sse2_kernel() -> gemm::x86::Sse2 {
+    gemm::x86::Sse2::baseline()
+}
+
+#[cfg(target_arch = "x86_64")]
 fn sse2(a: View<'_>, b: View<'_>, c: &mut [f32], init: Init) {
-    match gemm::x86::Sse2::detect() {
-        Some(k) => gemm::gemm(k, a, b, c, init),
-        None => gemm::reference(a, b, c, init),
-    }
+    gemm::gemm(sse2_kernel(), a, b, c, init)
 }
 
 #[cfg(test)]

@@ -74,6 +74,33 @@ pub fn relu_forward(x: Matrix) -> Matrix {
     y
 }
 
+/// Which values of a relu's output are `> 0`, one bit each (what its
+/// backward needs, 32 times smaller than the output).
+pub fn relu_mask(y: &Matrix) -> Vec<u64> {
+    let v = y.as_slice();
+    let mut mask = vec![0u64; v.len().div_ceil(64)];
+    for (word, chunk) in mask.iter_mut().zip(v.chunks(64)) {
+        for (bit, x) in chunk.iter().enumerate() {
+            *word |= u64::from(*x > 0.0) << bit;
+        }
+    }
+    mask
+}
+
+/// `dX = dY where the mask's bit is set, else +0` ([`relu_mask`]; the
+/// same as [`relu_backward`] with the output the mask was taken from).
+pub fn relu_backward_masked(mask: &[u64], dy: Matrix) -> Matrix {
+    let mut dx = dy;
+    for (chunk, word) in dx.as_mut_slice().chunks_mut(64).zip(mask) {
+        for (bit, g) in chunk.iter_mut().enumerate() {
+            if (word >> bit) & 1 == 0 {
+                *g = 0.0;
+            }
+        }
+    }
+    dx
+}
+
 /// `dX = dY where y > 0, else +0`.
 pub fn relu_backward(y: &Matrix, dy: Matrix) -> Matrix {
     let mut dx = dy;

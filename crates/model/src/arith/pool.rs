@@ -102,6 +102,28 @@ pub fn max_pool_forward(x: &Matrix, g: &PoolGeom) -> (Matrix, Vec<u32>) {
     let src = x.as_slice();
     let fill = |i: usize, (vals, idx): (&mut [f32], &mut [u32])| {
         let plane = &src[i * hw..(i + 1) * hw];
+        if g.p == 0 {
+            // Every window lies inside the plane: the same order, without
+            // bounds per element.
+            for y in 0..g.ho {
+                for x in 0..g.wo {
+                    let base = y * g.s * g.w + x * g.s;
+                    let (mut m, mut at) = (plane[base], base);
+                    for ky in 0..g.k {
+                        let row = &plane[base + ky * g.w..base + ky * g.w + g.k];
+                        for (kx, v) in row.iter().enumerate() {
+                            if *v > m {
+                                m = *v;
+                                at = base + ky * g.w + kx;
+                            }
+                        }
+                    }
+                    vals[y * g.wo + x] = m;
+                    idx[y * g.wo + x] = at as u32;
+                }
+            }
+            return;
+        }
         for y in 0..g.ho {
             for x in 0..g.wo {
                 let mut m = f32::NEG_INFINITY;

@@ -176,10 +176,45 @@ pub(crate) trait Micro: Copy + Send + Sync {
     /// `k·NR` (row by row); `c` at least `(MR − 1)·ldc + NR`. Panics if a
     /// slice is too short.
     fn tile(self, k: usize, a: &[f32], b: &[f32], c: &mut [f32], ldc: usize, init: Init);
+
+    /// [`Micro::tile`] from `+0` with the right operand read in place:
+    /// row `p` of `B` is `b[offsets[p] .. offsets[p] + NR]` (an implicit
+    /// im2col: a convolution's input, each `p` a shifted window of it).
+    /// Panics if `offsets` has fewer than `k` entries or one reaches past
+    /// `b`.
+    fn tile_indirect(
+        self,
+        k: usize,
+        a: &[f32],
+        b: &[f32],
+        offsets: &[usize],
+        c: &mut [f32],
+        ldc: usize,
+    );
+}
+
+/// Checks the bounds of [`Micro::tile_indirect`].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn check_indirect(
+    k: usize,
+    a: &[f32],
+    mr: usize,
+    b: &[f32],
+    nr: usize,
+    offsets: &[usize],
+    c: &[f32],
+    ldc: usize,
+) {
+    assert!(a.len() >= k * mr && offsets.len() >= k && c.len() >= (mr - 1) * ldc + nr);
+    assert!(
+        offsets[..k].iter().all(|o| o + nr <= b.len()),
+        "an offset past the operand"
+    );
 }
 
 /// The largest `MR × NR` of any kernel (the scratch tile for the edges).
-const MAX_TILE: usize = 256;
+pub(crate) const MAX_TILE: usize = 256;
 
 /// The portable tile: plain Rust over `[f32; NR]` rows, for the paths
 /// without explicit vector code (AArch64, where NEON has a hardware FMA;
@@ -218,6 +253,31 @@ impl<F: MulAdd, const MR: usize, const NR: usize> Micro for Portable<F, MR, NR> 
             }
         }
         for (av, bv) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
+            for r in 0..MR {
+                let x = av[r];
+                for j in 0..NR {
+                    acc[r][j] = F::fma(x, bv[j], acc[r][j]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            c[r * ldc..r * ldc + NR].copy_from_slice(row);
+        }
+    }
+
+    fn tile_indirect(
+        self,
+        k: usize,
+        a: &[f32],
+        b: &[f32],
+        offsets: &[usize],
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        check_indirect(k, a, MR, b, NR, offsets, c, ldc);
+        let mut acc = [[0.0f32; NR]; MR];
+        for (av, off) in a.chunks_exact(MR).zip(&offsets[..k]) {
+            let bv = &b[*off..*off + NR];
             for r in 0..MR {
                 let x = av[r];
                 for j in 0..NR {
@@ -282,6 +342,130 @@ fn pack_a(a: View<'_>, i0: usize, mr: usize, out: &mut [f32]) {
     }
 }
 
+/// A left operand packed once for many products (a convolution's weight,
+/// reused for every image): row blocks of `mr` rows, each `k` columns of
+/// `mr` values, zero below the last row.
+pub(crate) struct PackedA {
+    pub(crate) m: usize,
+    pub(crate) k: usize,
+    mr: usize,
+    pub(crate) data: Vec<f32>,
+}
+
+impl PackedA {
+    /// Packs `a` for a kernel with `mr`-row tiles.
+    pub(crate) fn new(a: View<'_>, mr: usize) -> Self {
+        let (m, k) = (a.rows, a.cols);
+        let blocks = m.div_ceil(mr);
+        let mut data = vec![0.0f32; blocks * k * mr];
+        if k > 0 {
+            for (bi, out) in data.chunks_exact_mut(k * mr).enumerate() {
+                pack_a(a, bi * mr, mr, out);
+            }
+        }
+        PackedA { m, k, mr, data }
+    }
+}
+
+/// The length of `B` (`k × n`) packed into panels of `nr` columns.
+pub(crate) fn packed_b_len(k: usize, n: usize, nr: usize) -> usize {
+    n.div_ceil(nr) * k * nr
+}
+
+/// Packs `b` into panels of `nr` columns (`out.len()` is
+/// [`packed_b_len`]).
+pub(crate) fn pack_b_into(b: View<'_>, nr: usize, out: &mut [f32]) {
+    let k = b.rows;
+    if k == 0 {
+        return;
+    }
+    for (panel, o) in out.chunks_exact_mut(k * nr).enumerate() {
+        pack_b(b, panel * nr, nr, o);
+    }
+}
+
+/// `C = A·B` (or continued), `A` packed, `B` packed into panels of
+/// `K::NR` columns, `C` row-major `A.rows × n`, on the calling thread.
+pub(crate) fn run_packed<K: Micro>(
+    kernel: K,
+    a: &PackedA,
+    b: &[f32],
+    n: usize,
+    c: &mut [f32],
+    init: Init,
+) {
+    let (m, k) = (a.m, a.k);
+    let (mr, nr) = (K::MR, K::NR);
+    assert_eq!(a.mr, mr, "packed for another kernel");
+    assert_eq!(c.len(), m * n, "output size");
+    assert!(b.len() >= packed_b_len(k, n, nr), "packed B size");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if init == Init::Zero {
+            c.fill(0.0);
+        }
+        return;
+    }
+    // Panels outer, row blocks inner: one panel of B stays in cache while
+    // every row block of the (small, already packed) A passes over it.
+    for (panel, bp) in b.chunks_exact(k * nr).take(n.div_ceil(nr)).enumerate() {
+        let j0 = panel * nr;
+        let width = nr.min(n - j0);
+        for (bi, ap) in a.data.chunks_exact(k * mr).enumerate() {
+            let i0 = bi * mr;
+            let height = mr.min(m - i0);
+            let rows = &mut c[i0 * n..(i0 + height) * n];
+            tile_into(kernel, k, ap, bp, rows, n, j0, height, width, init);
+        }
+    }
+}
+
+/// One tile of `C` at row block `rows` (its first row first), columns
+/// `j0 .. j0 + width`, through a scratch tile at the edges.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn tile_into<K: Micro>(
+    kernel: K,
+    k: usize,
+    ap: &[f32],
+    bp: &[f32],
+    rows: &mut [f32],
+    n: usize,
+    j0: usize,
+    height: usize,
+    width: usize,
+    init: Init,
+) {
+    let (mr, nr) = (K::MR, K::NR);
+    if height == mr && width == nr {
+        kernel.tile(k, ap, bp, &mut rows[j0..], n, init);
+    } else {
+        let mut scratch = [0.0f32; MAX_TILE];
+        if init == Init::Accumulate {
+            for r in 0..height {
+                scratch[r * nr..r * nr + width]
+                    .copy_from_slice(&rows[r * n + j0..r * n + j0 + width]);
+            }
+        }
+        kernel.tile(k, ap, bp, &mut scratch, nr, init);
+        for r in 0..height {
+            rows[r * n + j0..r * n + j0 + width].copy_from_slice(&scratch[r * nr..r * nr + width]);
+        }
+    }
+}
+
+/// Work that runs on whichever micro-kernel the kernel path has
+/// ([`super::dispatch::Gemm::task`]): generic over the kernel, so a
+/// convolution's packing matches its tile shape.
+pub(crate) trait KernelTask {
+    /// What the work gives.
+    type Output;
+    /// Does the work with `kernel`.
+    fn run<K: Micro>(self, kernel: K) -> Self::Output;
+}
+
 /// Products smaller than this many multiply-adds run on the calling
 /// thread: handing them out costs more than it saves.
 const PARALLEL_MIN_WORK: usize = 1 << 19;
@@ -318,22 +502,7 @@ pub(crate) fn gemm<K: Micro>(kernel: K, a: View<'_>, b: View<'_>, c: &mut [f32],
         for (panel, bp) in packed_b.chunks_exact(k * nr).enumerate() {
             let j0 = panel * nr;
             let width = nr.min(n - j0);
-            if height == mr && width == nr {
-                kernel.tile(k, &packed_a, bp, &mut rows[j0..], n, init);
-            } else {
-                let mut scratch = [0.0f32; MAX_TILE];
-                if init == Init::Accumulate {
-                    for r in 0..height {
-                        scratch[r * nr..r * nr + width]
-                            .copy_from_slice(&rows[r * n + j0..r * n + j0 + width]);
-                    }
-                }
-                kernel.tile(k, &packed_a, bp, &mut scratch, nr, init);
-                for r in 0..height {
-                    rows[r * n + j0..r * n + j0 + width]
-                        .copy_from_slice(&scratch[r * nr..r * nr + width]);
-                }
-            }
+            tile_into(kernel, k, &packed_a, bp, rows, n, j0, height, width, init);
         }
     };
     let blocks = m.div_ceil(mr);

@@ -52,6 +52,58 @@ impl Micro for Avx512 {
             )
         }
     }
+
+    fn tile_indirect(
+        self,
+        k: usize,
+        a: &[f32],
+        b: &[f32],
+        offsets: &[usize],
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        super::check_indirect(k, a, 8, b, 32, offsets, c, ldc);
+        // SAFETY: `self` proves the CPU runs the kernel's instructions;
+        // every read of `a`, `b` (at each offset) and `c` is within the
+        // bounds just checked.
+        unsafe {
+            avx512_8x32_indirect(
+                k,
+                a.as_ptr(),
+                b.as_ptr(),
+                offsets.as_ptr(),
+                c.as_mut_ptr(),
+                ldc,
+            )
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512_8x32_indirect(
+    k: usize,
+    mut a: *const f32,
+    b: *const f32,
+    offsets: *const usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+    for p in 0..k {
+        let bp = b.add(*offsets.add(p));
+        let b0 = _mm512_loadu_ps(bp);
+        let b1 = _mm512_loadu_ps(bp.add(16));
+        for (r, row) in acc.iter_mut().enumerate() {
+            let x = _mm512_set1_ps(*a.add(r));
+            row[0] = _mm512_fmadd_ps(x, b0, row[0]);
+            row[1] = _mm512_fmadd_ps(x, b1, row[1]);
+        }
+        a = a.add(8);
+    }
+    for (r, row) in acc.iter().enumerate() {
+        _mm512_storeu_ps(c.add(r * ldc), row[0]);
+        _mm512_storeu_ps(c.add(r * ldc + 16), row[1]);
+    }
 }
 
 #[target_feature(enable = "avx512f")]
@@ -118,6 +170,58 @@ impl Micro for Avx2 {
             )
         }
     }
+
+    fn tile_indirect(
+        self,
+        k: usize,
+        a: &[f32],
+        b: &[f32],
+        offsets: &[usize],
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        super::check_indirect(k, a, 6, b, 16, offsets, c, ldc);
+        // SAFETY: `self` proves the CPU runs the kernel's instructions;
+        // every read of `a`, `b` (at each offset) and `c` is within the
+        // bounds just checked.
+        unsafe {
+            avx2_6x16_indirect(
+                k,
+                a.as_ptr(),
+                b.as_ptr(),
+                offsets.as_ptr(),
+                c.as_mut_ptr(),
+                ldc,
+            )
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_6x16_indirect(
+    k: usize,
+    mut a: *const f32,
+    b: *const f32,
+    offsets: *const usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+    for p in 0..k {
+        let bp = b.add(*offsets.add(p));
+        let b0 = _mm256_loadu_ps(bp);
+        let b1 = _mm256_loadu_ps(bp.add(8));
+        for (r, row) in acc.iter_mut().enumerate() {
+            let x = _mm256_set1_ps(*a.add(r));
+            row[0] = _mm256_fmadd_ps(x, b0, row[0]);
+            row[1] = _mm256_fmadd_ps(x, b1, row[1]);
+        }
+        a = a.add(6);
+    }
+    for (r, row) in acc.iter().enumerate() {
+        _mm256_storeu_ps(c.add(r * ldc), row[0]);
+        _mm256_storeu_ps(c.add(r * ldc + 8), row[1]);
+    }
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -162,7 +266,12 @@ pub(crate) struct Sse2(());
 impl Sse2 {
     /// The kernel: SSE2 is part of x86-64.
     pub(crate) fn detect() -> Option<Self> {
-        Some(Sse2(()))
+        Some(Sse2::baseline())
+    }
+
+    /// The kernel (x86-64 always has SSE2).
+    pub(crate) const fn baseline() -> Self {
+        Sse2(())
     }
 }
 
@@ -182,6 +291,31 @@ impl Micro for Sse2 {
                 c.as_mut_ptr(),
                 ldc,
                 init == Init::Accumulate,
+            )
+        }
+    }
+
+    fn tile_indirect(
+        self,
+        k: usize,
+        a: &[f32],
+        b: &[f32],
+        offsets: &[usize],
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        super::check_indirect(k, a, 4, b, 8, offsets, c, ldc);
+        // SAFETY: `self` proves the CPU runs the kernel's instructions;
+        // every read of `a`, `b` (at each offset) and `c` is within the
+        // bounds just checked.
+        unsafe {
+            sse2_4x8_indirect(
+                k,
+                a.as_ptr(),
+                b.as_ptr(),
+                offsets.as_ptr(),
+                c.as_mut_ptr(),
+                ldc,
             )
         }
     }
@@ -216,6 +350,43 @@ unsafe fn soft_fma_pd(a: __m128d, b: __m128d, c: __m128d) -> __m128d {
     let step = _mm_and_si128(inexact_even, _mm_or_si128(towards, one));
     let odd = _mm_castsi128_pd(_mm_add_epi64(bits, step));
     _mm_cvtps_pd(_mm_cvtpd_ps(odd))
+}
+
+unsafe fn sse2_4x8_indirect(
+    k: usize,
+    mut a: *const f32,
+    b: *const f32,
+    offsets: *const usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let mut acc = [[_mm_setzero_pd(); 4]; 4];
+    for p in 0..k {
+        let bp = b.add(*offsets.add(p));
+        let lo = _mm_loadu_ps(bp);
+        let hi = _mm_loadu_ps(bp.add(4));
+        let bv = [
+            _mm_cvtps_pd(lo),
+            _mm_cvtps_pd(_mm_movehl_ps(lo, lo)),
+            _mm_cvtps_pd(hi),
+            _mm_cvtps_pd(_mm_movehl_ps(hi, hi)),
+        ];
+        for (r, row) in acc.iter_mut().enumerate() {
+            let x = _mm_set1_pd(f64::from(*a.add(r)));
+            for (pair, bq) in row.iter_mut().zip(&bv) {
+                *pair = soft_fma_pd(x, *bq, *pair);
+            }
+        }
+        a = a.add(4);
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (q, pair) in row.iter().enumerate() {
+            _mm_store_sd(
+                c.add(r * ldc + 2 * q).cast(),
+                _mm_castps_pd(_mm_cvtpd_ps(*pair)),
+            );
+        }
+    }
 }
 
 unsafe fn sse2_4x8(
