@@ -146,7 +146,7 @@ pub fn run(cmd: &BenchCmd) -> anyhow::Result<()> {
             let mut observer = Progress::with_label("bench");
             let (metrics, weights) = train::run_local(&prepared, &mut observer)?;
             drop(observer);
-            train::write_outputs(&args.train, &metrics, &weights)?;
+            train::write_outputs(&args.train, &prepared, &metrics, &weights)?;
             let mut report = BenchReport::of(&metrics);
             say(&format!(
                 "local: median {:.3} s/epoch over {} epochs ({} train images, batch {}; {} path, {} threads)",

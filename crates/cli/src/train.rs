@@ -65,6 +65,14 @@ pub struct CascadeArgs {
     #[arg(long, value_name = "STAGES")]
     pub keep: Option<String>,
 
+    /// With `--cascade FILE`: the hop at this position (0-based, in the
+    /// file's order) is a dummy, hiding where the stages are (repeat for
+    /// several). A dummy takes the last parameter-free op of the stage
+    /// before it where it can, so its init note names a real op.
+    /// (`--directory` draws its dummies itself: `--dummies`.)
+    #[arg(long, value_name = "K")]
+    pub dummy_at: Vec<usize>,
+
     /// Training steps in flight at once.
     #[arg(long, default_value_t = 4)]
     pub window: usize,
@@ -148,6 +156,7 @@ impl CascadeArgs {
                 rate,
                 jitter: self.link_jitter,
             }),
+            dummies: self.dummy_at.clone(),
             ..CascadeOptions::default()
         })
     }
@@ -211,6 +220,12 @@ pub struct TrainArgs {
     /// Write the final weights (safetensors) to FILE.
     #[arg(long, value_name = "FILE")]
     pub weights: Option<PathBuf>,
+
+    /// Write the final weights as a PyTorch state dict (safetensors) to
+    /// FILE: names and layouts of the `torch.nn.Sequential` of the model's
+    /// ops (`bench/pytorch_model.py`), for `load_state_dict`.
+    #[arg(long, value_name = "FILE")]
+    pub export_torch: Option<PathBuf>,
 }
 
 impl TrainArgs {
@@ -323,8 +338,27 @@ pub fn run_local(
     )?)
 }
 
-/// Writes `--metrics` (pretty JSON) and `--weights` (safetensors) if asked.
-pub fn write_outputs(args: &TrainArgs, metrics: &RunMetrics, weights: &[u8]) -> anyhow::Result<()> {
+/// Writes `--metrics` (pretty JSON), `--weights` (safetensors) and
+/// `--export-torch` (a PyTorch state dict) if asked.
+pub fn write_outputs(
+    args: &TrainArgs,
+    prepared: &Prepared,
+    metrics: &RunMetrics,
+    weights: &[u8],
+) -> anyhow::Result<()> {
+    if let Some(path) = &args.export_torch {
+        let model = &prepared.model;
+        let stages = mixnn_model::weights::from_safetensors(weights, model.stages.len())?;
+        let per_epoch = prepared
+            .split
+            .train
+            .len()
+            .div_ceil(prepared.cfg.batch.max(1)) as u64;
+        let steps = per_epoch * u64::from(prepared.cfg.epochs);
+        let torch = mixnn_model::weights::to_torch_safetensors(model, &stages, steps)?;
+        std::fs::write(path, torch)
+            .with_context(|| format!("writing the PyTorch export {}", path.display()))?;
+    }
     if let Some(path) = &args.metrics {
         write_json(path, metrics)?;
     }
@@ -372,7 +406,7 @@ pub fn run(cmd: &TrainCmd) -> anyhow::Result<()> {
     };
     drop(observer);
     say(&progress::summary(&metrics));
-    write_outputs(&cmd.args, &metrics, &weights)
+    write_outputs(&cmd.args, &prepared, &metrics, &weights)
 }
 
 #[cfg(test)]

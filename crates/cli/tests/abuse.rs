@@ -385,8 +385,10 @@ fn caches_are_bounded_in_bytes() {
     let mut conn = probe.connect(&target, &key).unwrap();
     let pid = nodes.children[1].id();
     let mut forwards = |probe: &mut Probe, policy: PaddingPolicy, rows_in: usize| {
-        // rows_in rows of width 1 in, rows_in × 2^20 floats out and cached.
-        let spec = stage(1, vec![linear(1, 1 << 20), OpSpec::Relu]);
+        // rows_in rows of width 1 in, rows_in × 2^20 floats out and cached
+        // (log_softmax keeps its output for its backward; a relu keeps one
+        // bit per value since the engine's masks).
+        let spec = stage(1, vec![linear(1, 1 << 20), OpSpec::LogSoftmax]);
         let (cells, mut session, rid) = probe.init(
             &target,
             &note(spec, policy, conn.key, probe),

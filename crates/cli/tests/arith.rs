@@ -69,6 +69,50 @@ const RUN: &[&str] = &[
     "3",
 ];
 
+/// Every image op (`arith = 2`) on Fashion-MNIST's shapes: padded and
+/// strided convolutions, batch norm, both poolings, a residual block with
+/// a projection, dropout, global pooling, flatten; AdamW; three stages.
+const EVERY_IMAGE_OP: &str = r#"
+name = "every-image-op"
+input = [1, 28, 28]
+
+[optimizer]
+kind = "adamw"
+lr = 0.01
+
+[[stage]]
+ops = [{ op = "normalize", mean = 0.5, std = 0.5 }, { op = "conv2d", in = 1, out = 4, kernel = 3, padding = 1 }, { op = "batch_norm2d", channels = 4 }, { op = "relu" }, { op = "max_pool2d", kernel = 2 }]
+
+[[stage]]
+ops = [{ op = "residual", ops = [{ op = "conv2d", in = 4, out = 6, kernel = 3, stride = 2, padding = 1, bias = false }, { op = "relu" }, { op = "conv2d", in = 6, out = 6, kernel = 3, padding = 1 }], shortcut = [{ op = "conv2d", in = 4, out = 6, kernel = 1, stride = 2 }] }, { op = "relu" }, { op = "avg_pool2d", kernel = 3, stride = 2, padding = 1 }]
+
+[[stage]]
+ops = [{ op = "dropout", p = 0.2 }, { op = "global_avg_pool" }, { op = "flatten" }, { op = "linear", in = 6, out = 10 }, { op = "log_softmax" }, { op = "nll_loss" }]
+"#;
+
+/// A small CNN on the CIFAR-10 fixture with random crops and flips.
+const CIFAR_AUGMENTED: &str = r#"
+name = "cifar-augmented"
+input = [3, 32, 32]
+
+[augment]
+crop = 4
+flip = true
+
+[[stage]]
+ops = [{ op = "conv2d", in = 3, out = 4, kernel = 3, padding = 1 }, { op = "relu" }, { op = "max_pool2d", kernel = 4 }]
+
+[[stage]]
+ops = [{ op = "flatten" }, { op = "linear", in = 256, out = 10 }, { op = "log_softmax" }, { op = "nll_loss" }]
+"#;
+
+/// SHA-256 of the weights the every-image-op run writes under arith 2.
+const EVERY_IMAGE_OP_SHA256: &str =
+    "93268d073e87cbcf4fa5febbe8ccdf945b2c62ac5881389482ad3c312636e77c";
+
+/// The CIFAR-10 fixture, from the crate's directory.
+const CIFAR: &str = "../../fixtures/cifar10";
+
 fn write_model(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
@@ -168,6 +212,72 @@ fn every_kernel_path_and_emulated_cpu_write_the_same_weights() {
         sha, EVERY_OP_SHA256,
         "the arithmetic changed: new arith version?"
     );
+}
+
+#[test]
+fn every_image_op_writes_the_same_weights_on_every_path_and_emulated_cpu() {
+    let t = tempfile::tempdir().unwrap();
+    let cnn = write_model(t.path(), "every-image-op.toml", EVERY_IMAGE_OP);
+    let cifar = write_model(t.path(), "cifar.toml", CIFAR_AUGMENTED);
+    let data_cifar = std::path::absolute(CIFAR).unwrap();
+    let data_cifar = data_cifar.to_str().unwrap();
+    let runs_of = |model: &Path, data: Option<&str>, limit: &str| -> Vec<(String, Run)> {
+        let args = [
+            "--model",
+            model.to_str().unwrap(),
+            "--train-limit",
+            limit,
+            "--test-limit",
+            "64",
+            "--epochs",
+            "1",
+            "--batch",
+            "32",
+            "--micro-batches",
+            "2",
+            "--seed",
+            "3",
+        ];
+        let stem = model.file_stem().unwrap().to_str().unwrap().to_string();
+        let cmd = |name: &str| match data {
+            Some(d) => train_cmd_on(d, t.path(), name, &["--local"], &args),
+            None => train_cmd(t.path(), name, &["--local"], &args),
+        };
+        let mut runs = Vec::new();
+        for path in supported_paths() {
+            let name = format!("{stem}-native-{path}");
+            let out = cmd(&name).env("MIXNN_KERNELS", &path).output().unwrap();
+            said_ok(&out, &name);
+            runs.push((name.clone(), Run::load(t.path(), &name)));
+        }
+        if let Some(q) = qemu() {
+            for cpu in ["Westmere", "Haswell"] {
+                let name = format!("{stem}-qemu-{cpu}");
+                let out = emulated(&q, cpu, cmd(&name)).output().unwrap();
+                said_ok(&out, &name);
+                runs.push((name.clone(), Run::load(t.path(), &name)));
+            }
+        }
+        runs
+    };
+    for (runs, pinned) in [
+        (runs_of(&cnn, None, "128"), Some(EVERY_IMAGE_OP_SHA256)),
+        (runs_of(&cifar, Some(data_cifar), "64"), None),
+    ] {
+        let (first, reference) = &runs[0];
+        for (name, run) in &runs[1..] {
+            assert!(
+                run.weights == reference.weights,
+                "{name} wrote other weights than {first}"
+            );
+            assert_same_run(reference, run);
+        }
+        let sha = reference.metrics["weights_sha256"].as_str().unwrap();
+        eprintln!("{first}: weights {sha} ({} runs agree)", runs.len());
+        if let Some(pinned) = pinned {
+            assert_eq!(sha, pinned, "the arithmetic changed: new arith version?");
+        }
+    }
 }
 
 #[test]

@@ -331,3 +331,62 @@ fn node_survives_garbage_and_keeps_serving() {
         assert!(log.contains(what), "no {what:?} in the node's log:\n{log}");
     }
 }
+
+/// The shipped VGG model through node processes: stages 2–4 on nodes, the
+/// first and last kept by the designer, a dummy hop after stage 2 (it
+/// takes that stage's max pooling), audits at 0.2. Weights equal the
+/// local run's byte for byte, every audit passes.
+#[test]
+fn the_vgg_model_through_nodes_with_audits_a_dummy_and_kept_ends_matches_local() {
+    let t = tempfile::tempdir().unwrap();
+    let nodes = Nodes::start_with(t.path(), 4, &["-v"]);
+    let dir = &nodes.dir;
+    let file = nodes.cascade_file("cascade.toml");
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/vgg-fmnist.toml");
+    let args = [
+        "--model",
+        model,
+        // 10 steps: with 4 hops at q = 0.2 no audit at all has
+        // probability 0.8^40 ≈ 1e-4.
+        "--train-limit",
+        "640",
+        "--test-limit",
+        "128",
+        "--epochs",
+        "1",
+        "--keep",
+        "first,last",
+        "--audit-rate",
+        "0.2",
+        "--dummy-at",
+        "1",
+    ];
+    let local = train(dir, "local", &["--local"], &args);
+    let out = train_cmd(
+        dir,
+        "cascade",
+        &["--cascade", file.to_str().unwrap()],
+        &args,
+    )
+    .output()
+    .unwrap();
+    let said = said_ok(&out, "VGG cascade");
+    let audits = said
+        .lines()
+        .find(|l| l.contains("audits:"))
+        .unwrap_or_else(|| panic!("no audit line: {said}"));
+    assert!(audits.contains(" 0 failed"), "{audits}");
+    let passed: usize = audits
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" passed"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{audits}"));
+    assert!(passed >= 1, "{audits}");
+    // The dummy's init named the moved op, not an identity.
+    assert!(
+        nodes.log(1).contains("stage=max_pool2d(2)"),
+        "{}",
+        nodes.log(1)
+    );
+    assert_same_run(&local, &Run::load(dir, "cascade"));
+}

@@ -400,7 +400,7 @@ fn a_hop_of_another_arithmetic_is_refused_before_any_link() {
     let file = [
         hop(9, ""),
         hop(10, ""),
-        hop(11, "arith = 2"),
+        hop(11, "arith = 3"),
         hop(12, ""),
         hop(13, ""),
     ]
@@ -415,7 +415,7 @@ fn a_hop_of_another_arithmetic_is_refused_before_any_link() {
         .unwrap();
     let line = one_line_error(&out);
     assert!(
-        line.contains("hop 127.0.0.1:11 computes arith 2, this designer arith 1"),
+        line.contains("hop 127.0.0.1:11 computes arith 3, this designer arith 2"),
         "{line}"
     );
     // Refused from the file, before any connection (nothing listens there).

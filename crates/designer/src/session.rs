@@ -537,7 +537,7 @@ impl Session {
             .collect();
         let bounds: Vec<usize> = asked
             .iter()
-            .map(|&j| state_bound(&self.layout.hops[j].spec))
+            .map(|&j| state_bound(&self.layout.hops[j].spec, &self.cfg.optimizer))
             .collect();
         let fetched =
             self.ex
@@ -844,7 +844,9 @@ impl Session {
     /// The most bytes hop `k`'s opening can take: the state before, four
     /// tensors of at most one body each, and the fixed fields.
     fn opening_bound(&self, k: usize) -> usize {
-        state_bound(&self.layout.hops[k].spec) + 4 * (4 + self.ex.policy().max_body()) + 64
+        state_bound(&self.layout.hops[k].spec, &self.cfg.optimizer)
+            + 4 * (4 + self.ex.policy().max_body())
+            + 64
     }
 
     /// Hop `j`'s opening of `step`, in chunks; `None` if it refuses (an

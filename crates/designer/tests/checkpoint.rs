@@ -334,18 +334,18 @@ fn a_checkpoint_of_another_arithmetic_is_refused_naming_it() {
     let mut bytes = sample(7).encode();
     let at = bytes
         .windows(10)
-        .position(|w| w == b"\"arith\":1,")
+        .position(|w| w == b"\"arith\":2,")
         .expect("the header names its arithmetic");
-    bytes[at + 8] = b'2';
+    bytes[at + 8] = b'1';
     resign(&mut bytes);
     let e = Checkpoint::decode(&bytes).unwrap_err();
-    assert_eq!(defect(e), Defect::OtherArith(2));
+    assert_eq!(defect(e), Defect::OtherArith(1));
     let mut bytes = sample(7).encode();
-    bytes[at + 8] = b'2';
+    bytes[at + 8] = b'3';
     resign(&mut bytes);
     assert_eq!(
         Checkpoint::decode(&bytes).unwrap_err().to_string(),
-        "checkpoint <memory>: computed with arith 2, this build computes arith 1 (docs/arithmetic.md)"
+        "checkpoint <memory>: computed with arith 3, this build computes arith 2 (docs/arithmetic.md)"
     );
 }
 

@@ -62,6 +62,7 @@ pub fn dataset(n: usize, seed: u64) -> Dataset {
         labels,
         rows: 28,
         cols: 28,
+        channels: 1,
     }
 }
 

@@ -1,14 +1,19 @@
-//! IDX data (the MNIST layout), raw or gzip-compressed, and batch order.
+//! Image data, raw or gzip-compressed, batch order and augmentation.
 //!
-//! A data directory holds `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
-//! `t10k-images-idx3-ubyte` and `t10k-labels-idx1-ubyte`, each optionally
-//! with `.gz` — what torchvision, Debian's `dataset-fashion-mnist` and most
-//! MNIST tools leave on disk.
+//! A data directory holds either IDX files — `train-images-idx3-ubyte`,
+//! `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte` and
+//! `t10k-labels-idx1-ubyte`, each optionally with `.gz`, what torchvision,
+//! Debian's `dataset-fashion-mnist` and most MNIST tools leave on disk —
+//! or CIFAR-10's binary batches (`data_batch_1.bin` … `data_batch_5.bin`
+//! and `test_batch.bin`, in the directory or its `cifar-10-batches-bin/`,
+//! as the official `cifar-10-binary.tar.gz` unpacks): per image one label
+//! byte, then 1024 red, 1024 green and 1024 blue bytes, row-major 32 × 32.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 use crate::init::rng;
@@ -33,6 +38,9 @@ pub struct Dataset {
     pub rows: usize,
     /// Image width.
     pub cols: usize,
+    /// Colour planes per image (1 for IDX, 3 for CIFAR-10), stored one
+    /// after the other (`[c, rows, cols]`).
+    pub channels: usize,
 }
 
 /// The train and test halves of a data directory.
@@ -59,12 +67,12 @@ impl Dataset {
 
     /// Features per image.
     pub fn features(&self) -> usize {
-        self.rows * self.cols
+        self.channels * self.rows * self.cols
     }
 
-    /// The shape of one image: `[1, rows, cols]`.
+    /// The shape of one image: `[channels, rows, cols]`.
     pub fn shape(&self) -> crate::spec::Shape {
-        crate::spec::Shape::image(1, self.rows, self.cols)
+        crate::spec::Shape::image(self.channels, self.rows, self.cols)
     }
 
     /// Whether a model taking samples of shape `input` can read these
@@ -118,6 +126,60 @@ pub fn epoch_order(seed: &RunSeed, epoch: u32, len: usize) -> Vec<u32> {
     order
 }
 
+/// Training-time augmentation of images, as torchvision's `RandomCrop(h,
+/// padding)` followed by `RandomHorizontalFlip()`: drawn from the run
+/// seed, so a local run and a cascade see the same images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Augment {
+    /// Zero pixels added on every side before a random crop back to the
+    /// image's size (0: no crop).
+    #[serde(default)]
+    pub crop: usize,
+    /// Mirror each image left to right with probability 1/2.
+    #[serde(default)]
+    pub flip: bool,
+}
+
+impl Augment {
+    /// Augments `pixels` (`count` images of `[c, h, w]`, in batch order)
+    /// in place: for each image, in order, `dy`, `dx` uniform in
+    /// `0..=2·crop` then a flip bit, from one ChaCha8 stream of the epoch
+    /// (`next_u32 % (2·crop + 1)` twice, then `next_u32 & 1`); the image
+    /// becomes `out[c][y][x] = padded[c][y + dy][x' + dx]` with
+    /// `x' = w − 1 − x` when flipped, `padded` the image with `crop` zero
+    /// pixels on every side.
+    pub fn apply(&self, rng: &mut impl rand::RngCore, shape: [usize; 3], pixels: &mut [u8]) {
+        let [c, h, w] = shape;
+        let len = c * h * w;
+        if len == 0 || (self.crop == 0 && !self.flip) {
+            return;
+        }
+        let span = 2 * self.crop as u32 + 1;
+        let mut out = vec![0u8; len];
+        for img in pixels.chunks_exact_mut(len) {
+            let dy = (rng.next_u32() % span) as isize - self.crop as isize;
+            let dx = (rng.next_u32() % span) as isize - self.crop as isize;
+            let flip = self.flip && rng.next_u32() & 1 == 1;
+            for ci in 0..c {
+                for y in 0..h {
+                    for x in 0..w {
+                        let xs = if flip { w - 1 - x } else { x };
+                        let (sy, sx) = (y as isize + dy, xs as isize + dx);
+                        out[(ci * h + y) * w + x] =
+                            if sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w {
+                                img[(ci * h + sy as usize) * w + sx as usize]
+                            } else {
+                                0
+                            };
+                    }
+                }
+            }
+            img.copy_from_slice(&out);
+        }
+    }
+}
+
 /// Finds the data directory: `explicit` (`--data`), else `$MIXNN_DATA`,
 /// else Debian's install path. Returns what was tried when none exists.
 pub fn resolve_dir(explicit: Option<&Path>) -> std::result::Result<PathBuf, String> {
@@ -137,8 +199,11 @@ pub fn resolve_dir(explicit: Option<&Path>) -> std::result::Result<PathBuf, Stri
     ))
 }
 
-/// Loads the train and test sets of an IDX directory.
+/// Loads the train and test sets of an IDX or CIFAR-10 directory.
 pub fn load_dir(dir: &Path) -> Result<Split> {
+    if let Some(cifar) = cifar_dir(dir) {
+        return load_cifar(&cifar);
+    }
     let train = load_pair(dir, "train")?;
     let test = load_pair(dir, "t10k")?;
     if (train.rows, train.cols) != (test.rows, test.cols) {
@@ -187,6 +252,82 @@ pub fn load_pair(dir: &Path, prefix: &str) -> Result<Dataset> {
         labels,
         rows,
         cols,
+        channels: 1,
+    })
+}
+
+/// Bytes of one CIFAR-10 record: a label and 3 × 32 × 32 pixels.
+pub const CIFAR_RECORD: usize = 1 + 3 * 32 * 32;
+
+/// The directory holding CIFAR-10's binary batches, if `dir` is one or
+/// contains `cifar-10-batches-bin/`.
+pub fn cifar_dir(dir: &Path) -> Option<PathBuf> {
+    [dir.to_path_buf(), dir.join("cifar-10-batches-bin")]
+        .into_iter()
+        .find(|d| find(d, "test_batch.bin").is_ok() && find(d, "data_batch_1.bin").is_ok())
+}
+
+/// Loads CIFAR-10's binary batches: `data_batch_1.bin` … (as many as
+/// there are, in order, up to 5) for training, `test_batch.bin` for test.
+pub fn load_cifar(dir: &Path) -> Result<Split> {
+    let mut train: Option<Dataset> = None;
+    for i in 1..=5 {
+        let Ok(path) = find(dir, &format!("data_batch_{i}.bin")) else {
+            break;
+        };
+        let part = parse_cifar(&read_maybe_gz(&path)?).map_err(|message| ModelError::Data {
+            path: path.clone(),
+            message,
+        })?;
+        train = Some(match train {
+            None => part,
+            Some(mut t) => {
+                t.pixels.extend_from_slice(&part.pixels);
+                t.labels.extend_from_slice(&part.labels);
+                t
+            }
+        });
+    }
+    let path = find(dir, "test_batch.bin")?;
+    let test = parse_cifar(&read_maybe_gz(&path)?).map_err(|message| ModelError::Data {
+        path: path.clone(),
+        message,
+    })?;
+    let train = train.ok_or_else(|| ModelError::Data {
+        path: dir.join("data_batch_1.bin"),
+        message: "missing".into(),
+    })?;
+    Ok(Split {
+        train,
+        test,
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// Parses one CIFAR-10 binary batch (records of [`CIFAR_RECORD`] bytes).
+pub fn parse_cifar(bytes: &[u8]) -> std::result::Result<Dataset, String> {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(CIFAR_RECORD) {
+        return Err(format!(
+            "{} bytes is not a whole number of {CIFAR_RECORD}-byte CIFAR-10 records",
+            bytes.len()
+        ));
+    }
+    let n = bytes.len() / CIFAR_RECORD;
+    let mut pixels = Vec::with_capacity(n * (CIFAR_RECORD - 1));
+    let mut labels = Vec::with_capacity(n);
+    for (i, record) in bytes.chunks_exact(CIFAR_RECORD).enumerate() {
+        if record[0] > 9 {
+            return Err(format!("record {i}: label {} outside 0..=9", record[0]));
+        }
+        labels.push(record[0]);
+        pixels.extend_from_slice(&record[1..]);
+    }
+    Ok(Dataset {
+        pixels,
+        labels,
+        rows: 32,
+        cols: 32,
+        channels: 3,
     })
 }
 
@@ -384,5 +525,78 @@ mod tests {
         let mut s = a.clone();
         s.sort_unstable();
         assert_eq!(s, (0..100).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn the_cifar_fixture_loads_with_its_shape() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/cifar10");
+        assert_eq!(cifar_dir(&dir), Some(dir.clone()));
+        let split = load_dir(&dir).unwrap();
+        assert_eq!(split.train.len(), 128);
+        assert_eq!(split.test.len(), 64);
+        assert_eq!(split.train.shape(), crate::spec::Shape::image(3, 32, 32));
+        assert_eq!(split.train.pixels.len(), 128 * 3072);
+        assert!(split.train.labels.iter().all(|l| *l < 10));
+        assert!(split.train.fits(&crate::spec::Shape::image(3, 32, 32)));
+        assert!(!split.train.fits(&crate::spec::Shape::image(1, 28, 28)));
+    }
+
+    #[test]
+    fn broken_cifar_batches_are_one_line_errors() {
+        let err = parse_cifar(&[0u8; CIFAR_RECORD + 1]).unwrap_err();
+        assert!(err.contains("whole number"), "{err}");
+        let mut rec = vec![0u8; CIFAR_RECORD];
+        rec[0] = 10;
+        assert!(parse_cifar(&rec).unwrap_err().contains("label 10"));
+        assert!(parse_cifar(&[]).is_err());
+    }
+
+    #[test]
+    fn augmentation_crops_and_flips_from_its_stream_only() {
+        let (c, h, w) = (2, 5, 4);
+        let img: Vec<u8> = (0..(c * h * w) as u8).map(|v| v + 1).collect();
+        let mut pixels = [img.clone(), img.clone(), img.clone()].concat();
+        // No crop, no flip: unchanged.
+        Augment {
+            crop: 0,
+            flip: false,
+        }
+        .apply(&mut rng(1), [c, h, w], &mut pixels);
+        assert_eq!(&pixels[..img.len()], img.as_slice());
+        // Flip only: each image is itself or its mirror.
+        let mirror: Vec<u8> = (0..c * h * w)
+            .map(|i| {
+                let (plane, y, x) = (i / (h * w), (i / w) % h, i % w);
+                img[(plane * h + y) * w + (w - 1 - x)]
+            })
+            .collect();
+        let mut seen_flip = false;
+        for seed in 0..8 {
+            let mut p = img.clone();
+            Augment {
+                crop: 0,
+                flip: true,
+            }
+            .apply(&mut rng(seed), [c, h, w], &mut p);
+            assert!(p == img || p == mirror);
+            seen_flip |= p == mirror;
+        }
+        assert!(seen_flip);
+        // Crops: the same stream gives the same images; each output pixel
+        // is an input pixel of its plane or a zero from the padding.
+        let a = Augment {
+            crop: 2,
+            flip: true,
+        };
+        let mut p1 = pixels.clone();
+        let mut p2 = pixels.clone();
+        a.apply(&mut rng(5), [c, h, w], &mut p1);
+        a.apply(&mut rng(5), [c, h, w], &mut p2);
+        assert_eq!(p1, p2);
+        for (i, v) in p1.iter().enumerate() {
+            let plane = (i / (h * w)) % c;
+            assert!(*v == 0 || img[plane * h * w..(plane + 1) * h * w].contains(v));
+        }
+        assert_ne!(p1, pixels);
     }
 }

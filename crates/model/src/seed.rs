@@ -35,6 +35,8 @@ pub enum Purpose {
     /// The initialisation of the `i`-th dummy hop (it has no parameters;
     /// its seed only looks like the others).
     Dummy(u64),
+    /// The training images' augmentation (crops, flips) of epoch `e`.
+    Augment(u64),
 }
 
 impl RunSeed {
@@ -72,6 +74,7 @@ impl RunSeed {
             Purpose::Order(e) => (b"mixnn/order", e),
             Purpose::Selection => (b"mixnn/selection", 0),
             Purpose::Dummy(i) => (b"mixnn/dummy", i),
+            Purpose::Augment(e) => (b"mixnn/augment", e),
         };
         let mut h = blake3::Hasher::new_keyed(&self.0);
         h.update(label);

@@ -595,9 +595,10 @@ impl StageSpec {
     }
 
     /// Values a training forward of `rows` samples computes and may keep
-    /// (its input, every op's output, nested ops' too, and the scratch
-    /// of a convolution's products): an upper bound of its cache and of
-    /// the peak of its computation, from the description alone.
+    /// (its input, every op's output, nested ops' too, and one image's
+    /// scratch per convolution: columns or a padded copy): an upper bound
+    /// of its cache and of the peak of its computation, from the
+    /// description alone.
     pub fn forward_values(&self, rows: usize) -> u64 {
         fn walk(ops: &[OpSpec], input: &Shape, rows: u64) -> u64 {
             let mut shape = input.clone();
@@ -611,11 +612,11 @@ impl StageSpec {
                         kernel,
                         ..
                     } => {
-                        // One image's columns per thread at a time, bounded
-                        // here by one per image.
+                        // One image's columns (the most a convolution's
+                        // scratch takes) at a time per kernel thread.
                         let [_, ho, wo] = out.chw().unwrap_or([0, 0, 0]);
                         let cols = (in_channels * kernel * kernel * ho * wo) as u64;
-                        total = total.saturating_add(cols.saturating_mul(rows.min(64)));
+                        total = total.saturating_add(cols);
                     }
                     OpSpec::Residual { ops, shortcut } => {
                         total = total
@@ -763,6 +764,9 @@ pub struct ModelSpec {
     /// The optimiser the model file asks for (`None`: the command line's,
     /// SGD lr 0.01 momentum 0.9 by default).
     pub optimizer: Option<Optimizer>,
+    /// The training images' augmentation the model file asks for
+    /// (`[augment]`: random crops and flips), if any.
+    pub augment: Option<crate::data::Augment>,
 }
 
 #[derive(Deserialize)]
@@ -773,6 +777,7 @@ struct RawModel {
     #[serde(default)]
     stage: Vec<RawStage>,
     optimizer: Option<toml::Value>,
+    augment: Option<crate::data::Augment>,
 }
 
 #[derive(Deserialize)]
@@ -838,6 +843,19 @@ impl ModelSpec {
         let mut model =
             Self::from_stages(raw.name.unwrap_or_else(|| "model".into()), input, stages)?;
         model.optimizer = optimizer;
+        model.augment = raw.augment;
+        match (model.augment, model.input.chw()) {
+            (Some(a), Some([_, h, w])) if a.crop >= h.min(w) => {
+                return Err(spec_err(format!(
+                    "[augment]: a crop padding of {} for images of {h}x{w}",
+                    a.crop
+                )));
+            }
+            (Some(_), None) => {
+                return Err(spec_err("[augment] needs an image input [c, h, w]".into()));
+            }
+            _ => {}
+        }
         Ok(model)
     }
 
@@ -862,6 +880,7 @@ impl ModelSpec {
             input,
             stages,
             optimizer: None,
+            augment: None,
         })
     }
 
@@ -888,6 +907,12 @@ impl ModelSpec {
         if let Some(opt) = &self.optimizer {
             out.push_str("\n[optimizer]\n");
             out.push_str(&opt.to_toml());
+        }
+        if let Some(a) = &self.augment {
+            out.push_str(&format!(
+                "\n[augment]\ncrop = {}\nflip = {}\n",
+                a.crop, a.flip
+            ));
         }
         for stage in &self.stages {
             out.push_str("\n[[stage]]\nops = [");

@@ -228,7 +228,16 @@ pub fn run_training_from<R: StepRunner>(
     let mut epochs = from.done_epochs.clone();
     for epoch in from.epoch..cfg.epochs {
         let order = epoch_order(&cfg.seed, epoch, train.len());
-        let train_batches = batches(train, &order, cfg.batch);
+        let mut train_batches = batches(train, &order, cfg.batch);
+        if let Some(aug) = model.augment {
+            // Every batch of the epoch, skipped ones too, so that a
+            // resumed run draws the same crops and flips.
+            let mut r = crate::init::rng(cfg.seed.derive(Purpose::Augment(u64::from(epoch))));
+            let shape = [train.channels, train.rows, train.cols];
+            for b in &mut train_batches {
+                aug.apply(&mut r, shape, &mut b.pixels);
+            }
+        }
         let (skip, mut losses) = if epoch == from.epoch {
             (
                 from.position.min(train_batches.len()),

@@ -48,6 +48,67 @@ pub fn to_safetensors(model: &ModelSpec, stages: &[StageParams]) -> Result<Vec<u
         .map_err(|e| ModelError::Misuse(format!("safetensors: {e}")))
 }
 
+/// The final weights as a PyTorch state dict (safetensors), for the
+/// `torch.nn.Sequential` of every stage's ops in order, the loss left out
+/// (`bench/pytorch_model.py`'s `build`): tensor `"{i}.weight"` of op `i`
+/// of that sequence, `"{i}.ops.{j}.…"` / `"{i}.shortcut.{j}.…"` inside a
+/// residual block; `linear` weights `[out, in]`, `conv2d` weights
+/// `[out, in, k, k]`; batch norms' `running_mean`, `running_var` and
+/// `num_batches_tracked` (the stage's training steps, `i64`). Loads with
+/// `load_state_dict` (strict).
+pub fn to_torch_safetensors(
+    model: &ModelSpec,
+    stages: &[StageParams],
+    steps: u64,
+) -> Result<Vec<u8>> {
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut offset = 0usize;
+    for (spec, params) in model.stages.iter().zip(stages) {
+        let kept = spec
+            .ops
+            .iter()
+            .filter(|op| !matches!(op, crate::spec::OpSpec::NllLoss))
+            .count();
+        for p in params {
+            let (op, rest) = p
+                .name
+                .split_once('.')
+                .ok_or_else(|| ModelError::Misuse(format!("parameter {} has no op", p.name)))?;
+            let op: usize = op
+                .parse()
+                .map_err(|_| ModelError::Misuse(format!("parameter {} has no op", p.name)))?;
+            let name = format!("{}.{rest}", offset + op);
+            let (shape, values) = if rest.ends_with("weight") && p.shape.len() == 2 {
+                transpose(p.shape[0], p.shape[1], &p.values)
+            } else {
+                (p.shape.clone(), p.values.clone())
+            };
+            if let Some(prefix) = name.strip_suffix(".running_var") {
+                owned.push((
+                    format!("{prefix}.num_batches_tracked"),
+                    Dtype::I64,
+                    Vec::new(),
+                    (steps as i64).to_le_bytes().to_vec(),
+                ));
+            }
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            owned.push((name, Dtype::F32, shape, bytes));
+        }
+        offset += kept;
+    }
+    let views = owned
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| ModelError::Misuse(format!("tensor {name}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta: HashMap<String, String> = HashMap::from([("mixnn.model".into(), model.to_toml())]);
+    safetensors::serialize(views, &Some(meta))
+        .map_err(|e| ModelError::Misuse(format!("safetensors: {e}")))
+}
+
 /// Parses a weights file back into per-stage parameters (engine layout).
 pub fn from_safetensors(bytes: &[u8], stages: usize) -> Result<Vec<StageParams>> {
     let st = safetensors::SafeTensors::deserialize(bytes)

@@ -187,10 +187,10 @@ mod tests {
             answer_bytes(&conv, &[2, 1, 28, 28], false),
             out.len() as u64
         );
-        // input, output and one image's columns per image.
+        // input, output and one image's columns.
         assert_eq!(
             forward_bytes(&conv, &[2, 1, 28, 28]),
-            4 * (2 * 784 + 2 * 8 * 784 + 2 * 9 * 784)
+            4 * (2 * 784 + 2 * 8 * 784 + 9 * 784)
         );
     }
 }

@@ -239,10 +239,15 @@ impl Drop for Nodes {
 
 /// The args of a small run; `mode` is `["--local"]` or `["--cascade", F]`.
 pub fn train_cmd(dir: &Path, name: &str, mode: &[&str], extra: &[&str]) -> Command {
+    train_cmd_on(DATA, dir, name, mode, extra)
+}
+
+/// [`train_cmd`] on the data in `data`.
+pub fn train_cmd_on(data: &str, dir: &Path, name: &str, mode: &[&str], extra: &[&str]) -> Command {
     let mut c = mixnn();
     c.arg("train")
         .args(mode)
-        .args(["--data", DATA, "--no-fetch"])
+        .args(["--data", data, "--no-fetch"])
         .arg("--metrics")
         .arg(dir.join(format!("{name}.json")))
         .arg("--weights")

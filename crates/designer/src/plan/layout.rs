@@ -1,6 +1,18 @@
 //! What runs where: which model stage each hop runs (dummies hidden among
-//! them as identity stages), which stages the designer keeps, which hop
-//! computes the loss, and how large the cascade's messages get.
+//! them), which stages the designer keeps, which hop computes the loss,
+//! and how large the cascade's messages get.
+//!
+//! A dummy hop should not be able to tell from its init note that it is
+//! one (paper §2.2: dummies "pass through the activation function"). So
+//! a dummy placed after a remote stage of two or more ops takes that
+//! stage's last op when it has no parameters and draws no randomness (a
+//! `relu`, a pooling, `flatten`, `normalize`, `log_softmax`): the stage
+//! hands over its activation, the dummy computes it, the result is the
+//! same function, bit for bit. Taking only the *last* op keeps every
+//! other op at its position in its stage (initialisation and dropout
+//! masks derive from positions). Elsewhere — at the front, after another
+//! dummy, after a stage whose last op has parameters or is the loss —
+//! the dummy runs `identity`, which a hop does recognise (SECURITY.md).
 
 use mixnn_model::spec::{ModelSpec, OpSpec, Shape, StageSpec};
 use mixnn_model::stage::StageState;
@@ -181,8 +193,24 @@ impl Layout {
     }
 }
 
-/// Inserts identity stages at the hop positions `dummies` among the
-/// `real` remote stages.
+/// Whether a dummy may take `op` from the end of the stage before it: no
+/// parameters, no randomness, not the loss.
+fn movable(op: &OpSpec) -> bool {
+    matches!(
+        op,
+        OpSpec::Relu
+            | OpSpec::MaxPool2d { .. }
+            | OpSpec::AvgPool2d { .. }
+            | OpSpec::GlobalAvgPool
+            | OpSpec::Flatten
+            | OpSpec::Normalize { .. }
+            | OpSpec::LogSoftmax
+    )
+}
+
+/// Inserts dummy stages at the hop positions `dummies` among the `real`
+/// remote stages: each takes the last op of the real stage before it when
+/// that op is [`movable`] and the stage keeps one, else runs `identity`.
 fn with_dummies(real: Vec<HopStage>, dummies: &[usize]) -> Result<Vec<HopStage>, DesignerError> {
     let n = real.len() + dummies.len();
     let mut sorted = dummies.to_vec();
@@ -197,6 +225,16 @@ fn with_dummies(real: Vec<HopStage>, dummies: &[usize]) -> Result<Vec<HopStage>,
     let mut out: Vec<HopStage> = Vec::with_capacity(n);
     for k in 0..n {
         if sorted.contains(&k) {
+            let taken = match out.last_mut() {
+                Some(prev)
+                    if prev.index.is_some()
+                        && prev.spec.ops.len() >= 2
+                        && prev.spec.ops.last().is_some_and(movable) =>
+                {
+                    prev.spec.ops.pop()
+                }
+                _ => None,
+            };
             let input = match out.last() {
                 Some(prev) => prev.spec.output(),
                 None => real
@@ -207,7 +245,7 @@ fn with_dummies(real: Vec<HopStage>, dummies: &[usize]) -> Result<Vec<HopStage>,
                 index: None,
                 spec: StageSpec {
                     input,
-                    ops: vec![OpSpec::Identity],
+                    ops: vec![taken.unwrap_or(OpSpec::Identity)],
                 },
             });
         } else if let Some(r) = real.next() {
@@ -261,6 +299,41 @@ ops = [{ op = "nll_loss" }]
         );
         assert_eq!(l.loss_hop, Some(4));
         assert!(l.has_params(1) && !l.has_params(0) && !l.has_params(4));
+    }
+
+    #[test]
+    fn a_dummy_takes_the_last_parameter_free_op_of_the_stage_before_it() {
+        let paper =
+            ModelSpec::parse(include_str!("../../../../models/paper-mlp.toml"), "paper").unwrap();
+        // Hops: dummy, stage 1, dummy, stage 2, dummy, stage 3, …
+        let l = Layout::new(&paper, Keep::None, &[0, 2, 4, 6], 9).unwrap();
+        let ops: Vec<(Option<usize>, Vec<&str>)> = l
+            .hops
+            .iter()
+            .map(|h| (h.index, h.spec.ops.iter().map(OpSpec::name).collect()))
+            .collect();
+        assert_eq!(
+            ops,
+            vec![
+                (None, vec!["identity"]),
+                (Some(0), vec!["normalize", "linear"]),
+                (None, vec!["relu"]),
+                (Some(1), vec!["linear"]),
+                (None, vec!["relu"]),
+                (Some(2), vec!["linear"]),
+                // After a stage ending with parameters: nothing to take.
+                (None, vec!["identity"]),
+                (Some(3), vec!["log_softmax"]),
+                (Some(4), vec!["nll_loss"]),
+            ]
+        );
+        assert_eq!(l.hops[2].spec.input, Shape::flat(128));
+        assert_eq!(l.hops[2].spec.output(), Shape::flat(128));
+        // The shapes still chain from hop to hop.
+        for w in l.hops.windows(2) {
+            assert_eq!(w[0].spec.output(), w[1].spec.input);
+        }
+        assert_eq!(l.loss_hop, Some(8));
     }
 
     #[test]

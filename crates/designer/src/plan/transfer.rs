@@ -20,19 +20,14 @@ pub fn room(policy: &PaddingPolicy) -> usize {
     mixnn_proto::chunk_room(policy.max_body())
 }
 
-/// The most bytes an encoded state of a stage of `spec` can take
-/// ([`mixnn_proto::encode_state`]): parameters and momentum, four bytes
-/// each, with generous room for names and shapes.
-pub fn state_bound(spec: &mixnn_model::spec::StageSpec) -> usize {
-    let values: usize = spec
-        .ops
-        .iter()
-        .map(|op| match *op {
-            mixnn_model::spec::OpSpec::Linear { input, output } => (input + 1) * output,
-            _ => 0,
-        })
-        .sum();
-    8 + 2 + 2 * 4 * values + 256 * (2 * spec.ops.len() + 1)
+/// The most bytes an encoded state of a stage of `spec` trained with
+/// `opt` can take ([`mixnn_proto::state_bound`], the bound a hop applies
+/// to a load too).
+pub fn state_bound(
+    spec: &mixnn_model::spec::StageSpec,
+    opt: &mixnn_model::optim::Optimizer,
+) -> usize {
+    mixnn_proto::state_bound(spec, opt)
 }
 
 /// `bytes` cut into chunks of at most `room` bytes, in order.
@@ -164,7 +159,7 @@ mod tests {
                 output: 3,
             }],
         };
-        let bound = state_bound(&spec);
+        let bound = state_bound(&spec, &mixnn_model::optim::Optimizer::default());
         // Parameters and momentum of a 4 → 3 linear: 2 × 15 floats.
         assert!(bound >= 8 + 2 * 4 * 15);
         let mut d = Download::new(1, 10, bound);

@@ -35,4 +35,4 @@ pub use matrix::Matrix;
 /// The version of `docs/arithmetic.md` this engine implements. Nodes and
 /// designers that compute different versions cannot be in one cascade:
 /// descriptors, init notes and checkpoints carry it.
-pub const ARITH_VERSION: u32 = 1;
+pub const ARITH_VERSION: u32 = 2;
