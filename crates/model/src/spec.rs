@@ -1328,6 +1328,32 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_cnn_models_parse_and_fit_a_node() {
+        for (text, name, stages, input) in [
+            (
+                include_str!("../../../models/vgg-fmnist.toml"),
+                "vgg-fmnist",
+                5,
+                Shape::image(1, 28, 28),
+            ),
+            (
+                include_str!("../../../models/vgg11-cifar10.toml"),
+                "vgg11-cifar10",
+                6,
+                Shape::image(3, 32, 32),
+            ),
+        ] {
+            let m = ModelSpec::parse(text, name).unwrap();
+            assert_eq!(m.stages.len(), stages, "{name}");
+            assert_eq!(m.input, input);
+            assert_eq!(m.classes(), Some(10));
+            // Every stage fits a node's default parameter limit.
+            assert!(m.stages.iter().all(|s| s.param_count() < 16 << 20));
+            assert_eq!(ModelSpec::parse(&m.to_toml(), "again").unwrap(), m);
+        }
+    }
+
+    #[test]
     fn toml_round_trips() {
         let m = ModelSpec::parse(PAPER, "paper").unwrap();
         assert_eq!(ModelSpec::parse(&m.to_toml(), "again").unwrap(), m);
