@@ -23,8 +23,7 @@ use rayon::prelude::*;
 
 use crate::arith::dispatch::Gemm;
 use crate::arith::gemm::{
-    pack_b_into, packed_b_len, run_packed, tile_into, Init, KernelTask, Micro, PackedA, View,
-    MAX_TILE,
+    pack_b_into, packed_b_len, run_packed, Init, KernelTask, Micro, PackedA, View, MAX_TILE,
 };
 use crate::arith::matrix::Matrix;
 use crate::arith::threads;
@@ -142,27 +141,6 @@ fn im2col_panels(x: &[f32], g: &ConvGeom, nr: usize, out: &mut [f32], row: &mut 
             let dst = &mut out[(panel * kk + r) * nr..(panel * kk + r + 1) * nr];
             dst[..chunk.len()].copy_from_slice(chunk);
             dst[chunk.len()..].fill(0.0);
-        }
-    }
-}
-
-/// Rows `r0 .. r0 + mr` of one image's columns packed as one block of the
-/// left operand: `out[j·mr + i] = cols[r0 + i][j]` (zero past the last
-/// row). `rows` holds `mr` rows of scratch.
-fn im2col_block(x: &[f32], g: &ConvGeom, r0: usize, mr: usize, out: &mut [f32], rows: &mut [f32]) {
-    let n = g.ho * g.wo;
-    let rows = &mut rows[..mr * n];
-    for (i, row) in rows.chunks_exact_mut(n).enumerate() {
-        if r0 + i < g.patch() {
-            fill_row(x, g, r0 + i, row);
-        } else {
-            row.fill(0.0);
-        }
-    }
-    // Interleave: read the rows side by side, write `out` in order.
-    for (j, col) in out[..n * mr].chunks_exact_mut(mr).enumerate() {
-        for (i, v) in col.iter_mut().enumerate() {
-            *v = rows[i * n + j];
         }
     }
 }
@@ -346,51 +324,87 @@ impl KernelTask for WeightGrad<'_> {
     type Output = Vec<f32>;
 
     /// `dWᵀ[(c,ky,kx), o]`, continued image after image (the reduction
-    /// over `(n, y, x)` in order, carried from one product to the next);
-    /// the row blocks of `dWᵀ` are shared between threads, each walking
-    /// every image for its own rows.
+    /// over `(n, y, x)` in order, carried from one product to the next).
+    /// The left operand is read in place from each image's padded input
+    /// (row `(c, ky, kx)` at offset `c·hp·wp + ky·wp + kx`, column `(y, x)`
+    /// at `y·s·wp + x·s`); the row blocks of `dWᵀ` are shared between
+    /// threads, each walking every image for its own rows.
     fn run<K: Micro>(self, kernel: K) -> Vec<f32> {
         let g = self.g;
         let (kk, hw, o) = (g.patch(), g.ho * g.wo, g.o);
         let batch = self.x.rows();
         let (mr, nr) = (K::MR, K::NR);
-        // dY_nᵀ (hw × o) of every image, packed once, shared.
+        let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
+        let plen = g.c * hp * wp;
+        // Every image padded, and dY_nᵀ (hw × o) of every image packed,
+        // once, shared.
         let blen = packed_b_len(hw, o, nr);
+        let mut padded = vec![0.0f32; batch * plen];
         let mut packed = vec![0.0f32; batch * blen];
-        let pack = |(n, out): (usize, &mut [f32])| {
-            pack_b_into(View::rows_of(self.dy.row(n), o, hw).t(), nr, out)
+        let prepare = |(n, (pad, pack)): (usize, (&mut [f32], &mut [f32]))| {
+            pad_into(self.x.row(n), (g.c, g.h, g.w), (hp, wp), (g.p, g.p), pad);
+            pack_b_into(View::rows_of(self.dy.row(n), o, hw).t(), nr, pack);
         };
         if batch > 1 && threads::count() > 1 {
-            threads::install(|| packed.par_chunks_mut(blen).enumerate().for_each(pack));
+            threads::install(|| {
+                padded
+                    .par_chunks_mut(plen)
+                    .zip(packed.par_chunks_mut(blen))
+                    .enumerate()
+                    .for_each(prepare)
+            });
         } else {
-            packed.chunks_mut(blen).enumerate().for_each(pack);
+            padded
+                .chunks_mut(plen)
+                .zip(packed.chunks_mut(blen))
+                .enumerate()
+                .for_each(prepare);
         }
+        let mut row_offsets: Vec<usize> = (0..kk.div_ceil(mr) * mr)
+            .map(|r| {
+                let r = r.min(kk - 1);
+                let (c, ky, kx) = (r / (g.k * g.k), (r / g.k) % g.k, r % g.k);
+                c * hp * wp + ky * wp + kx
+            })
+            .collect();
+        row_offsets.shrink_to_fit();
+        let cols: Vec<usize> = (0..hw)
+            .map(|p| (p / g.wo) * g.s * wp + (p % g.wo) * g.s)
+            .collect();
         let mut dwt = vec![0.0f32; kk * o];
-        let block = |(bi, rows): (usize, &mut [f32]), (a, row): &mut (Vec<f32>, Vec<f32>)| {
-            let height = rows.len() / o;
+        let block = |(bi, out): (usize, &mut [f32])| {
+            let height = out.len() / o;
+            let rows = &row_offsets[bi * mr..bi * mr + mr];
             for n in 0..batch {
-                im2col_block(self.x.row(n), g, bi * mr, mr, a, row);
+                let a = &padded[n * plen..(n + 1) * plen];
                 let bp = &packed[n * blen..(n + 1) * blen];
                 let init = if n == 0 { Init::Zero } else { Init::Accumulate };
                 for (panel, panel_b) in bp.chunks_exact(hw * nr).enumerate() {
                     let j0 = panel * nr;
                     let width = nr.min(o - j0);
-                    tile_into(kernel, hw, a, panel_b, rows, o, j0, height, width, init);
+                    if height == mr && width == nr {
+                        kernel.tile_gather_a(hw, a, rows, &cols, panel_b, &mut out[j0..], o, init);
+                    } else {
+                        let mut scratch = [0.0f32; MAX_TILE];
+                        if init == Init::Accumulate {
+                            for r in 0..height {
+                                scratch[r * nr..r * nr + width]
+                                    .copy_from_slice(&out[r * o + j0..r * o + j0 + width]);
+                            }
+                        }
+                        kernel.tile_gather_a(hw, a, rows, &cols, panel_b, &mut scratch, nr, init);
+                        for r in 0..height {
+                            out[r * o + j0..r * o + j0 + width]
+                                .copy_from_slice(&scratch[r * nr..r * nr + width]);
+                        }
+                    }
                 }
             }
         };
-        let scratch = || (vec![0.0f32; hw * mr], vec![0.0f32; hw * mr]);
         if kk > mr && threads::count() > 1 {
-            threads::install(|| {
-                dwt.par_chunks_mut(mr * o)
-                    .enumerate()
-                    .for_each_init(scratch, |s, item| block(item, s))
-            });
+            threads::install(|| dwt.par_chunks_mut(mr * o).enumerate().for_each(block));
         } else {
-            let mut s = scratch();
-            dwt.chunks_mut(mr * o)
-                .enumerate()
-                .for_each(|item| block(item, &mut s));
+            dwt.chunks_mut(mr * o).enumerate().for_each(block);
         }
         let mut dw = vec![0.0f32; o * kk];
         for (r, row) in dwt.chunks_exact(o).enumerate() {

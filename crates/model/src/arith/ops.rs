@@ -93,9 +93,7 @@ pub fn relu_backward_masked(mask: &[u64], dy: Matrix) -> Matrix {
     let mut dx = dy;
     for (chunk, word) in dx.as_mut_slice().chunks_mut(64).zip(mask) {
         for (bit, g) in chunk.iter_mut().enumerate() {
-            if (word >> bit) & 1 == 0 {
-                *g = 0.0;
-            }
+            *g = if (word >> bit) & 1 == 1 { *g } else { 0.0 };
         }
     }
     dx

@@ -177,6 +177,24 @@ pub(crate) trait Micro: Copy + Send + Sync {
     /// slice is too short.
     fn tile(self, k: usize, a: &[f32], b: &[f32], c: &mut [f32], ldc: usize, init: Init);
 
+    /// [`Micro::tile`] with the left operand read in place: `A[r][p] =
+    /// a[rows[r] + cols[p]]` for `r < MR`, `p < k` (a convolution's
+    /// columns, each row a shifted window of its padded input). Panics if
+    /// `rows` has fewer than `MR` entries, `cols` fewer than `k`, or an
+    /// index reaches past `a`.
+    #[allow(clippy::too_many_arguments)]
+    fn tile_gather_a(
+        self,
+        k: usize,
+        a: &[f32],
+        rows: &[usize],
+        cols: &[usize],
+        b: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        init: Init,
+    );
+
     /// [`Micro::tile`] from `+0` with the right operand read in place:
     /// row `p` of `B` is `b[offsets[p] .. offsets[p] + NR]` (an implicit
     /// im2col: a convolution's input, each `p` a shifted window of it).
@@ -191,6 +209,29 @@ pub(crate) trait Micro: Copy + Send + Sync {
         c: &mut [f32],
         ldc: usize,
     );
+}
+
+/// Checks the bounds of [`Micro::tile_gather_a`].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn check_gather_a(
+    k: usize,
+    a: &[f32],
+    rows: &[usize],
+    mr: usize,
+    cols: &[usize],
+    b: &[f32],
+    nr: usize,
+    c: &[f32],
+    ldc: usize,
+) {
+    assert!(rows.len() >= mr && cols.len() >= k && b.len() >= k * nr);
+    assert!(c.len() >= (mr - 1) * ldc + nr);
+    let (r, p) = (
+        rows[..mr].iter().max().copied().unwrap_or(0),
+        cols[..k].iter().max().copied().unwrap_or(0),
+    );
+    assert!(k == 0 || r + p < a.len(), "an index past the operand");
 }
 
 /// Checks the bounds of [`Micro::tile_indirect`].
@@ -265,6 +306,37 @@ impl<F: MulAdd, const MR: usize, const NR: usize> Micro for Portable<F, MR, NR> 
         }
     }
 
+    fn tile_gather_a(
+        self,
+        k: usize,
+        a: &[f32],
+        rows: &[usize],
+        cols: &[usize],
+        b: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        init: Init,
+    ) {
+        check_gather_a(k, a, rows, MR, cols, b, NR, c, ldc);
+        let mut acc = [[0.0f32; NR]; MR];
+        if init == Init::Accumulate {
+            for (r, row) in acc.iter_mut().enumerate() {
+                row.copy_from_slice(&c[r * ldc..r * ldc + NR]);
+            }
+        }
+        for (col, bv) in cols[..k].iter().zip(b.chunks_exact(NR)) {
+            for r in 0..MR {
+                let x = a[rows[r] + col];
+                for j in 0..NR {
+                    acc[r][j] = F::fma(x, bv[j], acc[r][j]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            c[r * ldc..r * ldc + NR].copy_from_slice(row);
+        }
+    }
+
     fn tile_indirect(
         self,
         k: usize,
@@ -303,6 +375,15 @@ fn pack_b(b: View<'_>, j0: usize, nr: usize, out: &mut [f32]) {
         for (p, row) in out.chunks_exact_mut(nr).take(k).enumerate() {
             let start = p * b.rs + j0;
             row[..width].copy_from_slice(&b.data[start..start + width]);
+        }
+    } else if b.rs == 1 {
+        // A transposed row-major matrix: read each of its rows in order,
+        // write it down the panel.
+        for j in 0..width {
+            let start = (j0 + j) * b.cs;
+            for (p, v) in b.data[start..start + k].iter().enumerate() {
+                out[p * nr + j] = *v;
+            }
         }
     } else {
         for (p, row) in out.chunks_exact_mut(nr).take(k).enumerate() {
@@ -426,7 +507,7 @@ pub(crate) fn run_packed<K: Micro>(
 /// `j0 .. j0 + width`, through a scratch tile at the edges.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) fn tile_into<K: Micro>(
+fn tile_into<K: Micro>(
     kernel: K,
     k: usize,
     ap: &[f32],

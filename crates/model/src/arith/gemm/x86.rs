@@ -36,6 +36,35 @@ impl Micro for Avx512 {
     const MR: usize = 8;
     const NR: usize = 32;
 
+    fn tile_gather_a(
+        self,
+        k: usize,
+        a: &[f32],
+        rows: &[usize],
+        cols: &[usize],
+        b: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        init: Init,
+    ) {
+        super::check_gather_a(k, a, rows, 8, cols, b, 32, c, ldc);
+        // SAFETY: `self` proves the CPU runs the kernel's instructions;
+        // every index into `a` (row offset plus column offset), `b` and
+        // `c` is within the bounds just checked.
+        unsafe {
+            avx512_8x32_gather_a(
+                k,
+                a.as_ptr(),
+                rows.as_ptr(),
+                cols.as_ptr(),
+                b.as_ptr(),
+                c.as_mut_ptr(),
+                ldc,
+                init == Init::Accumulate,
+            )
+        }
+    }
+
     fn tile(self, k: usize, a: &[f32], b: &[f32], c: &mut [f32], ldc: usize, init: Init) {
         assert!(a.len() >= k * 8 && b.len() >= k * 32 && c.len() >= 7 * ldc + 32);
         // SAFETY: `self` exists only where AVX-512F was detected; the
@@ -154,6 +183,35 @@ impl Avx2 {
 impl Micro for Avx2 {
     const MR: usize = 6;
     const NR: usize = 16;
+
+    fn tile_gather_a(
+        self,
+        k: usize,
+        a: &[f32],
+        rows: &[usize],
+        cols: &[usize],
+        b: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        init: Init,
+    ) {
+        super::check_gather_a(k, a, rows, 6, cols, b, 16, c, ldc);
+        // SAFETY: `self` proves the CPU runs the kernel's instructions;
+        // every index into `a` (row offset plus column offset), `b` and
+        // `c` is within the bounds just checked.
+        unsafe {
+            avx2_6x16_gather_a(
+                k,
+                a.as_ptr(),
+                rows.as_ptr(),
+                cols.as_ptr(),
+                b.as_ptr(),
+                c.as_mut_ptr(),
+                ldc,
+                init == Init::Accumulate,
+            )
+        }
+    }
 
     fn tile(self, k: usize, a: &[f32], b: &[f32], c: &mut [f32], ldc: usize, init: Init) {
         assert!(a.len() >= k * 6 && b.len() >= k * 16 && c.len() >= 5 * ldc + 16);
@@ -278,6 +336,35 @@ impl Sse2 {
 impl Micro for Sse2 {
     const MR: usize = 4;
     const NR: usize = 8;
+
+    fn tile_gather_a(
+        self,
+        k: usize,
+        a: &[f32],
+        rows: &[usize],
+        cols: &[usize],
+        b: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        init: Init,
+    ) {
+        super::check_gather_a(k, a, rows, 4, cols, b, 8, c, ldc);
+        // SAFETY: `self` proves the CPU runs the kernel's instructions;
+        // every index into `a` (row offset plus column offset), `b` and
+        // `c` is within the bounds just checked.
+        unsafe {
+            sse2_4x8_gather_a(
+                k,
+                a.as_ptr(),
+                rows.as_ptr(),
+                cols.as_ptr(),
+                b.as_ptr(),
+                c.as_mut_ptr(),
+                ldc,
+                init == Init::Accumulate,
+            )
+        }
+    }
 
     fn tile(self, k: usize, a: &[f32], b: &[f32], c: &mut [f32], ldc: usize, init: Init) {
         assert!(a.len() >= k * 4 && b.len() >= k * 8 && c.len() >= 3 * ldc + 8);
@@ -422,6 +509,128 @@ unsafe fn sse2_4x8(
             }
         }
         a = a.add(4);
+        b = b.add(8);
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (q, pair) in row.iter().enumerate() {
+            _mm_store_sd(
+                c.add(r * ldc + 2 * q).cast(),
+                _mm_castps_pd(_mm_cvtpd_ps(*pair)),
+            );
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn avx512_8x32_gather_a(
+    k: usize,
+    a: *const f32,
+    rows: *const usize,
+    cols: *const usize,
+    mut b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let bases: [*const f32; 8] = std::array::from_fn(|r| a.add(*rows.add(r)));
+    let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+    if accumulate {
+        for (r, row) in acc.iter_mut().enumerate() {
+            row[0] = _mm512_loadu_ps(c.add(r * ldc));
+            row[1] = _mm512_loadu_ps(c.add(r * ldc + 16));
+        }
+    }
+    for p in 0..k {
+        let j = *cols.add(p);
+        let b0 = _mm512_loadu_ps(b);
+        let b1 = _mm512_loadu_ps(b.add(16));
+        for (row, base) in acc.iter_mut().zip(&bases) {
+            let x = _mm512_set1_ps(*base.add(j));
+            row[0] = _mm512_fmadd_ps(x, b0, row[0]);
+            row[1] = _mm512_fmadd_ps(x, b1, row[1]);
+        }
+        b = b.add(32);
+    }
+    for (r, row) in acc.iter().enumerate() {
+        _mm512_storeu_ps(c.add(r * ldc), row[0]);
+        _mm512_storeu_ps(c.add(r * ldc + 16), row[1]);
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn avx2_6x16_gather_a(
+    k: usize,
+    a: *const f32,
+    rows: *const usize,
+    cols: *const usize,
+    mut b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let bases: [*const f32; 6] = std::array::from_fn(|r| a.add(*rows.add(r)));
+    let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+    if accumulate {
+        for (r, row) in acc.iter_mut().enumerate() {
+            row[0] = _mm256_loadu_ps(c.add(r * ldc));
+            row[1] = _mm256_loadu_ps(c.add(r * ldc + 8));
+        }
+    }
+    for p in 0..k {
+        let j = *cols.add(p);
+        let b0 = _mm256_loadu_ps(b);
+        let b1 = _mm256_loadu_ps(b.add(8));
+        for (row, base) in acc.iter_mut().zip(&bases) {
+            let x = _mm256_set1_ps(*base.add(j));
+            row[0] = _mm256_fmadd_ps(x, b0, row[0]);
+            row[1] = _mm256_fmadd_ps(x, b1, row[1]);
+        }
+        b = b.add(16);
+    }
+    for (r, row) in acc.iter().enumerate() {
+        _mm256_storeu_ps(c.add(r * ldc), row[0]);
+        _mm256_storeu_ps(c.add(r * ldc + 8), row[1]);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn sse2_4x8_gather_a(
+    k: usize,
+    a: *const f32,
+    rows: *const usize,
+    cols: *const usize,
+    mut b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let bases: [*const f32; 4] = std::array::from_fn(|r| a.add(*rows.add(r)));
+    let mut acc = [[_mm_setzero_pd(); 4]; 4];
+    if accumulate {
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (q, pair) in row.iter_mut().enumerate() {
+                *pair = _mm_cvtps_pd(_mm_castpd_ps(_mm_load_sd(c.add(r * ldc + 2 * q).cast())));
+            }
+        }
+    }
+    for p in 0..k {
+        let j = *cols.add(p);
+        let lo = _mm_loadu_ps(b);
+        let hi = _mm_loadu_ps(b.add(4));
+        let bv = [
+            _mm_cvtps_pd(lo),
+            _mm_cvtps_pd(_mm_movehl_ps(lo, lo)),
+            _mm_cvtps_pd(hi),
+            _mm_cvtps_pd(_mm_movehl_ps(hi, hi)),
+        ];
+        for (row, base) in acc.iter_mut().zip(&bases) {
+            let x = _mm_set1_pd(f64::from(*base.add(j)));
+            for (pair, bq) in row.iter_mut().zip(&bv) {
+                *pair = soft_fma_pd(x, *bq, *pair);
+            }
+        }
         b = b.add(8);
     }
     for (r, row) in acc.iter().enumerate() {
