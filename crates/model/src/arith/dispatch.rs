@@ -137,11 +137,15 @@ pub struct Choice {
     pub timings: Vec<PathTiming>,
 }
 
-/// The calibration workload: a product and one with a transposed
+/// The calibration workload's shape: a product and one with a transposed
 /// operand (as a weight gradient reads it), 2 · 32 × 128 × 64
 /// multiply-adds, too small to be shared between threads.
-fn workload() -> impl FnMut() {
-    let (m, k, n) = (32, 128, 64);
+const WORKLOAD: (usize, usize, usize) = (32, 128, 64);
+/// The first round's smaller product, 1/32 of the work: enough to rank
+/// software and hardware FMAs, so the slow paths run only this.
+const PROBE: (usize, usize, usize) = (8, 32, 64);
+
+fn workload((m, k, n): (usize, usize, usize)) -> impl FnMut() {
     let values = |len: usize, seed: u32| -> Vec<f32> {
         (0..len as u32)
             .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) >> 9) as f32 * 1.0e-6 - 2.0)
@@ -167,31 +171,40 @@ fn workload() -> impl FnMut() {
 }
 
 /// Times the calibration workload on every supported path, interleaved
-/// over a few rounds (the best run of each counts), fastest first. A path
-/// more than four times slower than the best after the first round is not
-/// run again. Takes a few milliseconds.
+/// over a few rounds (the best run of each counts), fastest first. A
+/// first round times a product 32 times smaller on every path; only the
+/// paths within four times of the best go on to the full workload (the
+/// others' time is the probe's, scaled by 32: the software-FMA paths
+/// are tens of times slower, so a probe ranks them). Takes about a
+/// millisecond.
 pub fn calibrate() -> Vec<PathTiming> {
     let paths = KernelPath::supported_paths();
-    let mut best: Vec<Option<Duration>> = vec![None; paths.len()];
-    for round in 0..5 {
-        let leader = best.iter().flatten().min().copied();
-        for (path, slot) in paths.iter().zip(best.iter_mut()) {
-            if round > 0 {
-                if let (Some(mine), Some(lead)) = (*slot, leader) {
-                    if mine > lead * 4 {
-                        continue;
-                    }
-                }
-            }
-            let mut run = workload();
-            let timed = with_path(*path, || {
-                run(); // warm: caches, the first use of wide registers
-                let start = Instant::now();
-                run();
-                start.elapsed()
-            });
-            if let Ok(t) = timed {
-                *slot = Some(slot.map_or(t, |s| s.min(t)));
+    let time = |path: KernelPath, shape| {
+        let mut run = workload(shape);
+        with_path(path, || {
+            run(); // warm: caches, the first use of wide registers
+            let start = Instant::now();
+            run();
+            start.elapsed()
+        })
+        .ok()
+    };
+    let scale = |(m, k, n): (usize, usize, usize)| (m * k * n) as u32;
+    let factor = scale(WORKLOAD) / scale(PROBE);
+    let probes: Vec<Option<Duration>> = paths.iter().map(|p| time(*p, PROBE)).collect();
+    let lead = probes.iter().flatten().min().copied();
+    let mut best: Vec<Option<Duration>> = probes
+        .iter()
+        .map(|t| match (t, lead) {
+            (Some(t), Some(lead)) if *t > lead * 4 => Some(*t * factor),
+            _ => None,
+        })
+        .collect();
+    let finalists: Vec<usize> = (0..paths.len()).filter(|i| best[*i].is_none()).collect();
+    for _ in 0..4 {
+        for &i in &finalists {
+            if let Some(t) = time(paths[i], WORKLOAD) {
+                best[i] = Some(best[i].map_or(t, |s| s.min(t)));
             }
         }
     }
