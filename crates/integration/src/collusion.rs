@@ -98,8 +98,9 @@ impl Known {
 }
 
 /// What every participant knows: the notes a designer sends at every step
-/// (their public fields), init notes of the model's stages (and identity
-/// stages of its widths) with every key zero at every second of the run,
+/// (their public fields), init notes of the model's stages (split where a
+/// dummy takes a stage's last op, and identity stages of its widths) with
+/// every key zero at every second of the run,
 /// the padding and the optimiser, and the test host's addresses.
 fn public(c: &Colluders<'_>) -> Known {
     let mut p = Vec::new();
@@ -130,6 +131,20 @@ fn public(c: &Colluders<'_>) -> Known {
         }
     }
     let mut stages = c.model.stages.clone();
+    // A dummy hop may take the last op of the real stage before it: both
+    // halves of every such split are as public as the stage itself.
+    for stage in &c.model.stages {
+        if stage.ops.len() >= 2 {
+            let mut kept = stage.clone();
+            if let Some(last) = kept.ops.pop() {
+                stages.push(StageSpec {
+                    input: kept.output(),
+                    ops: vec![last],
+                });
+                stages.push(kept);
+            }
+        }
+    }
     let mut shapes: Vec<Shape> = c
         .model
         .stages

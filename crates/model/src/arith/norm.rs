@@ -69,17 +69,49 @@ fn per_plane(
     }
 }
 
-/// `Σ_(n, y, x) f(X[n, ch, y, x], n·c·hw + ch·hw + y·w + x)` in order from `+0`.
-fn channel_sum(x: &[f32], c: usize, hw: usize, ch: usize, f: impl Fn(f32, usize) -> f32) -> f32 {
-    let mut s = 0.0f32;
+/// Channels summed side by side: each channel's sum is one sequential
+/// reduction, but the [`BLOCK`] of a block are independent, so one loop
+/// keeps them all going (a single sum waits on each addition).
+const BLOCK: usize = 8;
+
+/// For each channel `ch` of the block starting at `ch0`:
+/// `Σ_(n, y, x) f(X[n, ch, y, x], n·c·hw + ch·hw + y·w + x, ch)` in order
+/// from `+0` (channels past the last are computed on the last and
+/// dropped by the caller).
+fn block_sums(
+    x: &[f32],
+    c: usize,
+    hw: usize,
+    ch0: usize,
+    f: impl Fn(f32, usize, usize) -> f32,
+) -> [f32; BLOCK] {
+    let mut acc = [0.0f32; BLOCK];
     let n = x.len().checked_div(c * hw).unwrap_or(0);
+    let chs: [usize; BLOCK] = std::array::from_fn(|b| (ch0 + b).min(c.saturating_sub(1)));
     for img in 0..n {
-        let start = (img * c + ch) * hw;
-        for (j, v) in x[start..start + hw].iter().enumerate() {
-            s += f(*v, start + j);
+        let starts: [usize; BLOCK] = std::array::from_fn(|b| (img * c + chs[b]) * hw);
+        for j in 0..hw {
+            for b in 0..BLOCK {
+                let at = starts[b] + j;
+                acc[b] += f(x[at], at, chs[b]);
+            }
         }
     }
-    s
+    acc
+}
+
+/// [`block_sums`] over every channel, in blocks, on the kernel threads
+/// when the batch is large: `out[ch]` for each channel.
+fn channel_sums(
+    x: &[f32],
+    c: usize,
+    hw: usize,
+    f: impl Fn(f32, usize, usize) -> f32 + Sync + Send,
+) -> Vec<f32> {
+    let blocks = per_channel(c.div_ceil(BLOCK), x.len(), |bi| {
+        block_sums(x, c, hw, bi * BLOCK, &f)
+    });
+    blocks.into_iter().flatten().take(c).collect()
 }
 
 /// The training forward, with batch statistics. `m = rows·hw` must be at
@@ -95,19 +127,19 @@ pub fn forward_train(
     let m = x.rows() * hw;
     let (mf, mf1) = (m as f32, m.saturating_sub(1) as f32);
     let data = x.as_slice();
-    let stats = per_channel(c, data.len(), |ch| {
-        let mean = channel_sum(data, c, hw, ch, |v, _| v) / mf;
-        let s = channel_sum(data, c, hw, ch, |v, _| {
-            let d = v - mean;
-            d * d
-        });
-        let var = s / mf;
-        let inv = 1.0 / (var + eps).sqrt();
-        (mean, inv, s / mf1)
+    let mean: Vec<f32> = channel_sums(data, c, hw, |v, _, _| v)
+        .into_iter()
+        .map(|s| s / mf)
+        .collect();
+    let squares = channel_sums(data, c, hw, |v, _, ch| {
+        let d = v - mean[ch];
+        d * d
     });
-    let mean: Vec<f32> = stats.iter().map(|s| s.0).collect();
-    let inv: Vec<f32> = stats.iter().map(|s| s.1).collect();
-    let var_unbiased: Vec<f32> = stats.iter().map(|s| s.2).collect();
+    let inv: Vec<f32> = squares
+        .iter()
+        .map(|s| 1.0 / (*s / mf + eps).sqrt())
+        .collect();
+    let var_unbiased: Vec<f32> = squares.iter().map(|s| *s / mf1).collect();
     let mut xhat = Matrix::zeros(x.rows(), x.cols());
     per_plane(xhat.as_mut_slice(), c, hw, |i, ch, out| {
         for (o, v) in out.iter_mut().zip(&data[i * hw..(i + 1) * hw]) {
@@ -169,13 +201,8 @@ pub fn backward(
 ) -> (Option<Matrix>, Vec<f32>, Vec<f32>) {
     let m = (dy.rows() * hw) as f32;
     let (g, xh) = (dy.as_slice(), xhat.as_slice());
-    let sums = per_channel(c, g.len(), |ch| {
-        let dbeta = channel_sum(g, c, hw, ch, |v, _| v);
-        let dgamma = channel_sum(g, c, hw, ch, |v, at| v * xh[at]);
-        (dgamma, dbeta)
-    });
-    let dgamma: Vec<f32> = sums.iter().map(|s| s.0).collect();
-    let dbeta: Vec<f32> = sums.iter().map(|s| s.1).collect();
+    let dbeta = channel_sums(g, c, hw, |v, _, _| v);
+    let dgamma = channel_sums(g, c, hw, |v, at, _| v * xh[at]);
     let dx = need_dx.then(|| {
         let a: Vec<f32> = dbeta.iter().map(|v| *v / m).collect();
         let b: Vec<f32> = dgamma.iter().map(|v| *v / m).collect();
