@@ -310,6 +310,18 @@ impl Exchange {
         transfer::room(&self.router.policy())
     }
 
+    /// The body of a fetch or audit request: empty under `uniform`
+    /// padding (every message is as large as its answer anyway); under
+    /// `classes`, a chunk's worth of zeros, so that the request is of the
+    /// size class of the answer it asks for (a node answers a session with
+    /// at most a few times what the session sent it; the hop ignores it).
+    fn request_body(&self) -> Vec<u8> {
+        match self.router.policy() {
+            PaddingPolicy::Uniform { .. } => Vec::new(),
+            PaddingPolicy::Classes { .. } => vec![0; self.room()],
+        }
+    }
+
     /// Downloads `what` from each of `hops` at once, in chunks, each at
     /// most the bytes `max_total` gives it; the bytes of each, in the
     /// order of `hops`.
@@ -355,8 +367,9 @@ impl Exchange {
                 .collect(),
             done: vec![None; hops.len()],
         };
+        let body = self.request_body();
         for &j in hops {
-            self.send(&what.route(j, 0), &[], what.awaits(j, 0))?;
+            self.send(&what.route(j, 0), &body, what.awaits(j, 0))?;
         }
         Ok(t)
     }
@@ -391,8 +404,12 @@ impl Exchange {
         let body = self.router.open_body(hop, kind, at_step, chunk, body)?;
         let piece = ParamChunk::decode(&body)?;
         let complete = t.downloads[at].on_chunk(chunk, piece)?;
-        for k in t.downloads[at].take_requests() {
-            self.send(&what.route(hop, k), &[], what.awaits(hop, k))?;
+        let requests = t.downloads[at].take_requests();
+        if !requests.is_empty() {
+            let body = self.request_body();
+            for k in requests {
+                self.send(&what.route(hop, k), &body, what.awaits(hop, k))?;
+            }
         }
         if let Some(bytes) = complete {
             t.done[at] = Some(bytes);
