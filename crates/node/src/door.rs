@@ -55,6 +55,10 @@ impl Default for DoorConfig {
     }
 }
 
+/// A pending handshake younger than this gives its place to a new one
+/// only if every pending one is as young.
+const EVICTABLE: Duration = Duration::from_millis(250);
+
 /// A connection's number at the door.
 pub(crate) type Ticket = u64;
 
@@ -114,10 +118,20 @@ impl Door {
             for p in s.pending.values() {
                 *per_ip.entry(p.ip).or_default() += 1;
             }
+            // An honest handshake takes milliseconds: one pending for less
+            // than EVICTABLE is never the one to go (a burst of new
+            // connections cannot push it out), unless every one is that
+            // young.
             let victim = s
                 .pending
                 .iter()
-                .max_by_key(|(_, p)| (per_ip[&p.ip], std::cmp::Reverse(p.since)))
+                .max_by_key(|(_, p)| {
+                    (
+                        now.saturating_duration_since(p.since) >= EVICTABLE,
+                        per_ip[&p.ip],
+                        std::cmp::Reverse(p.since),
+                    )
+                })
                 .map(|(t, _)| *t);
             if let Some(t) = victim {
                 if let Some(p) = s.pending.remove(&t) {
@@ -295,6 +309,13 @@ mod tests {
         // a held two of three: its oldest went.
         assert_eq!(d.counts(), (3, 0));
         assert!(!d.lock().pending.contains_key(&first_a));
+        // A second later b's pending ones are old; a burst from a cannot
+        // push out a handshake of a's younger than 250 ms before them.
+        let later = t0 + Duration::from_secs(1);
+        let young = d.arrive(a, later);
+        d.arrive(a, later + Duration::from_millis(1));
+        d.arrive(a, later + Duration::from_millis(2));
+        assert!(d.lock().pending.contains_key(&young));
     }
 
     #[test]

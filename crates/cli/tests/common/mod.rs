@@ -330,7 +330,12 @@ impl Directory {
         let mut child = mixnn()
             .args(["directory", "--listen", "127.0.0.1:0", "--db"])
             .arg(dir.join("directory.db"))
-            .args(["--heartbeat-interval", "1", "--allow-same-subnet"])
+            .args([
+                "--heartbeat-interval",
+                "1",
+                "--allow-same-subnet",
+                "--allow-local-addresses",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(File::create(dir.join("directory.log")).unwrap())
