@@ -258,15 +258,19 @@ impl Exchange {
     }
 
     /// Waits for the next reply, which must answer `expected`. Every wait
-    /// but the init loop's (which waits for links between the nodes to
-    /// come up) gets the detection bound T.
+    /// but the init loop's gets the detection bound T; the init loop (the
+    /// links between the nodes come up as it passes) gets its own,
+    /// scaled by the hops and the slowest link set-up measured
+    /// ([`DetectionBound::init_bound`]).
     pub fn wait(
         &mut self,
         expected: Expected,
         step: u64,
     ) -> Result<(Await, Vec<u8>), DesignerError> {
         let timeout = match expected {
-            Expected::Init => self.bound.timeout(),
+            Expected::Init => self
+                .bound
+                .init_bound(self.router.hops(), self.driver.slowest_connect()),
             _ => self.bound.bound(),
         };
         let started = Instant::now();
