@@ -627,6 +627,7 @@ impl StepRunner for CascadeRunner {
         on_batch: &mut dyn FnMut(),
     ) -> Result<Vec<u32>, DesignerError> {
         let mut reported = 0usize;
+        tracing::info!(batches = batches.len(), "testing");
         loop {
             let mut tick = |i: usize| {
                 if i >= reported {
@@ -642,6 +643,7 @@ impl StepRunner for CascadeRunner {
     }
 
     fn params(&mut self) -> Result<Vec<StageParams>, DesignerError> {
+        tracing::info!("fetching the final weights");
         let states = loop {
             match self.session.fetch_states() {
                 Ok(s) => break s,

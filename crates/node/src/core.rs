@@ -263,16 +263,26 @@ impl Core {
     /// Refuses to take `more` bytes past the node's memory budget (what
     /// the sessions hold now, as counted, and what is queued and read).
     fn check_memory(&self, more: u64) -> Result<(), NodeError> {
-        let used = self.footprint().saturating_add(self.memory.io());
-        if used.saturating_add(more) > self.memory.limit() {
-            return Err(NodeError::Limit(
+        let core = self.footprint();
+        let used = core.saturating_add(self.memory.io());
+        let over = |used: u64, limit: u64| {
+            NodeError::Limit(
                 crate::memory::Over {
                     asked: more,
                     used,
-                    limit: self.memory.limit(),
+                    limit,
                 }
                 .to_string(),
-            ));
+            )
+        };
+        // The sessions' state within its share, and everything within the
+        // budget.
+        let core_limit = self.memory.core_limit();
+        if core.saturating_add(more) > core_limit {
+            return Err(over(core, core_limit));
+        }
+        if used.saturating_add(more) > self.memory.limit() {
+            return Err(over(used, self.memory.limit()));
         }
         Ok(())
     }

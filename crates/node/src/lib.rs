@@ -238,12 +238,15 @@ pub async fn run(
         handled: 0,
         replay,
     }));
-    // Idle sessions expire even when no message arrives.
+    // Idle sessions expire even when no message arrives; a budget more
+    // than half used is reported every 10 s.
     let ticker = tokio::spawn({
         let shared = Arc::clone(&shared);
+        let memory = Arc::clone(&memory);
         async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut reported = Instant::now();
             loop {
                 tick.tick().await;
                 match shared.lock() {
@@ -251,6 +254,18 @@ pub async fn run(
                         s.core.expire(Now::system());
                     }
                     Err(_) => return tracing::error!("core state poisoned by a panic"),
+                }
+                let used = memory.used();
+                if used > memory.limit() / 2 && reported.elapsed() >= Duration::from_secs(10) {
+                    reported = Instant::now();
+                    tracing::info!(
+                        "memory: {} of {} MiB in use ({} queued or being read, {} of shed sessions); resident {} MiB",
+                        used >> 20,
+                        memory.limit() >> 20,
+                        memory.io() >> 20,
+                        memory.doomed() >> 20,
+                        memory::resident().map_or("?".into(), |r| (r >> 20).to_string())
+                    );
                 }
             }
         }
@@ -382,7 +397,7 @@ async fn read_loop(
         let stop = match first {
             Ok(()) => match read_rest(&mut reader, &cell, from, ticket, &shared, reading).await {
                 Ok(Some(msg)) => {
-                    let (accepted, sent) = match shared.lock() {
+                    let accepted = match shared.lock() {
                         Ok(mut s) => s.handle(from, peer, msg),
                         Err(_) => return tracing::error!("core state poisoned by a panic"),
                     };
@@ -390,14 +405,17 @@ async fn read_loop(
                         unproven = None;
                         door.active(ticket, Instant::now());
                     }
-                    // Let the writers send what the core produced before
-                    // this task reads (and decrypts) the next message.
-                    if sent {
-                        tokio::task::yield_now().await;
-                    }
+                    // Let the writers send what the core produced, and
+                    // the other links have their turn, before this task
+                    // reads (and decrypts) its next message: one link with
+                    // many messages queued does not hold the node.
+                    tokio::task::yield_now().await;
                     continue;
                 }
-                Ok(None) => continue,
+                Ok(None) => {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
                 Err(stop) => stop,
             },
             Err(mixnn_net::NetError::Closed { .. }) => Stop::Closed,
@@ -440,6 +458,9 @@ async fn read_rest(
     let charge = match admitted {
         Ok(Admission::Keep(charge)) => charge,
         Ok(Admission::Skip) | Err(_) => {
+            // Nothing of it is kept: not even the buffer the first cell
+            // sized.
+            drop(msg);
             match &admitted {
                 Err(e) => tracing::warn!("message from {who} refused: {e}"),
                 Ok(_) => tracing::debug!(
@@ -566,7 +587,7 @@ impl Shared {
 
     /// Queues `o` for its link, charged to its session; dropped (one log
     /// line) if the budget has no room for it even after shedding.
-    fn queue(&mut self, o: Outbound, now: Instant) -> bool {
+    fn queue(&mut self, o: Outbound, now: Instant) {
         let bytes = o.cells.len() as u64;
         self.make_room(bytes, now);
         match self.memory.charge(o.session, bytes, now) {
@@ -578,21 +599,18 @@ impl Shared {
                         charge,
                     },
                 );
-                true
             }
             Err(e) => {
                 tracing::warn!("message to {} dropped: {e}", alias::peer(&o.addr));
-                false
             }
         }
     }
 
     /// Handles one message and queues what it produces; whether the core
-    /// accepted it, and whether something was queued.
-    fn handle(&mut self, from: [u8; 32], peer: SocketAddr, msg: Message) -> (bool, bool) {
+    /// accepted it.
+    fn handle(&mut self, from: [u8; 32], peer: SocketAddr, msg: Message) -> bool {
         let peer = alias::peer(&peer);
         let cover = msg.kind == CellKind::Cover;
-        let mut sent = false;
         let now = Now::system();
         // Room for what the message will make the core hold.
         if self.memory.available() < self.memory.limit() / 8 {
@@ -605,7 +623,7 @@ impl Shared {
             std::panic::catch_unwind(AssertUnwindSafe(|| self.core.handle(from, msg, now)));
         let Ok(handled) = handled else {
             tracing::error!("message from {peer}: the node's core panicked; message dropped");
-            return (false, false);
+            return false;
         };
         // An accepted init's tag is on disk before anything it produced
         // leaves the node.
@@ -625,14 +643,14 @@ impl Shared {
                                 now.mono,
                             );
                         }
-                        sent |= self.queue(o, now.mono);
+                        self.queue(o, now.mono);
                     }
                 }
             }
             Err(e) => tracing::warn!("message from {peer} refused: {e}"),
         }
         self.write_learned();
-        (accepted, sent)
+        accepted
     }
 
     fn persist_inits(&mut self) {

@@ -13,7 +13,9 @@
 //! the one whose data waits; an honest session's queue drains within a
 //! moment, so it is never the oldest for long. Data younger than
 //! [`MIN_OFFENDING_AGE`] never marks an offender: with no older data the
-//! charge is refused instead, and nothing is shed.
+//! charge is refused instead, and nothing is shed. The sessions' state may
+//! take three quarters of the budget ([`Memory::core_limit`]), so there is
+//! always room for messages in flight.
 //!
 //! Charges are RAII ([`Charge`]): the bytes are released when the queued
 //! message or the reassembly buffer is dropped, whichever way it goes
@@ -26,8 +28,10 @@ use std::time::{Duration, Instant};
 use mixnn_wire::SessionId;
 
 /// Queued or half-read data younger than this never makes its session an
-/// offender.
-pub const MIN_OFFENDING_AGE: Duration = Duration::from_millis(500);
+/// offender (an honest session's queue can wait this long behind a busy
+/// node; a peer that does not read holds its data until the write
+/// timeout).
+pub const MIN_OFFENDING_AGE: Duration = Duration::from_secs(2);
 
 /// The node's memory budget and what draws from it.
 #[derive(Debug)]
@@ -142,6 +146,14 @@ impl Memory {
     /// The budget, in bytes.
     pub fn limit(&self) -> u64 {
         self.limit
+    }
+
+    /// What the sessions' state may take of the budget (three quarters):
+    /// the rest is always there for messages being read and queued, so
+    /// sessions that fill the node with state cannot make it refuse (or
+    /// shed for) an honest session's messages.
+    pub fn core_limit(&self) -> u64 {
+        self.limit - self.limit / 4
     }
 
     fn ledger(&self) -> MutexGuard<'_, Ledger> {
@@ -309,6 +321,14 @@ impl Memory {
     }
 }
 
+/// The process's resident memory, where the system tells it (Linux:
+/// `/proc/self/statm`, in pages of 4 KiB).
+pub fn resident() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -345,7 +365,8 @@ mod tests {
         assert_eq!(m.oldest(t0 + Duration::from_millis(100)), None);
         assert_eq!(m.oldest(t0 + Duration::from_secs(3)), Some(old));
         drop(_a);
-        assert_eq!(m.oldest(t0 + Duration::from_secs(3)), Some(young));
+        assert_eq!(m.oldest(t0 + Duration::from_secs(3)), None);
+        assert_eq!(m.oldest(t0 + Duration::from_secs(5)), Some(young));
     }
 
     #[test]
