@@ -91,14 +91,25 @@ fn line_ms(line: &str) -> Option<u128> {
     u128::try_from(((days * 24 + h) * 60 + min) * 60_000 + s * 1000 + ms).ok()
 }
 
-/// Where the designer was at `at` (Unix ms), from its `-v` log.
+/// Where the designer was at `at` (Unix ms), from its `-v` log: `set-up`
+/// (before the cascade was initialised), `training (from step N)` (the
+/// last checkpoint before), `test` (the last epoch's test phase),
+/// `final fetch`, or `done` (after the last checkpoint of the run, the
+/// test and the fetch: the killed node was not needed any more).
 fn phase_at(log: &str, at: u128) -> String {
     let before: Vec<&str> = log
         .lines()
         .filter(|l| line_ms(l).is_some_and(|t| t <= at))
         .collect();
-    if !before.iter().any(|l| l.contains("cascade initialised")) {
+    let has = |what: &str| before.iter().any(|l| l.contains(what));
+    if !has("cascade initialised") {
         return "set-up".into();
+    }
+    if has("fetching the final weights") {
+        return "final fetch".into();
+    }
+    if before.iter().filter(|l| l.contains("testing")).count() >= 2 {
+        return "test".into();
     }
     let step = before
         .iter()
@@ -110,15 +121,62 @@ fn phase_at(log: &str, at: u128) -> String {
                 .and_then(|s| s.parse::<u64>().ok())
         });
     match step {
-        Some(20) => "test and final fetch".into(),
         Some(s) => format!("training (from step {s})"),
         None => "training (first checkpoint)".into(),
     }
 }
 
+/// When each phase of the unkilled run began (ms after the designer
+/// started): set-up, training, the last test, the final fetch, the end.
+#[derive(Debug, Clone, Copy)]
+struct Phases([u64; 5]);
+
+impl Phases {
+    fn from_log(log: &str, start_ms: u128, end_ms: u64) -> Phases {
+        let at = |what: &str, nth: usize| {
+            log.lines()
+                .filter(|l| l.contains(what))
+                .nth(nth)
+                .and_then(line_ms)
+                .map_or(0, |t| (t.saturating_sub(start_ms)) as u64)
+        };
+        Phases([
+            0,
+            at("cascade initialised", 0),
+            at("testing", 1),
+            at("fetching the final weights", 0),
+            end_ms,
+        ])
+    }
+
+    /// A moment in phase `k` (0 set-up, 1 training, 2 the last test, 3
+    /// the final fetch and the end), drawn with `x`: by time for set-up
+    /// (its first half, since its length varies from run to run) and
+    /// training, by the designer's log for the short ones.
+    fn moment(&self, k: usize, x: u64) -> When {
+        let span = |from: u64, to: u64| x % to.saturating_sub(from).max(1);
+        match k {
+            0 => When::At(span(0, self.0[1] / 2)),
+            1 => When::At(self.0[1] + span(self.0[1], self.0[2])),
+            2 => When::After("testing", 1, span(self.0[2], self.0[3])),
+            _ => When::After("fetching the final weights", 0, span(0, 40)),
+        }
+    }
+}
+
 /// One trial with `seed`: 7 fresh nodes (5 in the cascade, 2 spares),
 /// the designer started, cascade node `victim` killed `kill_ms` after.
-fn trial(dir: &Path, local: &Run, seed: u64, kill_ms: u64) -> Trial {
+/// When a trial kills its node.
+#[derive(Debug, Clone, Copy)]
+enum When {
+    /// This many ms after the designer started.
+    At(u64),
+    /// This many ms after the designer logged the `nth` line (0-based)
+    /// containing the text: phases too short to hit by time alone.
+    After(&'static str, usize, u64),
+}
+
+fn trial(dir: &Path, local: &Run, seed: u64, when: When) -> Trial {
     let dir = dir.join(format!("trial-{seed}"));
     std::fs::create_dir_all(&dir).unwrap();
     let mut nodes = Nodes::start(&dir, 7);
@@ -154,7 +212,25 @@ fn trial(dir: &Path, local: &Run, seed: u64, kill_ms: u64) -> Trial {
     .stderr(std::fs::File::create(&log).unwrap())
     .spawn()
     .unwrap();
-    std::thread::sleep(Duration::from_millis(kill_ms).saturating_sub(started.elapsed()));
+    match when {
+        When::At(ms) => {
+            std::thread::sleep(Duration::from_millis(ms).saturating_sub(started.elapsed()))
+        }
+        When::After(what, nth, ms) => {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(what))
+                .count()
+                <= nth
+            {
+                assert!(Instant::now() < deadline, "seed {seed}: no {what:?} logged");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+    }
     let killed_at = unix_ms();
     nodes.kill_hard(victim);
     let out = designer.wait_with_output().unwrap();
@@ -165,7 +241,8 @@ fn trial(dir: &Path, local: &Run, seed: u64, kill_ms: u64) -> Trial {
     );
     assert!(
         out.status.success(),
-        "seed {seed}: node {victim} killed {kill_ms} ms in: the run failed: {said}"
+        "seed {seed}: node {victim} killed {} ms in ({when:?}): the run failed: {said}",
+        killed_at - start_ms
     );
     let run = Run::load(&dir, "cascade");
     assert_same_run(local, &run);
@@ -197,25 +274,37 @@ fn trial(dir: &Path, local: &Run, seed: u64, kill_ms: u64) -> Trial {
     trial
 }
 
-/// The local run, and how long an unkilled cascade run takes.
-fn baseline(dir: &Path) -> (Run, u64) {
+/// The local run, and the phases of an unkilled cascade run.
+fn baseline(dir: &Path) -> (Run, Phases) {
     let local = train(dir, "local", &["--local"], RUN);
     let nodes = Nodes::start(dir, 5);
     let cascade = nodes.cascade_file("plain.toml");
+    let log = dir.join("plain.log");
     let started = Instant::now();
-    let plain = train(
+    let start_ms = unix_ms();
+    let out = train_cmd(
         dir,
         "plain",
         &["--cascade", cascade.to_str().unwrap()],
-        &[RUN, &["--audit-rate", "0.2", "--checkpoint-every", "4"]].concat(),
-    );
+        &[
+            RUN,
+            &["-v", "--audit-rate", "0.2", "--checkpoint-every", "4"],
+        ]
+        .concat(),
+    )
+    .stderr(std::fs::File::create(&log).unwrap())
+    .output()
+    .unwrap();
     let took = started.elapsed().as_millis() as u64;
-    assert_same_run(&local, &plain);
-    (local, took)
+    said_ok(&out, "the unkilled run");
+    assert_same_run(&local, &Run::load(dir, "plain"));
+    let phases = Phases::from_log(&std::fs::read_to_string(&log).unwrap(), start_ms, took);
+    eprintln!("unkilled run: phases begin at {:?} ms", phases.0);
+    (local, phases)
 }
 
 /// Prints every trial and the distribution.
-fn summary(trials: &[Trial], run_ms: u64) {
+fn summary(trials: &[Trial], run: Phases) {
     eprintln!("seed | node | killed at (ms) | phase | detected after (ms) | recovery (s)");
     for t in trials {
         eprintln!(
@@ -251,8 +340,10 @@ fn summary(trials: &[Trial], run_ms: u64) {
     let mut kills: Vec<u64> = trials.iter().map(|t| t.kill_ms).collect();
     kills.sort_unstable();
     eprintln!(
-        "{} trials, all byte-identical to --local; unkilled run {run_ms} ms",
-        trials.len()
+        "{} trials, all byte-identical to --local; unkilled run {} ms, phases from {:?} ms",
+        trials.len(),
+        run.0[4],
+        run.0
     );
     eprintln!("kill moments (ms after the designer started): {kills:?}");
     eprintln!("by phase: {phases:?}");
@@ -268,36 +359,39 @@ fn summary(trials: &[Trial], run_ms: u64) {
     );
 }
 
-/// CI: one node killed within 0.4 s of the designer's start (set-up and
-/// the first steps; the harness of issue #27 killed at 0.05–0.5 s, and 6
-/// of 6 runs failed where the kill hit the init loop), one at a random
-/// moment of the run. (`crates/integration/tests/setup.rs` fails a node in
-/// the init loop every time.)
+/// CI: one node killed during set-up (the harness of issue #27 killed at
+/// 0.05–0.5 s, and 6 of 6 runs failed where the kill hit the init loop),
+/// one at a random moment of the run. (`crates/integration/tests/setup.rs`
+/// fails a node in the init loop every time.)
 #[test]
 fn a_node_killed_in_set_up_or_at_a_random_moment_is_survived() {
     let tmp = tempfile::tempdir().unwrap();
-    let (local, run_ms) = baseline(tmp.path());
+    let (local, phases) = baseline(tmp.path());
     let seed: u64 = std::env::var("MIXNN_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x6661_756c);
-    let early = splitmix(seed + 1) % 400;
-    let any = 50 + splitmix(seed + 2) % run_ms.max(100);
+    let early = phases.moment(0, splitmix(seed + 1));
+    let any = When::At(splitmix(seed + 2) % phases.0[4].max(1));
     let trials = vec![
         trial(tmp.path(), &local, seed, early),
         trial(tmp.path(), &local, seed + 1, any),
     ];
-    summary(&trials, run_ms);
+    summary(&trials, phases);
 }
 
 /// The long run: `MIXNN_FAULT_TRIALS` (default 50) seeded trials, each
-/// killing one of the five cascade nodes at a moment drawn uniformly from
-/// 50 ms to the length of an unkilled run.
+/// killing one of the five cascade nodes at a moment drawn within one
+/// phase, the phases in turn (set-up, training with its audits and
+/// checkpoints, the last test, the final fetch and the end): by time for
+/// the first two (from an unkilled run's phases), after the designer logs
+/// the phase's start for the short ones, so that they are hit as often as
+/// long ones.
 #[test]
 #[ignore = "long: MIXNN_FAULT_TRIALS=50 cargo test -p mixnn --test faults -- --ignored --nocapture"]
 fn nodes_killed_at_random_moments_are_survived() {
     let tmp = tempfile::tempdir().unwrap();
-    let (local, run_ms) = baseline(tmp.path());
+    let (local, phases) = baseline(tmp.path());
     let n: u64 = std::env::var("MIXNN_FAULT_TRIALS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -308,7 +402,7 @@ fn nodes_killed_at_random_moments_are_survived() {
         .unwrap_or(1000);
     let trials: Vec<Trial> = (first..first + n)
         .map(|seed| {
-            let at = 50 + splitmix(seed ^ 0x6b) % run_ms.max(100);
+            let at = phases.moment((seed % 4) as usize, splitmix(seed ^ 0x6b));
             let t = trial(tmp.path(), &local, seed, at);
             eprintln!(
                 "seed {seed}: node {} killed at {} ms ({}): recovered in {:?} s",
@@ -317,5 +411,5 @@ fn nodes_killed_at_random_moments_are_survived() {
             t
         })
         .collect();
-    summary(&trials, run_ms);
+    summary(&trials, phases);
 }

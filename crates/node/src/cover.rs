@@ -4,9 +4,11 @@
 //! A cover message must look like a data message to a link observer: it is
 //! [`CellKind::Cover`](mixnn_wire::CellKind::Cover) (inside the link
 //! encryption), of the cell count that *this link's* real messages have
-//! most often ([`LinkSizes`]): a link is one (address, link key) pair, and
-//! what the node sends on other links (another designer's sessions, with
-//! messages of another size) never changes the size of cover on this one.
+//! most often, recently ([`LinkSizes`]): a link is one (address, link key)
+//! pair, and what the node sends on other links (another designer's
+//! sessions, with messages of another size) never changes the size of
+//! cover on this one; nor do messages of sessions whose peer on this link
+//! has never sent a message of them (a client naming the link's peer).
 //! A link that has carried no real message yet gets the cell count the node
 //! sends most often over all links. A node sends no cover before it has
 //! sent one real message, so that no cover message is of a size no cascade
