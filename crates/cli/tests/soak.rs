@@ -288,6 +288,25 @@ fn soak(runs: usize, epochs: u32) {
     let mut slowest = 0.0f64;
     for (k, d) in designers.into_iter().enumerate() {
         let out = d.wait_with_output().unwrap();
+        if !out.status.success() {
+            // What the nodes said about links and sessions, for the record.
+            for i in 0..5 {
+                for l in nodes.log(i).lines().filter(|l| {
+                    [
+                        "dropped",
+                        "shed",
+                        "closing",
+                        "cannot reach",
+                        "refused: limit",
+                        "did not drain",
+                    ]
+                    .iter()
+                    .any(|w| l.contains(w))
+                }) {
+                    eprintln!("node {i}: {l}");
+                }
+            }
+        }
         let said = said_ok(&out, &format!("honest run {k}"));
         assert!(
             !said.contains("recovered:"),

@@ -66,6 +66,8 @@ pub(crate) type Ticket = u64;
 struct Pending {
     ip: IpAddr,
     since: Instant,
+    /// The peer has sent something (its handshake began).
+    talking: bool,
     task: Option<AbortHandle>,
 }
 
@@ -121,13 +123,16 @@ impl Door {
             // An honest handshake takes milliseconds: one pending for less
             // than EVICTABLE is never the one to go (a burst of new
             // connections cannot push it out), unless every one is that
-            // young.
+            // young; and a connection that has sent nothing goes before
+            // one whose handshake began (on a busy node that can take
+            // longer).
             let victim = s
                 .pending
                 .iter()
                 .max_by_key(|(_, p)| {
                     (
                         now.saturating_duration_since(p.since) >= EVICTABLE,
+                        !p.talking,
                         per_ip[&p.ip],
                         std::cmp::Reverse(p.since),
                     )
@@ -149,10 +154,18 @@ impl Door {
             Pending {
                 ip,
                 since: now,
+                talking: false,
                 task: None,
             },
         );
         t
+    }
+
+    /// Connection `t`'s peer has sent something: its handshake began.
+    pub(crate) fn talking(&self, t: Ticket) {
+        if let Some(p) = self.lock().pending.get_mut(&t) {
+            p.talking = true;
+        }
     }
 
     /// The task serving connection `t` (closed if the door evicts it).
@@ -315,6 +328,13 @@ mod tests {
         let young = d.arrive(a, later);
         d.arrive(a, later + Duration::from_millis(1));
         d.arrive(a, later + Duration::from_millis(2));
+        assert!(d.lock().pending.contains_key(&young));
+        // Once all are old, one that began its handshake outlasts the
+        // silent ones, older or not.
+        d.talking(young);
+        let much_later = later + Duration::from_secs(1);
+        d.arrive(b, much_later);
+        d.arrive(b, much_later + Duration::from_secs(1));
         assert!(d.lock().pending.contains_key(&young));
     }
 

@@ -17,12 +17,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use mixnn_net::pacing::{self, PacedQueue, Taken};
-use mixnn_net::{alias, Link, LinkConfig, LinkKeypair, PublicLinkKey};
+use mixnn_net::{alias, Link, LinkConfig, LinkKeypair, NetError, PublicLinkKey};
 use mixnn_wire::SessionId;
 use rand_core::RngCore;
 use tokio::sync::Notify;
 
 use crate::memory::{Charge, MIN_OFFENDING_AGE};
+
+/// Tries at opening a link before its queued messages are given up.
+const CONNECT_TRIES: u32 = 3;
 
 /// A link: where, and the key its peer must prove.
 pub(crate) type LinkId = (SocketAddr, [u8; 32]);
@@ -192,6 +195,34 @@ impl Egress {
         link.lock().task = Some(task.abort_handle());
     }
 
+    /// The session whose message has waited longest to be written on a
+    /// link that does not drain (its write pending for at least
+    /// [`MIN_OFFENDING_AGE`]), among those `skip` does not exclude: the
+    /// first to shed, since an honest peer reads what it is sent.
+    pub(crate) fn stuck(
+        &self,
+        now: Instant,
+        skip: impl Fn(&SessionId) -> bool,
+    ) -> Option<SessionId> {
+        self.links()
+            .values()
+            .filter_map(|l| {
+                let s = l.lock();
+                match s.writing {
+                    Some((Some(session), since))
+                        if !s.closed
+                            && !skip(&session)
+                            && now.saturating_duration_since(since) >= MIN_OFFENDING_AGE =>
+                    {
+                        Some((session, since))
+                    }
+                    _ => None,
+                }
+            })
+            .min_by_key(|(_, since)| *since)
+            .map(|(session, _)| session)
+    }
+
     /// Takes every queued message of `session` out of the queues, and
     /// closes the links stuck writing one of its messages (for more than
     /// [`MIN_OFFENDING_AGE`]); returns the messages and links dropped.
@@ -227,18 +258,31 @@ async fn write_loop(
 ) {
     let (addr, expect) = to;
     let who = alias::peer(&addr);
-    let link = match Link::connect(
-        addr,
-        &key,
-        Some(PublicLinkKey::from_bytes(expect)),
-        LinkConfig::mixnn(),
-    )
-    .await
-    {
-        Ok(l) => l,
-        Err(e) => {
-            let lost = queue.close();
-            return tracing::warn!("cannot reach {who}: {e}; {lost} queued messages to it dropped");
+    // A connection can fail for a moment (the peer's handshake slots
+    // taken by a flood, a busy peer): a few tries before its messages are
+    // given up. A peer proving another key is not tried again.
+    let mut tries = 0;
+    let link = loop {
+        tries += 1;
+        match Link::connect(
+            addr,
+            &key,
+            Some(PublicLinkKey::from_bytes(expect)),
+            LinkConfig::mixnn(),
+        )
+        .await
+        {
+            Ok(l) => break l,
+            Err(e) if tries < CONNECT_TRIES && !matches!(e, NetError::UnexpectedPeer { .. }) => {
+                tracing::debug!("cannot reach {who} (try {tries}): {e}");
+                tokio::time::sleep(Duration::from_millis(500) * tries).await;
+            }
+            Err(e) => {
+                let lost = queue.close();
+                return tracing::warn!(
+                    "cannot reach {who}: {e}; {lost} queued messages to it dropped"
+                );
+            }
         }
     };
     let (_reader, mut writer) = link.into_split();

@@ -41,6 +41,7 @@ pub mod cover;
 pub mod door;
 mod egress;
 mod error;
+mod ingress;
 pub mod limits;
 pub mod memory;
 mod replay_file;
@@ -55,7 +56,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use mixnn_net::{alias, Link, LinkListener, LinkReader, NodeKeys};
+use mixnn_net::{alias, LinkListener, NodeKeys};
 use mixnn_wire::{CellKind, CellReader, Message, OnionSecret, CELL_SIZE};
 use rand_core::RngCore;
 use tokio::sync::mpsc;
@@ -65,6 +66,7 @@ pub use crate::door::DoorConfig;
 use crate::door::{Door, Ticket};
 use crate::egress::{Egress, EgressConfig, Queued};
 pub use crate::error::NodeError;
+use crate::ingress::{read_loop, Admission, Reading};
 use crate::memory::Memory;
 #[cfg(feature = "adversary")]
 pub use audit::{Adversary, AdversaryMode};
@@ -316,7 +318,13 @@ pub async fn run(
                 let peer = alias::peer(&pending.peer_addr());
                 // The handshake is bounded by the link config and by the
                 // idle timeout, whichever is shorter.
-                match tokio::time::timeout(idle, pending.handshake()).await {
+                let handshake = async {
+                    if pending.readable().await.is_ok() {
+                        door_.talking(ticket);
+                    }
+                    pending.handshake().await
+                };
+                match tokio::time::timeout(idle, handshake).await {
                     Ok(Ok(link)) => {
                         let key = *link.remote_key().as_bytes();
                         match door_.authenticated(ticket, key, Instant::now()) {
@@ -346,180 +354,9 @@ pub async fn run(
     Ok(())
 }
 
-/// How long reading may take.
-#[derive(Debug, Clone, Copy)]
-struct Reading {
-    /// Between two cells.
-    idle: Duration,
-    /// From a message's first cell to its last.
-    request: Duration,
-}
-
-/// Why a read loop ends.
-enum Stop {
-    /// The peer closed the link.
-    Closed,
-    /// Nothing arrived for the idle timeout.
-    Idle,
-    /// Why else, in one line.
-    Other(String),
-}
-
-async fn read_loop(
-    link: Link,
-    shared: Arc<Mutex<Shared>>,
-    door: &Door,
-    ticket: Ticket,
-    reading: Reading,
-) {
-    let from = *link.remote_key().as_bytes();
-    let peer = link.peer_addr();
-    let who = alias::peer(&peer);
-    let (mut reader, _writer) = link.into_split();
-    reader.set_idle_timeout(Some(reading.idle));
-    let mut cell = vec![0u8; CELL_SIZE];
-    // Until the core accepts a message from it, a link must deliver one
-    // within the door's time.
-    let mut unproven = Some(tokio::time::Instant::now() + door.first_message());
-    loop {
-        let first = match unproven {
-            Some(by) => match tokio::time::timeout_at(by, reader.recv_cell(&mut cell)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return tracing::warn!(
-                    "closing the link from {who}: no accepted message within {} s of its handshake",
-                    door.first_message().as_secs_f64()
-                )
-                }
-            },
-            None => reader.recv_cell(&mut cell).await,
-        };
-        let stop = match first {
-            Ok(()) => match read_rest(&mut reader, &cell, from, ticket, &shared, reading).await {
-                Ok(Some(msg)) => {
-                    let accepted = match shared.lock() {
-                        Ok(mut s) => s.handle(from, peer, msg),
-                        Err(_) => return tracing::error!("core state poisoned by a panic"),
-                    };
-                    if accepted {
-                        unproven = None;
-                        door.active(ticket, Instant::now());
-                    }
-                    // Let the writers send what the core produced, and
-                    // the other links have their turn, before this task
-                    // reads (and decrypts) its next message: one link with
-                    // many messages queued does not hold the node.
-                    tokio::task::yield_now().await;
-                    continue;
-                }
-                Ok(None) => {
-                    tokio::task::yield_now().await;
-                    continue;
-                }
-                Err(stop) => stop,
-            },
-            Err(mixnn_net::NetError::Closed { .. }) => Stop::Closed,
-            Err(mixnn_net::NetError::Idle { .. }) => Stop::Idle,
-            Err(e) => Stop::Other(e.to_string()),
-        };
-        match stop {
-            Stop::Closed => return,
-            Stop::Idle => return tracing::debug!("closing the link from {who}: idle"),
-            Stop::Other(e) => return tracing::warn!("dropping link from {who}: {e}"),
-        }
-    }
-}
-
-/// Reads the rest of the message whose first cell is `first`: the core
-/// looks at the first cell before anything more is kept ([`Core::admit`]),
-/// and the body of a session message is charged to its session on the
-/// memory budget while it is read. A refused message is read to its end
-/// and dropped (`Ok(None)`, one log line); every cell must come within the
-/// request timeout.
-async fn read_rest(
-    reader: &mut LinkReader,
-    first: &[u8],
-    from: [u8; 32],
-    ticket: Ticket,
-    shared: &Arc<Mutex<Shared>>,
-    reading: Reading,
-) -> Result<Option<Message>, Stop> {
-    let who = alias::peer(&reader.peer_addr());
-    let mut msg = CellReader::any_policy(first).map_err(|e| Stop::Other(e.to_string()))?;
-    let cells = msg.cells();
-    let admitted = {
-        let mut s = shared
-            .lock()
-            .map_err(|_| Stop::Other("core state poisoned".into()))?;
-        s.admit(&from, &msg, ticket, Instant::now())
-    };
-    let deadline = tokio::time::Instant::now() + reading.request;
-    let mut scratch = vec![0u8; CELL_SIZE];
-    let charge = match admitted {
-        Ok(Admission::Keep(charge)) => charge,
-        Ok(Admission::Skip) | Err(_) => {
-            // Nothing of it is kept: not even the buffer the first cell
-            // sized.
-            drop(msg);
-            match &admitted {
-                Err(e) => tracing::warn!("message from {who} refused: {e}"),
-                Ok(_) => tracing::debug!(
-                    from = %alias::key(&from),
-                    cells,
-                    "cover message dropped"
-                ),
-            }
-            for _ in 1..cells {
-                recv_by(reader, &mut scratch, deadline, reading.request).await?;
-            }
-            return Ok(None);
-        }
-    };
-    while msg.remaining() > 0 {
-        recv_by(reader, &mut scratch, deadline, reading.request).await?;
-        if charge.as_ref().is_some_and(|c| c.doomed()) {
-            return Err(Stop::Other(
-                "its session was shed while the message was read".into(),
-            ));
-        }
-        msg.push(&scratch).map_err(|e| Stop::Other(e.to_string()))?;
-    }
-    let msg = msg.finish().map_err(|e| Stop::Other(e.to_string()))?;
-    drop(charge);
-    Ok(Some(msg))
-}
-
-/// The next cell, by `deadline` (the request timeout of the message).
-async fn recv_by(
-    reader: &mut LinkReader,
-    cell: &mut [u8],
-    deadline: tokio::time::Instant,
-    request: Duration,
-) -> Result<(), Stop> {
-    match tokio::time::timeout_at(deadline, reader.recv_cell(cell)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(mixnn_net::NetError::Closed { .. })) => Err(Stop::Closed),
-        Ok(Err(mixnn_net::NetError::Idle { .. })) => Err(Stop::Idle),
-        Ok(Err(e)) => Err(Stop::Other(e.to_string())),
-        Err(_) => Err(Stop::Other(format!(
-            "a message not complete within {} s of its first cell",
-            request.as_secs_f64()
-        ))),
-    }
-}
-
-/// What [`Shared::admit`] decided about a message from its first cell.
-enum Admission {
-    /// Read it, keeping its body, charged to its session (`None`: an init,
-    /// whose body is empty).
-    Keep(Option<memory::Charge>),
-    /// Read it to its end without keeping anything (cover).
-    Skip,
-}
-
 /// The core and what goes with it, shared by the reader tasks (which never
 /// hold it across an await).
-struct Shared {
+pub(crate) struct Shared {
     core: Core,
     memory: Arc<Memory>,
     egress: Arc<Egress>,
@@ -538,7 +375,7 @@ struct Shared {
 
 impl Shared {
     /// What to do with the message whose first cell `msg` holds.
-    fn admit(
+    pub(crate) fn admit(
         &mut self,
         from: &[u8; 32],
         msg: &CellReader,
@@ -563,12 +400,18 @@ impl Shared {
         }
     }
 
-    /// Sheds sessions, oldest queued data first, until `bytes` fit the
-    /// memory budget or no session's data is old enough to mark it the
-    /// offender ([`memory::MIN_OFFENDING_AGE`]).
+    /// Sheds sessions until `bytes` fit the memory budget: the one whose
+    /// message waits longest on a link that does not drain, else the one
+    /// with the oldest queued or half-read data; none whose data is
+    /// younger than [`memory::MIN_OFFENDING_AGE`].
     fn make_room(&mut self, bytes: u64, now: Instant) {
         while self.memory.available() < bytes {
-            let Some(victim) = self.memory.oldest(now) else {
+            // A session whose messages wait on a link that does not drain
+            // goes first (the peer does not read: an honest one does,
+            // however slowly), then the one with the oldest data.
+            let memory = Arc::clone(&self.memory);
+            let stuck = self.egress.stuck(now, |s| memory.is_doomed(s));
+            let Some(victim) = stuck.or_else(|| self.memory.oldest(now)) else {
                 return;
             };
             let held = self.memory.held_by(&victim);
@@ -608,7 +451,7 @@ impl Shared {
 
     /// Handles one message and queues what it produces; whether the core
     /// accepted it.
-    fn handle(&mut self, from: [u8; 32], peer: SocketAddr, msg: Message) -> bool {
+    pub(crate) fn handle(&mut self, from: [u8; 32], peer: SocketAddr, msg: Message) -> bool {
         let peer = alias::peer(&peer);
         let cover = msg.kind == CellKind::Cover;
         let now = Now::system();

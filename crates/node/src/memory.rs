@@ -294,7 +294,9 @@ impl Memory {
         self.ledger().doomed
     }
 
-    fn is_doomed(&self, session: &SessionId) -> bool {
+    /// Whether `session` has been shed ([`Memory::doom`]) and still holds
+    /// bytes not freed.
+    pub fn is_doomed(&self, session: &SessionId) -> bool {
         self.ledger()
             .sessions
             .get(session)
