@@ -263,6 +263,20 @@ impl Core {
     /// Refuses to take `more` bytes past the node's memory budget (what
     /// the sessions hold now, as counted, and what is queued and read).
     fn check_memory(&self, more: u64) -> Result<(), NodeError> {
+        self.check_memory_within(more, self.memory.core_limit())
+    }
+
+    /// [`Core::check_memory`] for a new session's state: the sessions set
+    /// up may take only three quarters of the sessions' share, so that
+    /// those running always have room for what a step makes them hold
+    /// (caches, parked messages, gradients) and are never refused for it
+    /// because new sessions took the rest.
+    pub(crate) fn check_memory_for_session(&self, more: u64) -> Result<(), NodeError> {
+        let share = self.memory.core_limit();
+        self.check_memory_within(more, share - share / 4)
+    }
+
+    fn check_memory_within(&self, more: u64, core_limit: u64) -> Result<(), NodeError> {
         let core = self.footprint();
         let used = core.saturating_add(self.memory.io());
         let over = |used: u64, limit: u64| {
@@ -277,7 +291,6 @@ impl Core {
         };
         // The sessions' state within its share, and everything within the
         // budget.
-        let core_limit = self.memory.core_limit();
         if core.saturating_add(more) > core_limit {
             return Err(over(core, core_limit));
         }

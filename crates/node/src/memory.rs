@@ -15,7 +15,10 @@
 //! [`MIN_OFFENDING_AGE`] never marks an offender: with no older data the
 //! charge is refused instead, and nothing is shed. The sessions' state may
 //! take three quarters of the budget ([`Memory::core_limit`]), so there is
-//! always room for messages in flight.
+//! always room for messages in flight; and new sessions are admitted only
+//! while the state set up (a session's stage and the states its audits
+//! keep, counted in full when it is set up) is under three quarters of
+//! that, so running sessions always have room for what their steps hold.
 //!
 //! Charges are RAII ([`Charge`]): the bytes are released when the queued
 //! message or the reassembly buffer is dropped, whichever way it goes

@@ -152,7 +152,7 @@ impl Core {
         };
         // What the session will hold at least (its stage, and with audits
         // the states it keeps) must fit the node's memory budget.
-        self.check_memory(weight.saturating_mul(8))?;
+        self.check_memory_for_session(weight.saturating_mul(8))?;
         // Every check passed: build the stage, then record the init.
         let mut stage = Stage::new(&note.stage, note.seed, note.sgd);
         stage.start_at(note.start_step);
