@@ -33,8 +33,9 @@ pub struct NodeArgs {
     /// State directory: keys (0600) and the node's descriptor.
     #[arg(long, value_name = "DIR")]
     pub state: PathBuf,
-    /// Most authenticated inbound links served at once (a link that has
-    /// delivered no accepted message gives its slot to a new one first).
+    /// Most authenticated inbound links served at once (when all are
+    /// taken, a link of a key no session names gives its slot to a new
+    /// one: first one that has delivered no accepted message).
     #[arg(long, default_value_t = 256)]
     pub max_links: usize,
     /// Most inbound links with one link key.
@@ -46,11 +47,6 @@ pub struct NodeArgs {
     #[arg(long, default_value_t = 64, value_name = "N",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_handshakes: u64,
-    /// Seconds an authenticated link has to deliver a message the node
-    /// accepts, or it is closed.
-    #[arg(long, default_value_t = 10, value_name = "S",
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub first_message: u64,
     /// Seconds within which every cell of a message must follow its first
     /// cell, or the link is closed.
     #[arg(long, default_value_t = 30, value_name = "S",
@@ -465,7 +461,6 @@ fn door(args: &NodeArgs) -> DoorConfig {
         max_handshakes: n(args.max_handshakes),
         max_links: args.max_links,
         max_links_per_key: n(args.max_links_per_key),
-        first_message: Duration::from_secs(args.first_message),
         ..DoorConfig::default()
     }
 }

@@ -421,11 +421,10 @@ fn connections_that_never_authenticate_do_not_lock_honest_peers_out() {
 /// Noise links open (a fresh link key each), each sending the first cell
 /// of a 100-cell message and nothing more. On the code before, each held
 /// a link slot until it had been silent for `--link-idle` (300 s) and the
-/// honest run could not get a link. Now a link must deliver a message the
-/// node accepts within 10 s of its handshake, a message's cells must all
-/// come within 30 s of its first, and a new link takes the slot of the
-/// oldest link that has delivered nothing: the honest run trains through
-/// the node during the attack.
+/// honest run could not get a link. Now a message's cells must all come
+/// within 30 s of its first, and a new link takes the slot of the oldest
+/// link that has delivered nothing and whose key no session names: the
+/// honest run trains through the node during the attack.
 #[test]
 fn links_that_never_finish_a_request_do_not_lock_honest_peers_out() {
     let t = tempfile::tempdir().unwrap();

@@ -329,6 +329,15 @@ impl Core {
         &self.learned
     }
 
+    /// The link keys the live sessions name (neighbours and designers):
+    /// links with them are not given up for new ones.
+    pub fn session_keys(&self) -> std::collections::HashSet<[u8; 32]> {
+        self.sessions
+            .values()
+            .flat_map(|s| s.routes.keys())
+            .collect()
+    }
+
     /// Sessions currently set up.
     pub fn sessions(&self) -> usize {
         self.sessions.len()

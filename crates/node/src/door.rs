@@ -10,16 +10,21 @@
 //!   milliseconds, so it is never the oldest for long.
 //! * **Links** (authenticated): at most `max_links`, at most
 //!   `max_links_per_key` with one link key. A link is *unproven* until the
-//!   core accepts a whole message from it, which it must deliver within
-//!   [`DoorConfig::first_message`]. When the pool is full, a new link takes
-//!   the place of the oldest unproven link; failing that, of the proven
-//!   link idle the longest if it has been idle for
-//!   [`DoorConfig::idle_evict`]; failing that it is refused.
+//!   core accepts a whole message from it. When the pool is full, a new
+//!   link takes the place of a link whose key no live session names (a
+//!   neighbour's or a designer's): the oldest unproven one, failing that
+//!   the proven one idle the longest if idle for
+//!   [`DoorConfig::idle_evict`]; failing that it is refused. A link whose
+//!   key a session names is never closed for another: a designer opens its
+//!   link to the last hop at set-up and may send nothing on it for a while.
+//!   (An earlier version also closed every link that delivered no accepted
+//!   message within 10 s: under the soak's load that closed designers'
+//!   silent links to the last hop, and an honest run lost a message.)
 //!
 //! The door only decides; the I/O layer closes the connections it names
 //! (their tasks' abort handles).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -35,9 +40,6 @@ pub struct DoorConfig {
     pub max_links: usize,
     /// Authenticated links with one link key.
     pub max_links_per_key: usize,
-    /// An authenticated link must deliver a message the core accepts
-    /// within this, or it is closed.
-    pub first_message: Duration,
     /// A proven link idle for this long may give its slot to a new link
     /// when every slot is taken.
     pub idle_evict: Duration,
@@ -49,7 +51,6 @@ impl Default for DoorConfig {
             max_handshakes: 64,
             max_links: 256,
             max_links_per_key: 8,
-            first_message: Duration::from_secs(10),
             idle_evict: Duration::from_secs(30),
         }
     }
@@ -183,11 +184,15 @@ impl Door {
 
     /// Connection `t` finished its handshake proving `key` at `now`: it
     /// gets a link slot, or why not.
+    ///
+    /// `named` holds the link keys the live sessions name: links with them
+    /// are never closed to make room.
     pub(crate) fn authenticated(
         &self,
         t: Ticket,
         key: [u8; 32],
         now: Instant,
+        named: &HashSet<[u8; 32]>,
     ) -> Result<(), NoSlot> {
         let mut s = self.lock();
         let task = s.pending.remove(&t).and_then(|p| p.task);
@@ -205,16 +210,17 @@ impl Door {
             }
         }
         if s.links.len() >= self.config.max_links.max(1) {
+            let unnamed = |l: &&Slot| !named.contains(&l.key);
             let unproven = s
                 .links
                 .iter()
-                .filter(|(_, l)| !l.proven)
+                .filter(|(_, l)| !l.proven && unnamed(l))
                 .min_by_key(|(_, l)| l.since)
                 .map(|(t, _)| *t);
             let idle = s
                 .links
                 .iter()
-                .filter(|(_, l)| l.proven)
+                .filter(|(_, l)| l.proven && unnamed(l))
                 .min_by_key(|(_, l)| l.last)
                 .filter(|(_, l)| now.saturating_duration_since(l.last) >= self.config.idle_evict)
                 .map(|(t, _)| *t);
@@ -222,7 +228,7 @@ impl Door {
                 Some(victim) => evict(&mut s, victim),
                 None => {
                     return Err(NoSlot(format!(
-                        "all {} link slots hold links that carried traffic within {} s",
+                        "all {} link slots hold links of live sessions or links that carried traffic within {} s",
                         self.config.max_links,
                         self.config.idle_evict.as_secs()
                     )))
@@ -269,11 +275,6 @@ impl Door {
         }
     }
 
-    /// How long an unproven link may wait for its first accepted message.
-    pub(crate) fn first_message(&self) -> Duration {
-        self.config.first_message
-    }
-
     /// Pending handshakes and links, now.
     #[cfg(test)]
     pub(crate) fn counts(&self) -> (usize, usize) {
@@ -305,7 +306,6 @@ mod tests {
             max_handshakes: handshakes,
             max_links: links,
             max_links_per_key: 2,
-            first_message: Duration::from_secs(10),
             idle_evict: Duration::from_secs(30),
         })
     }
@@ -340,41 +340,74 @@ mod tests {
 
     #[test]
     fn unproven_links_give_way_then_idle_ones_then_new_links_are_refused() {
+        let none = HashSet::new();
         let d = door(10, 2);
         let t0 = Instant::now();
         let ip = "10.0.0.1".parse().unwrap();
         let (x, y, z) = (d.arrive(ip, t0), d.arrive(ip, t0), d.arrive(ip, t0));
-        d.authenticated(x, [1; 32], t0).unwrap();
-        d.authenticated(y, [2; 32], t0).unwrap();
+        d.authenticated(x, [1; 32], t0, &none).unwrap();
+        d.authenticated(y, [2; 32], t0, &none).unwrap();
         d.active(y, t0);
         // x is unproven: z takes its place.
-        d.authenticated(z, [3; 32], t0).unwrap();
+        d.authenticated(z, [3; 32], t0, &none).unwrap();
         assert!(!d.lock().links.contains_key(&x));
         d.active(z, t0 + Duration::from_secs(40));
         // Both proven; y idle 40 s: a new link takes its slot.
         let w = d.arrive(ip, t0);
-        d.authenticated(w, [4; 32], t0 + Duration::from_secs(40))
+        d.authenticated(w, [4; 32], t0 + Duration::from_secs(40), &none)
             .unwrap();
         assert!(!d.lock().links.contains_key(&y));
         d.active(w, t0 + Duration::from_secs(40));
         // Both busy: refused.
         let v = d.arrive(ip, t0);
         assert!(d
-            .authenticated(v, [5; 32], t0 + Duration::from_secs(41))
+            .authenticated(v, [5; 32], t0 + Duration::from_secs(41), &none)
             .is_err());
     }
 
     #[test]
     fn one_key_holds_a_few_links_at_most() {
+        let none = HashSet::new();
         let d = door(10, 10);
         let t0 = Instant::now();
         let ip = "10.0.0.1".parse().unwrap();
         let ts: Vec<Ticket> = (0..3).map(|_| d.arrive(ip, t0)).collect();
         for (i, t) in ts.iter().enumerate() {
-            d.authenticated(*t, [7; 32], t0 + Duration::from_secs(i as u64))
+            d.authenticated(*t, [7; 32], t0 + Duration::from_secs(i as u64), &none)
                 .unwrap();
         }
         assert_eq!(d.counts(), (0, 2));
         assert!(!d.lock().links.contains_key(&ts[0]));
+    }
+}
+
+#[cfg(test)]
+mod named {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// A designer's link to the last hop sends nothing for a while after
+    /// set-up: a flood of new links never closes it, since a live session
+    /// names its key; links of unnamed keys give way.
+    #[test]
+    fn a_link_a_session_names_is_never_closed_for_another() {
+        let d = Door::new(DoorConfig {
+            max_handshakes: 10,
+            max_links: 2,
+            max_links_per_key: 2,
+            idle_evict: Duration::from_secs(30),
+        });
+        let t0 = Instant::now();
+        let ip = "10.0.0.1".parse().unwrap();
+        let named: HashSet<[u8; 32]> = [[1; 32]].into_iter().collect();
+        let designer = d.arrive(ip, t0);
+        d.authenticated(designer, [1; 32], t0, &named).unwrap();
+        for k in 0..10u8 {
+            let t = d.arrive(ip, t0);
+            let _ = d.authenticated(t, [100 + k; 32], t0 + Duration::from_secs(60), &named);
+        }
+        assert!(d.lock().links.contains_key(&designer));
+        assert_eq!(d.counts().1, 2);
     }
 }

@@ -3,8 +3,7 @@
 //! the body of a session message is charged to its session on the memory
 //! budget while it is read; a refused message (or cover) is read to its end
 //! and dropped; every cell of a message must come within the request
-//! timeout, and a link must deliver an accepted message within the door's
-//! time ([`crate::door`]).
+//! timeout; a link's accepted messages keep its slot ([`crate::door`]).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -47,22 +46,8 @@ pub(crate) async fn read_loop(
     let (mut reader, _writer) = link.into_split();
     reader.set_idle_timeout(Some(reading.idle));
     let mut cell = vec![0u8; CELL_SIZE];
-    // Until the core accepts a message from it, a link must deliver one
-    // within the door's time.
-    let mut unproven = Some(tokio::time::Instant::now() + door.first_message());
     loop {
-        let first = match unproven {
-            Some(by) => match tokio::time::timeout_at(by, reader.recv_cell(&mut cell)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return tracing::warn!(
-                    "closing the link from {who}: no accepted message within {} s of its handshake",
-                    door.first_message().as_secs_f64()
-                )
-                }
-            },
-            None => reader.recv_cell(&mut cell).await,
-        };
+        let first = reader.recv_cell(&mut cell).await;
         let stop = match first {
             Ok(()) => match read_rest(&mut reader, &cell, from, ticket, &shared, reading).await {
                 Ok(Some(msg)) => {
@@ -71,7 +56,6 @@ pub(crate) async fn read_loop(
                         Err(_) => return tracing::error!("core state poisoned by a panic"),
                     };
                     if accepted {
-                        unproven = None;
                         door.active(ticket, Instant::now());
                     }
                     // Let the writers send what the core produced, and

@@ -327,7 +327,11 @@ pub async fn run(
                 match tokio::time::timeout(idle, handshake).await {
                     Ok(Ok(link)) => {
                         let key = *link.remote_key().as_bytes();
-                        match door_.authenticated(ticket, key, Instant::now()) {
+                        let named = match shared.lock() {
+                            Ok(s) => s.core.session_keys(),
+                            Err(_) => return tracing::error!("core state poisoned by a panic"),
+                        };
+                        match door_.authenticated(ticket, key, Instant::now(), &named) {
                             Ok(()) => read_loop(link, shared, &door_, ticket, reading).await,
                             Err(e) => tracing::warn!("link from {peer} refused: {}", e.0),
                         }
