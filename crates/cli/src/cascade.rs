@@ -333,6 +333,7 @@ impl LocalDirectory {
                 "1",
                 // Every local node is on 127.0.0.1 (local testing only).
                 "--allow-same-subnet",
+                "--allow-local-addresses",
                 "--db",
             ])
             .arg(dir.join("directory.db"))

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use mixnn_directory::{parse_key_hex, DirectoryKeys, SystemClock};
-use mixnn_directory_server::{DirectoryConfig, DirectoryState, Store};
+use mixnn_directory_server::{Addresses, DirectoryConfig, DirectoryState, Store};
 use mixnn_net::PublicIdentityKey;
 
 /// `mixnn directory`.
@@ -35,7 +35,7 @@ pub struct DirectoryArgs {
     #[arg(long, default_value_t = 600, value_name = "S",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub view_ttl: u64,
-    /// Listed nodes per IPv4 /24 or IPv6 /48.
+    /// Listed nodes per IPv4 /24 or IPv6 /29.
     #[arg(long, default_value_t = 2, value_name = "N")]
     pub max_per_prefix: usize,
     /// LOCAL TESTING ONLY: no per-prefix limit, so many nodes on one
@@ -43,6 +43,15 @@ pub struct DirectoryArgs {
     /// party with one address block fill the directory.
     #[arg(long)]
     pub allow_same_subnet: bool,
+    /// LOCAL USE ONLY: list (and so probe) nodes at loopback, private and
+    /// link-local addresses. Without it such descriptors are refused
+    /// without a probe, so that nobody can make the directory connect
+    /// into its own network.
+    #[arg(long)]
+    pub allow_local_addresses: bool,
+    /// Failure reports accepted per hour from one IPv4 /24 or IPv6 /29.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub max_reports_per_prefix: u64,
     /// Seconds between probes of a listed node (it is unlisted when one
     /// fails, listed again when one passes).
     #[arg(long, default_value_t = 300, value_name = "S",
@@ -97,6 +106,12 @@ pub fn run(args: &DirectoryArgs) -> anyhow::Result<()> {
         view_ttl: args.view_ttl,
         max_per_prefix: args.max_per_prefix,
         allow_same_subnet: args.allow_same_subnet,
+        addresses: if args.allow_local_addresses {
+            Addresses::Local
+        } else {
+            Addresses::Public
+        },
+        max_reports_per_prefix: args.max_reports_per_prefix,
         reprobe_interval: args.reprobe_interval,
         proof_ttl: args.reprobe_interval.saturating_mul(3),
         expiry: args.expiry,
@@ -105,6 +120,9 @@ pub fn run(args: &DirectoryArgs) -> anyhow::Result<()> {
     };
     if args.allow_same_subnet {
         tracing::warn!("--allow-same-subnet: no per-prefix limit (local testing only)");
+    }
+    if args.allow_local_addresses {
+        tracing::warn!("--allow-local-addresses: nodes at loopback and private addresses are probed and listed (local use only)");
     }
     let state = DirectoryState::new(store, keys, Arc::new(SystemClock), config);
     tracing::info!(

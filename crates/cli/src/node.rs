@@ -22,7 +22,7 @@ use mixnn_directory_client::DirectoryClient;
 use mixnn_model::arith::ARITH_VERSION;
 use mixnn_net::{Created, LinkListener, NodeKeys};
 use mixnn_node::announce::{self, AnnounceConfig, Announcement, Announcer, CoverView};
-use mixnn_node::{Limits, NodeConfig};
+use mixnn_node::{DoorConfig, Limits, NodeConfig};
 
 /// `mixnn node`.
 #[derive(Debug, Args)]
@@ -33,9 +33,37 @@ pub struct NodeArgs {
     /// State directory: keys (0600) and the node's descriptor.
     #[arg(long, value_name = "DIR")]
     pub state: PathBuf,
-    /// Most inbound links served at once.
+    /// Most authenticated inbound links served at once (when all are
+    /// taken, a link of a key no session names gives its slot to a new
+    /// one: first one that has delivered no accepted message).
     #[arg(long, default_value_t = 256)]
     pub max_links: usize,
+    /// Most inbound links with one link key.
+    #[arg(long, default_value_t = 8, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_links_per_key: u64,
+    /// Most inbound connections whose handshake has not finished; when
+    /// full, a new one takes the place of the oldest.
+    #[arg(long, default_value_t = 64, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_handshakes: u64,
+    /// Seconds within which every cell of a message must follow its first
+    /// cell, or the link is closed.
+    #[arg(long, default_value_t = 30, value_name = "S",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout: u64,
+    /// Seconds a write to a link may wait to drain before the link is
+    /// closed and what it had queued dropped (a peer that does not read).
+    #[arg(long, default_value_t = 30, value_name = "S",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub write_timeout: u64,
+    /// The node's memory budget, in MiB: sessions, messages being read and
+    /// messages queued for links all draw from it; when it is reached the
+    /// session holding the oldest queued data is shed. Keep it below the
+    /// machine's memory, with room for the process itself.
+    #[arg(long, default_value_t = 3072, value_name = "MIB",
+          value_parser = clap::value_parser!(u64).range(16..))]
+    pub max_memory_mib: u64,
     /// Most training steps cached per session (steps in flight).
     #[arg(long, default_value_t = 64)]
     pub max_cached: usize,
@@ -60,7 +88,8 @@ pub struct NodeArgs {
     #[arg(long, default_value_t = 16 << 20, value_name = "N")]
     pub max_stage_params: u64,
     /// Most parameters of all sessions together (an audited session counts
-    /// 17 times: the hop keeps the state of its last 16 steps).
+    /// 18 times: the live stage, a copy of its state and its state before
+    /// each of its last 16 steps).
     #[arg(long, default_value_t = 128 << 20, value_name = "N")]
     pub max_node_params: u64,
     /// Most MiB of activations one message may make a stage compute.
@@ -375,8 +404,10 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
         }
         let node_config = NodeConfig {
             limits: limits(args),
-            max_links: args.max_links,
+            door: door(args),
             link_idle: Duration::from_secs(args.link_idle),
+            request_timeout: Duration::from_secs(args.request_timeout),
+            write_timeout: Duration::from_secs(args.write_timeout),
             replay_file: Some(args.state.join("init-replay.bin")),
             learned_file: args
                 .debug_record_peers
@@ -418,7 +449,19 @@ fn limits(args: &NodeArgs) -> Limits {
         max_node_bytes: args.max_node_mib.saturating_mul(MIB),
         init_window: Duration::from_secs(args.init_window),
         init_replay_capacity: usize::try_from(args.init_replay_capacity).unwrap_or(usize::MAX),
+        max_memory: args.max_memory_mib.saturating_mul(MIB),
         ..Limits::default()
+    }
+}
+
+/// The connection slots from the flags.
+fn door(args: &NodeArgs) -> DoorConfig {
+    let n = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    DoorConfig {
+        max_handshakes: n(args.max_handshakes),
+        max_links: args.max_links,
+        max_links_per_key: n(args.max_links_per_key),
+        ..DoorConfig::default()
     }
 }
 
@@ -529,7 +572,16 @@ mod tests {
             Duration::from_secs(args.link_idle),
             NodeConfig::default().link_idle
         );
-        assert_eq!(args.max_links, NodeConfig::default().max_links);
+        let (got, want) = (door(&args), NodeConfig::default().door);
+        assert_eq!(format!("{got:?}"), format!("{want:?}"));
+        let config = NodeConfig::default();
+        assert_eq!(
+            (
+                Duration::from_secs(args.write_timeout),
+                Duration::from_secs(args.request_timeout)
+            ),
+            (config.write_timeout, config.request_timeout)
+        );
     }
 
     #[test]

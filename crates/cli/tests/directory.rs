@@ -121,6 +121,7 @@ fn start_directory(dir: &Path, listen: &str, log: &str) -> Directory {
             "1",
             // Every test node is on 127.0.0.1 (local testing only).
             "--allow-same-subnet",
+            "--allow-local-addresses",
         ],
         dir.join(log),
     );

@@ -258,15 +258,19 @@ impl Exchange {
     }
 
     /// Waits for the next reply, which must answer `expected`. Every wait
-    /// but the init loop's (which waits for links between the nodes to
-    /// come up) gets the detection bound T.
+    /// but the init loop's gets the detection bound T; the init loop (the
+    /// links between the nodes come up as it passes) gets its own,
+    /// scaled by the hops and the slowest link set-up measured
+    /// ([`DetectionBound::init_bound`]).
     pub fn wait(
         &mut self,
         expected: Expected,
         step: u64,
     ) -> Result<(Await, Vec<u8>), DesignerError> {
         let timeout = match expected {
-            Expected::Init => self.bound.timeout(),
+            Expected::Init => self
+                .bound
+                .init_bound(self.router.hops(), self.driver.slowest_connect()),
             _ => self.bound.bound(),
         };
         let started = Instant::now();
@@ -308,6 +312,18 @@ impl Exchange {
     /// Bytes of payload per transfer chunk.
     pub fn room(&self) -> usize {
         transfer::room(&self.router.policy())
+    }
+
+    /// The body of a fetch or audit request: empty under `uniform`
+    /// padding (every message is as large as its answer anyway); under
+    /// `classes`, a chunk's worth of zeros, so that the request is of the
+    /// size class of the answer it asks for (a node answers a session with
+    /// at most a few times what the session sent it; the hop ignores it).
+    fn request_body(&self) -> Vec<u8> {
+        match self.router.policy() {
+            PaddingPolicy::Uniform { .. } => Vec::new(),
+            PaddingPolicy::Classes { .. } => vec![0; self.room()],
+        }
     }
 
     /// Downloads `what` from each of `hops` at once, in chunks, each at
@@ -355,8 +371,9 @@ impl Exchange {
                 .collect(),
             done: vec![None; hops.len()],
         };
+        let body = self.request_body();
         for &j in hops {
-            self.send(&what.route(j, 0), &[], what.awaits(j, 0))?;
+            self.send(&what.route(j, 0), &body, what.awaits(j, 0))?;
         }
         Ok(t)
     }
@@ -391,8 +408,12 @@ impl Exchange {
         let body = self.router.open_body(hop, kind, at_step, chunk, body)?;
         let piece = ParamChunk::decode(&body)?;
         let complete = t.downloads[at].on_chunk(chunk, piece)?;
-        for k in t.downloads[at].take_requests() {
-            self.send(&what.route(hop, k), &[], what.awaits(hop, k))?;
+        let requests = t.downloads[at].take_requests();
+        if !requests.is_empty() {
+            let body = self.request_body();
+            for k in requests {
+                self.send(&what.route(hop, k), &body, what.awaits(hop, k))?;
+            }
         }
         if let Some(bytes) = complete {
             t.done[at] = Some(bytes);

@@ -111,8 +111,7 @@ impl CascadeBuilder<'_> {
         );
         let loops = LoopSchedule::new(opts.loop_rate, loop_seed);
         let bound = DetectionBound::new(opts.timeout, replacements.is_some());
-        let mut ex = Exchange::new(driver, router, loops, bound);
-        ex.connect(&hops)?;
+        let ex = Exchange::new(driver, router, loops, bound);
         let n = model.stages.len();
         let kept = KeptStages {
             first: opts
@@ -127,15 +126,13 @@ impl CascadeBuilder<'_> {
                 )
             }),
         };
-        let mut session = Session::new(ex, layout, hops, kept, audits, cfg, opts.window);
-        session.init()?;
-        tracing::info!(hops = session.hops().len(), "cascade initialised");
+        let session = Session::new(ex, layout, hops, kept, audits, cfg, opts.window);
         let (dir, every) = match checkpoints {
             Some(c) => (c.dir, c.every),
             None => (None, None),
         };
         let enabled = dir.is_some() || replacements.is_some();
-        Ok(CascadeRunner {
+        let mut runner = CascadeRunner {
             session,
             saver: Saver::new(recovery::Checkpoints::new(model, enabled, every), dir),
             replacements,
@@ -143,7 +140,10 @@ impl CascadeBuilder<'_> {
             stalled: None,
             model: model.clone(),
             cfg,
-        })
+        };
+        runner.set_up()?;
+        tracing::info!(hops = runner.session.hops().len(), "cascade initialised");
+        Ok(runner)
     }
 }
 
@@ -257,6 +257,43 @@ impl CascadeRunner {
         self.session.exchange().run_loops(duration, step)
     }
 
+    /// Opens the links and sends the init loop. A hop that fails meanwhile
+    /// (it cannot be reached, or the init loop does not come back within
+    /// its bound) is found and replaced like one that fails mid-training,
+    /// when replacements are configured: the run sets up a new session
+    /// from step 0, whose states the designer knows from the seeds
+    /// ([`CascadeRunner::start_checkpoint`]).
+    fn set_up(&mut self) -> Result<(), DesignerError> {
+        let hops = self.session.hops().to_vec();
+        match self
+            .session
+            .exchange()
+            .connect(&hops)
+            .and_then(|()| self.session.init())
+        {
+            Ok(()) => Ok(()),
+            Err(e) => self.recover(e).map(|_| ()),
+        }
+    }
+
+    /// The checkpoint of step 0 of a fresh run, made here: every stage as
+    /// its seed initialises it (what a hop builds from its init note).
+    /// What a failure before the first checkpoint recovers from; `None`
+    /// once the run is past step 0.
+    fn start_checkpoint(&self) -> Option<Checkpoint> {
+        if self.session.step() != 0 {
+            return None;
+        }
+        let stages = self
+            .model
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| Stage::new(spec, stage_seed(&self.cfg.seed, i), self.cfg.optimizer).state())
+            .collect();
+        Some(self.saver.policy.make(0, stages, &[], &self.cfg))
+    }
+
     /// Loads `c` (a checkpoint of this model and run) into every stage and
     /// returns where training resumes.
     pub fn restore(&mut self, c: &Checkpoint) -> Result<ResumePoint, DesignerError> {
@@ -278,8 +315,17 @@ impl CascadeRunner {
         // A fresh session whose init notes start every stage at the
         // checkpoint's step, then the states.
         let hops = self.session.hops().to_vec();
-        self.session.rebuild(hops, c)?;
         self.saver.policy.keep(c.clone());
+        if let Err(e) = self.session.rebuild(hops, c) {
+            // A hop that fails while the run resumes is replaced too.
+            if self.recover(e)? != c.step {
+                return Err(RecoveryError::NoCheckpointAt {
+                    step: c.step,
+                    purpose: "resume",
+                }
+                .into());
+            }
+        }
         Ok(ResumePoint {
             epoch: c.epoch,
             position: c.position,
@@ -295,17 +341,29 @@ impl CascadeRunner {
         if self.replacements.is_none() || !recoverable(&cause) {
             return Err(cause);
         }
-        let Some(c) = self.saver.policy.last().cloned() else {
+        let Some(c) = self
+            .saver
+            .policy
+            .last()
+            .cloned()
+            .or_else(|| self.start_checkpoint())
+        else {
             return Err(cause);
         };
         let detected = Instant::now();
         let detected_unix_ms = unix_ms();
         let bound = self.session.exchange_ref().bound().as_secs_f64();
         let mut last_error = cause.to_string();
+        let mut unreachable = unreachable_hop(&cause);
         for attempt in 1..=MAX_ATTEMPTS {
             let (n, step) = (self.session.hops().len(), self.session.step());
-            let failed = self.session.exchange().probe(n, step);
             let mut hops = self.session.hops().to_vec();
+            // A hop the designer could not reach (or whose link broke) is
+            // the failed one; otherwise loops through the prefixes find it.
+            let failed = match unreachable.and_then(|a| hops.iter().position(|h| h.addr == a)) {
+                Some(j) => Some(j),
+                None => self.session.exchange().probe(n, step),
+            };
             let mut replaced = Vec::new();
             if let Some(j) = failed {
                 let bad = hops[j].clone();
@@ -347,7 +405,10 @@ impl CascadeRunner {
                     self.events.push(event);
                     return Ok(c.step);
                 }
-                Err(e) => last_error = e.to_string(),
+                Err(e) => {
+                    unreachable = unreachable_hop(&e);
+                    last_error = e.to_string();
+                }
             }
         }
         Err(RecoveryError::GaveUp {
@@ -490,6 +551,17 @@ impl CascadeRunner {
     }
 }
 
+/// The hop whose link failed, when `e` says which: the designer could not
+/// open it, or it broke.
+fn unreachable_hop(e: &DesignerError) -> Option<SocketAddr> {
+    match e {
+        DesignerError::NoLink { addr, .. }
+        | DesignerError::Link { addr, .. }
+        | DesignerError::PacedLinkFailed { addr } => Some(*addr),
+        _ => None,
+    }
+}
+
 /// 32 bytes from `rng`.
 fn seed32(rng: &mut ChaCha8Rng) -> [u8; 32] {
     let mut s = [0u8; 32];
@@ -559,6 +631,7 @@ impl StepRunner for CascadeRunner {
         on_batch: &mut dyn FnMut(),
     ) -> Result<Vec<u32>, DesignerError> {
         let mut reported = 0usize;
+        tracing::info!(batches = batches.len(), "testing");
         loop {
             let mut tick = |i: usize| {
                 if i >= reported {
@@ -574,6 +647,7 @@ impl StepRunner for CascadeRunner {
     }
 
     fn params(&mut self) -> Result<Vec<StageParams>, DesignerError> {
+        tracing::info!("fetching the final weights");
         let states = loop {
             match self.session.fetch_states() {
                 Ok(s) => break s,

@@ -30,13 +30,18 @@ pub struct DirectoryConfig {
     /// How long a draw receipt lets its designer report the drawn nodes
     /// (default 86 400).
     pub draw_window: u64,
-    /// Draw requests recorded per hour from one IPv4 /24 or IPv6 /48
+    /// Draw requests recorded per hour from one IPv4 /24 or IPv6 /29
     /// (default 60).
     pub max_draws_per_prefix: u64,
-    /// Listed nodes per IPv4 /24 or IPv6 /48 (default 2).
+    /// Failure reports accepted per hour from one IPv4 /24 or IPv6 /29
+    /// (default 20).
+    pub max_reports_per_prefix: u64,
+    /// Listed nodes per IPv4 /24 or IPv6 /29 (default 2).
     pub max_per_prefix: usize,
     /// Local testing only (`--allow-same-subnet`): no per-prefix limit.
     pub allow_same_subnet: bool,
+    /// Which addresses the directory probes (and so lists).
+    pub addresses: Addresses,
     /// A listed node is probed again when its proof is this old (default 300).
     pub reprobe_interval: u64,
     /// A node is listed only while its last successful probe is younger
@@ -47,11 +52,31 @@ pub struct DirectoryConfig {
     pub expiry: u64,
     /// Limit for one probe, connect included.
     pub probe_timeout: Duration,
-    /// Probes running at once; a registration that finds them all busy is
-    /// refused with 503 (default 16).
+    /// Registration probes running at once; a registration that finds them
+    /// all busy is refused with 503 (default 16).
     pub max_probes: usize,
+    /// Registration probes running at once for requests from one IPv4 /24
+    /// or IPv6 /29 (default 2), so one source cannot hold every slot.
+    pub max_probes_per_prefix: usize,
+    /// Probes a heartbeat may start at once when its node's proof is due
+    /// (default 8; apart from the registration slots).
+    pub heartbeat_probes: usize,
     /// HTTP limits.
     pub http: HttpLimits,
+}
+
+/// Which node addresses a directory probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Addresses {
+    /// Public addresses only: a descriptor naming a loopback, private,
+    /// link-local or otherwise non-public address is refused without a
+    /// probe ([`mixnn_directory::non_public`]), so that nobody can use the
+    /// directory to scan its own network.
+    #[default]
+    Public,
+    /// Any address (`--allow-local-addresses`: a directory for nodes on
+    /// one machine or one private network, tests and demos).
+    Local,
 }
 
 /// Limits of the HTTP server.
@@ -63,8 +88,14 @@ pub struct HttpLimits {
     /// A request (body and handler, a probe included) must finish within
     /// this, or it is answered 408 (default 20 s).
     pub request_timeout: Duration,
-    /// Connections served at once; more are closed at accept (default 256).
+    /// Connections served at once (default 256). When all are taken, a new
+    /// connection takes the place of the oldest one that has not sent a
+    /// whole request yet (then of the oldest idle one); when none is
+    /// either, it is closed.
     pub max_connections: usize,
+    /// Connections from one IPv4 /24 or IPv6 /29 (default 32): a new one
+    /// past it takes the place of that source's oldest waiting one.
+    pub max_connections_per_prefix: usize,
     /// At shutdown, requests in flight get this long; idle connections are
     /// closed at once (default 5 s).
     pub shutdown_grace: Duration,
@@ -76,6 +107,7 @@ impl Default for HttpLimits {
             header_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(20),
             max_connections: 256,
+            max_connections_per_prefix: 32,
             shutdown_grace: Duration::from_secs(5),
         }
     }
@@ -95,13 +127,17 @@ impl Default for DirectoryConfig {
             admitted_reporters: Vec::new(),
             draw_window: 86_400,
             max_draws_per_prefix: 60,
+            max_reports_per_prefix: 20,
             max_per_prefix: 2,
             allow_same_subnet: false,
+            addresses: Addresses::Public,
             reprobe_interval: 300,
             proof_ttl: 900,
             expiry: 3600,
             probe_timeout: Duration::from_secs(5),
             max_probes: 16,
+            max_probes_per_prefix: 2,
+            heartbeat_probes: 8,
             http: HttpLimits::default(),
         }
     }

@@ -24,7 +24,7 @@
 //! for i in 0..5u8 {
 //!     let key = SigningKey::from_bytes(&[i + 10; 32]);
 //!     let descriptor = Descriptor {
-//!         addr: ([10, i, 0, 1], 7000).into(),
+//!         addr: ([20 + i, 1, 0, 1], 7000).into(),
 //!         identity: key.verifying_key().to_bytes(),
 //!         onion: [i; 32],
 //!         link: [i + 50; 32],
@@ -59,7 +59,7 @@ mod server;
 mod state;
 mod store;
 
-pub use config::{DirectoryConfig, HttpLimits};
+pub use config::{Addresses, DirectoryConfig, HttpLimits};
 pub use probe::{NoiseProber, Prober};
 pub use server::{router, serve, MAX_BODY};
 pub use state::DirectoryState;

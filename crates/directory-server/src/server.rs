@@ -1,11 +1,13 @@
 //! The HTTP/JSON front of the directory (axum). Every route is documented
 //! in `docs/directory-api.md`.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -18,16 +20,17 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use mixnn_directory::api::{ErrorBody, FailureResponse, Health, RegisterResponse};
 use mixnn_directory::{
-    parse_key_hex, DirectoryError, NodeRecord, Result, SignedDescriptor, SignedDrawReceipt,
-    SignedDrawRequest, SignedFailureReport, SignedHeartbeat, SignedView,
+    listing_prefix, parse_key_hex, DirectoryError, NodeRecord, Result, SignedDescriptor,
+    SignedDrawReceipt, SignedDrawRequest, SignedFailureReport, SignedHeartbeat, SignedView,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
+use tokio::task::{AbortHandle, JoinSet};
 use tower_service::Service;
 
+use crate::config::HttpLimits;
 use crate::state::DirectoryState;
 
 /// Largest accepted request body (bytes).
@@ -55,16 +58,76 @@ pub fn router(state: DirectoryState) -> Router {
         .with_state(state)
 }
 
+/// A connection younger than this never gives its slot to a new one.
+const EVICTABLE: Duration = Duration::from_secs(1);
+
+/// One served connection, as the accept loop sees it.
+struct Conn {
+    prefix: String,
+    since: Instant,
+    /// A request is being answered.
+    busy: Arc<AtomicBool>,
+    /// Requests answered so far.
+    served: Arc<AtomicU64>,
+    task: Option<AbortHandle>,
+}
+
+/// The connections served, and which gives way to a new one.
+#[derive(Default)]
+struct Conns {
+    next: u64,
+    open: HashMap<u64, Conn>,
+}
+
+impl Conns {
+    /// The connection a new one from `prefix` takes the place of, if
+    /// any must give way (`Err` if none can): past the per-prefix limit,
+    /// that prefix's oldest connection not answering a request; past the
+    /// total, the oldest that has not sent a whole request yet, else the
+    /// oldest idle one. A connection in the middle of a request, or younger
+    /// than a second, is never closed for another.
+    fn make_room(&self, prefix: &str, limits: &HttpLimits) -> std::result::Result<Option<u64>, ()> {
+        let of_prefix = self.open.values().filter(|c| c.prefix == prefix).count();
+        // An honest client sends its request as soon as it connects: only
+        // a connection that has waited a while may give way.
+        let idle = |c: &&Conn| !c.busy.load(Ordering::SeqCst) && c.since.elapsed() >= EVICTABLE;
+        if of_prefix >= limits.max_connections_per_prefix.max(1) {
+            return self
+                .open
+                .iter()
+                .filter(|(_, c)| c.prefix == prefix)
+                .filter(|(_, c)| idle(c))
+                .min_by_key(|(_, c)| (c.served.load(Ordering::SeqCst) > 0, c.since))
+                .map(|(id, _)| Some(*id))
+                .ok_or(());
+        }
+        if self.open.len() >= limits.max_connections.max(1) {
+            return self
+                .open
+                .iter()
+                .filter(|(_, c)| idle(c))
+                .min_by_key(|(_, c)| (c.served.load(Ordering::SeqCst) > 0, c.since))
+                .map(|(id, _)| Some(*id))
+                .ok_or(());
+        }
+        Ok(None)
+    }
+}
+
 /// Serves the directory on `listener` until `shutdown` completes.
 ///
 /// Each connection must send a whole request head within
 /// `http.header_timeout` (also while idle between requests), and each
 /// request must be answered within `http.request_timeout` (408
-/// otherwise); at most `http.max_connections` are served at once (more
-/// are closed at accept). Nodes due for a probe are probed again every
-/// `reprobe_interval / 4` seconds. At shutdown the listener closes, idle
-/// connections are closed at once and requests in flight get
-/// `http.shutdown_grace`.
+/// otherwise). At most `http.max_connections` are served at once, at most
+/// `http.max_connections_per_prefix` from one IPv4 /24 or IPv6 /29; a new
+/// connection past a limit takes the place of the oldest that has not sent
+/// a whole request (then of the oldest idle one), so clients that connect
+/// and never finish a request cannot lock others out; a connection in the
+/// middle of a request is never closed for another. Nodes due for a probe
+/// are probed again every `reprobe_interval / 4` seconds. At shutdown the
+/// listener closes, idle connections are closed at once and requests in
+/// flight get `http.shutdown_grace`.
 pub async fn serve(
     listener: TcpListener,
     state: DirectoryState,
@@ -76,7 +139,7 @@ pub async fn serve(
     let limits = state.config().http;
     let reprobe = tokio::spawn(reprobe_loop(state.clone()));
     let app = router(state);
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let conns = Arc::new(Mutex::new(Conns::default()));
     let (closing, closed) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut refused = 0u64;
@@ -94,24 +157,64 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-                    refused += 1;
-                    if refused.is_power_of_two() {
-                        tracing::warn!(
-                            "{} connections open (the limit): closed {refused} so far, the latest from {peer}",
-                            limits.max_connections
-                        );
+                let prefix = listing_prefix(peer.ip());
+                let (busy, served) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+                let id = {
+                    let mut c = conns.lock().unwrap_or_else(|e| e.into_inner());
+                    match c.make_room(&prefix, &limits) {
+                        Err(()) => {
+                            refused += 1;
+                            if refused.is_power_of_two() {
+                                tracing::warn!(
+                                    "no connection slot for {peer} (every one answering a request): closed {refused} so far",
+                                );
+                            }
+                            continue;
+                        }
+                        Ok(Some(victim)) => {
+                            if let Some(task) = c.open.remove(&victim).and_then(|v| v.task) {
+                                task.abort();
+                            }
+                        }
+                        Ok(None) => {}
                     }
-                    continue;
+                    let id = c.next;
+                    c.next += 1;
+                    c.open.insert(id, Conn {
+                        prefix,
+                        since: Instant::now(),
+                        busy: Arc::clone(&busy),
+                        served: Arc::clone(&served),
+                        task: None,
+                    });
+                    id
                 };
                 let app = app.clone();
                 let mut closed = closed.clone();
-                connections.spawn(async move {
-                    let _permit = permit;
+                let gone = Arc::clone(&conns);
+                let task = connections.spawn(async move {
+                    // Out of the table when the connection ends.
+                    struct Leave(Arc<Mutex<Conns>>, u64);
+                    impl Drop for Leave {
+                        fn drop(&mut self) {
+                            self.0.lock().unwrap_or_else(|e| e.into_inner()).open.remove(&self.1);
+                        }
+                    }
+                    let _leave = Leave(gone, id);
                     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                         req.extensions_mut().insert(ConnectInfo(peer));
                         let mut app = app.clone();
+                        let (busy, served) = (Arc::clone(&busy), Arc::clone(&served));
+                        busy.store(true, Ordering::SeqCst);
                         async move {
+                            struct Done(Arc<AtomicBool>, Arc<AtomicU64>);
+                            impl Drop for Done {
+                                fn drop(&mut self) {
+                                    self.1.fetch_add(1, Ordering::SeqCst);
+                                    self.0.store(false, Ordering::SeqCst);
+                                }
+                            }
+                            let _done = Done(busy, served);
                             let reply = tokio::time::timeout(
                                 limits.request_timeout,
                                 app.call(req.map(Body::new)),
@@ -146,6 +249,9 @@ pub async fn serve(
                         tracing::debug!(%peer, "connection ended: {e}");
                     }
                 });
+                if let Some(c) = conns.lock().unwrap_or_else(|e| e.into_inner()).open.get_mut(&id) {
+                    c.task = Some(task);
+                }
             }
         }
     }
@@ -190,6 +296,7 @@ async fn reprobe_loop(state: DirectoryState) {
 
 async fn register(
     State(state): State<DirectoryState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let signed = match parse::<SignedDescriptor>("descriptor", body) {
@@ -198,7 +305,7 @@ async fn register(
     };
     // The probe blocks (up to probe_timeout): off the async threads.
     let reply = tokio::task::spawn_blocking(move || {
-        let status = state.register(&signed)?;
+        let status = state.register_from(&signed, Some(peer.ip()))?;
         let identity = signed.verify_signature()?.identity;
         Ok(RegisterResponse { status, identity })
     })
@@ -225,18 +332,29 @@ async fn heartbeat(
     State(state): State<DirectoryState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let reply = parse::<SignedHeartbeat>("heartbeat", body)
-        .and_then(|hb| state.heartbeat(&hb))
-        .map(|()| serde_json::json!({ "status": "ok" }));
-    respond(reply)
+    let reply = parse::<SignedHeartbeat>("heartbeat", body).and_then(|hb| state.heartbeat(&hb));
+    // A node whose proof is due is probed now, in the background: its
+    // heartbeats keep it listed however long the reprobe round takes.
+    if let Ok(identity) = &reply {
+        if let Ok(Some(d)) = state.proof_due(identity) {
+            let s = state.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = s.refresh_proof(&d) {
+                    tracing::error!("probing a node that heartbeat: {e}");
+                }
+            });
+        }
+    }
+    respond(reply.map(|_| serde_json::json!({ "status": "ok" })))
 }
 
 async fn failure(
     State(state): State<DirectoryState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let reply = parse::<SignedFailureReport>("failure report", body)
-        .and_then(|r| state.report_failure(&r))
+        .and_then(|r| state.report_failure_from(&r, Some(peer.ip())))
         .map(|status| FailureResponse { status });
     respond(reply)
 }

@@ -10,19 +10,19 @@
 //! everything that was committed.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use mixnn_directory::api::{FailureOutcome, Registration};
 use mixnn_directory::{
-    listing_prefix, Counters, Descriptor, DirectoryError, FailureRecord, History, NodeRecord,
-    Result, SignedDescriptor, SignedDrawRequest, SignedFailureReport, SignedHeartbeat, MAX_PENALTY,
-    REPORTER_CAP,
+    listing_prefix, non_public, Counters, Descriptor, DirectoryError, FailureRecord, History,
+    NodeRecord, Result, SignedDescriptor, SignedDrawRequest, SignedFailureReport, SignedHeartbeat,
+    MAX_PENALTY, PREFIX_CAP, REPORTED_PER_PREFIX, REPORTER_CAP,
 };
 
-use crate::config::DirectoryConfig;
+use crate::config::{Addresses, DirectoryConfig};
 
 /// SQLite errors as [`DirectoryError::Database`].
 trait Db<T> {
@@ -37,7 +37,7 @@ impl<T> Db<T> for rusqlite::Result<T> {
     }
 }
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS nodes (
@@ -48,9 +48,13 @@ CREATE TABLE IF NOT EXISTS nodes (
     signature  TEXT NOT NULL,              -- hex
     first_seen INTEGER NOT NULL,           -- first registration (directory clock)
     last_seen  INTEGER NOT NULL,           -- last registration or heartbeat
-    prefix     TEXT NOT NULL DEFAULT '',   -- the address's IPv4 /24 or IPv6 /48
-    proven_at  INTEGER                     -- last successful probe; NULL: not listed
+    prefix     TEXT NOT NULL DEFAULT '',   -- the address's IPv4 /24 or IPv6 /29
+    proven_at  INTEGER,                    -- last successful probe; NULL: not listed
+    link       TEXT NOT NULL DEFAULT '',   -- the descriptor's link key, hex
+    onion      TEXT NOT NULL DEFAULT ''    -- the descriptor's onion key, hex
 );
+CREATE INDEX IF NOT EXISTS nodes_by_link ON nodes (link);
+CREATE INDEX IF NOT EXISTS nodes_by_onion ON nodes (onion);
 CREATE TABLE IF NOT EXISTS history (
     identity       TEXT PRIMARY KEY REFERENCES nodes(identity) ON DELETE CASCADE,
     heartbeats     INTEGER NOT NULL DEFAULT 0,
@@ -67,14 +71,16 @@ CREATE TABLE IF NOT EXISTS failures (
     timestamp INTEGER NOT NULL,            -- reporter's clock
     received  INTEGER NOT NULL,            -- directory's clock
     signature TEXT NOT NULL,
+    prefix    TEXT NOT NULL DEFAULT '',    -- where the report came from: IPv4 /24 or IPv6 /29
     UNIQUE (identity, reporter, step)
 );
 CREATE INDEX IF NOT EXISTS failures_by_node ON failures (identity, received);
+CREATE INDEX IF NOT EXISTS failures_by_prefix ON failures (prefix, received);
 CREATE TABLE IF NOT EXISTS draws (
     designer  TEXT NOT NULL,               -- the designer's key, hex
     identity  TEXT NOT NULL REFERENCES nodes(identity) ON DELETE CASCADE,
     received  INTEGER NOT NULL,            -- directory's clock
-    prefix    TEXT NOT NULL                -- the requester's IPv4 /24 or IPv6 /48
+    prefix    TEXT NOT NULL                -- the requester's IPv4 /24 or IPv6 /29
 );
 CREATE INDEX IF NOT EXISTS draws_by_designer ON draws (designer, identity, received);
 CREATE INDEX IF NOT EXISTS draws_by_prefix ON draws (prefix, received);
@@ -85,6 +91,15 @@ CREATE INDEX IF NOT EXISTS draws_by_prefix ON draws (prefix, received);
 const MIGRATE_1_TO_2: &str = "
 ALTER TABLE nodes ADD COLUMN prefix TEXT NOT NULL DEFAULT '';
 ALTER TABLE nodes ADD COLUMN proven_at INTEGER;
+";
+
+/// Schema 2 had no key columns (filled from the stored descriptors) and
+/// no report prefixes (old reports share the empty one). IPv6 listing
+/// prefixes became /29s.
+const MIGRATE_2_TO_3: &str = "
+ALTER TABLE nodes ADD COLUMN link TEXT NOT NULL DEFAULT '';
+ALTER TABLE nodes ADD COLUMN onion TEXT NOT NULL DEFAULT '';
+ALTER TABLE failures ADD COLUMN prefix TEXT NOT NULL DEFAULT '';
 ";
 
 /// The SQLite store.
@@ -123,21 +138,31 @@ impl Store {
         }
         if version == 1 {
             conn.execute_batch(MIGRATE_1_TO_2).db()?;
-            let addrs: Vec<(String, String)> = conn
-                .prepare("SELECT identity, addr FROM nodes")
+        }
+        if (1..=2).contains(&version) {
+            conn.execute_batch(MIGRATE_2_TO_3).db()?;
+            let rows: Vec<(String, String, String)> = conn
+                .prepare("SELECT identity, descriptor, signature FROM nodes")
                 .db()?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .db()?
                 .collect::<rusqlite::Result<_>>()
                 .db()?;
-            for (identity, addr) in addrs {
-                if let Ok(addr) = addr.parse::<SocketAddr>() {
-                    conn.execute(
-                        "UPDATE nodes SET prefix = ?2 WHERE identity = ?1",
-                        params![identity, listing_prefix(addr.ip())],
-                    )
-                    .db()?;
-                }
+            for (identity, json, sig) in rows {
+                let Ok(d) = stored_descriptor(&json, &sig).and_then(|s| s.verify_signature())
+                else {
+                    continue;
+                };
+                conn.execute(
+                    "UPDATE nodes SET prefix = ?2, link = ?3, onion = ?4 WHERE identity = ?1",
+                    params![
+                        identity,
+                        listing_prefix(d.addr.ip()),
+                        hex::encode(d.link),
+                        hex::encode(d.onion)
+                    ],
+                )
+                .db()?;
             }
         }
         conn.execute_batch(SCHEMA).db()?;
@@ -185,6 +210,8 @@ impl Store {
                     .map(from_i64)
                     .is_some_and(|p| p.saturating_add(config.reprobe_interval) >= now);
         }
+        check_public(&d, config)?;
+        check_keys(&self.conn, &d, now, config)?;
         check_prefix(&self.conn, &d, config)?;
         Ok((d, fresh))
     }
@@ -218,6 +245,8 @@ impl Store {
         if taken > 0 {
             tracing::warn!(%addr, node = %identity, "address taken back by the node proven there");
         }
+        check_public(&d, config)?;
+        check_keys(&tx, &d, now, config)?;
         check_prefix(&tx, &d, config)?;
         let existing: Option<(i64, String, String)> = tx
             .query_row(
@@ -231,9 +260,10 @@ impl Store {
         let outcome = match existing {
             None => {
                 tx.execute(
-                    "INSERT INTO nodes (identity, addr, published, descriptor, signature, first_seen, last_seen, prefix, proven_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?6)",
-                    params![identity, addr, published, signed.descriptor_json(), signature, now_i, prefix],
+                    "INSERT INTO nodes (identity, addr, published, descriptor, signature, first_seen, last_seen, prefix, proven_at, link, onion)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?6, ?8, ?9)",
+                    params![identity, addr, published, signed.descriptor_json(), signature, now_i, prefix,
+                            hex::encode(d.link), hex::encode(d.onion)],
                 ).db()?;
                 tx.execute("INSERT INTO history (identity) VALUES (?1)", [&identity])
                     .db()?;
@@ -256,9 +286,10 @@ impl Store {
                 };
                 tx.execute(
                     "UPDATE nodes SET addr = ?2, published = ?3, descriptor = ?4, signature = ?5, last_seen = ?6,
-                            prefix = ?7, proven_at = ?6
+                            prefix = ?7, proven_at = ?6, link = ?8, onion = ?9
                      WHERE identity = ?1",
-                    params![identity, addr, published, signed.descriptor_json(), signature, now_i, prefix],
+                    params![identity, addr, published, signed.descriptor_json(), signature, now_i, prefix,
+                            hex::encode(d.link), hex::encode(d.onion)],
                 ).db()?;
                 outcome
             }
@@ -311,7 +342,8 @@ impl Store {
             .conn
             .prepare(
                 "SELECT descriptor, signature FROM nodes
-                 WHERE last_seen >= ?1 AND (proven_at IS NULL OR proven_at <= ?2)",
+                 WHERE last_seen >= ?1 AND (proven_at IS NULL OR proven_at <= ?2)
+                 ORDER BY proven_at ASC, identity ASC",
             )
             .db()?;
         let rows = stmt
@@ -456,17 +488,40 @@ impl Store {
     /// reporter must be an operator-admitted key
     /// (`config.admitted_reporters`) or have drawn the node within
     /// `config.draw_window` ([`Store::record_draw`]).
+    ///
+    /// `source` is the address the report came from (`None`: a caller
+    /// inside the directory's process); at most
+    /// `config.max_reports_per_prefix` are accepted per hour from one
+    /// IPv4 /24 or IPv6 /29, and [`Store::penalties`] caps what one such
+    /// prefix can do.
     pub fn report_failure(
         &mut self,
         signed: &SignedFailureReport,
+        source: Option<IpAddr>,
         now: u64,
         config: &DirectoryConfig,
     ) -> Result<FailureOutcome> {
         let report = signed.verify(now, config.max_report_age)?;
         let identity = hex::encode(report.node);
+        let prefix = source.map(listing_prefix).unwrap_or_default();
         let tx = self.conn.transaction().db()?;
         if !node_exists(&tx, &identity)? {
             return Err(DirectoryError::UnknownNode { identity });
+        }
+        if source.is_some() {
+            let recent: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM failures WHERE prefix = ?1 AND received > ?2",
+                    params![prefix, to_i64("now", now.saturating_sub(3600))?],
+                    |r| r.get(0),
+                )
+                .db()?;
+            if from_i64(recent) >= config.max_reports_per_prefix {
+                return Err(DirectoryError::RateLimited {
+                    what: "failure reports",
+                    prefix,
+                });
+            }
         }
         if !config.admitted_reporters.contains(&report.reporter) {
             let drawn = tx
@@ -490,8 +545,8 @@ impl Store {
             }
         }
         let inserted = tx.execute(
-            "INSERT OR IGNORE INTO failures (identity, reporter, step, reason, timestamp, received, signature)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT OR IGNORE INTO failures (identity, reporter, step, reason, timestamp, received, signature, prefix)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 identity,
                 hex::encode(report.reporter),
@@ -500,6 +555,7 @@ impl Store {
                 to_i64("timestamp", report.timestamp)?,
                 to_i64("now", now)?,
                 hex::encode(signed.signature()),
+                prefix,
             ],
         ).db()?;
         if inserted == 1 {
@@ -598,16 +654,30 @@ impl Store {
         rows.map(|r| r.db()).collect()
     }
 
-    /// Each reported node's penalty (halvings of its weight): per reporter,
-    /// the sum over its two newest reports within `config.failure_window`
-    /// of `0.5 · 2^(−age / report_half_life)`, capped at [`REPORTER_CAP`];
-    /// summed over reporters and capped at [`MAX_PENALTY`]. So one
-    /// reporter can at most halve a node's weight, and a report's effect
-    /// halves every half-life and ends with the window.
+    /// Each reported node's penalty (halvings of its weight), from its
+    /// reports within `config.failure_window`, each worth
+    /// `0.5 · 2^(−age / report_half_life)`:
+    ///
+    /// * of one reporter key about one node, only its two newest reports
+    ///   count ([`REPORTER_CAP`]: at most one halving);
+    /// * of the reporters of one source prefix (the IPv4 /24 or IPv6 /29
+    ///   the reports came from) about one node, again only the two newest
+    ///   count ([`PREFIX_CAP`]: at most one halving), so many keys from one
+    ///   network weigh no more than one;
+    /// * one source prefix penalises only the [`REPORTED_PER_PREFIX`]
+    ///   nodes it reported most recently;
+    /// * summed over prefixes, capped at [`MAX_PENALTY`].
+    ///
+    /// So the reports from one /24 halve at most 4 nodes' weight at a
+    /// time, and a node reaches weight/8 only with reports from three
+    /// /24s; a report's effect halves every half-life and ends with the
+    /// window.
     pub fn penalties(&self, now: u64, config: &DirectoryConfig) -> Result<HashMap<String, f64>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT identity, reporter, received FROM failures WHERE received >= ?1")
+            .prepare(
+                "SELECT identity, reporter, prefix, received FROM failures WHERE received >= ?1",
+            )
             .db()?;
         let rows = stmt
             .query_map(
@@ -616,36 +686,90 @@ impl Store {
                     Ok((
                         r.get::<_, String>(0)?,
                         r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
                     ))
                 },
             )
             .db()?;
         let half_life = config.report_half_life.max(1) as f64;
-        // Per (node, reporter): the decayed values of its reports, of
-        // which only the two largest (the newest) count, so a flood of
-        // reports weighs no more than two and decays like them.
-        let mut per_reporter: HashMap<(String, String), Vec<f64>> = HashMap::new();
+        // Per (node, reporter): its reports, of which only the two newest
+        // count.
+        let mut per_reporter: HashMap<(String, String), Vec<Counted>> = HashMap::new();
         for row in rows {
-            let (node, reporter, received) = row.db()?;
-            let age = now.saturating_sub(from_i64(received)) as f64;
-            per_reporter
-                .entry((node, reporter))
-                .or_default()
-                .push(0.5 * (-age / half_life).exp2());
+            let (node, reporter, prefix, received) = row.db()?;
+            let received = from_i64(received);
+            let age = now.saturating_sub(received) as f64;
+            per_reporter.entry((node, reporter)).or_default().push((
+                0.5 * (-age / half_life).exp2(),
+                prefix,
+                received,
+            ));
         }
-        let per_reporter = per_reporter.into_iter().map(|(k, mut v)| {
-            v.sort_by(|a, b| b.total_cmp(a));
-            (k, v.iter().take(2).sum::<f64>())
-        });
+        // Per (node, prefix): the reports left, of which again only the
+        // two newest count.
+        let mut per_prefix: HashMap<(String, String), Vec<(f64, u64)>> = HashMap::new();
+        for ((node, _), mut reports) in per_reporter {
+            reports.sort_by(|a, b| b.0.total_cmp(&a.0));
+            for (value, prefix, received) in reports.into_iter().take(2) {
+                per_prefix
+                    .entry((node.clone(), prefix))
+                    .or_default()
+                    .push((value, received));
+            }
+        }
+        // Per prefix: only the nodes it reported most recently.
+        let mut by_prefix: HashMap<String, Vec<(u64, String, f64)>> = HashMap::new();
+        for ((node, prefix), mut reports) in per_prefix {
+            reports.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let newest = reports.iter().map(|r| r.1).max().unwrap_or(0);
+            let value: f64 = reports.iter().take(2).map(|r| r.0).sum();
+            by_prefix.entry(prefix).or_default().push((
+                newest,
+                node,
+                value.min(REPORTER_CAP).min(PREFIX_CAP),
+            ));
+        }
         let mut out: HashMap<String, f64> = HashMap::new();
-        for ((node, _), p) in per_reporter {
-            *out.entry(node).or_default() += p.min(REPORTER_CAP);
+        for (_, mut nodes) in by_prefix {
+            nodes.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+            for (_, node, value) in nodes.into_iter().take(REPORTED_PER_PREFIX) {
+                *out.entry(node).or_default() += value;
+            }
         }
         for p in out.values_mut() {
             *p = p.min(MAX_PENALTY);
         }
         Ok(out)
+    }
+
+    /// When node `identity` was last proven, if it is registered (`None`
+    /// inside: registered, never proven or unlisted by a failed probe).
+    pub fn proven_at(&self, identity: &[u8; 32]) -> Result<Option<Option<u64>>> {
+        self.conn
+            .query_row(
+                "SELECT proven_at FROM nodes WHERE identity = ?1",
+                [hex::encode(identity)],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .optional()
+            .db()
+            .map(|p| p.map(|p| p.map(from_i64)))
+    }
+
+    /// Node `identity`'s registered descriptor, if any.
+    pub fn descriptor(&self, identity: &[u8; 32]) -> Result<Option<Descriptor>> {
+        let row: Option<(String, String)> = self
+            .conn
+            .query_row(
+                "SELECT descriptor, signature FROM nodes WHERE identity = ?1",
+                [hex::encode(identity)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .db()?;
+        row.map(|(json, sig)| stored_descriptor(&json, &sig).and_then(|s| s.verify_signature()))
+            .transpose()
     }
 
     /// How many nodes are registered, live or not.
@@ -711,6 +835,10 @@ impl Store {
     }
 }
 
+/// A report as the penalty counts it: its decayed value, the prefix it
+/// came from and when it was received.
+type Counted = (f64, String, u64);
+
 fn stored_descriptor(json: &str, sig: &str) -> Result<SignedDescriptor> {
     let mut signature = [0u8; 64];
     hex::decode_to_slice(sig, &mut signature)
@@ -731,6 +859,45 @@ fn expire(conn: &Connection, now: u64, config: &DirectoryConfig) -> Result<()> {
             "{gone} nodes expired (not heard from in {} s)",
             config.expiry
         );
+    }
+    Ok(())
+}
+
+/// Refuses `d` if it names an address the directory does not probe.
+fn check_public(d: &Descriptor, config: &DirectoryConfig) -> Result<()> {
+    if config.addresses == Addresses::Local {
+        return Ok(());
+    }
+    match non_public(d.addr.ip()) {
+        Some(kind) => Err(DirectoryError::NotPublic {
+            addr: d.addr.to_string(),
+            kind,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Refuses `d` if another identity heard from within `config.expiry`
+/// registered its link or its onion key: one node's keys are listed
+/// under one identity (before, two identities with the same keys, both
+/// proven, made every designer refuse the whole view).
+fn check_keys(conn: &Connection, d: &Descriptor, now: u64, config: &DirectoryConfig) -> Result<()> {
+    let since = to_i64("now", now.saturating_sub(config.expiry))?;
+    for (what, column, key) in [("link", "link", d.link), ("onion", "onion", d.onion)] {
+        let taken = conn
+            .query_row(
+                &format!(
+                    "SELECT 1 FROM nodes WHERE {column} = ?1 AND identity != ?2 AND last_seen >= ?3"
+                ),
+                params![hex::encode(key), hex::encode(d.identity), since],
+                |_| Ok(()),
+            )
+            .optional()
+            .db()?
+            .is_some();
+        if taken {
+            return Err(DirectoryError::KeyTaken { what });
+        }
     }
     Ok(())
 }

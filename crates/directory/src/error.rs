@@ -78,6 +78,21 @@ pub enum DirectoryError {
         /// The contested address.
         addr: String,
     },
+    /// A link or onion key is registered under another identity key: one
+    /// node's keys are listed once.
+    #[error("the {what} key is registered under another identity key")]
+    KeyTaken {
+        /// "link" or "onion".
+        what: &'static str,
+    },
+    /// A descriptor names an address the directory does not probe.
+    #[error("{addr} is a {kind} address: this directory lists nodes at public addresses only")]
+    NotPublic {
+        /// The descriptor's address.
+        addr: String,
+        /// What kind of address it is.
+        kind: &'static str,
+    },
     /// A re-registration is not newer than the stored descriptor.
     #[error("descriptor published {published} is not newer than the registered one ({current})")]
     NotNewer {
@@ -118,7 +133,7 @@ pub enum DirectoryError {
     /// The address prefix already has as many listed nodes as allowed.
     #[error("{prefix} already has {limit} listed nodes (the per-prefix limit)")]
     PrefixFull {
-        /// The IPv4 /24 or IPv6 /48.
+        /// The IPv4 /24 or IPv6 /29.
         prefix: String,
         /// The limit.
         limit: usize,
@@ -139,7 +154,7 @@ pub enum DirectoryError {
     RateLimited {
         /// What was limited.
         what: &'static str,
-        /// The requester's IPv4 /24 or IPv6 /48.
+        /// The requester's IPv4 /24 or IPv6 /29.
         prefix: String,
     },
     /// Every probe slot is busy.
@@ -248,6 +263,7 @@ impl DirectoryError {
             Self::Busy { .. } => 503,
             Self::UnknownNode { .. } => 404,
             Self::AddressTaken { .. }
+            | Self::KeyTaken { .. }
             | Self::NotNewer { .. }
             | Self::Replayed { .. }
             | Self::PrefixFull { .. } => 409,
@@ -257,6 +273,7 @@ impl DirectoryError {
             | Self::WrongVersion { .. }
             | Self::ViewExpired { .. }
             | Self::ProbeFailed { .. }
+            | Self::NotPublic { .. }
             | Self::DuplicateInView { .. }
             | Self::QuorumNotMet { .. }
             | Self::NotEnoughNodes { .. } => 422,

@@ -101,7 +101,7 @@ pub use descriptor::{
     sign_descriptor, Capabilities, Descriptor, SignedDescriptor, CLOCK_SKEW_SECS, MAX_FAMILY,
     MAX_LOCATION_LEN, PROTOCOL_VERSION,
 };
-pub use diversity::{draw_prefix, listing_prefix, same_family, Diversity};
+pub use diversity::{draw_prefix, listing_prefix, non_public, same_family, Diversity};
 pub use error::{DirectoryError, Result};
 pub use history::{Counters, FailureRecord, History, NodeRecord};
 pub use keys::DirectoryKeys;
@@ -113,7 +113,10 @@ pub use report::{
     sign_failure_report, sign_heartbeat, FailureReport, Heartbeat, SignedFailureReport,
     SignedHeartbeat, MAX_REASON_LEN,
 };
-pub use select::{select, weight, Selection, MAX_PENALTY, MIN_WEIGHT, REPORTER_CAP};
+pub use select::{
+    select, weight, Selection, MAX_PENALTY, MIN_WEIGHT, PREFIX_CAP, REPORTED_PER_PREFIX,
+    REPORTER_CAP,
+};
 pub use signed::parse_key_hex;
 pub use view::{verify_quorum, NodeEntry, SignedView, VerifiedView, View, ViewNode};
 

@@ -6,7 +6,8 @@
 //! `max(MIN_WEIGHT, uptime_fraction · 0.5^penalty)`, where `penalty` is the
 //! directory's capped, decaying sum of failure reports about the node
 //! (`docs/directory-api.md`; at most [`MAX_PENALTY`], at most
-//! [`REPORTER_CAP`] from any one reporter). A node that was always up and
+//! [`REPORTER_CAP`] from any one reporter and [`PREFIX_CAP`] from any one
+//! source /24, which penalises at most [`REPORTED_PER_PREFIX`] nodes). A node that was always up and
 //! never reported is weight 1. The floor [`MIN_WEIGHT`] keeps every
 //! eligible node possible, and the caps keep reports from pushing an
 //! honest node down: one reporter can at most halve a node's weight, all
@@ -43,6 +44,17 @@ pub const MAX_PENALTY: f64 = 3.0;
 /// The largest penalty one reporter's reports about one node add up to
 /// (halvings): one reporter can at most halve a node's weight.
 pub const REPORTER_CAP: f64 = 1.0;
+
+/// The largest penalty the reports from one source prefix (an IPv4 /24 or
+/// IPv6 /29, whatever keys sent them) add up to about one node: reporters
+/// of one network can at most halve a node's weight.
+pub const PREFIX_CAP: f64 = 1.0;
+
+/// How many nodes the reports from one source prefix penalise at a time
+/// (those it reported most recently): with [`PREFIX_CAP`], the reports
+/// from one /24 take at most `REPORTED_PER_PREFIX / 2` nodes' worth of
+/// weight off the view.
+pub const REPORTED_PER_PREFIX: usize = 4;
 
 /// The selection weight for a node with this uptime and this report
 /// penalty (see the module docs); `penalty` is clamped to

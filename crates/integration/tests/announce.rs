@@ -121,6 +121,7 @@ fn registers_heartbeats_and_stops_on_request() {
         // Every test node is on 127.0.0.1 (local testing only).
         DirectoryConfig {
             allow_same_subnet: true,
+            addresses: mixnn_directory_server::Addresses::Local,
             ..DirectoryConfig::default()
         },
     );
@@ -203,6 +204,7 @@ fn cover_setup(
         // Every test node is on 127.0.0.1 (local testing only).
         DirectoryConfig {
             allow_same_subnet: true,
+            addresses: mixnn_directory_server::Addresses::Local,
             ..DirectoryConfig::default()
         },
     );
@@ -311,6 +313,7 @@ fn forgotten_node_registers_again() {
             // Every test node is on 127.0.0.1 (local testing only).
             DirectoryConfig {
                 allow_same_subnet: true,
+                addresses: mixnn_directory_server::Addresses::Local,
                 ..DirectoryConfig::default()
             },
         )

@@ -97,3 +97,47 @@ fn dummy_hops_anywhere_change_nothing() {
     run_both_with(false, false, 4, 1, &[0, 3, 7]);
     run_both_with(true, false, 2, 2, &[1, 5]);
 }
+
+/// Size classes with checkpoints and audits: a hop answers a session with
+/// at most 4 × the cells the session sent it (plus 16 inits), so the
+/// designer pads its fetch and audit requests to the class of their
+/// answers; the run stays identical to the local one.
+#[test]
+fn cascade_with_size_classes_checkpoints_and_audits_equals_local() {
+    let model = ModelSpec::parse(PAPER, "paper").unwrap();
+    let train = dataset(700, 1);
+    let test = dataset(300, 2);
+    let cfg = TrainConfig {
+        epochs: 2,
+        batch: 64,
+        optimizer: Optimizer::default(),
+        seed: mixnn_model::seed::RunSeed::from_number(78),
+        micro_batches: 1,
+    };
+    let mut local = LocalModel::new(&model, &cfg.seed, cfg.optimizer);
+    let (lm, lw) = run_training(&mut local, &model, &train, &test, &cfg, &mut Quiet).unwrap();
+    let hops: Vec<HopInfo> = (0..5).map(|i| start_node(120 + i as u64)).collect();
+    let opts = CascadeOptions {
+        padding: mixnn_designer::Padding::Classes,
+        audit_rate: mixnn_designer::AuditRate::new(0.3),
+        audit_seed: Some(5),
+        timeout: Duration::from_secs(20),
+        ..CascadeOptions::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoints = mixnn_designer::Checkpoints {
+        dir: Some(mixnn_designer::checkpoint::CheckpointDir::open(dir.path(), 3).unwrap()),
+        every: std::num::NonZeroU64::new(3),
+    };
+    let mut cascade = CascadeRunner::builder(&model, &cfg, hops)
+        .options(opts)
+        .checkpoints(checkpoints)
+        .connect()
+        .unwrap();
+    let (cm, cw) = run_training(&mut cascade, &model, &train, &test, &cfg, &mut Quiet).unwrap();
+    assert_eq!(lm.weights_sha256, cm.weights_sha256);
+    assert!(lw == cw, "weights files differ");
+    assert!(cascade.audit_stats().audits > 0);
+    assert!(cascade.checkpoint_times().len() >= 4);
+    assert!(cascade.recoveries().is_empty());
+}

@@ -242,6 +242,19 @@ impl PendingLink {
         self.peer
     }
 
+    /// Completes once the peer has sent something (or closed): a client
+    /// that connects and stays silent can be told from one that started
+    /// its handshake.
+    pub async fn readable(&self) -> Result<(), NetError> {
+        self.stream
+            .readable()
+            .await
+            .map_err(|source| NetError::LinkIo {
+                peer: self.peer,
+                source,
+            })
+    }
+
     /// Runs the responder side of the handshake, bounded by the configured
     /// timeout. Any error concerns this connection only. The caller decides
     /// whether [`Link::remote_key`] is allowed to talk to it. A directory

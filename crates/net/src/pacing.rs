@@ -16,7 +16,6 @@
 //! designer paces its links into the cascade
 //! (`mixnn train --cascade … --link-rate R`).
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -166,30 +165,74 @@ impl LinkPace {
 
 /// What one tick of a paced link sends.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Paced {
+pub enum Paced<T = Vec<u8>> {
     /// The oldest queued message.
-    Real(Vec<u8>),
+    Real(T),
     /// A cover message (no real message was queued).
     Cover(Vec<u8>),
 }
 
-impl Paced {
+impl<T: AsRef<[u8]>> Paced<T> {
     /// The cells to write.
     pub fn cells(&self) -> &[u8] {
         match self {
-            Paced::Real(c) | Paced::Cover(c) => c,
+            Paced::Real(c) => c.as_ref(),
+            Paced::Cover(c) => c,
         }
     }
 }
 
+/// What [`PacedQueue::take`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Taken<T> {
+    /// The oldest queued message.
+    Item(T),
+    /// Nothing queued now.
+    Empty,
+    /// Nothing queued, and nothing will be: the link is done.
+    Closed,
+}
+
+/// Where a paced link takes its messages from, one per tick: a channel,
+/// or a queue its owner can also trim (a node sheds a session's queued
+/// messages when its memory budget is reached).
+pub trait PacedQueue {
+    /// A message: whole cells.
+    type Item: AsRef<[u8]>;
+    /// Takes the oldest queued message.
+    fn take(&mut self) -> Taken<Self::Item>;
+    /// Messages queued.
+    fn len(&self) -> usize;
+    /// Whether none is queued.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl PacedQueue for mpsc::UnboundedReceiver<Vec<u8>> {
+    type Item = Vec<u8>;
+
+    fn take(&mut self) -> Taken<Vec<u8>> {
+        match self.try_recv() {
+            Ok(cells) => Taken::Item(cells),
+            Err(mpsc::error::TryRecvError::Empty) => Taken::Empty,
+            Err(mpsc::error::TryRecvError::Disconnected) => Taken::Closed,
+        }
+    }
+
+    fn len(&self) -> usize {
+        mpsc::UnboundedReceiver::len(self)
+    }
+}
+
 /// The schedule of one paced link: call [`Pacer::next`] and write what it
-/// returns, in a loop.
-pub struct Pacer {
+/// returns, in a loop. Messages stay in their [`PacedQueue`] until their
+/// tick.
+pub struct Pacer<Q: PacedQueue = mpsc::UnboundedReceiver<Vec<u8>>> {
     addr: SocketAddr,
     interval: Interval,
     jitter: f64,
-    rx: mpsc::UnboundedReceiver<Vec<u8>>,
-    queue: VecDeque<Vec<u8>>,
+    rx: Q,
     closed: bool,
     bound: usize,
     overloaded: bool,
@@ -202,16 +245,11 @@ pub struct Pacer {
     reals: u64,
 }
 
-impl Pacer {
+impl<Q: PacedQueue> Pacer<Q> {
     /// Paces the messages from `rx` (whole messages, in order) on the link
     /// to `addr` as `pace` says; the first tick is now. `seed` seeds the
     /// offsets and the cover content.
-    pub fn new(
-        addr: SocketAddr,
-        pace: LinkPace,
-        rx: mpsc::UnboundedReceiver<Vec<u8>>,
-        seed: [u8; 32],
-    ) -> Pacer {
+    pub fn new(addr: SocketAddr, pace: LinkPace, rx: Q, seed: [u8; 32]) -> Pacer<Q> {
         let mut interval = tokio::time::interval(pace.period);
         // What a late tick does (the runtime was busy, or the previous
         // write blocked on a full socket) decides the gaps the observer
@@ -234,7 +272,6 @@ impl Pacer {
             interval,
             jitter: pace.jitter,
             rx,
-            queue: VecDeque::new(),
             closed: false,
             bound: pace.bound,
             overloaded: false,
@@ -249,16 +286,16 @@ impl Pacer {
     /// Waits for the next tick and returns the message to send on it;
     /// `None` once the sender side has closed and every queued message
     /// has been returned.
-    pub async fn next(&mut self) -> Option<Paced> {
+    pub async fn next(&mut self) -> Option<Paced<Q::Item>> {
         loop {
             self.make_spare();
-            if self.closed && self.queue.is_empty() {
+            if self.closed {
                 return None;
             }
             self.interval.tick().await;
             self.offset().await;
-            self.drain();
-            if let Some(cells) = self.queue.pop_front() {
+            self.check_bound();
+            if let Some(cells) = self.take() {
                 self.reals += 1;
                 return Some(Paced::Real(cells));
             }
@@ -288,7 +325,7 @@ impl Pacer {
 
     /// Real messages still queued (not yet returned by [`Pacer::next`]).
     pub fn queued(&self) -> usize {
-        self.queue.len() + self.rx.len()
+        self.rx.len()
     }
 
     /// Whether the queue has ever been past its bound.
@@ -301,30 +338,33 @@ impl Pacer {
         (self.reals, self.covers)
     }
 
-    /// Moves what has arrived on the channel into the queue, recording
-    /// each message's cell count, and checks the bound.
-    fn drain(&mut self) {
-        loop {
-            match self.rx.try_recv() {
-                Ok(cells) => {
-                    self.counts.record(cells.len() / CELL_SIZE);
-                    self.queue.push_back(cells);
-                }
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    self.closed = true;
-                    break;
-                }
+    /// The oldest queued message, recording its cell count; marks the
+    /// link done when its queue has closed.
+    fn take(&mut self) -> Option<Q::Item> {
+        match self.rx.take() {
+            Taken::Item(cells) => {
+                self.counts.record(cells.as_ref().len() / CELL_SIZE);
+                Some(cells)
+            }
+            Taken::Empty => None,
+            Taken::Closed => {
+                self.closed = true;
+                None
             }
         }
-        if self.queue.len() > self.bound && !self.overloaded {
+    }
+
+    /// Logs (once) a queue past its bound.
+    fn check_bound(&mut self) {
+        let queued = self.rx.len();
+        if queued > self.bound && !self.overloaded {
             self.overloaded = true;
             tracing::error!(
                 "link to {}: {} messages queued, more than {}: the traffic wants more than \
                  the link rate of {:.1} messages/s; every message is still sent, in order, \
                  late (raise --link-rate)",
                 crate::alias::peer(&self.addr),
-                self.queue.len(),
+                queued,
                 self.bound,
                 1.0 / self.interval.period().as_secs_f64(),
             );

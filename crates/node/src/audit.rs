@@ -134,6 +134,36 @@ impl Auditor {
         }
     }
 
+    /// Forgets the forwards of steps before `step`: their backward can no
+    /// longer come, and each would pin the state it ran on (before, an
+    /// audited session that sent forwards without their backward pinned up
+    /// to 64 states while the budget counted 17).
+    pub(crate) fn drop_forwards_before(&mut self, step: u64) {
+        self.forwards.retain(|_, k| k.opening.step >= step);
+    }
+
+    /// Bytes of the tensors it keeps (forwards waiting for their backward,
+    /// openings, the opening last encoded); the states they start from are
+    /// counted in the session's weight (`2 + KEPT` states: the live stage,
+    /// its state now and the one before each kept step).
+    pub(crate) fn bytes(&self) -> u64 {
+        let fwd: usize = self
+            .forwards
+            .values()
+            .map(|k| k.opening.x.len() + k.opening.y.len())
+            .sum();
+        let kept: usize = self
+            .openings
+            .iter()
+            .map(|k| {
+                let o = &k.opening;
+                o.x.len() + o.y.len() + o.g_in.len() + o.g_out.len()
+            })
+            .sum();
+        let encoded = self.encoded.as_ref().map_or(0, |(_, b)| b.len());
+        (fwd + kept + encoded) as u64
+    }
+
     /// The stage's state changed outside a step (a test adversary): what
     /// the next forward runs on, and commits to, is the stage as it is now.
     #[cfg(feature = "adversary")]

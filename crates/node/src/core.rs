@@ -25,6 +25,7 @@ use rand_core::{RngCore, SeedableRng};
 use crate::error::NodeError;
 pub use crate::limits::Limits;
 use crate::limits::{answer_bytes, fits_input, forward_bytes};
+use crate::memory::Memory;
 use crate::routes::Routes;
 #[cfg(not(feature = "adversary"))]
 use crate::session::NoAdversary;
@@ -54,6 +55,25 @@ pub struct Outbound {
     pub expect: [u8; 32],
     /// Whole cells.
     pub cells: Vec<u8>,
+    /// The session it is for (`None`: cover): its bytes are charged to it
+    /// while queued ([`crate::memory`]).
+    pub session: Option<SessionId>,
+    /// Whether it counts for the link's cover size: the destination has
+    /// itself sent a message of the session, so the session really uses
+    /// that link ([`crate::cover::LinkSizes`]).
+    pub sizes_cover: bool,
+}
+
+/// What the first cell of a message says the rest will cost, once the core
+/// has looked at it ([`Core::admit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admitted {
+    /// An init: its body must be empty, so nothing of the rest is kept.
+    Init,
+    /// A message of this session, whose body the node keeps.
+    Session(SessionId),
+    /// Cover: nothing of it is kept.
+    Cover,
 }
 
 /// A node's state: its onion key, sessions and stages.
@@ -66,6 +86,9 @@ pub struct Core {
     sessions: HashMap<SessionId, NodeSession>,
     rng: ChaCha8Rng,
     limits: Limits,
+    /// The node's memory budget: the core reports what its sessions hold
+    /// and checks what a message would add against what is left.
+    memory: std::sync::Arc<Memory>,
     learned: BTreeSet<SocketAddr>,
     #[cfg(feature = "adversary")]
     adversary: Option<crate::audit::Adversary>,
@@ -91,6 +114,7 @@ impl Core {
             table: SessionTable::new(),
             sessions: HashMap::new(),
             rng: ChaCha8Rng::from_seed(seed),
+            memory: Memory::for_budget(limits.max_memory),
             limits,
             learned: BTreeSet::new(),
             #[cfg(feature = "adversary")]
@@ -99,6 +123,82 @@ impl Core {
             record: None,
             #[cfg(test)]
             panic_on: None,
+        }
+    }
+
+    /// Shares `memory` with the I/O layer: the core reports what its
+    /// sessions hold there, and refuses what would not fit beside what the
+    /// I/O layer has queued.
+    pub fn set_memory(&mut self, memory: std::sync::Arc<Memory>) {
+        self.memory = memory;
+        self.report();
+    }
+
+    /// The node's memory budget.
+    pub fn memory(&self) -> &std::sync::Arc<Memory> {
+        &self.memory
+    }
+
+    /// Bytes all sessions hold, everything counted
+    /// ([`crate::memory`]).
+    pub fn footprint(&self) -> u64 {
+        self.sessions
+            .values()
+            .map(NodeSession::footprint)
+            .fold(0, u64::saturating_add)
+    }
+
+    fn report(&self) {
+        self.memory.set_core(self.footprint());
+    }
+
+    /// Sheds session `id` (the I/O layer's out-of-memory handler: it holds
+    /// the oldest queued data); returns whether there was one.
+    pub fn shed(&mut self, id: &SessionId) -> bool {
+        let had = self.sessions.contains_key(id);
+        self.drop_session(id);
+        self.report();
+        had
+    }
+
+    /// Looks at the first cell of a message before the rest is read: a
+    /// session message must name a session this node has, come over a link
+    /// of one of its neighbours and have the cell count its padding says,
+    /// and an init must have no body. Nothing is peeled or changed.
+    pub fn admit(
+        &self,
+        from: &[u8; 32],
+        kind: CellKind,
+        header: &mixnn_wire::Header,
+        cells: usize,
+        body_len: usize,
+    ) -> Result<Admitted, NodeError> {
+        match kind {
+            CellKind::Init => {
+                if body_len != 0 {
+                    return Err(NodeError::Refused("an init with a body".into()));
+                }
+                Ok(Admitted::Init)
+            }
+            CellKind::Session => {
+                let id = self
+                    .table
+                    .session_of(header)
+                    .ok_or_else(|| NodeError::UnknownSession("no session has this token".into()))?;
+                let session = self
+                    .sessions
+                    .get(&id)
+                    .ok_or_else(|| NodeError::UnknownSession(short(&id.0)))?;
+                if !session.routes.is_neighbour(from) {
+                    return Err(NodeError::UnknownPeer {
+                        session: short(&id.0),
+                        peer: short(from),
+                    });
+                }
+                session.policy.check(cells, body_len)?;
+                Ok(Admitted::Session(id))
+            }
+            _ => Ok(Admitted::Cover),
         }
     }
 
@@ -118,6 +218,9 @@ impl Core {
         }
         self.init_seen
             .forget_before(now.unix.saturating_sub(self.limits.init_window.as_secs()));
+        if !old.is_empty() {
+            self.report();
+        }
         old.len()
     }
 
@@ -155,6 +258,46 @@ impl Core {
                 l.max_node_bytes
             )));
         }
+        self.check_memory(more)
+    }
+
+    /// Refuses to take `more` bytes past the node's memory budget (what
+    /// the sessions hold now, as counted, and what is queued and read).
+    fn check_memory(&self, more: u64) -> Result<(), NodeError> {
+        self.check_memory_within(more, self.memory.core_limit())
+    }
+
+    /// [`Core::check_memory`] for a new session's state: the sessions set
+    /// up may take only three quarters of the sessions' share, so that
+    /// those running always have room for what a step makes them hold
+    /// (caches, parked messages, gradients) and are never refused for it
+    /// because new sessions took the rest.
+    pub(crate) fn check_memory_for_session(&self, more: u64) -> Result<(), NodeError> {
+        let share = self.memory.core_limit();
+        self.check_memory_within(more, share - share / 4)
+    }
+
+    fn check_memory_within(&self, more: u64, core_limit: u64) -> Result<(), NodeError> {
+        let core = self.footprint();
+        let used = core.saturating_add(self.memory.io());
+        let over = |used: u64, limit: u64| {
+            NodeError::Limit(
+                crate::memory::Over {
+                    asked: more,
+                    used,
+                    limit,
+                }
+                .to_string(),
+            )
+        };
+        // The sessions' state within its share, and everything within the
+        // budget.
+        if core.saturating_add(more) > core_limit {
+            return Err(over(core, core_limit));
+        }
+        if used.saturating_add(more) > self.memory.limit() {
+            return Err(over(used, self.memory.limit()));
+        }
         Ok(())
     }
 
@@ -187,6 +330,15 @@ impl Core {
         &self.learned
     }
 
+    /// The link keys the live sessions name (neighbours and designers):
+    /// links with them are not given up for new ones.
+    pub fn session_keys(&self) -> std::collections::HashSet<[u8; 32]> {
+        self.sessions
+            .values()
+            .flat_map(|s| s.routes.keys())
+            .collect()
+    }
+
     /// Sessions currently set up.
     pub fn sessions(&self) -> usize {
         self.sessions.len()
@@ -195,6 +347,17 @@ impl Core {
     /// Handles one message that arrived over a link with key `from` at
     /// time `now`.
     pub fn handle(
+        &mut self,
+        from: [u8; 32],
+        msg: Message,
+        now: Now,
+    ) -> Result<Vec<Outbound>, NodeError> {
+        let out = self.handle_kind(from, msg, now);
+        self.report();
+        out
+    }
+
+    fn handle_kind(
         &mut self,
         from: [u8; 32],
         msg: Message,
@@ -217,20 +380,15 @@ impl Core {
         }
     }
 
+    /// The cells of a delivery to the designer with reply id `reply_id`.
     fn reply(
         &mut self,
-        addr: SocketAddr,
-        expect: [u8; 32],
         reply_id: ReplyId,
         body: &[u8],
         policy: &PaddingPolicy,
-    ) -> Result<Outbound, NodeError> {
+    ) -> Result<Vec<u8>, NodeError> {
         let onion = Onion::reply(reply_id, &mut self.rng);
-        Ok(Outbound {
-            addr,
-            expect,
-            cells: encode_cells(CellKind::Session, &onion, body, policy)?,
-        })
+        Ok(encode_cells(CellKind::Session, &onion, body, policy)?)
     }
 
     fn handle_session(
@@ -262,6 +420,7 @@ impl Core {
         debug_assert_eq!(peeled_id, id);
         let s = self.session_mut(id)?;
         s.last_active = now.mono;
+        s.heard_from(from, msg.cells);
         // Where the result would go is checked before any work on it.
         destination(&s.routes, &peeled)?;
         let op = peeled.op();
@@ -395,9 +554,14 @@ impl Core {
             panic!("stage code panicked (test)");
         }
         let op = peeled.op();
+        // An answer is paid for before it is computed: the session must be
+        // able to afford the largest message its padding allows.
+        let s = self.session_mut(id)?;
+        let largest = s.policy.cells_for(s.policy.max_body())?;
+        s.affords(largest)?;
         // Forward and backward bodies end with the commitment trailer
         // when the session is audited.
-        let audited = self.session_mut(id)?.auditor.is_some();
+        let audited = s.auditor.is_some();
         let trailed = audited && matches!(op, Op::Forward | Op::Backward);
         let (body, trailer) = if trailed {
             let (p, t) = mixnn_proto::audit::split(&body)?;
@@ -661,16 +825,25 @@ impl Core {
     ) -> Result<Outbound, NodeError> {
         let s = self.session_mut(id)?;
         let (policy, expect) = (s.policy, destination(&s.routes, peeled)?);
-        let o = match peeled {
-            Peeled::Forward(f) => Outbound {
-                addr: f.next.0,
-                expect,
-                cells: encode_cells(CellKind::Session, &f.onion, body, &policy)?,
-            },
-            Peeled::Deliver(d) => self.reply(d.addr.0, expect, d.reply_id, body, &policy)?,
+        // What it may send is checked before the message is built.
+        let cells = policy.cells_for(body.len())?;
+        s.spend(cells)?;
+        let sizes_cover = s.heard.contains(&expect);
+        let (addr, cells) = match peeled {
+            Peeled::Forward(f) => (
+                f.next.0,
+                encode_cells(CellKind::Session, &f.onion, body, &policy)?,
+            ),
+            Peeled::Deliver(d) => (d.addr.0, self.reply(d.reply_id, body, &policy)?),
         };
-        self.learned.insert(o.addr);
-        Ok(o)
+        self.learned.insert(addr);
+        Ok(Outbound {
+            addr,
+            expect,
+            cells,
+            session: Some(id),
+            sizes_cover,
+        })
     }
 }
 

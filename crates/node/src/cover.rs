@@ -4,9 +4,11 @@
 //! A cover message must look like a data message to a link observer: it is
 //! [`CellKind::Cover`](mixnn_wire::CellKind::Cover) (inside the link
 //! encryption), of the cell count that *this link's* real messages have
-//! most often ([`LinkSizes`]): a link is one (address, link key) pair, and
-//! what the node sends on other links (another designer's sessions, with
-//! messages of another size) never changes the size of cover on this one.
+//! most often, recently ([`LinkSizes`]): a link is one (address, link key)
+//! pair, and what the node sends on other links (another designer's
+//! sessions, with messages of another size) never changes the size of
+//! cover on this one; nor do messages of sessions whose peer on this link
+//! has never sent a message of them (a client naming the link's peer).
 //! A link that has carried no real message yet gets the cell count the node
 //! sends most often over all links. A node sends no cover before it has
 //! sent one real message, so that no cover message is of a size no cascade
@@ -30,6 +32,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use mixnn_directory::VerifiedView;
 pub use mixnn_net::pacing::{cover_message, poisson_gap, CellCounts, Rate};
@@ -109,8 +112,16 @@ pub fn peers_from_view(view: &VerifiedView, me: &[u8; 32], my_link: &[u8; 32]) -
 /// link is the last to go).
 pub const MAX_LINKS_SIZED: usize = 4096;
 
+/// A message's weight in the counts halves every this long, so what a link
+/// carried long ago (an attacker's burst) stops deciding its cover size.
+pub const SIZE_HALF_LIFE: Duration = Duration::from_secs(60);
+
 /// The cell counts of the real messages a node has sent, per link (an
-/// address and the link key it was sent to) and over all links.
+/// address and the link key it was sent to) and over all links. Only
+/// messages of sessions the link's peer has itself sent a message of are
+/// recorded ([`crate::core::Outbound::sizes_cover`]): a client that names
+/// a victim link's peer as its session's next hop, which that peer never
+/// answers, cannot set the cover size of that link.
 #[derive(Debug, Default)]
 pub struct LinkSizes {
     inner: Mutex<Sizes>,
@@ -122,17 +133,44 @@ struct Sizes {
     all: Counts,
 }
 
-/// Messages per cell count, and how many in all.
+/// Messages per cell count, and how many in all, each weighing
+/// `0.5^(age / SIZE_HALF_LIFE)`.
 #[derive(Debug, Default)]
 struct Counts {
-    by_cells: BTreeMap<usize, u64>,
-    total: u64,
+    by_cells: BTreeMap<usize, f64>,
+    total: f64,
+    at: Option<Instant>,
 }
 
 impl Counts {
-    fn record(&mut self, cells: usize) {
-        *self.by_cells.entry(cells).or_insert(0) += 1;
-        self.total += 1;
+    /// Brings the weights to `now`.
+    fn decay(&mut self, now: Instant) {
+        if let Some(at) = self.at {
+            let age = now.saturating_duration_since(at);
+            if !age.is_zero() {
+                let f = 0.5f64.powf(age.as_secs_f64() / SIZE_HALF_LIFE.as_secs_f64());
+                for w in self.by_cells.values_mut() {
+                    *w *= f;
+                }
+                self.by_cells.retain(|_, w| *w > 1e-9);
+                self.total *= f;
+            }
+        }
+        self.at = Some(self.at.map_or(now, |at| at.max(now)));
+    }
+
+    fn record(&mut self, cells: usize, now: Instant) {
+        self.decay(now);
+        *self.by_cells.entry(cells).or_insert(0.0) += 1.0;
+        self.total += 1.0;
+    }
+
+    /// The total weight as of `now`, without changing anything.
+    fn weight(&self, now: Instant) -> f64 {
+        let age = self
+            .at
+            .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
+        self.total * 0.5f64.powf(age.as_secs_f64() / SIZE_HALF_LIFE.as_secs_f64())
     }
 
     /// The most common count; ties go to the larger count of cells. 0
@@ -140,38 +178,47 @@ impl Counts {
     fn mode(&self) -> usize {
         self.by_cells
             .iter()
-            .max_by_key(|(c, n)| (**n, **c))
+            .max_by(|a, b| a.1.total_cmp(b.1).then(a.0.cmp(b.0)))
             .map_or(0, |(c, _)| *c)
     }
 }
 
 impl LinkSizes {
-    /// Records one real message of `cells` cells sent on `link`.
-    pub fn record(&self, link: CoverPeer, cells: usize) {
+    /// Records one real message of `cells` cells sent on `link` at `now`.
+    pub fn record(&self, link: CoverPeer, cells: usize, now: Instant) {
         let Ok(mut s) = self.inner.lock() else {
             return;
         };
         if !s.links.contains_key(&link) && s.links.len() >= MAX_LINKS_SIZED {
-            let fewest = s.links.iter().min_by_key(|(_, c)| c.total).map(|(l, _)| *l);
+            let fewest = s
+                .links
+                .iter()
+                .min_by(|a, b| a.1.weight(now).total_cmp(&b.1.weight(now)))
+                .map(|(l, _)| *l);
             if let Some(l) = fewest {
                 s.links.remove(&l);
             }
         }
-        s.links.entry(link).or_default().record(cells);
-        s.all.record(cells);
+        s.links.entry(link).or_default().record(cells, now);
+        s.all.record(cells, now);
     }
 
-    /// The cell count of a cover message on `link`: the most common count
-    /// of that link's own real messages; for a link without any, the most
-    /// common over all links; 0 before any real message.
-    pub fn cover_cells(&self, link: &CoverPeer) -> usize {
-        let Ok(s) = self.inner.lock() else {
+    /// The cell count of a cover message on `link` at `now`: the most
+    /// common count of that link's own recent real messages; for a link
+    /// without any, the most common over all links; 0 before any real
+    /// message.
+    pub fn cover_cells(&self, link: &CoverPeer, now: Instant) -> usize {
+        let Ok(mut s) = self.inner.lock() else {
             return 0;
         };
-        match s.links.get(link) {
-            Some(c) if c.total > 0 => c.mode(),
-            _ => s.all.mode(),
+        if let Some(c) = s.links.get_mut(link) {
+            c.decay(now);
+            if c.total > 1e-9 {
+                return c.mode();
+            }
         }
+        s.all.decay(now);
+        s.all.mode()
     }
 
     /// Links with sizes recorded.
@@ -201,7 +248,7 @@ pub(crate) async fn cover_loop(
         let Some((addr, expect)) = peers.pick(&mut rng) else {
             continue;
         };
-        let cells = sizes.cover_cells(&(addr, expect));
+        let cells = sizes.cover_cells(&(addr, expect), Instant::now());
         if cells == 0 {
             continue;
         }
@@ -214,6 +261,8 @@ pub(crate) async fn cover_loop(
                 addr,
                 expect,
                 cells,
+                session: None,
+                sizes_cover: false,
             })
             .is_err()
         {
@@ -227,8 +276,6 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-
-    use std::time::Duration;
 
     use mixnn_directory::ed25519_dalek::SigningKey;
     use mixnn_directory::{sign_descriptor, Capabilities, Descriptor, ViewNode, PROTOCOL_VERSION};
@@ -341,7 +388,7 @@ mod tests {
     async fn the_cover_loop_follows_a_changing_list() {
         let (peers_tx, peers_rx) = watch::channel(Vec::new());
         let sizes = Arc::new(LinkSizes::default());
-        sizes.record(peer(9), 2);
+        sizes.record(peer(9), 2, Instant::now());
         let (tx, mut rx) = mpsc::unbounded_channel();
         let cover = tokio::spawn(cover_loop(
             Rate::new(1_000.0),
@@ -407,11 +454,12 @@ mod tests {
     async fn another_links_traffic_does_not_change_a_links_cover_size() {
         let (victim, attacker, idle) = (peer(1), peer(2), peer(3));
         let sizes = Arc::new(LinkSizes::default());
+        let now = Instant::now();
         for _ in 0..10 {
-            sizes.record(victim, 3);
+            sizes.record(victim, 3, now);
         }
         for _ in 0..50 {
-            sizes.record(attacker, 1);
+            sizes.record(attacker, 1, now);
         }
         let got = cover_cells(Arc::clone(&sizes), vec![victim], 40).await;
         assert_eq!(got[&victim], vec![3; 40], "cover on the victim link");
@@ -423,41 +471,60 @@ mod tests {
         assert!(got[&idle].iter().all(|c| *c == 1), "{got:?}");
         // Even a flood of the attacker's messages later leaves it alone.
         for _ in 0..10_000 {
-            sizes.record(attacker, 1);
+            sizes.record(attacker, 1, now);
         }
-        assert_eq!(sizes.cover_cells(&victim), 3);
+        assert_eq!(sizes.cover_cells(&victim, now), 3);
+    }
+
+    /// Counts decay: a link that carried a burst of one size long ago
+    /// takes the size of what it carries now.
+    #[test]
+    fn old_traffic_stops_deciding_a_links_cover_size() {
+        let s = LinkSizes::default();
+        let t0 = Instant::now();
+        for _ in 0..1000 {
+            s.record(peer(1), 1, t0);
+        }
+        assert_eq!(s.cover_cells(&peer(1), t0), 1);
+        // Twelve half-lives later the burst weighs 1000 / 4096 messages.
+        let later = t0 + SIZE_HALF_LIFE * 12;
+        for _ in 0..3 {
+            s.record(peer(1), 3, later);
+        }
+        assert_eq!(s.cover_cells(&peer(1), later), 3);
     }
 
     #[test]
     fn link_sizes_take_each_links_mode_and_stay_bounded() {
         let s = LinkSizes::default();
-        assert_eq!(s.cover_cells(&peer(1)), 0, "nothing sent yet: no cover");
-        s.record(peer(1), 4);
-        s.record(peer(1), 1);
-        s.record(peer(1), 4);
-        assert_eq!(s.cover_cells(&peer(1)), 4);
+        let t = Instant::now();
+        assert_eq!(s.cover_cells(&peer(1), t), 0, "nothing sent yet: no cover");
+        s.record(peer(1), 4, t);
+        s.record(peer(1), 1, t);
+        s.record(peer(1), 4, t);
+        assert_eq!(s.cover_cells(&peer(1), t), 4);
         // Ties go to the larger count; an unknown link takes the node's.
-        s.record(peer(2), 2);
-        s.record(peer(2), 5);
-        assert_eq!(s.cover_cells(&peer(2)), 5);
-        assert_eq!(s.cover_cells(&peer(3)), 4);
+        s.record(peer(2), 2, t);
+        s.record(peer(2), 5, t);
+        assert_eq!(s.cover_cells(&peer(2), t), 5);
+        assert_eq!(s.cover_cells(&peer(3), t), 4);
         // The same address with another link key is another link.
         let other_key: CoverPeer = (peer(1).0, [9; 32]);
-        s.record(other_key, 7);
-        assert_eq!(s.cover_cells(&other_key), 7);
-        assert_eq!(s.cover_cells(&peer(1)), 4);
+        s.record(other_key, 7, t);
+        assert_eq!(s.cover_cells(&other_key, t), 7);
+        assert_eq!(s.cover_cells(&peer(1), t), 4);
         // Many made-up links: bounded, and the busy link stays.
         for _ in 0..100 {
-            s.record(peer(1), 4);
+            s.record(peer(1), 4, t);
         }
         for i in 0..(MAX_LINKS_SIZED as u32 + 500) {
             let link: CoverPeer = (
                 SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 1)),
                 [0xee; 32],
             );
-            s.record(link, 1);
+            s.record(link, 1, t);
         }
         assert_eq!(s.links(), MAX_LINKS_SIZED);
-        assert_eq!(s.cover_cells(&peer(1)), 4);
+        assert_eq!(s.cover_cells(&peer(1), t), 4);
     }
 }

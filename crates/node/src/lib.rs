@@ -2,7 +2,7 @@
 //! onion layer, runs its stage and sends the result on.
 //!
 //! ```text
-//!  links ──► reader tasks (decrypt, peel, compute) ──► egress task ──► writer tasks ──► links
+//!  door ──► reader tasks (first cell: admit; read, decrypt, peel, compute) ──► link queues ──► writer tasks ──► links
 //! ```
 //!
 //! The [`core::Core`] state machine owns the onion key, the sessions and the
@@ -19,11 +19,18 @@
 //!
 //! A node is bounded ([`Limits`], `SECURITY.md` "Node limits"): the core
 //! checks every init and message against its limits before it spends
-//! anything on it; a message that makes the stage code panic fails alone
-//! (the session it was for is dropped, the node goes on); idle sessions
-//! expire (the I/O layer ticks the core's [`Core::expire`] every second);
-//! links that stay silent for [`NodeConfig::link_idle`] are closed; and the
-//! replay tags of accepted inits are kept in the state directory
+//! anything on it; one memory budget ([`memory`]) covers the sessions, the
+//! messages being read (charged from their first cell, which the core
+//! looks at before the rest is read: [`Core::admit`]) and the messages
+//! queued for links ([`egress`]); when it is reached the session holding
+//! the oldest queued data is shed, never the node; writes that do not
+//! drain close their link; connections that never authenticate, or never
+//! deliver a whole accepted message, have slots of their own ([`door`]);
+//! a message that makes the stage code panic fails alone (the session it
+//! was for is dropped, the node goes on); idle sessions expire (the I/O
+//! layer ticks the core's [`Core::expire`] every second); links that stay
+//! silent for [`NodeConfig::link_idle`] are closed; and the replay tags of
+//! accepted inits are kept in the state directory
 //! ([`NodeConfig::replay_file`]), so an init recorded before a restart is
 //! refused after it.
 
@@ -31,14 +38,17 @@ pub mod announce;
 pub mod audit;
 pub mod core;
 pub mod cover;
+pub mod door;
+mod egress;
 mod error;
+mod ingress;
 pub mod limits;
+pub mod memory;
 mod replay_file;
 mod routes;
 mod session;
 pub use mixnn_net::pacing;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -46,25 +56,30 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use mixnn_net::{
-    alias, recv_message, Link, LinkConfig, LinkKeypair, LinkListener, NodeKeys, PublicLinkKey,
-};
-use mixnn_wire::{Message, OnionSecret, CELL_SIZE};
+use mixnn_net::{alias, LinkListener, NodeKeys};
+use mixnn_wire::{CellKind, CellReader, Message, OnionSecret, CELL_SIZE};
 use rand_core::RngCore;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 
-pub use crate::core::{Core, Limits, Now, Outbound};
+pub use crate::core::{Admitted, Core, Limits, Now, Outbound};
+pub use crate::door::DoorConfig;
+use crate::door::{Door, Ticket};
+use crate::egress::{Egress, EgressConfig, Queued};
 pub use crate::error::NodeError;
+use crate::ingress::{read_loop, Admission, Reading};
+use crate::memory::Memory;
 #[cfg(feature = "adversary")]
 pub use audit::{Adversary, AdversaryMode};
 
 /// How a node runs.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
-    /// Memory bounds of the core.
+    /// Memory bounds of the core, and the node's memory budget
+    /// ([`Limits::max_memory`]).
     pub limits: Limits,
-    /// Most links (inbound) served at once.
-    pub max_links: usize,
+    /// Connection slots: handshakes and authenticated links
+    /// ([`DoorConfig`]).
+    pub door: DoorConfig,
     /// An inbound link on which no cell arrives for this long (or whose
     /// handshake takes longer) is closed, so idle and half-open links do
     /// not hold the link slots for good. Links this node opens close
@@ -72,6 +87,12 @@ pub struct NodeConfig {
     /// for the next message), so neighbours with the same setting never
     /// lose a message to a link the other end is closing.
     pub link_idle: Duration,
+    /// Every cell of a message must have arrived within this of its first
+    /// cell, or the link is closed (a request that never finishes).
+    pub request_timeout: Duration,
+    /// A write to a link that does not drain within this closes the link
+    /// and drops what it had queued (a peer that does not read).
+    pub write_timeout: Duration,
     /// Where the replay tags of accepted inits are kept (`None`: in
     /// memory only, so a restart forgets them).
     pub replay_file: Option<PathBuf>,
@@ -121,8 +142,10 @@ impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             limits: Limits::default(),
-            max_links: 256,
+            door: DoorConfig::default(),
             link_idle: Duration::from_secs(300),
+            request_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
             replay_file: None,
             learned_file: None,
             cover_rate: None,
@@ -163,6 +186,8 @@ pub async fn run(
     let mut seed = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut seed);
     let mut core = Core::new(onion, seed, config.limits);
+    let memory = Memory::for_budget(config.limits.max_memory);
+    core.set_memory(Arc::clone(&memory));
     #[cfg(feature = "adversary")]
     core.set_adversary(config.adversary);
     #[cfg(feature = "adversary")]
@@ -185,35 +210,6 @@ pub async fn run(
         }
         None => None,
     };
-    let (out_tx, out_rx) = mpsc::unbounded_channel::<Outbound>();
-    let sizes = Arc::new(cover::LinkSizes::default());
-    let shared = Arc::new(Mutex::new(Shared {
-        core,
-        learned_file: config.learned_file.clone(),
-        drop_after: config.drop_after,
-        sizes: Arc::clone(&sizes),
-        known: 0,
-        handled: 0,
-        tx: out_tx.clone(),
-        replay,
-    }));
-    // Idle sessions expire even when no message arrives.
-    let ticker = tokio::spawn({
-        let shared = Arc::clone(&shared);
-        async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                match shared.lock() {
-                    Ok(mut s) => {
-                        s.core.expire(Now::system());
-                    }
-                    Err(_) => return tracing::error!("core state poisoned by a panic"),
-                }
-            }
-        }
-    });
     let pace = config
         .link_rate
         .and_then(|r| pacing::LinkPace::new(r.per_second(), config.link_jitter))
@@ -222,17 +218,89 @@ pub async fn run(
             ..p
         });
     let idle = config.link_idle;
-    let egress = tokio::spawn(egress_loop(out_rx, keys.link().clone(), pace, idle));
+    let egress = Egress::new(
+        keys.link().clone(),
+        EgressConfig {
+            pace,
+            idle,
+            write_timeout: config.write_timeout,
+        },
+    );
+    let sizes = Arc::new(cover::LinkSizes::default());
+    let door = Arc::new(Door::new(config.door));
+    let shared = Arc::new(Mutex::new(Shared {
+        core,
+        memory: Arc::clone(&memory),
+        egress: Arc::clone(&egress),
+        door: Arc::clone(&door),
+        learned_file: config.learned_file.clone(),
+        drop_after: config.drop_after,
+        sizes: Arc::clone(&sizes),
+        known: 0,
+        handled: 0,
+        replay,
+    }));
+    // Idle sessions expire even when no message arrives; a budget more
+    // than half used is reported every 10 s.
+    let ticker = tokio::spawn({
+        let shared = Arc::clone(&shared);
+        let memory = Arc::clone(&memory);
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut reported = Instant::now();
+            loop {
+                tick.tick().await;
+                match shared.lock() {
+                    Ok(mut s) => {
+                        s.core.expire(Now::system());
+                    }
+                    Err(_) => return tracing::error!("core state poisoned by a panic"),
+                }
+                let used = memory.used();
+                if used > memory.limit() / 2 && reported.elapsed() >= Duration::from_secs(10) {
+                    reported = Instant::now();
+                    tracing::info!(
+                        "memory: {} of {} MiB in use ({} queued or being read, {} of shed sessions); resident {} MiB",
+                        used >> 20,
+                        memory.limit() >> 20,
+                        memory.io() >> 20,
+                        memory.doomed() >> 20,
+                        memory::resident().map_or("?".into(), |r| (r >> 20).to_string())
+                    );
+                }
+            }
+        }
+    });
+    // Cover messages are charged like any other (to no session) and
+    // dropped when the budget has no room for them.
+    let (cover_tx, mut cover_rx) = mpsc::unbounded_channel::<Outbound>();
+    let cover_out = tokio::spawn({
+        let shared = Arc::clone(&shared);
+        async move {
+            while let Some(o) = cover_rx.recv().await {
+                match shared.lock() {
+                    Ok(mut s) => {
+                        s.queue(o, Instant::now());
+                    }
+                    Err(_) => return,
+                }
+            }
+        }
+    });
     let mut cover_seed = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut cover_seed);
     let cover = tokio::spawn(cover::cover_loop(
         config.cover_rate,
         cover::CoverPeers::choose(config.cover_peers.clone(), config.cover_view.clone()),
         sizes,
-        out_tx,
+        cover_tx,
         cover_seed,
     ));
-    let slots = Arc::new(Semaphore::new(config.max_links));
+    let reading = Reading {
+        idle,
+        request: config.request_timeout,
+    };
     let accept = async {
         loop {
             let pending = match listener.accept().await {
@@ -243,22 +311,31 @@ pub async fn run(
                     continue;
                 }
             };
-            let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-                tracing::error!(
-                    "link limit of {} reached: refusing {}",
-                    config.max_links,
-                    alias::peer(&pending.peer_addr())
-                );
-                continue;
-            };
+            let ticket = door.arrive(pending.peer_addr().ip(), Instant::now());
             let shared = Arc::clone(&shared);
-            tokio::spawn(async move {
-                let _permit = permit;
+            let door_ = Arc::clone(&door);
+            let task = tokio::spawn(async move {
                 let peer = alias::peer(&pending.peer_addr());
                 // The handshake is bounded by the link config and by the
                 // idle timeout, whichever is shorter.
-                match tokio::time::timeout(idle, pending.handshake()).await {
-                    Ok(Ok(link)) => read_loop(link, shared, idle).await,
+                let handshake = async {
+                    if pending.readable().await.is_ok() {
+                        door_.talking(ticket);
+                    }
+                    pending.handshake().await
+                };
+                match tokio::time::timeout(idle, handshake).await {
+                    Ok(Ok(link)) => {
+                        let key = *link.remote_key().as_bytes();
+                        let named = match shared.lock() {
+                            Ok(s) => s.core.session_keys(),
+                            Err(_) => return tracing::error!("core state poisoned by a panic"),
+                        };
+                        match door_.authenticated(ticket, key, Instant::now(), &named) {
+                            Ok(()) => read_loop(link, shared, &door_, ticket, reading).await,
+                            Err(e) => tracing::warn!("link from {peer} refused: {}", e.0),
+                        }
+                    }
                     Ok(Err(e @ mixnn_net::NetError::Probed { .. })) => tracing::debug!("{e}"),
                     Ok(Err(e)) => tracing::warn!("link from {peer}: {e}"),
                     Err(_) => tracing::warn!(
@@ -266,55 +343,28 @@ pub async fn run(
                         idle.as_secs_f64()
                     ),
                 }
+                door_.gone(ticket);
             });
+            door.serving(ticket, task.abort_handle());
         }
     };
     tokio::select! {
         () = accept => {}
         () = shutdown => tracing::info!("shutting down"),
     }
-    egress.abort();
     cover.abort();
+    cover_out.abort();
     ticker.abort();
     Ok(())
 }
 
-async fn read_loop(link: Link, shared: Arc<Mutex<Shared>>, idle: Duration) {
-    let from = *link.remote_key().as_bytes();
-    let peer = link.peer_addr();
-    let who = alias::peer(&peer);
-    let (mut reader, _writer) = link.into_split();
-    reader.set_idle_timeout(Some(idle));
-    let mut cell = vec![0u8; CELL_SIZE];
-    loop {
-        match recv_message(&mut reader, &mut cell).await {
-            Ok(msg) => {
-                let sent = match shared.lock() {
-                    Ok(mut s) => s.handle(from, peer, msg),
-                    Err(_) => return tracing::error!("core state poisoned by a panic"),
-                };
-                // Let the writers send what the core produced before this
-                // task reads (and decrypts) the next message.
-                if sent {
-                    tokio::task::yield_now().await;
-                }
-            }
-            Err(mixnn_net::NetError::Closed { .. }) => return,
-            Err(mixnn_net::NetError::Idle { .. }) => {
-                return tracing::debug!("closing the link from {who}: idle");
-            }
-            Err(e) => {
-                tracing::warn!("dropping link from {who}: {e}");
-                return;
-            }
-        }
-    }
-}
-
 /// The core and what goes with it, shared by the reader tasks (which never
 /// hold it across an await).
-struct Shared {
+pub(crate) struct Shared {
     core: Core,
+    memory: Arc<Memory>,
+    egress: Arc<Egress>,
+    door: Arc<Door>,
     learned_file: Option<PathBuf>,
     drop_after: Option<u64>,
     /// Cell counts of the real messages sent, per link (for cover).
@@ -323,22 +373,99 @@ struct Shared {
     known: usize,
     /// Session messages handled (for `drop_after`).
     handled: u64,
-    tx: mpsc::UnboundedSender<Outbound>,
     /// Where accepted inits' replay tags are kept.
     replay: Option<replay_file::ReplayFile>,
 }
 
 impl Shared {
-    /// Handles one message and queues what it produces; true when
-    /// something was queued.
-    fn handle(&mut self, from: [u8; 32], peer: SocketAddr, msg: Message) -> bool {
+    /// What to do with the message whose first cell `msg` holds.
+    pub(crate) fn admit(
+        &mut self,
+        from: &[u8; 32],
+        msg: &CellReader,
+        ticket: Ticket,
+        now: Instant,
+    ) -> Result<Admission, NodeError> {
+        match self
+            .core
+            .admit(from, msg.kind(), msg.header(), msg.cells(), msg.body_len())?
+        {
+            Admitted::Cover => Ok(Admission::Skip),
+            Admitted::Init => Ok(Admission::Keep(None)),
+            Admitted::Session(id) => {
+                let bytes = msg.body_len() as u64;
+                self.make_room(bytes, now);
+                let charge = self
+                    .memory
+                    .charge_read(Some(id), bytes, now, Some(ticket))
+                    .map_err(|e| NodeError::Limit(e.to_string()))?;
+                Ok(Admission::Keep(Some(charge)))
+            }
+        }
+    }
+
+    /// Sheds sessions until `bytes` fit the memory budget: the one whose
+    /// message waits longest on a link that does not drain, else the one
+    /// with the oldest queued or half-read data; none whose data is
+    /// younger than [`memory::MIN_OFFENDING_AGE`].
+    fn make_room(&mut self, bytes: u64, now: Instant) {
+        while self.memory.available() < bytes {
+            // A session whose messages wait on a link that does not drain
+            // goes first (the peer does not read: an honest one does,
+            // however slowly), then the one with the oldest data.
+            let memory = Arc::clone(&self.memory);
+            let stuck = self.egress.stuck(now, |s| memory.is_doomed(s));
+            let Some(victim) = stuck.or_else(|| self.memory.oldest(now)) else {
+                return;
+            };
+            let held = self.memory.held_by(&victim);
+            for reader in self.memory.doom(&victim) {
+                self.door.close(reader);
+            }
+            self.core.shed(&victim);
+            let (messages, links) = self.egress.shed(&victim, now);
+            tracing::warn!(
+                session = %alias::id(&victim.0).tag(),
+                "session shed: the node's memory budget of {} MiB was reached and it held the oldest queued data ({held} bytes; {messages} queued messages dropped, {links} stuck links closed)",
+                self.memory.limit() >> 20
+            );
+        }
+    }
+
+    /// Queues `o` for its link, charged to its session; dropped (one log
+    /// line) if the budget has no room for it even after shedding.
+    fn queue(&mut self, o: Outbound, now: Instant) {
+        let bytes = o.cells.len() as u64;
+        self.make_room(bytes, now);
+        match self.memory.charge(o.session, bytes, now) {
+            Ok(charge) => {
+                self.egress.send(
+                    (o.addr, o.expect),
+                    Queued {
+                        cells: o.cells,
+                        charge,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::warn!("message to {} dropped: {e}", alias::peer(&o.addr));
+            }
+        }
+    }
+
+    /// Handles one message and queues what it produces; whether the core
+    /// accepted it.
+    pub(crate) fn handle(&mut self, from: [u8; 32], peer: SocketAddr, msg: Message) -> bool {
         let peer = alias::peer(&peer);
-        let cover = msg.kind == mixnn_wire::CellKind::Cover;
-        let mut sent = false;
+        let cover = msg.kind == CellKind::Cover;
+        let now = Now::system();
+        // Room for what the message will make the core hold.
+        if self.memory.available() < self.memory.limit() / 8 {
+            self.make_room(self.memory.limit() / 8, now.mono);
+        }
         // The core drops the session of a message that panics in the
         // stage code; this catches anything else, so that the mutex is
         // never poisoned and the next message is served.
-        let now = Now::system();
         let handled =
             std::panic::catch_unwind(AssertUnwindSafe(|| self.core.handle(from, msg, now)));
         let Ok(handled) = handled else {
@@ -348,6 +475,7 @@ impl Shared {
         // An accepted init's tag is on disk before anything it produced
         // leaves the node.
         self.persist_inits();
+        let accepted = handled.is_ok();
         match handled {
             Ok(outs) => {
                 if !cover {
@@ -355,17 +483,21 @@ impl Shared {
                 }
                 if self.drop_after.is_none_or(|n| self.handled <= n) {
                     for o in outs {
-                        self.sizes
-                            .record((o.addr, o.expect), o.cells.len() / CELL_SIZE);
-                        // The egress task lives as long as the node.
-                        sent |= self.tx.send(o).is_ok();
+                        if o.sizes_cover {
+                            self.sizes.record(
+                                (o.addr, o.expect),
+                                o.cells.len() / CELL_SIZE,
+                                now.mono,
+                            );
+                        }
+                        self.queue(o, now.mono);
                     }
                 }
             }
             Err(e) => tracing::warn!("message from {peer} refused: {e}"),
         }
         self.write_learned();
-        sent
+        accepted
     }
 
     fn persist_inits(&mut self) {
@@ -408,93 +540,6 @@ impl Shared {
         let tmp = path.with_extension("tmp");
         if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
             tracing::warn!("cannot write {}: {e}", path.display());
-        }
-    }
-}
-
-async fn egress_loop(
-    mut rx: mpsc::UnboundedReceiver<Outbound>,
-    key: LinkKeypair,
-    pace: Option<pacing::LinkPace>,
-    idle: Duration,
-) {
-    let key = Arc::new(key);
-    let mut links: HashMap<(SocketAddr, [u8; 32]), mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
-    while let Some(o) = rx.recv().await {
-        let slot = (o.addr, o.expect);
-        let cells = match links.get(&slot) {
-            Some(tx) => match tx.send(o.cells) {
-                Ok(()) => continue,
-                Err(mpsc::error::SendError(cells)) => cells,
-            },
-            None => o.cells,
-        };
-        let (tx, wrx) = mpsc::unbounded_channel();
-        let _ = tx.send(cells);
-        // Links that closed (idle, failed) leave no entry behind.
-        links.retain(|_, tx| !tx.is_closed());
-        links.insert(slot, tx);
-        tokio::spawn(write_loop(
-            o.addr,
-            o.expect,
-            Arc::clone(&key),
-            wrx,
-            pace,
-            idle,
-        ));
-    }
-}
-
-async fn write_loop(
-    addr: SocketAddr,
-    expect: [u8; 32],
-    key: Arc<LinkKeypair>,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
-    pace: Option<pacing::LinkPace>,
-    idle: Duration,
-) {
-    let config = LinkConfig::mixnn();
-    let to = alias::peer(&addr);
-    let link =
-        match Link::connect(addr, &key, Some(PublicLinkKey::from_bytes(expect)), config).await {
-            Ok(l) => l,
-            Err(e) => return tracing::warn!("cannot reach {to}: {e}"),
-        };
-    let (_reader, mut writer) = link.into_split();
-    let Some(pace) = pace else {
-        // With nothing to send for half the idle timeout, close the link
-        // before the other end does: stop taking messages, send what came
-        // meanwhile, go. The next message opens a new link.
-        loop {
-            let cells = match tokio::time::timeout(idle / 2, rx.recv()).await {
-                Ok(Some(cells)) => cells,
-                Ok(None) => return,
-                Err(_) => {
-                    rx.close();
-                    while let Ok(cells) = rx.try_recv() {
-                        if let Err(e) = writer.send_cells(&cells).await {
-                            return tracing::warn!("link to {to} failed: {e}");
-                        }
-                    }
-                    return tracing::debug!("closing the link to {to}: idle");
-                }
-            };
-            if let Err(e) = writer.send_cells(&cells).await {
-                return tracing::warn!("link to {to} failed: {e}");
-            }
-        }
-    };
-    // Constant rate: one whole message per tick, for as long as the link
-    // and the node last.
-    let mut seed = [0u8; 32];
-    rand_core::OsRng.fill_bytes(&mut seed);
-    let mut pacer = pacing::Pacer::new(addr, pace, rx, seed);
-    while let Some(paced) = pacer.next().await {
-        if let Err(e) = writer.send_cells(paced.cells()).await {
-            let lost = pacer.queued() + usize::from(matches!(paced, pacing::Paced::Real(_)));
-            return tracing::warn!(
-                "link to {to} failed: {e}; {lost} queued messages to it are lost"
-            );
         }
     }
 }

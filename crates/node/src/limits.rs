@@ -5,8 +5,10 @@
 //! bounded here and checked *before* the node pays it: parameters at init
 //! (before the stage is allocated), activations and reply sizes per message
 //! (before any math), bytes held per session and per node (caches, parked
-//! messages, gradients waiting for their update). Defaults are stated, with
-//! the reasons, in `SECURITY.md` ("Node limits").
+//! messages, gradients waiting for their update), and what a session may
+//! make the node send ([`answer_allowance`]). All of it draws from one
+//! memory budget ([`Limits::max_memory`], [`crate::memory`]). Defaults are
+//! stated, with the reasons, in `SECURITY.md` ("Node limits").
 
 use std::time::Duration;
 
@@ -33,7 +35,8 @@ pub struct Limits {
     /// Parameters (weights and biases) of one stage.
     pub max_stage_params: u64,
     /// Parameters of all sessions together; an audited session counts
-    /// `1 + KEPT` times (the hop keeps the stage's state before each of
+    /// `2 + KEPT` times (the live stage, a copy of its state, and its
+    /// state before each of
     /// its last [`crate::audit::KEPT`] steps).
     pub max_node_params: u64,
     /// Bytes of activations one message may make a stage compute: its
@@ -50,6 +53,28 @@ pub struct Limits {
     /// Inits remembered within the window (to refuse replays); when full,
     /// new inits are refused until old ones leave the window.
     pub init_replay_capacity: usize,
+    /// The node's memory budget ([`crate::memory`]): what the sessions
+    /// hold, the messages being read and the messages queued for links
+    /// together may take three quarters of it (the rest is the process's
+    /// own). The limits above are parts of it.
+    pub max_memory: u64,
+}
+
+/// A session may make the node send at most this many times the cells it
+/// sent the node ([`answer_allowance`]).
+pub const ANSWER_RATIO: u64 = 4;
+
+/// ... plus this many times the cells of its init, which its client paid
+/// once ([`answer_allowance`]).
+pub const ANSWER_INITS: u64 = 16;
+
+/// The cells a session may have made the node send, having sent it
+/// `received` cells with an init of `init` cells: a one-cell request
+/// cannot buy a large answer without limit.
+pub fn answer_allowance(received: u64, init: u64) -> u64 {
+    received
+        .saturating_mul(ANSWER_RATIO)
+        .saturating_add(init.saturating_mul(ANSWER_INITS))
 }
 
 const MIB: u64 = 1 << 20;
@@ -69,6 +94,7 @@ impl Default for Limits {
             max_node_bytes: 1024 * MIB,
             init_window: Duration::from_secs(600),
             init_replay_capacity: DEFAULT_INIT_REPLAY_CAPACITY,
+            max_memory: 3072 * MIB,
         }
     }
 }

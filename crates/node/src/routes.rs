@@ -79,6 +79,12 @@ impl Routes {
         designer || [self.prev.link, self.next.link].contains(key)
     }
 
+    /// The link keys this session's messages may come over.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = [u8; 32]> + '_ {
+        let designer = self.designer.addr.is_some().then_some(self.designer.link);
+        [self.prev.link, self.next.link].into_iter().chain(designer)
+    }
+
     /// The designer's link key (deliveries go to it).
     pub(crate) fn designer_key(&self) -> [u8; 32] {
         self.designer.link

@@ -65,6 +65,15 @@ pub(crate) struct NodeSession {
     /// Seals fetch and audit answers and opens loads
     /// ([`mixnn_proto::reply`]).
     pub(crate) reply_key: mixnn_proto::reply::ReplyKey,
+    /// Cells of its init, and cells received and sent for it since: what
+    /// it may make the node send ([`crate::limits::answer_allowance`]).
+    pub(crate) init_cells: u64,
+    pub(crate) received: u64,
+    pub(crate) sent: u64,
+    /// The link keys a message of it has come from: its messages to a
+    /// neighbour count for that link's cover size only once the neighbour
+    /// has shown it holds the session too ([`crate::cover`]).
+    pub(crate) heard: Vec<[u8; 32]>,
 }
 
 impl NodeSession {
@@ -74,9 +83,76 @@ impl NodeSession {
         let grads = (self.stage.pending_micros() as u64)
             .saturating_mul(self.params)
             .saturating_mul(4);
+        let audit = self.auditor.as_ref().map_or(0, Auditor::bytes);
         self.cached_bytes
             .saturating_add(self.parked_bytes)
             .saturating_add(grads)
+            .saturating_add(audit)
+    }
+
+    /// Everything this session makes the node hold: its stage (parameters
+    /// and momentum, and with audits the states of its last steps, as its
+    /// weight counts them), what [`NodeSession::held`] counts, and a state
+    /// fetched or being loaded.
+    pub(crate) fn footprint(&self) -> u64 {
+        let fetched = self.fetched.as_ref().map_or(0, |(_, b)| b.len() as u64);
+        self.weight
+            .saturating_mul(8)
+            .saturating_add(self.held())
+            .saturating_add(fetched)
+            .saturating_add(self.loading.len() as u64)
+    }
+
+    /// Records a message of `cells` cells from the link with key `from`.
+    pub(crate) fn heard_from(&mut self, from: [u8; 32], cells: usize) {
+        self.received = self.received.saturating_add(cells as u64);
+        if !self.heard.contains(&from) {
+            self.heard.push(from);
+        }
+    }
+
+    /// Counts a message of `cells` cells this session makes the node
+    /// send, if its allowance has room for it.
+    pub(crate) fn spend(&mut self, cells: usize) -> Result<(), NodeError> {
+        self.affords(cells)?;
+        self.sent = self.sent.saturating_add(cells as u64);
+        Ok(())
+    }
+
+    /// Whether this session's allowance has room for a message of
+    /// `cells` cells.
+    pub(crate) fn affords(&self, cells: usize) -> Result<(), NodeError> {
+        let allowed = crate::limits::answer_allowance(self.received, self.init_cells);
+        let after = self.sent.saturating_add(cells as u64);
+        if after > allowed {
+            return Err(NodeError::Limit(format!(
+                "the session would send {after} cells, having sent {} (and an init of {}): at most {} × what it sent plus {} × its init",
+                self.received,
+                self.init_cells,
+                crate::limits::ANSWER_RATIO,
+                crate::limits::ANSWER_INITS
+            )));
+        }
+        Ok(())
+    }
+
+    /// After the stage moved to a new step: forward caches (and audit
+    /// records) of steps before it can never get their backward (a
+    /// backward of a past step is refused), so they go.
+    pub(crate) fn drop_past_forwards(&mut self) {
+        let at = self.stage.steps();
+        let mut freed = 0u64;
+        self.caches.retain(|_, c| {
+            let keep = c.step >= at;
+            if !keep {
+                freed = freed.saturating_add(c.bytes);
+            }
+            keep
+        });
+        self.cached_bytes = self.cached_bytes.saturating_sub(freed);
+        if let Some(a) = self.auditor.as_mut() {
+            a.drop_forwards_before(at);
+        }
     }
 }
 
@@ -189,7 +265,7 @@ pub(crate) fn backward(
         #[cfg(not(feature = "adversary"))]
         s.stage.apply();
     }
-    Ok(match s.auditor.as_mut() {
+    let out = match s.auditor.as_mut() {
         Some(a) => {
             let slot = a.backward(tag, note.step, body, &dx, &s.stage, applied);
             let ctx = SlotContext {
@@ -207,7 +283,11 @@ pub(crate) fn backward(
             out
         }
         None => dx,
-    })
+    };
+    if applied {
+        s.drop_past_forwards();
+    }
+    Ok(out)
 }
 
 /// `payload ‖ trailer`: what an audited hop sends on.

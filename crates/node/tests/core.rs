@@ -499,7 +499,7 @@ fn stages_above_the_parameter_limits_are_refused_before_they_are_built() {
     assert_nothing_kept(&rig, 0);
 
     // Per node: the stage has 15 parameters; two fit in 30, three do not,
-    // and an audited one counts 1 + KEPT times.
+    // and an audited one counts 2 + KEPT times.
     let mut rig = Rig::with_limits(Limits {
         max_node_params: 30,
         ..Limits::default()

@@ -281,6 +281,22 @@ impl CellReader {
         self.kind
     }
 
+    /// The header the first cell carries: a receiver can find the
+    /// message's session from it before reading the rest.
+    pub fn header(&self) -> &Header {
+        &self.onion.header
+    }
+
+    /// The body length the first cell announces.
+    pub fn body_len(&self) -> usize {
+        self.body_len
+    }
+
+    /// Cells of the whole message, as announced.
+    pub fn cells(&self) -> usize {
+        self.expected
+    }
+
     /// Cells still to come.
     pub fn remaining(&self) -> usize {
         self.expected - self.received

@@ -335,7 +335,12 @@ impl Directory {
         let mut child = mixnn()
             .args(["directory", "--listen", "127.0.0.1:0", "--db"])
             .arg(dir.join("directory.db"))
-            .args(["--heartbeat-interval", "1", "--allow-same-subnet"])
+            .args([
+                "--heartbeat-interval",
+                "1",
+                "--allow-same-subnet",
+                "--allow-local-addresses",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(File::create(dir.join("directory.log")).unwrap())
@@ -367,4 +372,47 @@ pub fn wait_until(secs: u64, what: impl Fn() -> String, check: impl Fn() -> bool
         assert!(Instant::now() < deadline, "not within {secs} s: {}", what());
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Lines of node `i`'s log containing `what`.
+pub fn log_lines(nodes: &Nodes, i: usize, what: &str) -> usize {
+    nodes.log(i).lines().filter(|l| l.contains(what)).count()
+}
+
+/// Waits until node `i`'s log has `n` lines containing `what`.
+pub fn wait_log(nodes: &Nodes, i: usize, what: &str, n: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    while log_lines(nodes, i, what) < n {
+        assert!(
+            Instant::now() < deadline,
+            "node {i} logged {} of {n} lines with {what:?}: {}",
+            log_lines(nodes, i, what),
+            nodes.log(i)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Resident memory of process `pid`, from /proc.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap();
+    kib * 1024
+}
+
+/// Peak resident memory of process `pid` so far (`VmHWM`), from /proc.
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap();
+    kib * 1024
 }

@@ -24,6 +24,8 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::common::Hop;
 
+pub mod notes;
+
 /// A node as the probe sees it: its address and public keys.
 #[derive(Debug, Clone, Copy)]
 pub struct Target {
@@ -141,6 +143,34 @@ impl Probe {
         }
     }
 
+    /// A listener that completes every handshake and then never reads:
+    /// its address and link key (the "designer" of sessions whose
+    /// answers should pile up at the node).
+    pub fn sink(&mut self) -> (SocketAddr, [u8; 32]) {
+        let key = LinkKeypair::generate(&mut self.rng);
+        let public = *key.public().as_bytes();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = LinkListener::bind("127.0.0.1:0".parse().unwrap(), key, link_config())
+                    .await
+                    .unwrap();
+                tx.send(l.local_addr().unwrap()).unwrap();
+                let mut held = Vec::new();
+                while let Ok(pending) = l.accept().await {
+                    if let Ok(link) = pending.handshake().await {
+                        held.push(link);
+                    }
+                }
+            });
+        });
+        (rx.recv_timeout(Duration::from_secs(10)).unwrap(), public)
+    }
+
     /// A fresh link key (for attacks from many keys).
     pub fn fresh_key(&mut self) -> LinkKeypair {
         LinkKeypair::generate(&mut self.rng)
@@ -187,7 +217,22 @@ impl Probe {
         note: &[u8],
         policy: &PaddingPolicy,
     ) -> (Vec<u8>, DesignerSession, ReplyId) {
-        let (next, rid) = self.deliver();
+        self.init_to(to, note, policy, self.addr)
+    }
+
+    /// The same, acknowledged to `designer` instead of the probe.
+    pub fn init_to(
+        &mut self,
+        to: &Target,
+        note: &[u8],
+        policy: &PaddingPolicy,
+        designer: SocketAddr,
+    ) -> (Vec<u8>, DesignerSession, ReplyId) {
+        let rid = ReplyId::random(&mut self.rng);
+        let next = Next::Deliver {
+            addr: HopAddr(designer),
+            reply_id: rid,
+        };
         let block = RoutingBlock {
             op: Op::Init,
             next,

@@ -131,10 +131,26 @@ impl DetectionBound {
         )
     }
 
-    /// The configured timeout (the init loop waits that long: links between
-    /// the nodes come up then).
+    /// The configured timeout.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// The bound on the init loop through `hops` hops, when tight: each
+    /// hop builds its stage and opens its link to the next as the loop
+    /// passes, so it is 20 × `hops` × the slowest link set-up the designer
+    /// measured (`connect`), at least T and 2 s, at most the timeout. A
+    /// node that dies during set-up is then found (and replaced) as soon
+    /// as one that dies mid-training, not after the whole timeout.
+    pub fn init_bound(&self, hops: usize, connect: Duration) -> Duration {
+        if !self.tight {
+            return self.timeout;
+        }
+        let scaled = connect.saturating_mul(20 * hops.max(1) as u32);
+        scaled
+            .max(self.bound())
+            .max(Duration::from_secs(2))
+            .min(self.timeout.max(Duration::from_secs(1)))
     }
 }
 

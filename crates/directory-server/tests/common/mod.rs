@@ -61,6 +61,7 @@ impl Prober for AdmitAll {
 pub fn loopback_config() -> DirectoryConfig {
     DirectoryConfig {
         allow_same_subnet: true,
+        addresses: Addresses::Local,
         ..DirectoryConfig::default()
     }
 }

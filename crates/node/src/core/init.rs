@@ -115,7 +115,9 @@ impl Core {
             )));
         }
         let copies = if note.audit_key.is_some() {
-            1 + KEPT as u64
+            // The live stage, a copy of its state now, and the state
+            // before each of its last KEPT steps.
+            2 + KEPT as u64
         } else {
             1
         };
@@ -137,12 +139,20 @@ impl Core {
                 addr: f.next.0,
                 expect: routes.pass_on(Op::Init, f.next.0)?,
                 cells: encode_cells(CellKind::Init, &f.onion, &[], &policy.for_init())?,
+                session: Some(id),
+                sizes_cover: false,
             },
-            Peeled::Deliver(d) => {
-                let expect = routes.deliver(d.addr.0)?;
-                self.reply(d.addr.0, expect, d.reply_id, &[], &policy)?
-            }
+            Peeled::Deliver(d) => Outbound {
+                addr: d.addr.0,
+                expect: routes.deliver(d.addr.0)?,
+                cells: self.reply(d.reply_id, &[], &policy)?,
+                session: Some(id),
+                sizes_cover: false,
+            },
         };
+        // What the session will hold at least (its stage, and with audits
+        // the states it keeps) must fit the node's memory budget.
+        self.check_memory_for_session(weight.saturating_mul(8))?;
         // Every check passed: build the stage, then record the init.
         let mut stage = Stage::new(&note.stage, note.seed, note.optimizer);
         stage.start_at(note.start_step);
@@ -169,6 +179,10 @@ impl Core {
                 fetched: None,
                 auditor,
                 reply_key: mixnn_proto::reply::ReplyKey(note.reply_key),
+                init_cells: msg.cells as u64,
+                received: msg.cells as u64,
+                sent: (out.cells.len() / mixnn_wire::CELL_SIZE) as u64,
+                heard: vec![from],
             },
         );
         self.learned.insert(out.addr);
