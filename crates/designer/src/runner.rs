@@ -289,7 +289,9 @@ impl CascadeRunner {
             .stages
             .iter()
             .enumerate()
-            .map(|(i, spec)| Stage::new(spec, stage_seed(&self.cfg.seed, i), self.cfg.optimizer).state())
+            .map(|(i, spec)| {
+                Stage::new(spec, stage_seed(&self.cfg.seed, i), self.cfg.optimizer).state()
+            })
             .collect();
         Some(self.saver.policy.make(0, stages, &[], &self.cfg))
     }

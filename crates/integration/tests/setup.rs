@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use mixnn_designer::{CascadeOptions, CascadeRunner, HopInfo, LinkPacing, Rate, Spares};
 use mixnn_integration::{dataset, start_node, start_node_with, PAPER};
-use mixnn_model::spec::ModelSpec;
 use mixnn_model::optim::Optimizer;
+use mixnn_model::spec::ModelSpec;
 use mixnn_model::trainer::{run_training, LocalModel, Quiet, TrainConfig};
 use mixnn_net::{Link, LinkConfig, NodeKeys};
 use mixnn_node::NodeConfig;

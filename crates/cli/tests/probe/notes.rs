@@ -2,8 +2,8 @@
 //! probe's sessions (the probe itself builds the onions).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use mixnn_model::spec::{OpSpec, StageSpec};
 use mixnn_model::optim::Optimizer;
+use mixnn_model::spec::{OpSpec, StageSpec};
 use mixnn_model::tensor_bytes::TensorBytes;
 use mixnn_proto::{BackwardNote, ChunkNote, ForwardNote, InitNote, Micro, SessionNote};
 use mixnn_wire::{Op, PaddingPolicy, FIRST_CELL_BODY};
