@@ -44,6 +44,7 @@ pub mod directory;
 mod driver;
 mod error;
 mod exchange;
+mod misbehaviour;
 pub mod options;
 pub mod plan;
 pub mod replacements;
@@ -54,8 +55,9 @@ mod session;
 
 pub use cascade::{CascadeFile, HopInfo};
 pub use error::{BadReply, DesignerError, RecoveryError};
+pub use misbehaviour::{Culprit, Misbehaviour, MisbehaviourKind};
 pub use options::{AuditRate, CascadeOptions, Checkpoints, Keep, LinkPacing, Padding, Rate};
-pub use plan::audit::{AuditFailure, AuditStats, ACCURACY_DROP};
+pub use plan::audit::{AuditStats, ACCURACY_DROP};
 pub use plan::loops::LoopStats;
 pub use plan::pending::{Await, Expected};
 pub use plan::recovery::RecoveryEvent;

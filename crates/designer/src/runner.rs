@@ -23,6 +23,7 @@ use crate::checkpoint::Checkpoint;
 use crate::driver::Driver;
 use crate::error::{DesignerError, RecoveryError};
 use crate::exchange::Exchange;
+use crate::misbehaviour::Culprit;
 use crate::options::{CascadeOptions, Checkpoints, LinkPacing};
 use crate::plan::audit::{AuditStats, Audits};
 use crate::plan::layout::Layout;
@@ -385,30 +386,27 @@ impl CascadeRunner {
         Ok(())
     }
 
-    /// Recovers from a failed audit: replaces the hop (and the other side
-    /// of a boundary that disagrees) and rolls back to the last checkpoint
-    /// before the first bad step. `batches` are this epoch's, from `base`.
-    fn recover_audit(
+    /// Recovers from a misbehaviour: replaces the hops it is pinned on
+    /// and rolls back to the last checkpoint before the first bad step.
+    /// `batches` are this epoch's, from `base`.
+    fn recover_misbehaviour(
         &mut self,
         cause: DesignerError,
         batches: &[Batch],
         base: u64,
     ) -> Result<u64, DesignerError> {
-        let DesignerError::Audit {
-            hop,
-            step,
-            reason,
-            also,
-            ..
-        } = &cause
-        else {
+        let DesignerError::Misbehaved(m) = &cause else {
             return self.recover(cause);
         };
         if self.replacements.is_none() {
             return Err(cause);
         }
-        let (step, reason) = (*step, format!("audit failed: {reason}"));
-        let bad: Vec<usize> = std::iter::once(*hop).chain(*also).collect();
+        let bad = match m.culprit {
+            Culprit::Hop(j) => vec![j],
+            Culprit::Pair(a, b) => vec![a, b],
+            Culprit::Route { .. } => return self.recover(cause),
+        };
+        let (step, reason) = (m.step, format!("{}: {}", m.kind, m.reason));
         let c = rollback_point(
             self.saver.policy.kept(),
             step,
@@ -536,7 +534,9 @@ impl StepRunner for CascadeRunner {
                 Ok(()) => return Ok(losses),
                 Err(e) => {
                     let step = match e {
-                        DesignerError::Audit { .. } => self.recover_audit(e, batches, base)?,
+                        DesignerError::Misbehaved(_) => {
+                            self.recover_misbehaviour(e, batches, base)?
+                        }
                         e => self.recover(e)?,
                     };
                     let back = step.checked_sub(base).ok_or(RecoveryError::BeforeEpoch {

@@ -38,7 +38,8 @@ use crate::cascade::HopInfo;
 use crate::checkpoint::Checkpoint;
 use crate::error::{BadReply, DesignerError};
 use crate::exchange::{Exchange, Fetch, Transfer};
-use crate::plan::audit::{AuditFailure, Audits, ChainBreak};
+use crate::misbehaviour::{Culprit, Misbehaviour, MisbehaviourKind};
+use crate::plan::audit::Audits;
 use crate::plan::layout::Layout;
 use crate::plan::opening::{AuditCase, AuditContext, Verdict};
 use crate::plan::pending::{Await, Expected};
@@ -279,8 +280,8 @@ impl Session {
             };
             let (kind, body) = self.ex.wait(expected, w.waiting())?;
             let (body, broken) = self.audits.take(kind, body, self.layout.len())?;
-            if let Some(b) = broken {
-                return Err(self.chain_failure(b));
+            if let Some(m) = broken {
+                return Err(self.misbehaved(m));
             }
             match kind {
                 Await::Output { step, micro } => {
@@ -538,15 +539,15 @@ impl Session {
             for (&j, bytes) in asked.iter().zip(&fetched) {
                 if let Some(committed) = self.audits.committed_after(j, last) {
                     if state_digest(bytes) != committed {
-                        return Err(self.chain_failure(ChainBreak {
-                            hop: j,
-                            step: last,
-                            also: None,
-                            reason: format!(
+                        return Err(self.misbehaved(Misbehaviour::new(
+                            Culprit::Hop(j),
+                            last,
+                            MisbehaviourKind::FalseState,
+                            format!(
                                 "the state it sent at step {} is not the state its step {last} committed to",
                                 self.step
                             ),
-                        }));
+                        )));
                     }
                 }
             }
@@ -627,26 +628,19 @@ impl Session {
         out
     }
 
-    /// What a delivery's trailer shows against a hop (state digests that do
-    /// not chain; a damaged trailer): a failed audit of that hop (and, for
-    /// a damaged trailer, of the next on the path), without an opening.
-    fn chain_failure(&mut self, b: ChainBreak) -> DesignerError {
-        let addr = self.hops[b.hop].addr;
-        let reason = b.reason;
-        tracing::warn!(hop = b.hop, addr = %mixnn_net::alias::peer(&addr), step = b.step, "{reason}");
-        self.audits.record(Some(AuditFailure {
-            hop: b.hop,
-            addr,
-            step: b.step,
-            reason: reason.clone(),
-        }));
-        DesignerError::Audit {
-            hop: b.hop,
-            addr,
-            step: b.step,
-            reason,
-            also: b.also,
-        }
+    /// A misbehaviour found: logged, recorded in the audit stats, and
+    /// returned as the session's error (with the suspects' addresses).
+    fn misbehaved(&mut self, m: Misbehaviour) -> DesignerError {
+        let addrs: Vec<std::net::SocketAddr> = self.hops.iter().map(|h| h.addr).collect();
+        let m = m.at(&addrs);
+        let suspects: Vec<String> = m
+            .addrs
+            .iter()
+            .map(|a| mixnn_net::alias::peer(a).to_string())
+            .collect();
+        tracing::warn!(culprit = %m.culprit, ?suspects, step = m.step, kind = %m.kind, "{}", m.reason);
+        self.audits.record(Some(m.clone()));
+        DesignerError::Misbehaved(m)
     }
 
     /// Runs the audits waiting (no step in flight). `batches` are this
@@ -765,23 +759,7 @@ impl Session {
         for &j in hops {
             match self.audit(j, step, batch, pre)? {
                 Verdict::Pass => self.audits.record(None),
-                Verdict::Fail { hop, reason, also } => {
-                    let addr = self.hops[hop].addr;
-                    tracing::warn!(hop, addr = %mixnn_net::alias::peer(&addr), step, "audit failed: {reason}");
-                    self.audits.record(Some(AuditFailure {
-                        hop,
-                        addr,
-                        step,
-                        reason: reason.clone(),
-                    }));
-                    return Err(DesignerError::Audit {
-                        hop,
-                        addr,
-                        step,
-                        reason,
-                        also,
-                    });
-                }
+                Verdict::Fail(m) => return Err(self.misbehaved(m)),
             }
         }
         Ok(())

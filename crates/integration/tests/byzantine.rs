@@ -124,7 +124,7 @@ fn caught_and_recovered_at(base: u64, mode: AdversaryMode, bad: usize) {
     let stats = runner.audit_stats().clone();
     assert_eq!(stats.failures.len(), 1, "{mode:?}: {stats:?}");
     let f = &stats.failures[0];
-    assert_eq!(f.hop, bad, "{mode:?}: {f:?}");
+    assert_eq!(f.culprit.suspects()[0], bad, "{mode:?}: {f:?}");
     assert!(
         f.step >= FROM && f.step < FROM + 60,
         "{mode:?}: caught at step {}",
@@ -132,7 +132,12 @@ fn caught_and_recovered_at(base: u64, mode: AdversaryMode, bad: usize) {
     );
     let events = runner.recoveries();
     assert_eq!(events.len(), 1, "{events:?}");
-    assert!(events[0].cause.starts_with("audit failed"), "{events:?}");
+    let kind = if mode == AdversaryMode::HiddenNoise {
+        "boundary"
+    } else {
+        "audit failed"
+    };
+    assert!(events[0].cause.starts_with(kind), "{events:?}");
     assert!(events[0].resumed_at <= FROM, "{events:?}");
     assert_eq!(runner.hops()[bad], spares[0]);
     if mode == AdversaryMode::HiddenNoise {
@@ -195,7 +200,7 @@ fn tampering_between_steps_is_caught_by_the_digest_chain_at_the_next_step() {
     let stats = runner.audit_stats().clone();
     assert_eq!(stats.failures.len(), 1, "{stats:?}");
     let f = &stats.failures[0];
-    assert_eq!((f.hop, f.step), (BAD_HOP, FROM + 1), "{f:?}");
+    assert_eq!((f.blamed(), f.step), (Some(BAD_HOP), FROM + 1), "{f:?}");
     assert!(f.reason.contains("do not chain"), "{f:?}");
     assert_eq!(runner.recoveries().len(), 1);
     assert_eq!(runner.hops()[BAD_HOP], spares[0]);
@@ -262,7 +267,7 @@ fn a_false_state_in_a_checkpoint_is_caught_against_the_commitment() {
     let stats = runner.audit_stats().clone();
     assert_eq!(stats.failures.len(), 1, "{stats:?}");
     let f = &stats.failures[0];
-    assert_eq!(f.hop, BAD_HOP, "{f:?}");
+    assert_eq!(f.blamed(), Some(BAD_HOP), "{f:?}");
     assert!(f.reason.contains("committed to"), "{f:?}");
     assert!(f.step >= FROM && f.step < FROM + 4, "{f:?}");
     assert_eq!(runner.hops()[BAD_HOP], spares[0]);
@@ -278,13 +283,17 @@ fn without_spares_a_failed_audit_stops_the_run_naming_hop_and_step() {
     let mut runner = CascadeRunner::connect(&model, hops, &cfg, opts()).unwrap();
     let err = run_training(&mut runner, &model, &train, &test, &cfg, &mut Quiet).unwrap_err();
     match &err {
-        DesignerError::Audit { hop, step, .. } => {
-            assert_eq!(*hop, BAD_HOP);
-            assert!(*step >= FROM && *step < FROM + 60, "{err}");
+        DesignerError::Misbehaved(m) => {
+            assert_eq!(m.blamed(), Some(BAD_HOP));
+            assert!(m.step >= FROM && m.step < FROM + 60, "{err}");
         }
         other => panic!("not an audit failure: {other}"),
     }
-    assert!(err.to_string().contains("audit failed at hop 1"), "{err}");
+    let said = err.to_string();
+    assert!(
+        said.starts_with("hop 1 (") && said.contains("(audit failed)"),
+        "{said}"
+    );
 }
 
 #[test]

@@ -12,7 +12,7 @@
 //!   slot's tag (a slot that does not verify was spoiled by its writer or
 //!   the next hop on the path: both are blamed), and the chain of state
 //!   digests: the state a hop's forward of step s ran on must be the state
-//!   its backward of s − 1 left ([`ChainBreak`]).
+//!   its backward of s − 1 left (a [`Misbehaviour`] of kind [`MisbehaviourKind::Chain`]).
 //! - **Draws.** After a step completes, the designer's secret RNG picks
 //!   each hop with parameters with probability `audit_rate`
 //!   ([`Audits::step_done`]); nothing on the wire depends on the draw until
@@ -31,7 +31,7 @@
 //!   what one says it sent must be what the other says it received, both
 //!   ways; hop 0's input must be the designer's own batch.
 //! - **Response** (in the runner): a failed audit is
-//!   [`crate::DesignerError::Audit`]; with
+//!   [`crate::DesignerError::Misbehaved`]; with
 //!   replacements the hop is reported and replaced (both hops of a boundary
 //!   that disagrees: either may lie), and the run rolls back to the last
 //!   kept checkpoint before the first bad step
@@ -57,6 +57,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
 use crate::error::DesignerError;
+use crate::misbehaviour::{Culprit, Misbehaviour, MisbehaviourKind};
 use crate::options::AuditRate;
 use crate::plan::layout::Layout;
 use crate::plan::pending::Await;
@@ -64,19 +65,6 @@ use crate::plan::pending::Await;
 /// A drop in test accuracy from the best epoch so far that marks the
 /// cascade suspect.
 pub const ACCURACY_DROP: f64 = 0.05;
-
-/// One failed (or refused) audit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditFailure {
-    /// The hop's position.
-    pub hop: usize,
-    /// Its address.
-    pub addr: std::net::SocketAddr,
-    /// The audited step.
-    pub step: u64,
-    /// What did not check out.
-    pub reason: String,
-}
 
 /// What audits found so far.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -90,8 +78,9 @@ pub struct AuditStats {
     /// Audits whose openings came while later steps ran (the pipeline
     /// did not stop for them).
     pub in_flight: u64,
-    /// Failed or refused audits, in order.
-    pub failures: Vec<AuditFailure>,
+    /// Misbehaviours found (failed or refused audits, broken chains,
+    /// false states, boundaries, trailers, malformed answers), in order.
+    pub failures: Vec<Misbehaviour>,
     /// The test-phase check found an accuracy drop (paper §4.2).
     pub suspect: bool,
     /// Test accuracy of each epoch seen by the check.
@@ -112,19 +101,6 @@ pub enum Direction {
 struct Committed {
     fwd: Vec<Option<Slot>>,
     bwd: Vec<Option<Slot>>,
-}
-
-/// Evidence against a hop found in a delivery's trailer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChainBreak {
-    /// The hop.
-    pub hop: usize,
-    /// The step concerned.
-    pub step: u64,
-    /// The other possible culprit, for a damaged trailer.
-    pub also: Option<usize>,
-    /// What the trailer shows.
-    pub reason: String,
 }
 
 /// The designer's audit state: keys, commitments, draws, the queue of
@@ -227,14 +203,14 @@ impl Audits {
     /// Strips the trailer of a loss or done delivery (`kind`) of a cascade
     /// of `n` hops, peels its layers and records the slots it carries;
     /// returns the payload and, if the trailer shows one, the hop to blame
-    /// ([`ChainBreak`]): slots that do not verify, or state digests that do
+    /// (a [`Misbehaviour`] of kind [`MisbehaviourKind::Chain`]): slots that do not verify, or state digests that do
     /// not chain. Other replies pass unchanged.
     pub fn take(
         &mut self,
         kind: Await,
         body: Vec<u8>,
         n: usize,
-    ) -> Result<(Vec<u8>, Option<ChainBreak>), DesignerError> {
+    ) -> Result<(Vec<u8>, Option<Misbehaviour>), DesignerError> {
         let (step, direction, micro) = match kind {
             _ if !self.on() => return Ok((body, None)),
             Await::Output { step, micro } => (step, TrailerDirection::Forward, micro),
@@ -270,17 +246,21 @@ impl Audits {
         // path is its writer's or the next hop's doing; both are blamed.
         if let Some(last_bad) = slots.iter().rposition(Result::is_err) {
             let hop = order[last_bad];
+            let culprit = match order.get(last_bad + 1) {
+                Some(&next) => Culprit::Pair(hop, next),
+                None => Culprit::Hop(hop),
+            };
             return Ok((
                 payload.to_vec(),
-                Some(ChainBreak {
-                    hop,
+                Some(Misbehaviour::new(
+                    culprit,
                     step,
-                    also: order.get(last_bad + 1).copied(),
-                    reason: format!(
-                        "its slot in the {} trailer of step {step} does not verify (damaged by it or by the next hop on the path)",
+                    MisbehaviourKind::Trailer,
+                    format!(
+                        "hop {hop}'s slot in the {} trailer of step {step} does not verify (damaged by it or by the next hop on the path)",
                         if direction == TrailerDirection::Forward { "forward" } else { "backward" }
                     ),
-                }),
+                )),
             ));
         }
         for (&hop, slot) in order.iter().zip(slots.into_iter().flatten()) {
@@ -295,7 +275,7 @@ impl Audits {
     /// The first hop whose state changed between the backward of `step − 1`
     /// and the forward of `step` (or of `step` and `step + 1`), as far as
     /// both slots are in.
-    fn chain_break(&self, step: u64, n: usize) -> Option<ChainBreak> {
+    fn chain_break(&self, step: u64, n: usize) -> Option<Misbehaviour> {
         let pairs = [
             step.checked_sub(1).map(|p| (p, step)),
             Some((step, step + 1)),
@@ -307,14 +287,14 @@ impl Audits {
             for hop in 0..n {
                 if let (Some(Some(after)), Some(Some(before))) = (a.bwd.get(hop), b.fwd.get(hop)) {
                     if after.digest != before.digest {
-                        return Some(ChainBreak {
-                            hop,
-                            step: next,
-                            also: None,
-                            reason: format!(
+                        return Some(Misbehaviour::new(
+                            Culprit::Hop(hop),
+                            next,
+                            MisbehaviourKind::Chain,
+                            format!(
                                 "the state its step {next} ran on is not the state its step {prev} left (committed digests do not chain)"
                             ),
-                        });
+                        ));
                     }
                 }
             }
@@ -387,7 +367,7 @@ impl Audits {
     }
 
     /// Records an audit's verdict.
-    pub fn record(&mut self, failure: Option<AuditFailure>) {
+    pub fn record(&mut self, failure: Option<Misbehaviour>) {
         self.stats.audits += 1;
         match failure {
             None => self.stats.passed += 1,

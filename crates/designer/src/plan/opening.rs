@@ -10,25 +10,18 @@ use mixnn_proto::audit::{state_digest, Opening};
 use mixnn_proto::{decode_state, encode_state};
 
 use crate::error::DesignerError;
+use crate::misbehaviour::{Culprit, Misbehaviour, MisbehaviourKind};
 use crate::plan::audit::Audits;
 use crate::plan::layout::Layout;
 
-/// What an audit found: nothing, or the hop to blame, why, and another
-/// one to replace with it (the two sides of a boundary that disagrees:
-/// either may have lied).
+/// What an audit found: nothing, or a misbehaviour (whom it is pinned
+/// on, why).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Every check passed.
     Pass,
     /// A check failed.
-    Fail {
-        /// The hop to blame.
-        hop: usize,
-        /// What did not check out.
-        reason: String,
-        /// The other side of a boundary that disagrees.
-        also: Option<usize>,
-    },
+    Fail(Misbehaviour),
 }
 
 /// What an audit checks openings against, besides the commitments.
@@ -101,8 +94,20 @@ impl AuditCase {
     ) -> Option<Verdict> {
         let k = self.next()?;
         self.at += 1;
+        let step = self.step;
         let fail = |hop: usize, reason: String, also: Option<usize>| {
-            Some(Verdict::Fail { hop, reason, also })
+            let culprit = match also {
+                Some(b) => Culprit::Pair(hop, b),
+                None => Culprit::Hop(hop),
+            };
+            let kind = if also.is_some() {
+                MisbehaviourKind::Boundary
+            } else {
+                MisbehaviourKind::Audit
+            };
+            Some(Verdict::Fail(Misbehaviour::new(
+                culprit, step, kind, reason,
+            )))
         };
         let Some(o) = opening else {
             return fail(k, format!("hop refused to open step {}", self.step), None);
@@ -395,7 +400,11 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
 
     fn failed(v: &Verdict) -> (usize, &str, Option<usize>) {
         match v {
-            Verdict::Fail { hop, reason, also } => (*hop, reason.as_str(), *also),
+            Verdict::Fail(m) => match m.culprit {
+                Culprit::Hop(j) => (j, m.reason.as_str(), None),
+                Culprit::Pair(a, b) => (a, m.reason.as_str(), Some(b)),
+                Culprit::Route { hop } => (hop, m.reason.as_str(), None),
+            },
             Verdict::Pass => panic!("passed"),
         }
     }

@@ -403,13 +403,12 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
             message: "x".into(),
         };
         assert!(!recoverable(&config));
-        let audit = DesignerError::Audit {
-            hop: 1,
-            addr: ([127, 0, 0, 1], 1).into(),
-            step: 3,
-            reason: "r".into(),
-            also: None,
-        };
+        let audit = DesignerError::Misbehaved(crate::misbehaviour::Misbehaviour::new(
+            crate::misbehaviour::Culprit::Hop(1),
+            3,
+            crate::misbehaviour::MisbehaviourKind::Audit,
+            "r",
+        ));
         assert!(!recoverable(&audit), "audits have their own recovery");
     }
 
