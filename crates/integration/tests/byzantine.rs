@@ -59,7 +59,7 @@ fn cascade_from(base: u64, mode: AdversaryMode, bad: usize, from_step: u64) -> V
     (0..5)
         .map(|i| {
             let config = NodeConfig {
-                adversary: (i == bad).then_some(Adversary { mode, from_step }),
+                adversary: (i == bad).then(|| Adversary::new(mode, from_step)),
                 ..NodeConfig::default()
             };
             start_node_with(base + i as u64, config)
@@ -222,10 +222,7 @@ fn a_last_hop_that_forges_slots_is_among_the_two_hops_blamed() {
     let hops: Vec<HopInfo> = (0..5)
         .map(|i| {
             let config = NodeConfig {
-                adversary: (i == last).then_some(Adversary {
-                    mode: AdversaryMode::ForgeSlots,
-                    from_step: FROM,
-                }),
+                adversary: (i == last).then(|| Adversary::new(AdversaryMode::ForgeSlots, FROM)),
                 ..NodeConfig::default()
             };
             start_node_with(890 + i as u64, config)
@@ -378,12 +375,9 @@ fn middle_hops_never_reach_the_designer_through_audits_checkpoints_and_a_recover
         };
         start_node_with(900 + i as u64, config)
     };
-    let bad = Adversary {
-        mode: AdversaryMode::Noise,
-        from_step: FROM,
-    };
+    let bad = Adversary::new(AdversaryMode::Noise, FROM);
     let hops: Vec<HopInfo> = (0..5)
-        .map(|i| start(i, (i == BAD_HOP).then_some(bad)))
+        .map(|i| start(i, (i == BAD_HOP).then(|| bad.clone())))
         .collect();
     let spares: Vec<HopInfo> = (5..7).map(|i| start(i, None)).collect();
     let mut runner = with_spares(&model, &cfg, &hops, &spares, 0.2, 4);

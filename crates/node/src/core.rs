@@ -22,12 +22,11 @@ use mixnn_wire::{
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
+use crate::adversary::{Hooks, Pass};
 use crate::error::NodeError;
 pub use crate::limits::Limits;
 use crate::limits::{forward_bytes, output_width, tensor_bytes, tensor_shape};
 use crate::routes::Routes;
-#[cfg(not(feature = "adversary"))]
-use crate::session::NoAdversary;
 use crate::session::{
     self, load_chunk, short, state_chunk, Cached, MaybeAdversary, NodeSession, Parked,
 };
@@ -67,7 +66,7 @@ pub struct Core {
     limits: Limits,
     learned: BTreeSet<SocketAddr>,
     #[cfg(feature = "adversary")]
-    adversary: Option<crate::audit::Adversary>,
+    adversary: Option<crate::adversary::Adversary>,
     #[cfg(feature = "adversary")]
     record: Option<Record>,
     /// Makes the stage code panic on this op (tests of panic isolation).
@@ -159,7 +158,7 @@ impl Core {
 
     /// Makes this node misbehave (tests of audits only).
     #[cfg(feature = "adversary")]
-    pub fn set_adversary(&mut self, adversary: Option<crate::audit::Adversary>) {
+    pub fn set_adversary(&mut self, adversary: Option<crate::adversary::Adversary>) {
         self.adversary = adversary;
     }
 
@@ -425,10 +424,12 @@ impl Core {
                 let (y, cached) = self.forward(id, &peeled, n, &body, &trailer)?;
                 (y, Some(cached))
             }
-            SessionNote::Test { .. } => {
+            SessionNote::Test { step } => {
                 self.admit_forward(id, op, &body, trailer_len)?;
+                let adversary = self.adversary();
                 let s = self.session_mut(id)?;
-                (s.stage.eval_bytes(&body)?, None)
+                let y = s.stage.eval_bytes(&body)?;
+                (adversary.sent(*step, Pass::Test, y, false), None)
             }
             SessionNote::Backward(n) => (
                 self.backward(id, &peeled, n, &body, &trailer, trailer_len)?,
@@ -447,9 +448,10 @@ impl Core {
             // Transfers travel through other hops: their bodies are sealed
             // between the designer and this hop (mixnn_proto::reply).
             SessionNote::Load(n) => {
+                let adversary = self.adversary();
                 let s = self.session_mut(id)?;
                 let plain = s.reply_key.open(Sealed::Load, n.step, n.chunk, &body)?;
-                load_chunk(s, n, &plain)?;
+                load_chunk(s, n, &plain, &adversary)?;
                 (Vec::new(), None)
             }
             SessionNote::Fetch(n) => {
@@ -457,26 +459,20 @@ impl Core {
                 let adversary = self.adversary();
                 let s = self.session_mut(id)?;
                 let step = s.stage.steps();
+                if adversary.refetch(step, n.chunk) {
+                    s.fetched = None;
+                }
                 if s.fetched.as_ref().is_none_or(|(at, _)| *at != step) {
-                    #[cfg(feature = "adversary")]
-                    let state = match adversary {
-                        Some(a) => a.fetched(step, s.stage.state()),
-                        None => s.stage.state(),
-                    };
-                    #[cfg(not(feature = "adversary"))]
-                    let state = {
-                        let _ = adversary;
-                        s.stage.state()
-                    };
+                    let state = adversary.fetched(step, s.stage.state());
                     s.fetched = Some((step, encode_state(&state)));
                 }
                 let all = s.fetched.as_ref().map_or(&[][..], |(_, b)| b);
-                let chunk = state_chunk(all, n.chunk, &s.policy);
-                (
-                    s.reply_key
-                        .seal(Sealed::Fetch, n.step, n.chunk, &chunk, nonce),
-                    None,
-                )
+                let chunk =
+                    adversary.fetch_plain(step, n.chunk, state_chunk(all, n.chunk, &s.policy));
+                let sealed = s
+                    .reply_key
+                    .seal(Sealed::Fetch, n.step, n.chunk, &chunk, nonce);
+                (adversary.fetch_chunk(step, n.chunk, sealed), None)
             }
             SessionNote::Audit(n) => {
                 // A step no longer kept (or never run) is refused with an
@@ -493,14 +489,7 @@ impl Core {
                 let sealed = s
                     .reply_key
                     .seal(Sealed::Audit, n.step, n.chunk, &chunk, nonce);
-                #[cfg(feature = "adversary")]
-                let sealed = match adversary {
-                    Some(a) => a.opening(n.step, sealed),
-                    None => sealed,
-                };
-                #[cfg(not(feature = "adversary"))]
-                let _ = adversary;
-                (sealed, None)
+                (adversary.opening_chunk(n.step, n.chunk, sealed), None)
             }
             SessionNote::Close { .. } => {
                 return Err(NodeError::Refused(
@@ -529,9 +518,9 @@ impl Core {
 
     fn adversary(&self) -> MaybeAdversary {
         #[cfg(feature = "adversary")]
-        return self.adversary;
+        return self.adversary.clone();
         #[cfg(not(feature = "adversary"))]
-        NoAdversary
+        crate::adversary::NoAdversary
     }
 
     /// Checks a forward or test of `body` before any math: a matrix, the
@@ -593,7 +582,7 @@ impl Core {
     ) -> Result<(Vec<u8>, Cached), NodeError> {
         let adversary = self.adversary();
         let s = self.session_mut(id)?;
-        session::forward(s, peeled.tag(), note, body, trailer, adversary)
+        session::forward(s, peeled.tag(), note, body, trailer, &adversary)
     }
 
     /// A backward on the cache of its forward: its gradient's shape is
@@ -648,7 +637,7 @@ impl Core {
         let grads = s.params.saturating_mul(4);
         self.check_held(&id, grads)?;
         let s = self.session_mut(id)?;
-        session::backward(s, peeled.tag(), cache, note, body, trailer, adversary)
+        session::backward(s, peeled.tag(), cache, note, body, trailer, &adversary)
     }
 
     /// The message carrying `body` where `peeled` routes it, if its init

@@ -27,6 +27,7 @@
 //! ([`NodeConfig::replay_file`]), so an init recorded before a restart is
 //! refused after it.
 
+mod adversary;
 pub mod announce;
 pub mod audit;
 pub mod core;
@@ -56,7 +57,7 @@ use tokio::sync::{mpsc, Semaphore};
 pub use crate::core::{Core, Limits, Now, Outbound};
 pub use crate::error::NodeError;
 #[cfg(feature = "adversary")]
-pub use audit::{Adversary, AdversaryMode};
+pub use adversary::{Adversary, AdversaryMode};
 
 /// How a node runs.
 #[derive(Debug, Clone)]
@@ -108,7 +109,7 @@ pub struct NodeConfig {
     pub drop_after: Option<u64>,
     /// Misbehaviour for tests of audits (feature `adversary` only).
     #[cfg(feature = "adversary")]
-    pub adversary: Option<audit::Adversary>,
+    pub adversary: Option<adversary::Adversary>,
     /// A curious hop (feature `adversary`, collusion tests): every byte
     /// string the node receives outside the model's tensors — raw headers
     /// and notes, its peeled notes and tags, commitment trailers, relayed
@@ -164,7 +165,7 @@ pub async fn run(
     rand_core::OsRng.fill_bytes(&mut seed);
     let mut core = Core::new(onion, seed, config.limits);
     #[cfg(feature = "adversary")]
-    core.set_adversary(config.adversary);
+    core.set_adversary(config.adversary.clone());
     #[cfg(feature = "adversary")]
     core.set_record(config.record.clone());
     let replay = match &config.replay_file {
