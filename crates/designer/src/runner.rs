@@ -7,6 +7,7 @@
 //! up a new session from the last checkpoint, or, after a failed audit,
 //! from the last checkpoint a local re-execution reproduces.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,7 @@ use crate::plan::audit::{AuditStats, Audits};
 use crate::plan::layout::Layout;
 use crate::plan::loops::{LoopSchedule, LoopStats};
 use crate::plan::recovery::{
-    self, recoverable, rollback_point, DetectionBound, RecoveryEvent, MAX_ATTEMPTS,
+    self, recoverable, rollback_point, DetectionBound, ProbeVerdict, RecoveryEvent, MAX_ATTEMPTS,
 };
 use crate::plan::route::Router;
 use crate::replacements::Replacements;
@@ -139,6 +140,7 @@ impl CascadeBuilder<'_> {
             replacements,
             events: Vec::new(),
             stalled: None,
+            suspected: HashMap::new(),
             model: model.clone(),
             cfg,
         })
@@ -154,6 +156,9 @@ pub struct CascadeRunner {
     /// The checkpoint step of the last recoveries that replaced no hop,
     /// and how many there were in a row ([`RecoveryError::NoProgress`]).
     stalled: Option<(u64, usize)>,
+    /// Misbehaviours pinned on no single hop found so far, by suspects:
+    /// the second time the same ones are found, the run stops.
+    suspected: HashMap<Culprit, usize>,
     model: ModelSpec,
     cfg: TrainConfig,
 }
@@ -302,10 +307,15 @@ impl CascadeRunner {
         let mut last_error = cause.to_string();
         for attempt in 1..=MAX_ATTEMPTS {
             let (n, step) = (self.session.hops().len(), self.session.step());
-            let failed = self.session.exchange().probe(n, step);
+            let verdict = self.session.exchange().probe(n, step);
             let mut hops = self.session.hops().to_vec();
             let mut replaced = Vec::new();
-            if let Some(j) = failed {
+            if let ProbeVerdict::Link(a, b) = verdict {
+                tracing::warn!(
+                    "hop {a} or hop {b} drops what passes between them ({last_error}); neither is replaced"
+                );
+            }
+            if let ProbeVerdict::Dead(j) = verdict {
                 let bad = hops[j].clone();
                 tracing::warn!(hop = j, addr = %mixnn_net::alias::peer(&bad.addr), "hop failed ({last_error}); replacing it");
                 let in_use: Vec<HopInfo> = hops.iter().filter(|h| **h != bad).cloned().collect();
@@ -386,14 +396,18 @@ impl CascadeRunner {
         Ok(())
     }
 
-    /// Recovers from a misbehaviour: replaces the hops it is pinned on
-    /// and rolls back to the last checkpoint before the first bad step.
-    /// `batches` are this epoch's, from `base`.
+    /// Recovers from a misbehaviour. One pinned on a hop gets the hop
+    /// reported and replaced; one that can only be pinned on two hops or
+    /// on a transfer's route replaces and reports nobody, and ends the run
+    /// if the same suspects are found again. Either way the run goes back
+    /// to the last checkpoint before the first bad step (`epoch`: this
+    /// epoch's batches, from `base`, which a local re-execution checks it
+    /// against), or, without them (a test, a fetch), to the last
+    /// checkpoint. Returns the step training resumes at.
     fn recover_misbehaviour(
         &mut self,
         cause: DesignerError,
-        batches: &[Batch],
-        base: u64,
+        epoch: Option<(&[Batch], u64)>,
     ) -> Result<u64, DesignerError> {
         let DesignerError::Misbehaved(m) = &cause else {
             return self.recover(cause);
@@ -401,22 +415,38 @@ impl CascadeRunner {
         if self.replacements.is_none() {
             return Err(cause);
         }
-        let bad = match m.culprit {
-            Culprit::Hop(j) => vec![j],
-            Culprit::Pair(a, b) => vec![a, b],
-            Culprit::Route { .. } => return self.recover(cause),
+        let (culprit, step) = (m.culprit, m.step);
+        let reason = format!("{}: {}", m.kind, m.reason);
+        let c = match epoch {
+            Some((batches, base)) => rollback_point(
+                self.saver.policy.kept(),
+                step,
+                batches,
+                base,
+                &self.model,
+                self.cfg.sgd,
+            )?,
+            None => match self.saver.policy.last() {
+                Some(c) => c.clone(),
+                None => return Err(cause),
+            },
         };
-        let (step, reason) = (m.step, format!("{}: {}", m.kind, m.reason));
-        let c = rollback_point(
-            self.saver.policy.kept(),
-            step,
-            batches,
-            base,
-            &self.model,
-            self.cfg.sgd,
-        )?;
-        tracing::warn!(?bad, step, back_to = c.step, "{reason}; replacing");
-        self.replace_and_rebuild(&bad, step, &reason, &c)?;
+        match culprit {
+            Culprit::Hop(j) => {
+                tracing::warn!(hop = j, step, back_to = c.step, "{reason}; replacing it");
+                self.replace_and_rebuild(&[j], step, &reason, &c)?;
+            }
+            Culprit::Pair(..) | Culprit::Route { .. } => {
+                let seen = self.suspected.entry(culprit).or_insert(0);
+                *seen += 1;
+                if *seen > 1 {
+                    // The same suspects again: stop, naming them.
+                    return Err(cause);
+                }
+                tracing::warn!(%culprit, step, back_to = c.step, "{reason}; replacing neither, going back");
+                self.replace_and_rebuild(&[], step, &reason, &c)?;
+            }
+        }
         Ok(c.step)
     }
 
@@ -445,7 +475,11 @@ impl CascadeRunner {
         for f in &failed {
             r.report(f, step, reason);
         }
-        let new = r.replace(&failed, &in_use)?;
+        let new = if failed.is_empty() {
+            Vec::new()
+        } else {
+            r.replace(&failed, &in_use)?
+        };
         if new.len() != failed.len() {
             return Err(DesignerError::Config {
                 message: format!("{} replacements for {} hops", new.len(), failed.len()),
@@ -477,7 +511,11 @@ impl CascadeRunner {
         purpose: &'static str,
     ) -> Result<(), DesignerError> {
         let at = self.session.step();
-        if self.recover(e)? != at {
+        let back = match e {
+            DesignerError::Misbehaved(_) => self.recover_misbehaviour(e, None)?,
+            e => self.recover(e)?,
+        };
+        if back != at {
             return Err(RecoveryError::NoCheckpointAt { step: at, purpose }.into());
         }
         Ok(())
@@ -535,7 +573,7 @@ impl StepRunner for CascadeRunner {
                 Err(e) => {
                     let step = match e {
                         DesignerError::Misbehaved(_) => {
-                            self.recover_misbehaviour(e, batches, base)?
+                            self.recover_misbehaviour(e, Some((batches, base)))?
                         }
                         e => self.recover(e)?,
                     };

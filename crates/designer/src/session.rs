@@ -27,9 +27,10 @@ use mixnn_model::arith::ARITH_VERSION;
 use mixnn_model::seed::Purpose;
 use mixnn_model::stage::{Stage, StageCache, StageState};
 use mixnn_model::tensor_bytes::TensorBytes;
-use mixnn_model::trainer::{argmax_slice, micro_ranges, stage_seed, Batch, TrainConfig};
+use mixnn_model::trainer::{stage_seed, Batch, TrainConfig};
 use mixnn_model::weights::StageParams;
-use mixnn_proto::audit::{state_digest, Opening};
+use mixnn_proto::audit::{digest_state, state_digest, Opening};
+use mixnn_proto::trailer::Pass;
 use mixnn_proto::{decode_state, encode_state, InitNote, Micro};
 use mixnn_wire::{HopTag, OnionPublic};
 use rand_core::RngCore;
@@ -48,6 +49,8 @@ use crate::plan::route::Route;
 use crate::plan::transfer::state_bound;
 use crate::plan::window::Window;
 use crate::saver::Saver;
+
+mod predict;
 
 /// The stages the designer runs itself.
 #[derive(Default)]
@@ -205,6 +208,16 @@ impl Session {
                 audit_key: self.audits.key(k),
             })
             .collect();
+        // The designer knows the state each hop builds from its note: the
+        // first step's forward must run on it (a load replaces it).
+        if self.audits.on() {
+            for (k, n) in notes.iter().enumerate() {
+                let mut stage = Stage::new(&n.stage, n.seed, n.sgd);
+                stage.start_at(n.start_step);
+                self.audits
+                    .know(k, n.start_step, digest_state(&stage.state()));
+            }
+        }
         self.ex
             .init(|router| router.init(&publics, &notes), self.step)
     }
@@ -226,6 +239,18 @@ impl Session {
     /// running audits on the way, and a checkpoint at the end.
     /// `on_step(position, loss)` hears of each completed step.
     pub fn train(
+        &mut self,
+        batches: &[Batch],
+        base: u64,
+        losses: &mut Vec<f32>,
+        saver: &mut Saver,
+        on_step: &mut dyn FnMut(usize, f32),
+    ) -> Result<(), DesignerError> {
+        self.train_steps(batches, base, losses, saver, on_step)
+            .map_err(|e| self.found(e))
+    }
+
+    fn train_steps(
         &mut self,
         batches: &[Batch],
         base: u64,
@@ -279,10 +304,7 @@ impl Session {
                 Expected::Step
             };
             let (kind, body) = self.ex.wait(expected, w.waiting())?;
-            let (body, broken) = self.audits.take(kind, body, self.layout.len())?;
-            if let Some(m) = broken {
-                return Err(self.misbehaved(m));
-            }
+            let body = self.audits.take(kind, body, self.layout.len())?;
             match kind {
                 Await::Output { step, micro } => {
                     let loss = self.on_output(&w, batches, step, micro, &body)?;
@@ -294,7 +316,9 @@ impl Session {
                         let c = first_caches
                             .remove(&(step, micro))
                             .ok_or(BadReply::MicroBatch { step, micro })?;
-                        first.backward_micro_bytes(c, Some(&body), false, u32::from(micro))?;
+                        first
+                            .backward_micro_bytes(c, Some(&body), false, u32::from(micro))
+                            .map_err(|e| malformed(0, step, format!("its gradient: {e}")))?;
                         if first.pending_micros() == micros {
                             first.apply();
                         }
@@ -313,7 +337,7 @@ impl Session {
                             self.audit_prefetched(p, batches, base, true)?;
                         }
                         Ok(()) => prefetch = Some(p),
-                        Err(DesignerError::BadReply(_)) => {
+                        Err(e) if route_fault(&e) => {
                             // Left to the audits between steps, which
                             // fetch each opening on its own and so pin a
                             // failure to its hop.
@@ -358,13 +382,18 @@ impl Session {
     ) -> Result<f32, DesignerError> {
         let i = w.position(step)?;
         let micros = w.micros(i);
+        // Only the last hop delivers outputs: one that does not parse is
+        // its doing.
+        let end = self.layout.len().saturating_sub(1);
         let loss = match self.kept.last.as_mut() {
             Some(last) => {
                 let rows = w
                     .rows(i, micro)
                     .ok_or(BadReply::MicroBatch { step, micro })?;
                 let labels = batches[i].slice(rows).labels;
-                let (l, c) = last.forward_micro_bytes(body, Some(&labels), batches[i].rows)?;
+                let (l, c) = last
+                    .forward_micro_bytes(body, Some(&labels), batches[i].rows)
+                    .map_err(|e| malformed(end, step, format!("its output: {e}")))?;
                 let g = last
                     .backward_micro_bytes(c, None, true, u32::from(micro))?
                     .unwrap_or_default();
@@ -374,9 +403,13 @@ impl Session {
                 self.send_backward(step, micro, micros as u16, &g)?;
                 TensorBytes::decode(&l)?.values.first().copied()
             }
-            None => TensorBytes::decode(body)?.values.first().copied(),
+            None => TensorBytes::decode(body)
+                .map_err(|e| malformed(end, step, format!("its loss: {e}")))?
+                .values
+                .first()
+                .copied(),
         };
-        Ok(loss.ok_or(BadReply::EmptyLoss)?)
+        loss.ok_or_else(|| malformed(end, step, "an empty loss"))
     }
 
     /// Sends the forward (and, without a kept last stage, the backward)
@@ -424,7 +457,10 @@ impl Session {
             labels,
             tags.clone(),
         );
-        let body = self.audits.pad(body, self.ex.router().rng());
+        let n = self.layout.len();
+        let body = self
+            .audits
+            .pad(Pass::Forward, step, u32::from(micro), n, body)?;
         self.ex.send(&route, &body, Await::Output { step, micro })?;
         self.tags.insert((step, micro), tags);
         Ok(())
@@ -442,86 +478,21 @@ impl Session {
             .remove(&(step, micro))
             .ok_or(BadReply::MicroBatch { step, micro })?;
         let route = Route::backward(&self.layout, step, Micro::new(micro, micros)?, tags);
-        let grad = self.audits.pad(grad, self.ex.router().rng());
-        self.ex.send(&route, &grad, Await::Done { step, micro })
-    }
-
-    /// The predicted class of every image of `batches`, through the
-    /// cascade's test op (no cache, no update); `on_batch(position)` hears
-    /// of each batch done, in order.
-    pub fn predict(
-        &mut self,
-        batches: &[Batch],
-        on_batch: &mut dyn FnMut(usize),
-    ) -> Result<Vec<u32>, DesignerError> {
         let n = self.layout.len();
-        let k = self.micro_batches;
-        let window = self.window * 4;
-        let mut outputs: Vec<Vec<Option<Vec<u32>>>> = batches
-            .iter()
-            .map(|b| vec![None; micro_ranges(b.rows, k).len()])
-            .collect();
-        let (mut next, mut received) = (0usize, 0usize);
-        while received < batches.len() {
-            while next < batches.len() && next - received < window {
-                for (m, micro) in batches[next].micro_batches(k).iter().enumerate() {
-                    let x =
-                        TensorBytes::encode_pixels(&[micro.rows, self.layout.input], &micro.pixels);
-                    let body = match &self.kept.first {
-                        Some(first) => first.eval_bytes(&x)?,
-                        None => x,
-                    };
-                    let what = Await::Test {
-                        batch: next,
-                        micro: m as u16,
-                    };
-                    self.ex.send(&Route::test(n, self.step), &body, what)?;
-                }
-                next += 1;
-            }
-            let (kind, body) = self.ex.wait(Expected::Test, self.step)?;
-            let Await::Test { batch, micro } = kind else {
-                return Err(DesignerError::UnexpectedReply {
-                    expected: Expected::Test,
-                    got: kind,
-                });
-            };
-            let classes = self.output_to_classes(&body)?;
-            let slot = outputs
-                .get_mut(batch)
-                .and_then(|o| o.get_mut(usize::from(micro)))
-                .ok_or(BadReply::TestOutput { batch, micro })?;
-            *slot = Some(classes);
-            while received < batches.len() && outputs[received].iter().all(Option::is_some) {
-                on_batch(received);
-                received += 1;
-            }
-        }
-        Ok(outputs.into_iter().flatten().flatten().flatten().collect())
-    }
-
-    fn output_to_classes(&self, body: &[u8]) -> Result<Vec<u32>, DesignerError> {
-        let mut out = TensorBytes::decode(body)?;
-        if let Some(last) = &self.kept.last {
-            let y = last.forward_eval(out.into_matrix()?)?;
-            out = TensorBytes {
-                shape: y.dims().to_vec(),
-                values: y.into_vec(),
-            };
-        }
-        match out.shape.as_slice() {
-            [rows, cols] => Ok(argmax_slice(&out.values, *rows, *cols)),
-            other => Err(BadReply::TestShape {
-                shape: other.to_vec(),
-            }
-            .into()),
-        }
+        let grad = self
+            .audits
+            .pad(Pass::Backward, step, u32::from(micro), n, grad)?;
+        self.ex.send(&route, &grad, Await::Done { step, micro })
     }
 
     /// Every hop's state, fetched in chunks (all hops at once). Stages
     /// without parameters are not asked (so that they never learn the
     /// designer's address): their state is their step counter.
     pub fn fetch_states(&mut self) -> Result<Vec<StageState>, DesignerError> {
+        self.fetch_states_checked().map_err(|e| self.found(e))
+    }
+
+    fn fetch_states_checked(&mut self) -> Result<Vec<StageState>, DesignerError> {
         let asked: Vec<usize> = (0..self.layout.len())
             .filter(|j| self.layout.has_params(*j))
             .collect();
@@ -533,29 +504,37 @@ impl Session {
             self.ex
                 .download(&asked, &bounds, Fetch::State { step: self.step }, self.step)?;
         // A fetched state must be the one the hop committed to leaving
-        // after the last step (its slots are its own): anything else is
-        // that hop's lie, as a failed audit.
-        if let Some(last) = self.step.checked_sub(1) {
+        // after the last step, or the one the designer loaded into it or
+        // built it with: anything else is that hop's lie (the state is
+        // sealed by it).
+        if self.audits.on() {
             for (&j, bytes) in asked.iter().zip(&fetched) {
-                if let Some(committed) = self.audits.committed_after(j, last) {
-                    if state_digest(bytes) != committed {
-                        return Err(self.misbehaved(Misbehaviour::new(
-                            Culprit::Hop(j),
-                            last,
-                            MisbehaviourKind::FalseState,
-                            format!(
-                                "the state it sent at step {} is not the state its step {last} committed to",
-                                self.step
-                            ),
-                        )));
-                    }
+                let Some(want) = self.audits.expected_state(j, self.step) else {
+                    return Err(DesignerError::Config {
+                        message: format!(
+                            "no state of hop {j} known at step {} to check its fetched state against",
+                            self.step
+                        ),
+                    });
+                };
+                if state_digest(bytes) != want {
+                    let last = self.step.saturating_sub(1);
+                    return Err(DesignerError::Misbehaved(Misbehaviour::new(
+                        Culprit::Hop(j),
+                        last,
+                        MisbehaviourKind::FalseState,
+                        format!(
+                            "the state it sent at step {} is not the state it committed to (or was loaded with)",
+                            self.step
+                        ),
+                    )));
                 }
             }
         }
         let mut fetched: HashMap<usize, Vec<u8>> = asked.into_iter().zip(fetched).collect();
         (0..self.layout.len())
             .map(|j| match fetched.remove(&j) {
-                Some(bytes) => Ok(decode_state(&bytes)?),
+                Some(bytes) => decode_state(&bytes).map_err(|e| malformed(j, self.step, format!("its state: {e}"))),
                 None => Ok(StageState {
                     steps: self.step,
                     tensors: Vec::new(),
@@ -577,6 +556,11 @@ impl Session {
             .map(|(j, s)| (j, encode_state(s)))
             .collect();
         self.ex.upload(&loads, self.step)?;
+        // The designer knows what it loaded: the first step after the load
+        // (and a fetch before it) must name these states.
+        for (j, bytes) in &loads {
+            self.audits.know(*j, c.step, state_digest(bytes));
+        }
         if let Some(first) = self.kept.first.as_mut() {
             first.load_state(&c.stages[0])?;
         }
@@ -628,9 +612,17 @@ impl Session {
         out
     }
 
-    /// A misbehaviour found: logged, recorded in the audit stats, and
-    /// returned as the session's error (with the suspects' addresses).
-    fn misbehaved(&mut self, m: Misbehaviour) -> DesignerError {
+    /// An error of the session as its caller sees it: a misbehaviour found
+    /// is logged, recorded in the audit stats, and given the suspects'
+    /// addresses.
+    fn found(&mut self, e: DesignerError) -> DesignerError {
+        let DesignerError::Misbehaved(m) = e else {
+            return e;
+        };
+        if !m.addrs.is_empty() {
+            // Found and recorded already (by a call within this one).
+            return DesignerError::Misbehaved(m);
+        }
         let addrs: Vec<std::net::SocketAddr> = self.hops.iter().map(|h| h.addr).collect();
         let m = m.at(&addrs);
         let suspects: Vec<String> = m
@@ -659,7 +651,7 @@ impl Session {
             let pre: Option<HashMap<usize, Option<Opening>>> =
                 match self.fetch_openings(&asks, step) {
                     Ok(all) => Some(asks.into_iter().zip(all).collect()),
-                    Err(DesignerError::BadReply(_)) => None,
+                    Err(e) if route_fault(&e) => None,
                     Err(e) => return Err(e),
                 };
             self.audit_step(step, &hops, batches, base, pre.as_ref())?;
@@ -710,7 +702,7 @@ impl Session {
             let (got, body) = self.ex.wait(Expected::Opening, step)?;
             match self.ex.on_transfer_reply(&mut p.transfer, got, &body) {
                 Ok(()) => {}
-                Err(DesignerError::BadReply(_)) => {
+                Err(e) if route_fault(&e) => {
                     self.ex.forget(|a| p.transfer.what().answered_by(a));
                     return Ok(());
                 }
@@ -759,7 +751,7 @@ impl Session {
         for &j in hops {
             match self.audit(j, step, batch, pre)? {
                 Verdict::Pass => self.audits.record(None),
-                Verdict::Fail(m) => return Err(self.misbehaved(m)),
+                Verdict::Fail(m) => return Err(DesignerError::Misbehaved(m)),
             }
         }
         Ok(())
@@ -817,14 +809,10 @@ impl Session {
     /// empty or malformed opening counts as a refusal).
     fn fetch_opening(&mut self, j: usize, step: u64) -> Result<Option<Opening>, DesignerError> {
         let max = self.opening_bound(j);
-        match self
+        let mut all = self
             .ex
-            .download(&[j], &[max], Fetch::Opening { step }, self.step)
-        {
-            Ok(mut all) => Ok(decode_opening(&all.pop().unwrap_or_default())),
-            Err(DesignerError::BadReply(BadReply::Length { .. })) => Ok(None),
-            Err(e) => Err(e),
-        }
+            .download(&[j], &[max], Fetch::Opening { step }, self.step)?;
+        Ok(decode_opening(&all.pop().unwrap_or_default()))
     }
 }
 
@@ -833,6 +821,23 @@ impl Session {
 struct Prefetch {
     step: u64,
     transfer: Transfer,
+}
+
+/// A misbehaviour of hop `hop` at `step`: what it delivered does not
+/// parse.
+fn malformed(hop: usize, step: u64, what: impl std::fmt::Display) -> DesignerError {
+    DesignerError::Misbehaved(Misbehaviour::new(
+        Culprit::Hop(hop),
+        step,
+        MisbehaviourKind::Malformed,
+        what.to_string(),
+    ))
+}
+
+/// Whether `e` is a transfer that did not open: changed by its hop or by
+/// one that relayed it, so pinned on no hop.
+fn route_fault(e: &DesignerError) -> bool {
+    matches!(e, DesignerError::Misbehaved(m) if matches!(m.culprit, Culprit::Route { .. }))
 }
 
 /// An opening as a hop sent it; `None` for a refusal (empty, or not an

@@ -352,8 +352,10 @@ mod lying {
             if pass != Pass::Forward {
                 return;
             }
+            // Their own tail stays (the hop takes what it changed).
+            let keep = trailer.len().saturating_sub(SLOT_LEN);
             if a.active(AdversaryMode::ForgeSlots, step) {
-                for b in trailer.iter_mut().step_by(3) {
+                for b in trailer[..keep].iter_mut().step_by(3) {
                     *b ^= 0x5a;
                 }
             }

@@ -1,8 +1,9 @@
-//! A hop's side of audits (Byzantine hops): it commits to every forward and
-//! backward it runs ([`mixnn_proto::audit`]) and keeps the openings of its
-//! last [`KEPT`] steps, so the designer can audit any of them after the
-//! fact. An audit of an older step is refused (and the designer treats a
-//! refusal as a failed audit).
+//! A hop's side of audits (Byzantine hops): it commits to every forward,
+//! backward and test it runs ([`mixnn_proto::audit`]: the digest of its
+//! state and the hashes of what it received and sends) and keeps the
+//! openings of its last [`KEPT`] steps and test batches, so the designer
+//! can audit any of them after the fact. An audit of an older one is
+//! refused (and the designer treats a refusal as a failed audit).
 //!
 //! With the `adversary` feature (tests only), `crate::adversary` makes the
 //! node misbehave.
@@ -11,17 +12,24 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use mixnn_model::stage::{Stage, StageState};
-use mixnn_proto::audit::{commit_backward, commit_forward, digest_state, Opening};
+use mixnn_proto::audit::{digest_state, hash_tensor, Opening};
 use mixnn_proto::encode_state;
 use mixnn_proto::trailer::{Slot, TrailerKeys};
 use mixnn_wire::HopTag;
 
 pub use mixnn_proto::audit::KEPT;
 
+/// What an opening is of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Of {
+    Step(u64),
+    Test(u64, u32),
+}
+
 /// The commitments and openings of one session's stage.
 pub(crate) struct Auditor {
-    key: [u8; 32],
-    /// The keys of this hop's trailer layer (its slot's tag and stream).
+    /// The keys of this hop's trailer layer (its slot's tag, stream and
+    /// tail).
     trailer: TrailerKeys,
     /// The stage's state now (shared with the openings that start from
     /// it) and its digest.
@@ -30,8 +38,10 @@ pub(crate) struct Auditor {
     /// Forwards waiting for their backward: step, state before, x, y.
     forwards: HashMap<HopTag, Kept>,
     openings: VecDeque<Kept>,
-    /// The opening last encoded, with its step.
-    encoded: Option<(u64, Vec<u8>)>,
+    /// Openings of test batches, the last [`KEPT`].
+    tests: VecDeque<(u32, Kept)>,
+    /// The opening last encoded.
+    encoded: Option<(Of, Vec<u8>)>,
 }
 
 /// An opening, with its state not yet encoded.
@@ -40,10 +50,19 @@ struct Kept {
     opening: Opening,
 }
 
+impl Kept {
+    fn encode(&self) -> Vec<u8> {
+        Opening {
+            before: encode_state(&self.before),
+            ..self.opening.clone()
+        }
+        .encode()
+    }
+}
+
 impl Auditor {
     pub(crate) fn new(key: [u8; 32], stage: &Stage) -> Self {
         let mut a = Auditor {
-            key,
             trailer: TrailerKeys::new(&key),
             state: Arc::new(StageState {
                 steps: 0,
@@ -52,6 +71,7 @@ impl Auditor {
             digest: [0; 32],
             forwards: HashMap::new(),
             openings: VecDeque::new(),
+            tests: VecDeque::new(),
             encoded: None,
         };
         a.reset(stage);
@@ -64,6 +84,7 @@ impl Auditor {
         self.digest = digest_state(&self.state);
         self.forwards.clear();
         self.openings.clear();
+        self.tests.clear();
         self.encoded = None;
     }
 
@@ -73,9 +94,8 @@ impl Auditor {
     }
 
     /// Records a forward of `step` (tag `tag`) and returns its slot: the
-    /// digest of the state it ran on and its commitment.
+    /// digest of the state it ran on and the hashes of `x` and `y`.
     pub(crate) fn forward(&mut self, tag: HopTag, step: u64, x: &[u8], y: &[u8]) -> Slot {
-        let c = commit_forward(&self.key, step, x, y, &self.digest);
         // The designer keeps few steps in flight; a forward whose backward
         // never comes is dropped with the oldest.
         if self.forwards.len() >= 4 * KEPT {
@@ -98,17 +118,17 @@ impl Auditor {
         );
         Slot {
             digest: self.digest,
-            commitment: c,
+            input: hash_tensor(x),
+            output: hash_tensor(y),
         }
     }
 
     /// Records the backward of the forward under `tag`, after the stage
     /// applied (`applied`) or kept (micro-batches) its update; returns its
-    /// commitment.
+    /// slot: the digest of the state it left, the hashes of the gradients.
     pub(crate) fn backward(
         &mut self,
         tag: HopTag,
-        step: u64,
         g_in: &[u8],
         g_out: &[u8],
         stage: &Stage,
@@ -118,7 +138,6 @@ impl Auditor {
             self.state = Arc::new(stage.state());
             self.digest = digest_state(&self.state);
         }
-        let c = commit_backward(&self.key, step, g_in, g_out, &self.digest);
         if let Some(mut k) = self.forwards.remove(&tag) {
             k.opening.g_in = g_in.to_vec();
             k.opening.g_out = g_out.to_vec();
@@ -130,10 +149,39 @@ impl Auditor {
         }
         Slot {
             digest: self.digest,
-            commitment: c,
+            input: hash_tensor(g_in),
+            output: hash_tensor(g_out),
         }
     }
 
+    /// Records test batch `batch` at `step` (input `x`, output `y`) and
+    /// returns its slot.
+    pub(crate) fn test(&mut self, step: u64, batch: u32, x: &[u8], y: &[u8]) -> Slot {
+        self.tests.retain(|(b, k)| !(*b == batch && k.opening.step == step));
+        self.tests.push_back((
+            batch,
+            Kept {
+                before: Arc::clone(&self.state),
+                opening: Opening {
+                    step,
+                    before: Vec::new(),
+                    x: x.to_vec(),
+                    y: y.to_vec(),
+                    g_in: Vec::new(),
+                    g_out: Vec::new(),
+                    after: self.digest,
+                },
+            },
+        ));
+        while self.tests.len() > KEPT {
+            self.tests.pop_front();
+        }
+        Slot {
+            digest: self.digest,
+            input: hash_tensor(x),
+            output: hash_tensor(y),
+        }
+    }
     /// The digest of the state now (a test adversary).
     #[cfg(feature = "adversary")]
     pub(crate) fn digest(&self) -> [u8; 32] {
@@ -151,14 +199,22 @@ impl Auditor {
     /// The encoded opening of `step`, if still kept. The designer asks for
     /// it chunk by chunk, so the last one encoded is kept too.
     pub(crate) fn opening(&mut self, step: u64) -> Option<&[u8]> {
-        if self.encoded.as_ref().is_none_or(|(at, _)| *at != step) {
+        if self.encoded.as_ref().is_none_or(|(of, _)| *of != Of::Step(step)) {
             let k = self.openings.iter().find(|k| k.opening.step == step)?;
-            let bytes = Opening {
-                before: encode_state(&k.before),
-                ..k.opening.clone()
-            }
-            .encode();
-            self.encoded = Some((step, bytes));
+            self.encoded = Some((Of::Step(step), k.encode()));
+        }
+        self.encoded.as_ref().map(|(_, b)| b.as_slice())
+    }
+
+    /// The encoded opening of test batch `batch` at `step`, if still kept.
+    pub(crate) fn test_opening(&mut self, step: u64, batch: u32) -> Option<&[u8]> {
+        let of = Of::Test(step, batch);
+        if self.encoded.as_ref().is_none_or(|(o, _)| *o != of) {
+            let (_, k) = self
+                .tests
+                .iter()
+                .find(|(b, k)| *b == batch && k.opening.step == step)?;
+            self.encoded = Some((of, k.encode()));
         }
         self.encoded.as_ref().map(|(_, b)| b.as_slice())
     }

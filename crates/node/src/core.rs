@@ -14,7 +14,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use mixnn_proto::reply::Sealed;
-use mixnn_proto::{encode_state, BackwardNote, ForwardNote, SessionNote};
+use mixnn_proto::{encode_state, BackwardNote, ForwardNote, Opens, SessionNote};
 use mixnn_wire::{
     encode_cells, CellKind, InitReplayCache, InitTag, Message, Onion, Op, PaddingPolicy, Peeled,
     ReplyId, SessionId, SessionTable,
@@ -22,7 +22,7 @@ use mixnn_wire::{
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
-use crate::adversary::{Hooks, Pass};
+use crate::adversary::Hooks;
 use crate::error::NodeError;
 pub use crate::limits::Limits;
 use crate::limits::{forward_bytes, output_width, tensor_bytes, tensor_shape};
@@ -396,7 +396,7 @@ impl Core {
         // Forward and backward bodies end with the commitment trailer
         // when the session is audited.
         let audited = self.session_mut(id)?.auditor.is_some();
-        let trailed = audited && matches!(op, Op::Forward | Op::Backward);
+        let trailed = audited && matches!(op, Op::Forward | Op::Backward | Op::Test);
         let (body, trailer) = if trailed {
             let (p, t) = mixnn_proto::audit::split(&body)?;
             (p.to_vec(), t.to_vec())
@@ -424,12 +424,14 @@ impl Core {
                 let (y, cached) = self.forward(id, &peeled, n, &body, &trailer)?;
                 (y, Some(cached))
             }
-            SessionNote::Test { step } => {
+            SessionNote::Test { step, batch } => {
                 self.admit_forward(id, op, &body, trailer_len)?;
                 let adversary = self.adversary();
                 let s = self.session_mut(id)?;
-                let y = s.stage.eval_bytes(&body)?;
-                (adversary.sent(*step, Pass::Test, y, false), None)
+                (
+                    session::test(s, *step, *batch, &body, &trailer, &adversary)?,
+                    None,
+                )
             }
             SessionNote::Backward(n) => (
                 self.backward(id, &peeled, n, &body, &trailer, trailer_len)?,
@@ -480,15 +482,15 @@ impl Core {
                 let nonce = self.nonce();
                 let adversary = self.adversary();
                 let s = self.session_mut(id)?;
-                let all = s
-                    .auditor
-                    .as_mut()
-                    .and_then(|a| a.opening(n.step))
-                    .unwrap_or_default();
-                let chunk = state_chunk(all, n.chunk, &s.policy);
-                let sealed = s
-                    .reply_key
-                    .seal(Sealed::Audit, n.step, n.chunk, &chunk, nonce);
+                let (all, kind) = match (s.auditor.as_mut(), n.opens) {
+                    (Some(a), Opens::Step) => (a.opening(n.step), Sealed::Audit),
+                    (Some(a), Opens::Test { batch }) => {
+                        (a.test_opening(n.step, batch), Sealed::AuditTest { batch })
+                    }
+                    (None, _) => (None, Sealed::Audit),
+                };
+                let chunk = state_chunk(all.unwrap_or_default(), n.chunk, &s.policy);
+                let sealed = s.reply_key.seal(kind, n.step, n.chunk, &chunk, nonce);
                 (adversary.opening_chunk(n.step, n.chunk, sealed), None)
             }
             SessionNote::Close { .. } => {
@@ -780,7 +782,7 @@ mod tests {
             tag: HopTag::random(rng),
         };
         let note = match op {
-            Op::Test => SessionNote::Test { step: 0 },
+            Op::Test => SessionNote::Test { step: 0, batch: 0 },
             _ => SessionNote::Forward(ForwardNote {
                 step: 0,
                 micro: mixnn_proto::Micro::WHOLE,

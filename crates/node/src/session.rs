@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use mixnn_model::stage::{Stage, StageCache};
-use mixnn_proto::trailer::{add_layer, Direction, SlotContext};
+use mixnn_proto::trailer::{add_layer, check_received, Pass as TrailerPass, SlotContext};
+use mixnn_proto::ProtoError;
 use mixnn_proto::{decode_state, BackwardNote, ChunkNote, ForwardNote, ParamChunk, SessionNote};
 use mixnn_wire::{HopTag, PaddingPolicy, Peeled};
 
@@ -107,6 +108,15 @@ pub(crate) fn forward(
     adversary: &MaybeAdversary,
 ) -> Result<(Vec<u8>, Cached), NodeError> {
     let step = note.step;
+    let ctx = SlotContext {
+        step,
+        pass: TrailerPass::Forward,
+        index: u32::from(note.micro.index()),
+    };
+    // A trailer changed on its way is refused before any math.
+    if let Some(a) = &s.auditor {
+        check_received(a.trailer_keys(), &ctx, trailer).map_err(ProtoError::from)?;
+    }
     let body = adversary.input(step, Pass::Forward, body.to_vec());
     let loss = s.stage.spec().is_loss();
     let labels = loss.then_some(note.labels.as_slice());
@@ -123,14 +133,10 @@ pub(crate) fn forward(
         Some(a) => {
             let mut slot = a.forward(tag, step, &body, &y);
             adversary.slot(step, Pass::Forward, &mut slot);
-            let ctx = SlotContext {
-                step,
-                direction: Direction::Forward,
-                micro: note.micro.index(),
-            };
             let mut trailer = trailer.to_vec();
             adversary.received_trailer(step, Pass::Forward, &mut trailer);
-            let layer = add_layer(a.trailer_keys(), &ctx, &slot, &trailer)?;
+            let layer =
+                add_layer(a.trailer_keys(), &ctx, &slot, &trailer).map_err(ProtoError::from)?;
             let y = adversary.sent(step, Pass::Forward, y, loss);
             with_layer(y, layer)
         }
@@ -153,6 +159,14 @@ pub(crate) fn backward(
     adversary: &MaybeAdversary,
 ) -> Result<Vec<u8>, NodeError> {
     let step = note.step;
+    let ctx = SlotContext {
+        step,
+        pass: TrailerPass::Backward,
+        index: u32::from(note.micro.index()),
+    };
+    if let Some(a) = &s.auditor {
+        check_received(a.trailer_keys(), &ctx, trailer).map_err(ProtoError::from)?;
+    }
     let body = adversary.input(step, Pass::Backward, body.to_vec());
     let grad = (!body.is_empty()).then_some(body.as_slice());
     let dx = s
@@ -172,16 +186,12 @@ pub(crate) fn backward(
     }
     Ok(match s.auditor.as_mut() {
         Some(a) => {
-            let mut slot = a.backward(tag, step, &body, &dx, &s.stage, applied);
+            let mut slot = a.backward(tag, &body, &dx, &s.stage, applied);
             adversary.slot(step, Pass::Backward, &mut slot);
-            let ctx = SlotContext {
-                step,
-                direction: Direction::Backward,
-                micro: note.micro.index(),
-            };
             let mut trailer = trailer.to_vec();
             adversary.received_trailer(step, Pass::Backward, &mut trailer);
-            let layer = add_layer(a.trailer_keys(), &ctx, &slot, &trailer)?;
+            let layer =
+                add_layer(a.trailer_keys(), &ctx, &slot, &trailer).map_err(ProtoError::from)?;
             let out = with_layer(adversary.sent(step, Pass::Backward, dx, false), layer);
             if applied {
                 adversary.between_steps(step, &mut s.stage, a);
@@ -190,6 +200,41 @@ pub(crate) fn backward(
         }
         None => adversary.sent(step, Pass::Backward, dx, false),
     })
+}
+
+/// Runs a test forward (admitted by the core), with its commitment when
+/// audited; returns the body to send on.
+pub(crate) fn test(
+    s: &mut NodeSession,
+    step: u64,
+    batch: u32,
+    body: &[u8],
+    trailer: &[u8],
+    adversary: &MaybeAdversary,
+) -> Result<Vec<u8>, NodeError> {
+    let ctx = SlotContext {
+        step,
+        pass: TrailerPass::Test,
+        index: batch,
+    };
+    if let Some(a) = &s.auditor {
+        check_received(a.trailer_keys(), &ctx, trailer).map_err(ProtoError::from)?;
+    }
+    let body = adversary.input(step, Pass::Test, body.to_vec());
+    let y = adversary.computed(step, Pass::Test, s.stage.eval_bytes(&body)?);
+    let out = match s.auditor.as_mut() {
+        Some(a) => {
+            let mut slot = a.test(step, batch, &body, &y);
+            adversary.slot(step, Pass::Test, &mut slot);
+            let mut trailer = trailer.to_vec();
+            adversary.received_trailer(step, Pass::Test, &mut trailer);
+            let layer =
+                add_layer(a.trailer_keys(), &ctx, &slot, &trailer).map_err(ProtoError::from)?;
+            with_layer(adversary.sent(step, Pass::Test, y, false), layer)
+        }
+        None => adversary.sent(step, Pass::Test, y, false),
+    };
+    Ok(adversary.body_out(step, Pass::Test, out, false))
 }
 
 /// `payload ‖ trailer`: what an audited hop sends on.
