@@ -429,8 +429,12 @@ impl Exchange {
                     format!("chunk {chunk} of hop {hop}'s {words} does not open (changed by it or on its way)"),
                 )
             })?;
-        let piece = ParamChunk::decode(&body)
-            .map_err(|e| found(Culprit::Hop(hop), format!("chunk {chunk} of its {words}: {e}")))?;
+        let piece = ParamChunk::decode(&body).map_err(|e| {
+            found(
+                Culprit::Hop(hop),
+                format!("chunk {chunk} of its {words}: {e}"),
+            )
+        })?;
         let complete = t.downloads[at]
             .on_chunk(chunk, piece)
             .map_err(|e| found(Culprit::Hop(hop), format!("its {words}: {e}")))?;

@@ -534,7 +534,8 @@ impl Session {
         let mut fetched: HashMap<usize, Vec<u8>> = asked.into_iter().zip(fetched).collect();
         (0..self.layout.len())
             .map(|j| match fetched.remove(&j) {
-                Some(bytes) => decode_state(&bytes).map_err(|e| malformed(j, self.step, format!("its state: {e}"))),
+                Some(bytes) => decode_state(&bytes)
+                    .map_err(|e| malformed(j, self.step, format!("its state: {e}"))),
                 None => Ok(StageState {
                     steps: self.step,
                     tensors: Vec::new(),

@@ -159,7 +159,11 @@ fn stops_naming_the_pair(base: u64, bad: usize) {
         panic!("{err}");
     };
     assert_eq!(m.culprit, Culprit::Pair(bad, bad + 1), "{err}");
-    assert_eq!((m.step, m.kind), (FROM, MisbehaviourKind::Boundary), "{err}");
+    assert_eq!(
+        (m.step, m.kind),
+        (FROM, MisbehaviourKind::Boundary),
+        "{err}"
+    );
     assert!(err.to_string().contains("none is replaced"), "{err}");
     let stats = runner.audit_stats();
     assert_eq!(stats.failures.len(), 2, "{stats:?}");

@@ -157,7 +157,8 @@ impl Auditor {
     /// Records test batch `batch` at `step` (input `x`, output `y`) and
     /// returns its slot.
     pub(crate) fn test(&mut self, step: u64, batch: u32, x: &[u8], y: &[u8]) -> Slot {
-        self.tests.retain(|(b, k)| !(*b == batch && k.opening.step == step));
+        self.tests
+            .retain(|(b, k)| !(*b == batch && k.opening.step == step));
         self.tests.push_back((
             batch,
             Kept {
@@ -199,7 +200,11 @@ impl Auditor {
     /// The encoded opening of `step`, if still kept. The designer asks for
     /// it chunk by chunk, so the last one encoded is kept too.
     pub(crate) fn opening(&mut self, step: u64) -> Option<&[u8]> {
-        if self.encoded.as_ref().is_none_or(|(of, _)| *of != Of::Step(step)) {
+        if self
+            .encoded
+            .as_ref()
+            .is_none_or(|(of, _)| *of != Of::Step(step))
+        {
             let k = self.openings.iter().find(|k| k.opening.step == step)?;
             self.encoded = Some((Of::Step(step), k.encode()));
         }

@@ -405,13 +405,16 @@ mod tests {
                 .prop_map(|(step, chunk)| SessionNote::Fetch(ChunkNote { step, chunk })),
             (any::<u64>(), any::<u32>())
                 .prop_map(|(step, chunk)| SessionNote::Load(ChunkNote { step, chunk })),
-            (any::<u64>(), any::<u32>(), proptest::option::of(any::<u32>())).prop_map(
-                |(step, chunk, batch)| SessionNote::Audit(AuditNote {
+            (
+                any::<u64>(),
+                any::<u32>(),
+                proptest::option::of(any::<u32>())
+            )
+                .prop_map(|(step, chunk, batch)| SessionNote::Audit(AuditNote {
                     step,
                     chunk,
                     opens: batch.map_or(Opens::Step, |batch| Opens::Test { batch }),
-                })
-            ),
+                })),
             any::<u64>().prop_map(|step| SessionNote::Close { step }),
         ]
     }

@@ -239,7 +239,8 @@ impl Audits {
         };
         self.stats.committed_steps += 1;
         // Only steps still in the hops' windows can be audited.
-        self.ledger.retain_from(step.saturating_sub(4 * KEPT as u64));
+        self.ledger
+            .retain_from(step.saturating_sub(4 * KEPT as u64));
         for j in 0..layout.len() {
             // One draw per hop and step whatever the hop, so the draws do
             // not depend on the cascade's make-up.

@@ -172,7 +172,9 @@ impl Ledger {
             return Err(found(
                 Culprit::Hop(order[0]),
                 MisbehaviourKind::Boundary,
-                format!("the input its {what} slot of step {step} names is not what the designer sent"),
+                format!(
+                    "the input its {what} slot of step {step} names is not what the designer sent"
+                ),
             ));
         }
         for (i, pair) in slots.windows(2).enumerate() {

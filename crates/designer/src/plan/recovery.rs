@@ -459,8 +459,14 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
         // Hop 1 drops what it would pass on to hop 2 (the loops from the
         // first hop past it, and those from the last hop that turn at it):
         // on the code before, hop 2, honest, was found dead and replaced.
-        assert_eq!(probe(None, Some((1, 2))).verdict(), ProbeVerdict::Link(1, 2));
-        assert_eq!(probe(None, Some((2, 1))).verdict(), ProbeVerdict::Link(1, 2));
+        assert_eq!(
+            probe(None, Some((1, 2))).verdict(),
+            ProbeVerdict::Link(1, 2)
+        );
+        assert_eq!(
+            probe(None, Some((2, 1))).verdict(),
+            ProbeVerdict::Link(1, 2)
+        );
         for (d, t) in [(0, 1), (1, 0), (2, 3), (3, 2)] {
             let v = probe(None, Some((d, t))).verdict();
             assert_eq!(v, ProbeVerdict::Link(d.min(t), d.max(t)), "{d} → {t}");

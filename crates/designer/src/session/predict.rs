@@ -141,12 +141,13 @@ impl Session {
             let mut case = AuditCase::of(hop, of, &self.layout);
             let asks = case.asks().to_vec();
             let max: Vec<usize> = asks.iter().map(|&k| self.opening_bound(k)).collect();
-            let got = self
-                .ex
-                .download(&asks, &max, Fetch::TestOpening { step, batch }, self.step)?;
-            let b = batches
-                .get(batch as usize)
-                .ok_or(BadReply::TestOutput { batch: batch as usize, micro: 0 })?;
+            let got =
+                self.ex
+                    .download(&asks, &max, Fetch::TestOpening { step, batch }, self.step)?;
+            let b = batches.get(batch as usize).ok_or(BadReply::TestOutput {
+                batch: batch as usize,
+                micro: 0,
+            })?;
             let ctx = AuditContext {
                 layout: &self.layout,
                 sgd: self.cfg.sgd,
