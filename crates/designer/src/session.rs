@@ -176,12 +176,7 @@ impl Session {
                 arith: ARITH_VERSION,
                 stage: h.spec.clone(),
                 sgd: self.cfg.sgd,
-                // A dummy's seed initialises nothing; it is drawn like a
-                // stage's so that it does not stand out.
-                seed: match h.index {
-                    Some(i) => stage_seed(&self.cfg.seed, i),
-                    None => self.cfg.seed.derive(Purpose::Dummy(k as u64)),
-                },
+                seed: self.hop_seed(k),
                 start_step: self.step,
                 padding,
                 // Each hop's own issue time, up to 31 s early: hops check
@@ -220,6 +215,24 @@ impl Session {
         }
         self.ex
             .init(|router| router.init(&publics, &notes), self.step)
+    }
+
+    /// The seed hop `k`'s stage is built with.
+    fn hop_seed(&self, k: usize) -> u64 {
+        match self.layout.hops.get(k).and_then(|h| h.index) {
+            Some(i) => stage_seed(&self.cfg.seed, i),
+            // A dummy's seed initialises nothing; it is drawn like a
+            // stage's so that it does not stand out.
+            None => self.cfg.seed.derive(Purpose::Dummy(k as u64)),
+        }
+    }
+
+    /// Every hop's state as its init note builds it at step 0: what the
+    /// designer knows without asking (the seeds are its own).
+    fn initial_states(&self) -> Vec<StageState> {
+        (0..self.layout.len())
+            .map(|k| Stage::new(&self.layout.hops[k].spec, self.hop_seed(k), self.cfg.sgd).state())
+            .collect()
     }
 
     /// A fresh session over `hops` with the state of `c`: new links, the
@@ -576,7 +589,14 @@ impl Session {
     /// `losses` are this call's losses since the epoch's resumed prefix.
     pub fn checkpoint(&mut self, saver: &mut Saver, losses: &[f32]) -> Result<(), DesignerError> {
         let started = Instant::now();
-        let remote = self.fetch_states()?;
+        // At step 0 every stage is what its seed builds: the designer
+        // builds the checkpoint itself (a hop built otherwise is caught by
+        // the state chain of its first step).
+        let remote = if self.step == 0 {
+            self.initial_states()
+        } else {
+            self.fetch_states()?
+        };
         let mut stages = Vec::with_capacity(self.layout.stage_count());
         if let Some(first) = &self.kept.first {
             stages.push(first.state());

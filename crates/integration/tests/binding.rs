@@ -232,12 +232,7 @@ fn a_hop_that_spoils_an_earlier_slot_gets_no_honest_hop_replaced() {
         1e-9,
     );
     o.assert_nobody_replaced();
-    let err = o
-        .result
-        .as_ref()
-        .err()
-        .expect("the run went on")
-        .to_string();
+    let err = o.result.as_ref().expect_err("the run went on").to_string();
     assert!(err.contains("hop 2 or hop 3"), "{err}");
     for f in &o.failures {
         assert!(f.culprit.suspects().contains(&3), "{f}");

@@ -203,7 +203,9 @@ impl Core {
             self.record(msg.onion.notes.as_bytes());
             self.record(&from);
         }
-        match msg.kind {
+        // A test adversary's held messages go out after this one's.
+        let held = self.adversary().release();
+        let r = match msg.kind {
             CellKind::Init => self.handle_init(from, msg, now),
             CellKind::Session => self.handle_session(from, msg, now),
             // Cover cells are dropped on arrival.
@@ -212,7 +214,11 @@ impl Core {
                 Ok(Vec::new())
             }
             _ => Ok(Vec::new()),
-        }
+        };
+        r.map(|mut out| {
+            out.extend(held);
+            out
+        })
     }
 
     fn reply(
@@ -439,11 +445,13 @@ impl Core {
             ),
             // A relay adds its layer to what it passes on (a transfer's
             // sealed body), so no two hops see the same bytes.
-            SessionNote::Loop { .. } => {
+            SessionNote::Loop { step } => {
                 let mut body = body;
                 if !body.is_empty() {
+                    let adversary = self.adversary();
                     let s = self.session_mut(id)?;
                     mixnn_proto::reply::relay_layer(&s.reply_key, &peeled.tag().0, &mut body);
+                    adversary.relayed(*step, &mut body);
                 }
                 (body, None)
             }
@@ -489,7 +497,11 @@ impl Core {
                     }
                     (None, _) => (None, Sealed::Audit),
                 };
-                let chunk = state_chunk(all.unwrap_or_default(), n.chunk, &s.policy);
+                let chunk = adversary.opening_plain(
+                    n.step,
+                    n.chunk,
+                    state_chunk(all.unwrap_or_default(), n.chunk, &s.policy),
+                );
                 let sealed = s.reply_key.seal(kind, n.step, n.chunk, &chunk, nonce);
                 (adversary.opening_chunk(n.step, n.chunk, sealed), None)
             }
@@ -507,7 +519,7 @@ impl Core {
             s.cached_bytes = s.cached_bytes.saturating_add(c.bytes);
             s.caches.insert(peeled.tag(), c);
         }
-        out.push(o);
+        out.extend(self.adversary().outbound(op, note.step(), o));
         Ok(())
     }
 

@@ -57,7 +57,7 @@ use tokio::sync::{mpsc, Semaphore};
 pub use crate::core::{Core, Limits, Now, Outbound};
 pub use crate::error::NodeError;
 #[cfg(feature = "adversary")]
-pub use adversary::{Adversary, AdversaryMode};
+pub use adversary::{Adversary, AdversaryMode, Mutation, MutationKind};
 
 /// How a node runs.
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use mixnn_model::stage::{Stage, StageCache};
-use mixnn_proto::trailer::{add_layer, check_received, Pass as TrailerPass, SlotContext};
+use mixnn_proto::trailer::{add_layer, check_received, SlotContext};
 use mixnn_proto::ProtoError;
 use mixnn_proto::{decode_state, BackwardNote, ChunkNote, ForwardNote, ParamChunk, SessionNote};
 use mixnn_wire::{HopTag, PaddingPolicy, Peeled};
@@ -110,7 +110,7 @@ pub(crate) fn forward(
     let step = note.step;
     let ctx = SlotContext {
         step,
-        pass: TrailerPass::Forward,
+        pass: Pass::Forward,
         index: u32::from(note.micro.index()),
     };
     // A trailer changed on its way is refused before any math.
@@ -161,7 +161,7 @@ pub(crate) fn backward(
     let step = note.step;
     let ctx = SlotContext {
         step,
-        pass: TrailerPass::Backward,
+        pass: Pass::Backward,
         index: u32::from(note.micro.index()),
     };
     if let Some(a) = &s.auditor {
@@ -200,6 +200,7 @@ pub(crate) fn backward(
         }
         None => adversary.sent(step, Pass::Backward, dx, false),
     })
+    .map(|out| adversary.body_out(step, Pass::Backward, out, false))
 }
 
 /// Runs a test forward (admitted by the core), with its commitment when
@@ -214,12 +215,13 @@ pub(crate) fn test(
 ) -> Result<Vec<u8>, NodeError> {
     let ctx = SlotContext {
         step,
-        pass: TrailerPass::Test,
+        pass: Pass::Test,
         index: batch,
     };
     if let Some(a) = &s.auditor {
         check_received(a.trailer_keys(), &ctx, trailer).map_err(ProtoError::from)?;
     }
+    adversary.before_test(step, &mut s.stage, s.auditor.as_mut());
     let body = adversary.input(step, Pass::Test, body.to_vec());
     let y = adversary.computed(step, Pass::Test, s.stage.eval_bytes(&body)?);
     let out = match s.auditor.as_mut() {

@@ -237,7 +237,8 @@ mod tests {
     fn every_field_of_an_opening_is_tied_to_a_slot() {
         let o = opening();
         let (f, b) = slots(&o);
-        let changed: [(&str, fn(&mut Opening)); 6] = [
+        type Lie = (&'static str, fn(&mut Opening));
+        let changed: [Lie; 6] = [
             ("state", |t| t.before.push(0)),
             ("input", |t| t.x[0] ^= 1),
             ("output", |t| t.y[0] ^= 1),

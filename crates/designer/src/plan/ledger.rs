@@ -8,7 +8,6 @@
 //! | slot field | bound at every delivery to | misbehaviour |
 //! |---|---|---|
 //! | the layer itself | its tag over the slot and all it wraps ([`mixnn_proto::trailer`]) | the last spoiled layer and the hop after it ([`Culprit::Pair`]); the last hop on the path alone |
-//! | what the first hop on the path wrapped | the filler the designer sent | that hop |
 //! | input hash, first hop | what the designer sent (its batch, its kept first stage's output, its kept last stage's gradient) | that hop |
 //! | output hash, last hop | what it delivered (the loss, the kept last stage's input, a test output, the first hop's gradient) | that hop |
 //! | output hash of a hop, input hash of the next | each other | the pair |
@@ -155,13 +154,6 @@ impl Ledger {
                 culprit,
                 MisbehaviourKind::Trailer,
                 format!("hop {hop}'s layer of the {what} trailer of step {step} does not verify"),
-            ));
-        }
-        if !opened.filler_kept {
-            return Err(found(
-                Culprit::Hop(order[0]),
-                MisbehaviourKind::Trailer,
-                format!("it changed the trailer the designer sent with the {what} of step {step}"),
             ));
         }
         let slots: Vec<Slot> = opened.slots.into_iter().flatten().collect();

@@ -451,7 +451,8 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
     #[test]
     fn every_field_of_an_opening_is_held_to_the_slots_and_the_re_execution() {
         let s = step(false);
-        let lies: [(&str, fn(&mut Opening)); 4] = [
+        type Lie = (&'static str, fn(&mut Opening));
+        let lies: [Lie; 4] = [
             ("output its forward slot named", |o| o.y[12] ^= 1),
             ("state its forward slot named", |o| {
                 // Another state, of the right step: what a hop that
