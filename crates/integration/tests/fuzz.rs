@@ -388,10 +388,15 @@ fn run_here(world: &World, trial: &Trial) -> Report {
     }
 }
 
-/// Runs `trials`, printing one line each; returns the reports.
+/// Runs `trials`, printing one line each; returns the reports (with
+/// `MIXNN_FUZZ_FAIL_FAST` set, up to the first that breaks the invariant).
 fn run_all(world: &Arc<World>, trials: impl IntoIterator<Item = Trial>) -> Vec<Report> {
+    let fail_fast = std::env::var_os("MIXNN_FUZZ_FAIL_FAST").is_some();
     let mut reports = Vec::new();
     for t in trials {
+        if fail_fast && reports.iter().any(|r: &Report| !r.violations.is_empty()) {
+            break;
+        }
         let r = run(world, &t);
         let what: Vec<String> = r
             .trial

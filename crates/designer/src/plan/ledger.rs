@@ -304,3 +304,183 @@ fn pass_name(pass: Pass) -> &'static str {
         Pass::Test => "test",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use mixnn_proto::audit::split;
+    use mixnn_proto::trailer::add_layer;
+
+    use super::*;
+
+    const N: usize = 4;
+
+    fn ledger() -> Ledger {
+        let keys = (0..N)
+            .map(|k| TrailerKeys::new(&[k as u8 + 1; 32]))
+            .collect();
+        Ledger::new(keys, [7; 32])
+    }
+
+    fn keys(k: usize) -> TrailerKeys {
+        TrailerKeys::new(&[k as u8 + 1; 32])
+    }
+
+    fn ctx(pass: Pass, step: u64) -> SlotContext {
+        SlotContext {
+            step,
+            pass,
+            index: 0,
+        }
+    }
+
+    /// What hop `k` holds at `step` (a stand-in digest).
+    fn state(k: usize, step: u64) -> [u8; 32] {
+        [(k as u8) << 4 | step as u8; 32]
+    }
+
+    /// A lie of one hop on the way.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Lie {
+        None,
+        /// This hop sends another payload than its slot names.
+        Sends(usize),
+        /// This hop names another input than it received.
+        Received(usize),
+        /// This hop flips a byte of the trailer it received.
+        Trailer(usize, usize),
+        /// This hop names another state digest.
+        State(usize),
+    }
+
+    /// Message `c` through the hops (each hop's output is its input with
+    /// its index appended), delivered to the designer's ledger.
+    fn deliver(l: &mut Ledger, c: SlotContext, lie: Lie) -> Result<Vec<u8>, DesignerError> {
+        let order = visits(c.pass, N);
+        let mut payload = vec![9u8; 3];
+        let trailer = l.trailer(c, N, &payload).unwrap();
+        let mut body = [payload.as_slice(), &trailer].concat();
+        for &k in &order {
+            let (p, t) = split(&body).unwrap();
+            let (p, mut t) = (p.to_vec(), t.to_vec());
+            let out = [p.as_slice(), &[k as u8]].concat();
+            let digest = match c.pass {
+                Pass::Backward => state(k, c.step + 1),
+                _ => state(k, c.step),
+            };
+            let mut slot = Slot {
+                digest,
+                input: hash_tensor(&p),
+                output: hash_tensor(&out),
+            };
+            let mut sent = out.clone();
+            match lie {
+                Lie::Sends(j) if j == k => sent.push(0),
+                Lie::Received(j) if j == k => slot.input[0] ^= 1,
+                Lie::State(j) if j == k => slot.digest[0] ^= 1,
+                Lie::Trailer(j, at) if j == k => t[at] ^= 1,
+                _ => {}
+            }
+            let layer = add_layer(&keys(k), &c, &slot, &t).unwrap();
+            body = [sent.as_slice(), &layer].concat();
+            payload = sent;
+        }
+        let _ = payload;
+        l.deliver(c, N, &body)
+    }
+
+    fn found(r: Result<Vec<u8>, DesignerError>) -> (Culprit, MisbehaviourKind, u64) {
+        match r {
+            Err(DesignerError::Misbehaved(m)) => (m.culprit, m.kind, m.step),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("nothing found"),
+        }
+    }
+
+    /// Steps 0..3, forward then backward, every hop starting from the
+    /// state the designer built.
+    fn honest() -> Ledger {
+        let mut l = ledger();
+        for k in 0..N {
+            l.know(k, 0, state(k, 0));
+        }
+        for step in 0..3 {
+            deliver(&mut l, ctx(Pass::Forward, step), Lie::None).unwrap();
+            deliver(&mut l, ctx(Pass::Backward, step), Lie::None).unwrap();
+        }
+        l
+    }
+
+    #[test]
+    fn honest_deliveries_pass_and_their_slots_are_kept() {
+        let mut l = honest();
+        let got = deliver(&mut l, ctx(Pass::Test, 3), Lie::None).unwrap();
+        assert_eq!(got, vec![9, 9, 9, 0, 1, 2, 3]);
+        let (f, b) = l.slots(2, 1).unwrap();
+        assert_eq!((f.digest, b.digest), (state(2, 1), state(2, 2)));
+        assert_eq!(l.test_slot(1, 3, 0).unwrap().digest, state(1, 3));
+        assert_eq!(l.expected_state(3, 3), Some(state(3, 3)));
+    }
+
+    /// Each lie is found at the delivery, and pinned on the liar or on
+    /// the pair holding it: never on hops further away.
+    #[test]
+    fn every_lie_in_a_delivery_is_pinned_where_it_was_told() {
+        use Culprit::{Hop, Pair};
+        use MisbehaviourKind::{Boundary, Chain, Trailer};
+        let f = |step| ctx(Pass::Forward, step);
+        let b = |step| ctx(Pass::Backward, step);
+        let cases = [
+            // The first hop names another input than the designer sent;
+            // the last sends another output than it names (the loss).
+            (f(3), Lie::Received(0), (Hop(0), Boundary)),
+            (f(3), Lie::Sends(3), (Hop(3), Boundary)),
+            (b(3), Lie::Sends(0), (Hop(0), Boundary)),
+            // Between two hops: either may lie.
+            (f(3), Lie::Sends(1), (Pair(1, 2), Boundary)),
+            (f(3), Lie::Received(2), (Pair(1, 2), Boundary)),
+            (b(3), Lie::Sends(2), (Pair(2, 1), Boundary)),
+            // A byte of the trailer hop 3 received, in hop 0's layer three
+            // layers in: it shows at hop 2's layer, the one before hop 3.
+            (f(3), Lie::Trailer(3, 2 * 112 + 40), (Pair(2, 3), Trailer)),
+            (f(3), Lie::Trailer(1, 5), (Pair(0, 1), Trailer)),
+            // A state the hop did not hold.
+            (f(3), Lie::State(2), (Hop(2), Chain)),
+        ];
+        for (c, lie, (culprit, kind)) in cases {
+            let mut l = honest();
+            let (got, k, step) = found(deliver(&mut l, c, lie));
+            assert_eq!((got, k, step), (culprit, kind, c.step), "{culprit}");
+        }
+    }
+
+    #[test]
+    fn the_state_chain_holds_from_the_state_built_or_loaded() {
+        // A hop whose first step runs on another state than it was built
+        // with (no step before it: the designer's own record).
+        let mut l = ledger();
+        for k in 0..N {
+            l.know(k, 5, state(k, 5));
+        }
+        let got = found(deliver(&mut l, ctx(Pass::Forward, 5), Lie::State(1)));
+        assert_eq!(got, (Culprit::Hop(1), MisbehaviourKind::Chain, 5));
+        // The next step's forward first, then a backward that left
+        // another state: found when the backward comes.
+        let mut l = honest();
+        deliver(&mut l, ctx(Pass::Forward, 3), Lie::None).unwrap();
+        let got = found(deliver(&mut l, ctx(Pass::Backward, 2), Lie::State(3)));
+        assert_eq!(got, (Culprit::Hop(3), MisbehaviourKind::Chain, 3));
+        // A test run on another state than the last step left.
+        let mut l = honest();
+        let got = found(deliver(&mut l, ctx(Pass::Test, 3), Lie::State(0)));
+        assert_eq!(got, (Culprit::Hop(0), MisbehaviourKind::Chain, 3));
+    }
+
+    #[test]
+    fn a_delivery_shorter_than_a_trailer_is_its_senders() {
+        let mut l = honest();
+        let got = found(l.deliver(ctx(Pass::Backward, 3), N, &[1, 2, 3]));
+        assert_eq!(got, (Culprit::Hop(0), MisbehaviourKind::Malformed, 3));
+    }
+}

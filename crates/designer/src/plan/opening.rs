@@ -132,7 +132,8 @@ impl AuditCase {
         };
         let checked = match self.of {
             Audited::Step(step) => verify(audits, ctx, k, step, &o),
-            Audited::Test { step, batch } => verify_test(audits, ctx.layout, k, step, batch, &o),
+            Audited::Test { step, batch } => verify_test(audits, ctx.layout, k, step, batch, &o)
+                .map_err(|r| format!("test batch {batch}: {r}")),
         };
         if let Err(r) = checked {
             return fail(r);
