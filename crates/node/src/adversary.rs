@@ -77,8 +77,9 @@ pub(crate) trait Hooks {
     }
     /// A transfer's body it relays.
     fn relayed(&self, _step: u64, _body: &mut [u8]) {}
-    /// A message it sends (op `op` of step `step`): none, it, or more.
-    fn outbound(&self, _op: Op, _step: u64, o: Outbound) -> Vec<Outbound> {
+    /// A message it sends (op `op` of step `step`; `onward`: to its next
+    /// hop): none, it, or more.
+    fn outbound(&self, _op: Op, _step: u64, _onward: bool, o: Outbound) -> Vec<Outbound> {
         vec![o]
     }
     /// Messages it held back, sent now (before the next it sends).
@@ -218,7 +219,8 @@ mod lying {
         SealedFetch,
         /// A byte of an audit opening's plaintext (some field of it).
         OpeningByte,
-        /// An empty opening (a refusal).
+        /// Its forward outputs computed wrongly (committed to) from `at`
+        /// on, and every opening refused (empty).
         RefuseOpening,
         /// A byte of a sealed opening chunk.
         SealedOpening,
@@ -226,6 +228,9 @@ mod lying {
         RelayedByte,
         /// A message of this op it would send, dropped.
         Drop(Op),
+        /// A message of this op it would send on to its next hop (not
+        /// back to the one before), dropped: what passes it one way.
+        DropOnward(Op),
         /// A message of this op, sent twice.
         Duplicate(Op),
         /// A message of this op, held back and sent after the next two
@@ -392,6 +397,14 @@ mod lying {
         }
     }
 
+    /// Noise that changes a test's predictions, or a step's results.
+    fn noisy_for(pass: Pass, bytes: Vec<u8>) -> Vec<u8> {
+        match pass {
+            Pass::Test => perturb(bytes, |i, v| v + if i % 3 == 0 { 5.0 } else { 0.0 }),
+            _ => noisy(bytes),
+        }
+    }
+
     fn noisy(bytes: Vec<u8>) -> Vec<u8> {
         perturb(bytes, |i, v| v + if i % 2 == 0 { 0.05 } else { -0.05 })
     }
@@ -443,7 +456,13 @@ mod lying {
         fn computed(&self, step: u64, pass: Pass, y: Vec<u8>) -> Vec<u8> {
             let Some(a) = self else { return y };
             if a.fires(MutationKind::ComputedValues(pass), step) {
-                return noisy(y);
+                return noisy_for(pass, y);
+            }
+            // A lie it then refuses to open.
+            if let AdversaryMode::Fuzz(m) = a.mode {
+                if m.kind == MutationKind::RefuseOpening && pass == Pass::Forward && step >= m.at {
+                    return noisy(y);
+                }
             }
             match pass {
                 Pass::Forward if a.active(AdversaryMode::Noise, step) => noisy(y),
@@ -457,7 +476,7 @@ mod lying {
         fn sent(&self, step: u64, pass: Pass, y: Vec<u8>, loss: bool) -> Vec<u8> {
             let Some(a) = self else { return y };
             if a.fires(MutationKind::SentValues(pass), step) {
-                return noisy(y);
+                return noisy_for(pass, y);
             }
             if a.fires(MutationKind::Shape(pass), step) {
                 let mut y = y;
@@ -614,7 +633,8 @@ mod lying {
                 return;
             }
             let shown = auditor.as_ref().map(|au| au.digest());
-            if tamper(stage, 0.01) {
+            // Enough to change predictions.
+            if tamper(stage, 1.0) {
                 if let Some(au) = auditor {
                     au.resync(stage);
                 }
@@ -721,9 +741,11 @@ mod lying {
             }
         }
 
-        fn outbound(&self, op: Op, step: u64, o: Outbound) -> Vec<Outbound> {
+        fn outbound(&self, op: Op, step: u64, onward: bool, o: Outbound) -> Vec<Outbound> {
             let Some(a) = self else { return vec![o] };
-            if a.fires(MutationKind::Drop(op), step) {
+            if a.fires(MutationKind::Drop(op), step)
+                || onward && a.fires(MutationKind::DropOnward(op), step)
+            {
                 return Vec::new();
             }
             if a.fires(MutationKind::Duplicate(op), step) {

@@ -519,7 +519,11 @@ impl Core {
             s.cached_bytes = s.cached_bytes.saturating_add(c.bytes);
             s.caches.insert(peeled.tag(), c);
         }
-        out.extend(self.adversary().outbound(op, note.step(), o));
+        let onward = self
+            .sessions
+            .get(&id)
+            .is_some_and(|s| s.routes.is_next(&o.expect));
+        out.extend(self.adversary().outbound(op, note.step(), onward, o));
         Ok(())
     }
 

@@ -266,18 +266,17 @@ pub fn fill(
     let mut h = blake3::Hasher::new_keyed(&blake3::derive_key(CTX_FILL, seed));
     h.update(&ctx.bytes());
     h.finalize_xof().fill(&mut sent);
-    // Hop k drops bytes [L − S, L) of its input, which are the sent
-    // bytes [L − (k+1)·S, L − k·S) under the streams of hops 0..k: set
-    // each block so that they come out as hop k's tail.
+    // Hop k drops bytes [L − S, L) of its input: the sent bytes
+    // [L − (k+1)·S, L − k·S) under the streams of hops 0..k, hop j's at
+    // offset L − (k − j)·S. Set each block so that they come out as hop
+    // k's tail.
     for (k, keys) in visited.iter().enumerate() {
-        let at = TRAILER_LEN - (k + 1) * SLOT_LEN;
-        sent[at..at + SLOT_LEN].fill(0);
-        let under = fillers(&visited[..k], ctx, &sent);
-        let got = &under[k][KEEP_LEN - k * SLOT_LEN..];
-        let want = keys.tail(ctx);
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            sent[at + i] = g ^ w;
+        let mut block = keys.tail(ctx);
+        for (j, before) in visited[..k].iter().enumerate() {
+            before.apply_stream_at(ctx, TRAILER_LEN - (k - j) * SLOT_LEN, &mut block);
         }
+        let at = TRAILER_LEN - (k + 1) * SLOT_LEN;
+        sent[at..at + SLOT_LEN].copy_from_slice(&block);
     }
     Ok(sent)
 }
