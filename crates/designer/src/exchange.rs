@@ -418,14 +418,19 @@ impl Exchange {
             ))
         };
         // A body that does not open may have been changed by a hop that
-        // relayed it; one that opens is the hop's own.
+        // relayed it (the first hop relays none: it is its own); one that
+        // opens is the hop's own.
         let words = what.words();
         let body = self
             .router
             .open_body(hop, kind, at_step, chunk, body)
             .map_err(|_| {
                 found(
-                    Culprit::Route { hop },
+                    if hop == 0 {
+                        Culprit::Hop(0)
+                    } else {
+                        Culprit::Route { hop }
+                    },
                     format!("chunk {chunk} of hop {hop}'s {words} does not open (changed by it or on its way)"),
                 )
             })?;

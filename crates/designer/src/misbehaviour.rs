@@ -28,7 +28,8 @@ pub enum Culprit {
     /// One of these two adjacent hops: the first sent, the second
     /// received, and they disagree on what passed.
     Pair(usize, usize),
-    /// Hop `hop` or one of the hops that relayed its transfer (`0..hop`).
+    /// Hop `hop` (≥ 1) or one of the hops that relayed its transfer
+    /// (`0..hop`).
     Route {
         /// The hop the transfer was from or for.
         hop: usize,
@@ -59,7 +60,6 @@ impl fmt::Display for Culprit {
         match self {
             Culprit::Hop(j) => write!(f, "hop {j}"),
             Culprit::Pair(a, b) => write!(f, "hop {a} or hop {b}"),
-            Culprit::Route { hop: 0 } => write!(f, "hop 0"),
             Culprit::Route { hop } => write!(f, "hop {hop} or a hop relaying it (0..{hop})"),
         }
     }
