@@ -104,9 +104,9 @@ fn exposure(
                     .and_then(|b| b.parse::<u64>().ok())
                     .unwrap_or(count.tested as u64);
                 (batch + 1, true)
-            } else if kind == MutationKind::TamperState {
-                // It changes its state after a step; the step after runs on
-                // it: that is where the lie is.
+            } else if matches!(kind, MutationKind::TamperState | MutationKind::TamperHidden) {
+                // It changes its state after a step; the steps after run on
+                // it: that is where the lie is (from step 1).
                 (m.step, true)
             } else {
                 (m.step + 1, true)
