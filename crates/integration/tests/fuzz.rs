@@ -96,10 +96,14 @@ fn kinds() -> Vec<MutationKind> {
     for op in OPS {
         k.extend([
             MutationKind::Drop(op),
-            MutationKind::DropOnward(op),
             MutationKind::Duplicate(op),
             MutationKind::Delay(op),
         ]);
+        // Only these go on to the next hop (a backward goes back; a
+        // transfer's hop answers back).
+        if matches!(op, Op::Forward | Op::Test | Op::Loop) {
+            k.push(MutationKind::DropOnward(op));
+        }
     }
     k
 }

@@ -205,8 +205,8 @@ mod lying {
         TamperHidden,
         /// Its parameters changed right after a state load.
         TamperAfterLoad,
-        /// Its parameters changed when its stage is built, before the
-        /// first step, committed truthfully.
+        /// Its parameters changed when its stage is first built, before
+        /// its first step, committed truthfully.
         TamperAtInit,
         /// Its parameters changed before a test batch, every test slot
         /// naming the state it held before.
@@ -620,7 +620,8 @@ mod lying {
 
         fn after_init(&self, stage: &mut Stage, auditor: Option<&mut Auditor>) {
             let Some(a) = self else { return };
-            if a.fires(MutationKind::TamperAtInit, stage.steps()) && tamper(stage, 0.01) {
+            // At the first init, whatever the step.
+            if a.fires(MutationKind::TamperAtInit, u64::MAX) && tamper(stage, 0.01) {
                 if let Some(au) = auditor {
                     au.resync(stage);
                 }
