@@ -176,9 +176,10 @@ pub struct NodeArgs {
     #[arg(long)]
     pub debug_record_peers: bool,
     /// Misbehave from a step on, for tests of audits: `MODE@STEP`, MODE
-    /// `noise`, `flip-gradient`, `skip-update`, `hidden-noise`,
-    /// `tamper-between-steps`, `forge-slots`, `false-state` or
-    /// `garble-openings`.
+    /// one of the modes of `mixnn_node::Adversary` (`noise`,
+    /// `flip-gradient`, `skip-update`, `hidden-noise`,
+    /// `tamper-between-steps`, `forge-slots`, `false-state`,
+    /// `garble-openings`, …).
     #[cfg(feature = "adversary")]
     #[arg(long, hide = true, value_name = "MODE@STEP")]
     pub adversary: Option<mixnn_node::Adversary>,
@@ -418,7 +419,7 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
             link_rate: mixnn_net::pacing::Rate::new(args.link_rate),
             link_jitter: args.link_jitter,
             #[cfg(feature = "adversary")]
-            adversary: args.adversary,
+            adversary: args.adversary.clone(),
             #[cfg(feature = "adversary")]
             record: args.record_received.as_deref().map(record_to).transpose()?,
             ..NodeConfig::default()

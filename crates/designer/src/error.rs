@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 
 use crate::checkpoint::CheckpointError;
+use crate::misbehaviour::Misbehaviour;
 use crate::plan::pending::{Await, Expected};
 
 /// Why a cascade run failed.
@@ -120,21 +121,13 @@ pub enum DesignerError {
     /// Recovery from a failed hop did not succeed.
     #[error("recovery: {0}")]
     Recovery(#[from] RecoveryError),
-    /// A hop failed or refused an audit of a step it ran.
-    #[error("audit failed at hop {hop} ({addr}) for step {step}: {reason}")]
-    Audit {
-        /// The hop's position in the cascade.
-        hop: usize,
-        /// Its address.
-        addr: std::net::SocketAddr,
-        /// The audited step.
-        step: u64,
-        /// What did not check out.
-        reason: String,
-        /// Another hop that may be the culprit (the other side of a
-        /// boundary whose two openings disagree): replaced as well.
-        also: Option<usize>,
-    },
+    /// A hop (or one of two, or one on a transfer's route) sent what the
+    /// designer's checks prove wrong: a failed or refused audit, state
+    /// digests that do not chain, a false state, two sides of a boundary
+    /// that disagree, a spoiled trailer layer, a malformed answer
+    /// ([`Misbehaviour`], whose [`crate::Culprit`] says whom it is pinned on).
+    #[error("{0}")]
+    Misbehaved(Misbehaviour),
 }
 
 /// What was wrong with a reply's content.

@@ -18,9 +18,10 @@ use mixnn_wire::{HopTag, PaddingPolicy, ReplyId};
 use crate::cascade::HopInfo;
 use crate::driver::Driver;
 use crate::error::{BadReply, DesignerError};
+use crate::misbehaviour::{Culprit, Misbehaviour, MisbehaviourKind};
 use crate::plan::loops::{LoopLost, LoopSchedule, LoopStats};
 use crate::plan::pending::{Await, Expected, Pending};
-use crate::plan::recovery::{DetectionBound, Probe};
+use crate::plan::recovery::{DetectionBound, Probe, ProbeVerdict};
 use crate::plan::route::{Route, Router};
 use crate::plan::transfer::{self, Download};
 
@@ -37,6 +38,13 @@ pub enum Fetch {
         /// The audited step.
         step: u64,
     },
+    /// The opening of a test batch.
+    TestOpening {
+        /// The step the test ran at.
+        step: u64,
+        /// The test batch.
+        batch: u32,
+    },
 }
 
 impl Fetch {
@@ -44,13 +52,14 @@ impl Fetch {
         match self {
             Fetch::State { step } => Route::fetch(hop, step, chunk),
             Fetch::Opening { step } => Route::audit(hop, step, chunk),
+            Fetch::TestOpening { step, batch } => Route::audit_test(hop, step, batch, chunk),
         }
     }
 
     fn awaits(self, hop: usize, chunk: u32) -> Await {
         match self {
             Fetch::State { .. } => Await::Chunk { hop, chunk },
-            Fetch::Opening { .. } => Await::Opening { hop, chunk },
+            Fetch::Opening { .. } | Fetch::TestOpening { .. } => Await::Opening { hop, chunk },
         }
     }
 
@@ -59,14 +68,17 @@ impl Fetch {
         matches!(
             (self, a),
             (Fetch::State { .. }, Await::Chunk { .. })
-                | (Fetch::Opening { .. }, Await::Opening { .. })
+                | (
+                    Fetch::Opening { .. } | Fetch::TestOpening { .. },
+                    Await::Opening { .. }
+                )
         )
     }
 
     fn expected(self) -> Expected {
         match self {
             Fetch::State { .. } => Expected::State,
-            Fetch::Opening { .. } => Expected::Opening,
+            Fetch::Opening { .. } | Fetch::TestOpening { .. } => Expected::Opening,
         }
     }
 
@@ -75,6 +87,15 @@ impl Fetch {
         match self {
             Fetch::State { step } => (SealedKind::Fetch, step),
             Fetch::Opening { step } => (SealedKind::Audit, step),
+            Fetch::TestOpening { step, batch } => (SealedKind::AuditTest { batch }, step),
+        }
+    }
+
+    fn words(self) -> &'static str {
+        match self {
+            Fetch::State { .. } => "state",
+            Fetch::Opening { .. } => "opening",
+            Fetch::TestOpening { .. } => "test opening",
         }
     }
 }
@@ -405,9 +426,40 @@ impl Exchange {
             .position(|j| *j == hop)
             .ok_or(BadReply::Chunk { hop, chunk })?;
         let (kind, at_step) = what.sealed();
-        let body = self.router.open_body(hop, kind, at_step, chunk, body)?;
-        let piece = ParamChunk::decode(&body)?;
-        let complete = t.downloads[at].on_chunk(chunk, piece)?;
+        let found = |culprit, reason: String| {
+            DesignerError::Misbehaved(Misbehaviour::new(
+                culprit,
+                at_step,
+                MisbehaviourKind::Malformed,
+                reason,
+            ))
+        };
+        // A body that does not open may have been changed by a hop that
+        // relayed it (the first hop relays none: it is its own); one that
+        // opens is the hop's own.
+        let words = what.words();
+        let body = self
+            .router
+            .open_body(hop, kind, at_step, chunk, body)
+            .map_err(|_| {
+                found(
+                    if hop == 0 {
+                        Culprit::Hop(0)
+                    } else {
+                        Culprit::Route { hop }
+                    },
+                    format!("chunk {chunk} of hop {hop}'s {words} does not open (changed by it or on its way)"),
+                )
+            })?;
+        let piece = ParamChunk::decode(&body).map_err(|e| {
+            found(
+                Culprit::Hop(hop),
+                format!("chunk {chunk} of its {words}: {e}"),
+            )
+        })?;
+        let complete = t.downloads[at]
+            .on_chunk(chunk, piece)
+            .map_err(|e| found(Culprit::Hop(hop), format!("its {words}: {e}")))?;
         let requests = t.downloads[at].take_requests();
         if !requests.is_empty() {
             let body = self.request_body();
@@ -460,11 +512,12 @@ impl Exchange {
         self.wait(Expected::Close, step).map(|_| ())
     }
 
-    /// Which of the cascade's `n` hops failed: loops through the first 1,
-    /// 2, … n hops; the first that does not come back within the bound
-    /// ends at it. `None` if all come back (a transient failure). Replies
-    /// awaited are forgotten and loops pause (a new session follows).
-    pub fn probe(&mut self, n: usize, step: u64) -> Option<usize> {
+    /// Which of the cascade's `n` hops failed ([`Probe`]): loops from the
+    /// first hop through the first 1, 2, … n hops and from the last hop
+    /// through the last 1, 2, … n; waits for them within the bound.
+    /// Replies awaited are forgotten and loops pause (a new session
+    /// follows).
+    pub fn probe(&mut self, n: usize, step: u64) -> ProbeVerdict {
         self.pending.clear();
         self.unmask.clear();
         self.loops.pause();
@@ -474,18 +527,38 @@ impl Exchange {
                 .send(&Route::probe(j, step), &[], Await::Probe(j))
                 .is_err()
             {
-                return Some(0);
+                return ProbeVerdict::Dead(0);
             }
+            if n > 1
+                && self
+                    .send(
+                        &Route::probe_from_last(j, n, step),
+                        &[],
+                        Await::ProbeFromLast(j),
+                    )
+                    .is_err()
+            {
+                return ProbeVerdict::Dead(n - 1);
+            }
+        }
+        if n == 1 {
+            probe.back_from_last(0);
         }
         let deadline = Instant::now() + self.bound.bound();
         while !probe.all_back() {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.recv(left, step) {
-                Ok(Some((Await::Probe(j), _))) => probe.back(j),
+                Ok(Some((Await::Probe(j), _))) => {
+                    probe.back(j);
+                    if n == 1 {
+                        probe.back_from_last(j);
+                    }
+                }
+                Ok(Some((Await::ProbeFromLast(j), _))) => probe.back_from_last(j),
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,
             }
         }
-        probe.failed()
+        probe.verdict()
     }
 }

@@ -14,11 +14,13 @@
 //!      └ session  one session: init, steps in flight, tests, fetches, loads, audits; kept stages
 //!         └ exchange   send a route, wait for replies (loops while waiting), transfers, probes
 //!            ├ driver  runtime, listener and accept loop, the two links, deadlines   (I/O)
-//!            └ plan    layout, route, pending, window, transfer, loops, audit, recovery   (pure)
+//!            └ plan    layout, route, pending, window, transfer, loops, audit, ledger, opening, recovery   (pure)
 //! ```
 //!
 //! [`plan`] holds every decision and is tested without sockets; everything
-//! above it strings decisions and I/O together in order.
+//! above it strings decisions and I/O together in order. Every check of
+//! what a hop sends ends in one error, [`DesignerError::Misbehaved`]
+//! ([`Misbehaviour`]: whom it is pinned on, [`Culprit`]; what, [`MisbehaviourKind`]).
 //!
 //! # Example
 //!
@@ -44,6 +46,7 @@ pub mod directory;
 mod driver;
 mod error;
 mod exchange;
+mod misbehaviour;
 pub mod options;
 pub mod plan;
 pub mod replacements;
@@ -54,8 +57,9 @@ mod session;
 
 pub use cascade::{CascadeFile, HopInfo};
 pub use error::{BadReply, DesignerError, RecoveryError};
+pub use misbehaviour::{Culprit, Misbehaviour, MisbehaviourKind};
 pub use options::{AuditRate, CascadeOptions, Checkpoints, Keep, LinkPacing, Padding, Rate};
-pub use plan::audit::{AuditFailure, AuditStats, ACCURACY_DROP};
+pub use plan::audit::{AuditStats, ACCURACY_DROP};
 pub use plan::loops::LoopStats;
 pub use plan::pending::{Await, Expected};
 pub use plan::recovery::RecoveryEvent;

@@ -7,6 +7,7 @@
 //! up a new session from the last checkpoint, or, after a failed audit,
 //! from the last checkpoint a local re-execution reproduces.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -23,12 +24,13 @@ use crate::checkpoint::Checkpoint;
 use crate::driver::Driver;
 use crate::error::{DesignerError, RecoveryError};
 use crate::exchange::Exchange;
+use crate::misbehaviour::Culprit;
 use crate::options::{CascadeOptions, Checkpoints, LinkPacing};
 use crate::plan::audit::{AuditStats, Audits};
 use crate::plan::layout::Layout;
 use crate::plan::loops::{LoopSchedule, LoopStats};
 use crate::plan::recovery::{
-    self, recoverable, rollback_point, DetectionBound, RecoveryEvent, MAX_ATTEMPTS,
+    self, recoverable, rollback_point, DetectionBound, ProbeVerdict, RecoveryEvent, MAX_ATTEMPTS,
 };
 use crate::plan::route::Router;
 use crate::replacements::Replacements;
@@ -138,6 +140,7 @@ impl CascadeBuilder<'_> {
             replacements,
             events: Vec::new(),
             stalled: None,
+            suspected: HashMap::new(),
             model: model.clone(),
             cfg,
         };
@@ -156,6 +159,9 @@ pub struct CascadeRunner {
     /// The checkpoint step of the last recoveries that replaced no hop,
     /// and how many there were in a row ([`RecoveryError::NoProgress`]).
     stalled: Option<(u64, usize)>,
+    /// Misbehaviours pinned on no single hop found so far, by suspects:
+    /// the second time the same ones are found, the run stops.
+    suspected: HashMap<Culprit, usize>,
     model: ModelSpec,
     cfg: TrainConfig,
 }
@@ -362,12 +368,17 @@ impl CascadeRunner {
             let mut hops = self.session.hops().to_vec();
             // A hop the designer could not reach (or whose link broke) is
             // the failed one; otherwise loops through the prefixes find it.
-            let failed = match unreachable.and_then(|a| hops.iter().position(|h| h.addr == a)) {
-                Some(j) => Some(j),
+            let verdict = match unreachable.and_then(|a| hops.iter().position(|h| h.addr == a)) {
+                Some(j) => ProbeVerdict::Dead(j),
                 None => self.session.exchange().probe(n, step),
             };
             let mut replaced = Vec::new();
-            if let Some(j) = failed {
+            if let ProbeVerdict::Link(a, b) = verdict {
+                tracing::warn!(
+                    "hop {a} or hop {b} drops what passes between them ({last_error}); neither is replaced"
+                );
+            }
+            if let ProbeVerdict::Dead(j) = verdict {
                 let bad = hops[j].clone();
                 tracing::warn!(hop = j, addr = %mixnn_net::alias::peer(&bad.addr), "hop failed ({last_error}); replacing it");
                 let in_use: Vec<HopInfo> = hops.iter().filter(|h| **h != bad).cloned().collect();
@@ -451,41 +462,58 @@ impl CascadeRunner {
         Ok(())
     }
 
-    /// Recovers from a failed audit: replaces the hop (and the other side
-    /// of a boundary that disagrees) and rolls back to the last checkpoint
-    /// before the first bad step. `batches` are this epoch's, from `base`.
-    fn recover_audit(
+    /// Recovers from a misbehaviour. One pinned on a hop gets the hop
+    /// reported and replaced; one that can only be pinned on two hops or
+    /// on a transfer's route replaces and reports nobody, and ends the run
+    /// if the same suspects are found again. Either way the run goes back
+    /// to the last checkpoint before the first bad step (`epoch`: this
+    /// epoch's batches, from `base`, which a local re-execution checks it
+    /// against), or, without them (a test, a fetch), to the last
+    /// checkpoint. Returns the step training resumes at.
+    fn recover_misbehaviour(
         &mut self,
         cause: DesignerError,
-        batches: &[Batch],
-        base: u64,
+        epoch: Option<(&[Batch], u64)>,
     ) -> Result<u64, DesignerError> {
-        let DesignerError::Audit {
-            hop,
-            step,
-            reason,
-            also,
-            ..
-        } = &cause
-        else {
+        let DesignerError::Misbehaved(m) = &cause else {
             return self.recover(cause);
         };
         if self.replacements.is_none() {
             return Err(cause);
         }
-        let (step, reason) = (*step, format!("audit failed: {reason}"));
-        let bad: Vec<usize> = std::iter::once(*hop).chain(*also).collect();
-        let c = rollback_point(
-            self.saver.policy.kept(),
-            step,
-            batches,
-            base,
-            &self.model,
-            self.cfg.optimizer,
-            &self.cfg.seed,
-        )?;
-        tracing::warn!(?bad, step, back_to = c.step, "{reason}; replacing");
-        self.replace_and_rebuild(&bad, step, &reason, &c)?;
+        let (culprit, step) = (m.culprit, m.step);
+        let reason = format!("{}: {}", m.kind, m.reason);
+        let c = match epoch {
+            Some((batches, base)) => rollback_point(
+                self.saver.policy.kept(),
+                step,
+                batches,
+                base,
+                &self.model,
+                self.cfg.optimizer,
+                &self.cfg.seed,
+            )?,
+            None => match self.saver.policy.last() {
+                Some(c) => c.clone(),
+                None => return Err(cause),
+            },
+        };
+        match culprit {
+            Culprit::Hop(j) => {
+                tracing::warn!(hop = j, step, back_to = c.step, "{reason}; replacing it");
+                self.replace_and_rebuild(&[j], step, &reason, &c)?;
+            }
+            Culprit::Pair(..) | Culprit::Route { .. } => {
+                let seen = self.suspected.entry(culprit).or_insert(0);
+                *seen += 1;
+                if *seen > 1 {
+                    // The same suspects again: stop, naming them.
+                    return Err(cause);
+                }
+                tracing::warn!(%culprit, step, back_to = c.step, "{reason}; replacing neither, going back");
+                self.replace_and_rebuild(&[], step, &reason, &c)?;
+            }
+        }
         Ok(c.step)
     }
 
@@ -514,7 +542,11 @@ impl CascadeRunner {
         for f in &failed {
             r.report(f, step, reason);
         }
-        let new = r.replace(&failed, &in_use)?;
+        let new = if failed.is_empty() {
+            Vec::new()
+        } else {
+            r.replace(&failed, &in_use)?
+        };
         if new.len() != failed.len() {
             return Err(DesignerError::Config {
                 message: format!("{} replacements for {} hops", new.len(), failed.len()),
@@ -546,7 +578,11 @@ impl CascadeRunner {
         purpose: &'static str,
     ) -> Result<(), DesignerError> {
         let at = self.session.step();
-        if self.recover(e)? != at {
+        let back = match e {
+            DesignerError::Misbehaved(_) => self.recover_misbehaviour(e, None)?,
+            e => self.recover(e)?,
+        };
+        if back != at {
             return Err(RecoveryError::NoCheckpointAt { step: at, purpose }.into());
         }
         Ok(())
@@ -614,7 +650,9 @@ impl StepRunner for CascadeRunner {
                 Ok(()) => return Ok(losses),
                 Err(e) => {
                     let step = match e {
-                        DesignerError::Audit { .. } => self.recover_audit(e, batches, base)?,
+                        DesignerError::Misbehaved(_) => {
+                            self.recover_misbehaviour(e, Some((batches, base)))?
+                        }
                         e => self.recover(e)?,
                     };
                     let back = step.checked_sub(base).ok_or(RecoveryError::BeforeEpoch {

@@ -27,9 +27,10 @@ use mixnn_model::arith::ARITH_VERSION;
 use mixnn_model::seed::Purpose;
 use mixnn_model::stage::{Stage, StageCache, StageState};
 use mixnn_model::tensor_bytes::TensorBytes;
-use mixnn_model::trainer::{argmax_slice, micro_ranges, stage_seed, Batch, TrainConfig};
+use mixnn_model::trainer::{stage_seed, Batch, TrainConfig};
 use mixnn_model::weights::StageParams;
-use mixnn_proto::audit::{state_digest, Opening};
+use mixnn_proto::audit::{digest_state, state_digest, Opening};
+use mixnn_proto::trailer::Pass;
 use mixnn_proto::{decode_state, encode_state, InitNote, Micro};
 use mixnn_wire::{HopTag, OnionPublic};
 use rand_core::RngCore;
@@ -38,7 +39,8 @@ use crate::cascade::HopInfo;
 use crate::checkpoint::Checkpoint;
 use crate::error::{BadReply, DesignerError};
 use crate::exchange::{Exchange, Fetch, Transfer};
-use crate::plan::audit::{AuditFailure, Audits, ChainBreak};
+use crate::misbehaviour::{Culprit, Misbehaviour, MisbehaviourKind};
+use crate::plan::audit::Audits;
 use crate::plan::layout::Layout;
 use crate::plan::opening::{AuditCase, AuditContext, Verdict};
 use crate::plan::pending::{Await, Expected};
@@ -47,6 +49,8 @@ use crate::plan::route::Route;
 use crate::plan::transfer::state_bound;
 use crate::plan::window::Window;
 use crate::saver::Saver;
+
+mod predict;
 
 /// The stages the designer runs itself.
 #[derive(Default)]
@@ -172,12 +176,7 @@ impl Session {
                 arith: ARITH_VERSION,
                 stage: h.spec.clone(),
                 optimizer: self.cfg.optimizer,
-                // A dummy's seed initialises nothing; it is drawn like a
-                // stage's so that it does not stand out.
-                seed: match h.index {
-                    Some(i) => stage_seed(&self.cfg.seed, i),
-                    None => self.cfg.seed.derive(Purpose::Dummy(k as u64)),
-                },
+                seed: self.hop_seed(k),
                 start_step: self.step,
                 padding,
                 // Each hop's own issue time, up to 31 s early: hops check
@@ -204,8 +203,43 @@ impl Session {
                 audit_key: self.audits.key(k),
             })
             .collect();
+        // The designer knows the state each hop builds from its note: the
+        // first step's forward must run on it (a load replaces it).
+        if self.audits.on() {
+            for (k, n) in notes.iter().enumerate() {
+                let mut stage = Stage::new(&n.stage, n.seed, n.optimizer);
+                stage.start_at(n.start_step);
+                self.audits
+                    .know(k, n.start_step, digest_state(&stage.state()));
+            }
+        }
         self.ex
             .init(|router| router.init(&publics, &notes), self.step)
+    }
+
+    /// The seed hop `k`'s stage is built with.
+    fn hop_seed(&self, k: usize) -> u64 {
+        match self.layout.hops.get(k).and_then(|h| h.index) {
+            Some(i) => stage_seed(&self.cfg.seed, i),
+            // A dummy's seed initialises nothing; it is drawn like a
+            // stage's so that it does not stand out.
+            None => self.cfg.seed.derive(Purpose::Dummy(k as u64)),
+        }
+    }
+
+    /// Every hop's state as its init note builds it at step 0: what the
+    /// designer knows without asking (the seeds are its own).
+    fn initial_states(&self) -> Vec<StageState> {
+        (0..self.layout.len())
+            .map(|k| {
+                Stage::new(
+                    &self.layout.hops[k].spec,
+                    self.hop_seed(k),
+                    self.cfg.optimizer,
+                )
+                .state()
+            })
+            .collect()
     }
 
     /// A fresh session over `hops` with the state of `c`: new links, the
@@ -225,6 +259,18 @@ impl Session {
     /// running audits on the way, and a checkpoint at the end.
     /// `on_step(position, loss)` hears of each completed step.
     pub fn train(
+        &mut self,
+        batches: &[Batch],
+        base: u64,
+        losses: &mut Vec<f32>,
+        saver: &mut Saver,
+        on_step: &mut dyn FnMut(usize, f32),
+    ) -> Result<(), DesignerError> {
+        self.train_steps(batches, base, losses, saver, on_step)
+            .map_err(|e| self.found(e))
+    }
+
+    fn train_steps(
         &mut self,
         batches: &[Batch],
         base: u64,
@@ -278,10 +324,7 @@ impl Session {
                 Expected::Step
             };
             let (kind, body) = self.ex.wait(expected, w.waiting())?;
-            let (body, broken) = self.audits.take(kind, body, self.layout.len())?;
-            if let Some(b) = broken {
-                return Err(self.chain_failure(b));
-            }
+            let body = self.audits.take(kind, body, self.layout.len())?;
             match kind {
                 Await::Output { step, micro } => {
                     let loss = self.on_output(&w, batches, step, micro, &body)?;
@@ -293,7 +336,9 @@ impl Session {
                         let c = first_caches
                             .remove(&(step, micro))
                             .ok_or(BadReply::MicroBatch { step, micro })?;
-                        first.backward_micro_bytes(c, Some(&body), false, u32::from(micro))?;
+                        first
+                            .backward_micro_bytes(c, Some(&body), false, u32::from(micro))
+                            .map_err(|e| malformed(0, step, format!("its gradient: {e}")))?;
                         if first.pending_micros() == micros {
                             first.apply();
                         }
@@ -312,7 +357,7 @@ impl Session {
                             self.audit_prefetched(p, batches, base, true)?;
                         }
                         Ok(()) => prefetch = Some(p),
-                        Err(DesignerError::BadReply(_)) => {
+                        Err(e) if route_fault(&e) => {
                             // Left to the audits between steps, which
                             // fetch each opening on its own and so pin a
                             // failure to its hop.
@@ -357,6 +402,9 @@ impl Session {
     ) -> Result<f32, DesignerError> {
         let i = w.position(step)?;
         let micros = w.micros(i);
+        // Only the last hop delivers outputs: one that does not parse is
+        // its doing.
+        let end = self.layout.len().saturating_sub(1);
         let loss = match self.kept.last.as_mut() {
             Some(last) => {
                 let rows = w
@@ -367,7 +415,9 @@ impl Session {
                     index: u32::from(micro),
                     batch_rows: batches[i].rows,
                 };
-                let (l, c) = last.forward_step_bytes(body, Some(&labels), place)?;
+                let (l, c) = last
+                    .forward_step_bytes(body, Some(&labels), place)
+                    .map_err(|e| malformed(end, step, format!("its output: {e}")))?;
                 let g = last
                     .backward_micro_bytes(c, None, true, u32::from(micro))?
                     .unwrap_or_default();
@@ -377,9 +427,13 @@ impl Session {
                 self.send_backward(step, micro, micros as u16, &g)?;
                 TensorBytes::decode(&l)?.values.first().copied()
             }
-            None => TensorBytes::decode(body)?.values.first().copied(),
+            None => TensorBytes::decode(body)
+                .map_err(|e| malformed(end, step, format!("its loss: {e}")))?
+                .values
+                .first()
+                .copied(),
         };
-        Ok(loss.ok_or(BadReply::EmptyLoss)?)
+        loss.ok_or_else(|| malformed(end, step, "an empty loss"))
     }
 
     /// Sends the forward (and, without a kept last stage, the backward)
@@ -432,7 +486,10 @@ impl Session {
             labels,
             tags.clone(),
         );
-        let body = self.audits.pad(body, self.ex.router().rng());
+        let n = self.layout.len();
+        let body = self
+            .audits
+            .pad(Pass::Forward, step, u32::from(micro), n, body)?;
         self.ex.send(&route, &body, Await::Output { step, micro })?;
         self.tags.insert((step, micro), tags);
         Ok(())
@@ -450,88 +507,21 @@ impl Session {
             .remove(&(step, micro))
             .ok_or(BadReply::MicroBatch { step, micro })?;
         let route = Route::backward(&self.layout, step, Micro::new(micro, micros)?, tags);
-        let grad = self.audits.pad(grad, self.ex.router().rng());
-        self.ex.send(&route, &grad, Await::Done { step, micro })
-    }
-
-    /// The predicted class of every image of `batches`, through the
-    /// cascade's test op (no cache, no update); `on_batch(position)` hears
-    /// of each batch done, in order.
-    pub fn predict(
-        &mut self,
-        batches: &[Batch],
-        on_batch: &mut dyn FnMut(usize),
-    ) -> Result<Vec<u32>, DesignerError> {
         let n = self.layout.len();
-        let k = self.micro_batches;
-        let window = self.window * 4;
-        let mut outputs: Vec<Vec<Option<Vec<u32>>>> = batches
-            .iter()
-            .map(|b| vec![None; micro_ranges(b.rows, k).len()])
-            .collect();
-        let (mut next, mut received) = (0usize, 0usize);
-        while received < batches.len() {
-            while next < batches.len() && next - received < window {
-                for (m, micro) in batches[next].micro_batches(k).iter().enumerate() {
-                    let x = TensorBytes::encode_pixels(
-                        &self.layout.input.batched(micro.rows),
-                        &micro.pixels,
-                    );
-                    let body = match &self.kept.first {
-                        Some(first) => first.eval_bytes(&x)?,
-                        None => x,
-                    };
-                    let what = Await::Test {
-                        batch: next,
-                        micro: m as u16,
-                    };
-                    self.ex.send(&Route::test(n, self.step), &body, what)?;
-                }
-                next += 1;
-            }
-            let (kind, body) = self.ex.wait(Expected::Test, self.step)?;
-            let Await::Test { batch, micro } = kind else {
-                return Err(DesignerError::UnexpectedReply {
-                    expected: Expected::Test,
-                    got: kind,
-                });
-            };
-            let classes = self.output_to_classes(&body)?;
-            let slot = outputs
-                .get_mut(batch)
-                .and_then(|o| o.get_mut(usize::from(micro)))
-                .ok_or(BadReply::TestOutput { batch, micro })?;
-            *slot = Some(classes);
-            while received < batches.len() && outputs[received].iter().all(Option::is_some) {
-                on_batch(received);
-                received += 1;
-            }
-        }
-        Ok(outputs.into_iter().flatten().flatten().flatten().collect())
-    }
-
-    fn output_to_classes(&self, body: &[u8]) -> Result<Vec<u32>, DesignerError> {
-        let mut out = TensorBytes::decode(body)?;
-        if let Some(last) = &self.kept.last {
-            let y = last.forward_eval(out.into_batch(&last.spec().input)?)?;
-            out = TensorBytes {
-                shape: y.dims().to_vec(),
-                values: y.into_vec(),
-            };
-        }
-        match out.shape.as_slice() {
-            [rows, cols] => Ok(argmax_slice(&out.values, *rows, *cols)),
-            other => Err(BadReply::TestShape {
-                shape: other.to_vec(),
-            }
-            .into()),
-        }
+        let grad = self
+            .audits
+            .pad(Pass::Backward, step, u32::from(micro), n, grad)?;
+        self.ex.send(&route, &grad, Await::Done { step, micro })
     }
 
     /// Every hop's state, fetched in chunks (all hops at once). Stages
     /// without parameters are not asked (so that they never learn the
     /// designer's address): their state is their step counter.
     pub fn fetch_states(&mut self) -> Result<Vec<StageState>, DesignerError> {
+        self.fetch_states_checked().map_err(|e| self.found(e))
+    }
+
+    fn fetch_states_checked(&mut self) -> Result<Vec<StageState>, DesignerError> {
         let asked: Vec<usize> = (0..self.layout.len())
             .filter(|j| self.layout.has_params(*j))
             .collect();
@@ -543,29 +533,38 @@ impl Session {
             self.ex
                 .download(&asked, &bounds, Fetch::State { step: self.step }, self.step)?;
         // A fetched state must be the one the hop committed to leaving
-        // after the last step (its slots are its own): anything else is
-        // that hop's lie, as a failed audit.
-        if let Some(last) = self.step.checked_sub(1) {
+        // after the last step, or the one the designer loaded into it or
+        // built it with: anything else is that hop's lie (the state is
+        // sealed by it).
+        if self.audits.on() {
             for (&j, bytes) in asked.iter().zip(&fetched) {
-                if let Some(committed) = self.audits.committed_after(j, last) {
-                    if state_digest(bytes) != committed {
-                        return Err(self.chain_failure(ChainBreak {
-                            hop: j,
-                            step: last,
-                            also: None,
-                            reason: format!(
-                                "the state it sent at step {} is not the state its step {last} committed to",
-                                self.step
-                            ),
-                        }));
-                    }
+                let Some(want) = self.audits.expected_state(j, self.step) else {
+                    return Err(DesignerError::Config {
+                        message: format!(
+                            "no state of hop {j} known at step {} to check its fetched state against",
+                            self.step
+                        ),
+                    });
+                };
+                if state_digest(bytes) != want {
+                    let last = self.step.saturating_sub(1);
+                    return Err(DesignerError::Misbehaved(Misbehaviour::new(
+                        Culprit::Hop(j),
+                        last,
+                        MisbehaviourKind::FalseState,
+                        format!(
+                            "the state it sent at step {} is not the state it committed to (or was loaded with)",
+                            self.step
+                        ),
+                    )));
                 }
             }
         }
         let mut fetched: HashMap<usize, Vec<u8>> = asked.into_iter().zip(fetched).collect();
         (0..self.layout.len())
             .map(|j| match fetched.remove(&j) {
-                Some(bytes) => Ok(decode_state(&bytes)?),
+                Some(bytes) => decode_state(&bytes)
+                    .map_err(|e| malformed(j, self.step, format!("its state: {e}"))),
                 None => Ok(StageState {
                     steps: self.step,
                     tensors: Vec::new(),
@@ -587,6 +586,11 @@ impl Session {
             .map(|(j, s)| (j, encode_state(s)))
             .collect();
         self.ex.upload(&loads, self.step)?;
+        // The designer knows what it loaded: the first step after the load
+        // (and a fetch before it) must name these states.
+        for (j, bytes) in &loads {
+            self.audits.know(*j, c.step, state_digest(bytes));
+        }
         if let Some(first) = self.kept.first.as_mut() {
             first.load_state(&c.stages[0])?;
         }
@@ -601,7 +605,14 @@ impl Session {
     /// `losses` are this call's losses since the epoch's resumed prefix.
     pub fn checkpoint(&mut self, saver: &mut Saver, losses: &[f32]) -> Result<(), DesignerError> {
         let started = Instant::now();
-        let remote = self.fetch_states()?;
+        // At step 0 every stage is what its seed builds: the designer
+        // builds the checkpoint itself (a hop built otherwise is caught by
+        // the state chain of its first step).
+        let remote = if self.step == 0 {
+            self.initial_states()
+        } else {
+            self.fetch_states()?
+        };
         let mut stages = Vec::with_capacity(self.layout.stage_count());
         if let Some(first) = &self.kept.first {
             stages.push(first.state());
@@ -638,26 +649,27 @@ impl Session {
         out
     }
 
-    /// What a delivery's trailer shows against a hop (state digests that do
-    /// not chain; a damaged trailer): a failed audit of that hop (and, for
-    /// a damaged trailer, of the next on the path), without an opening.
-    fn chain_failure(&mut self, b: ChainBreak) -> DesignerError {
-        let addr = self.hops[b.hop].addr;
-        let reason = b.reason;
-        tracing::warn!(hop = b.hop, addr = %mixnn_net::alias::peer(&addr), step = b.step, "{reason}");
-        self.audits.record(Some(AuditFailure {
-            hop: b.hop,
-            addr,
-            step: b.step,
-            reason: reason.clone(),
-        }));
-        DesignerError::Audit {
-            hop: b.hop,
-            addr,
-            step: b.step,
-            reason,
-            also: b.also,
+    /// An error of the session as its caller sees it: a misbehaviour found
+    /// is logged, recorded in the audit stats, and given the suspects'
+    /// addresses.
+    fn found(&mut self, e: DesignerError) -> DesignerError {
+        let DesignerError::Misbehaved(m) = e else {
+            return e;
+        };
+        if !m.addrs.is_empty() {
+            // Found and recorded already (by a call within this one).
+            return DesignerError::Misbehaved(m);
         }
+        let addrs: Vec<std::net::SocketAddr> = self.hops.iter().map(|h| h.addr).collect();
+        let m = m.at(&addrs);
+        let suspects: Vec<String> = m
+            .addrs
+            .iter()
+            .map(|a| mixnn_net::alias::peer(a).to_string())
+            .collect();
+        tracing::warn!(culprit = %m.culprit, ?suspects, step = m.step, kind = %m.kind, "{}", m.reason);
+        self.audits.record(Some(m.clone()));
+        DesignerError::Misbehaved(m)
     }
 
     /// Runs the audits waiting (no step in flight). `batches` are this
@@ -676,7 +688,7 @@ impl Session {
             let pre: Option<HashMap<usize, Option<Opening>>> =
                 match self.fetch_openings(&asks, step) {
                     Ok(all) => Some(asks.into_iter().zip(all).collect()),
-                    Err(DesignerError::BadReply(_)) => None,
+                    Err(e) if route_fault(&e) => None,
                     Err(e) => return Err(e),
                 };
             self.audit_step(step, &hops, batches, base, pre.as_ref())?;
@@ -727,7 +739,7 @@ impl Session {
             let (got, body) = self.ex.wait(Expected::Opening, step)?;
             match self.ex.on_transfer_reply(&mut p.transfer, got, &body) {
                 Ok(()) => {}
-                Err(DesignerError::BadReply(_)) => {
+                Err(e) if route_fault(&e) => {
                     self.ex.forget(|a| p.transfer.what().answered_by(a));
                     return Ok(());
                 }
@@ -776,23 +788,7 @@ impl Session {
         for &j in hops {
             match self.audit(j, step, batch, pre)? {
                 Verdict::Pass => self.audits.record(None),
-                Verdict::Fail { hop, reason, also } => {
-                    let addr = self.hops[hop].addr;
-                    tracing::warn!(hop, addr = %mixnn_net::alias::peer(&addr), step, "audit failed: {reason}");
-                    self.audits.record(Some(AuditFailure {
-                        hop,
-                        addr,
-                        step,
-                        reason: reason.clone(),
-                    }));
-                    return Err(DesignerError::Audit {
-                        hop,
-                        addr,
-                        step,
-                        reason,
-                        also,
-                    });
-                }
+                Verdict::Fail(m) => return Err(DesignerError::Misbehaved(m)),
             }
         }
         Ok(())
@@ -853,14 +849,10 @@ impl Session {
     /// empty or malformed opening counts as a refusal).
     fn fetch_opening(&mut self, j: usize, step: u64) -> Result<Option<Opening>, DesignerError> {
         let max = self.opening_bound(j);
-        match self
+        let mut all = self
             .ex
-            .download(&[j], &[max], Fetch::Opening { step }, self.step)
-        {
-            Ok(mut all) => Ok(decode_opening(&all.pop().unwrap_or_default())),
-            Err(DesignerError::BadReply(BadReply::Length { .. })) => Ok(None),
-            Err(e) => Err(e),
-        }
+            .download(&[j], &[max], Fetch::Opening { step }, self.step)?;
+        Ok(decode_opening(&all.pop().unwrap_or_default()))
     }
 }
 
@@ -869,6 +861,23 @@ impl Session {
 struct Prefetch {
     step: u64,
     transfer: Transfer,
+}
+
+/// A misbehaviour of hop `hop` at `step`: what it delivered does not
+/// parse.
+fn malformed(hop: usize, step: u64, what: impl std::fmt::Display) -> DesignerError {
+    DesignerError::Misbehaved(Misbehaviour::new(
+        Culprit::Hop(hop),
+        step,
+        MisbehaviourKind::Malformed,
+        what.to_string(),
+    ))
+}
+
+/// Whether `e` is a transfer that did not open: changed by its hop or by
+/// one that relayed it, so pinned on no hop.
+fn route_fault(e: &DesignerError) -> bool {
+    matches!(e, DesignerError::Misbehaved(m) if matches!(m.culprit, Culprit::Route { .. }))
 }
 
 /// An opening as a hop sent it; `None` for a refusal (empty, or not an

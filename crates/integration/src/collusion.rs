@@ -18,7 +18,9 @@ use std::net::SocketAddr;
 
 use mixnn_model::optim::Optimizer;
 use mixnn_model::spec::{ModelSpec, Shape, StageSpec};
-use mixnn_proto::{BackwardNote, ChunkNote, ForwardNote, InitNote, Micro, SessionNote};
+use mixnn_proto::{
+    AuditNote, BackwardNote, ChunkNote, ForwardNote, InitNote, Micro, Opens, SessionNote,
+};
 use mixnn_wire::{HopAddr, PaddingPolicy};
 
 /// An 8-byte window.
@@ -128,6 +130,28 @@ fn public(c: &Colluders<'_>) -> Known {
         }
         for chunk in 0..64 {
             p.push(SessionNote::Fetch(ChunkNote { step, chunk }).encode());
+            p.push(
+                SessionNote::Audit(AuditNote {
+                    step,
+                    chunk,
+                    opens: Opens::Step,
+                })
+                .encode(),
+            );
+        }
+        // Test batches (and their audits) are counted like steps.
+        for batch in 0..64 {
+            p.push(SessionNote::Test { step, batch }.encode());
+            for chunk in 0..8 {
+                p.push(
+                    SessionNote::Audit(AuditNote {
+                        step,
+                        chunk,
+                        opens: Opens::Test { batch },
+                    })
+                    .encode(),
+                );
+            }
         }
     }
     let mut stages = c.model.stages.clone();

@@ -66,9 +66,45 @@ pub fn dataset(n: usize, seed: u64) -> Dataset {
     }
 }
 
+/// A node on its own thread that stops when this is dropped.
+pub struct RunningNode {
+    /// Its address and keys.
+    pub info: HopInfo,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for RunningNode {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Starts a node with `config` on its own thread, until the handle is
+/// dropped.
+pub fn start_stoppable_node(seed: u64, config: NodeConfig) -> RunningNode {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let info = start_node_until(seed, config, async move {
+        let _ = stopped.await;
+    });
+    RunningNode {
+        info,
+        stop: Some(stop),
+    }
+}
+
 /// Starts a node with `config` on its own thread; returns its address and
 /// keys.
 pub fn start_node_with(seed: u64, config: NodeConfig) -> HopInfo {
+    start_node_until(seed, config, std::future::pending())
+}
+
+fn start_node_until(
+    seed: u64,
+    config: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> HopInfo {
     let keys = NodeKeys::generate(&mut rand_chacha::ChaCha20Rng::seed_from_u64(seed));
     let public = keys.public();
     let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
@@ -87,8 +123,7 @@ pub fn start_node_with(seed: u64, config: NodeConfig) -> HopInfo {
             .unwrap()
             .answer_probes(&keys);
             tx.send(listener.local_addr().unwrap()).unwrap();
-            let r: Result<(), NodeError> =
-                mixnn_node::run(listener, &keys, config, std::future::pending()).await;
+            let r: Result<(), NodeError> = mixnn_node::run(listener, &keys, config, shutdown).await;
             r.unwrap();
         });
     });

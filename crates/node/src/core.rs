@@ -14,7 +14,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use mixnn_proto::reply::Sealed;
-use mixnn_proto::{encode_state, BackwardNote, ForwardNote, SessionNote};
+use mixnn_proto::{encode_state, BackwardNote, ForwardNote, Opens, SessionNote};
 use mixnn_wire::{
     encode_cells, CellKind, InitReplayCache, InitTag, Message, Onion, Op, PaddingPolicy, Peeled,
     ReplyId, SessionId, SessionTable,
@@ -22,13 +22,12 @@ use mixnn_wire::{
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
+use crate::adversary::Hooks;
 use crate::error::NodeError;
 pub use crate::limits::Limits;
 use crate::limits::{answer_bytes, fits_input, forward_bytes};
 use crate::memory::Memory;
 use crate::routes::Routes;
-#[cfg(not(feature = "adversary"))]
-use crate::session::NoAdversary;
 use crate::session::{
     self, load_chunk, short, state_chunk, Cached, MaybeAdversary, NodeSession, Parked,
 };
@@ -91,7 +90,7 @@ pub struct Core {
     memory: std::sync::Arc<Memory>,
     learned: BTreeSet<SocketAddr>,
     #[cfg(feature = "adversary")]
-    adversary: Option<crate::audit::Adversary>,
+    adversary: Option<crate::adversary::Adversary>,
     #[cfg(feature = "adversary")]
     record: Option<Record>,
     /// Makes the stage code panic on this op (tests of panic isolation).
@@ -303,7 +302,7 @@ impl Core {
 
     /// Makes this node misbehave (tests of audits only).
     #[cfg(feature = "adversary")]
-    pub fn set_adversary(&mut self, adversary: Option<crate::audit::Adversary>) {
+    pub fn set_adversary(&mut self, adversary: Option<crate::adversary::Adversary>) {
         self.adversary = adversary;
     }
 
@@ -368,7 +367,9 @@ impl Core {
             self.record(msg.onion.notes.as_bytes());
             self.record(&from);
         }
-        match msg.kind {
+        // A test adversary's held messages go out after this one's.
+        let held = self.adversary().release();
+        let r = match msg.kind {
             CellKind::Init => self.handle_init(from, msg, now),
             CellKind::Session => self.handle_session(from, msg, now),
             // Cover cells are dropped on arrival.
@@ -377,7 +378,11 @@ impl Core {
                 Ok(Vec::new())
             }
             _ => Ok(Vec::new()),
-        }
+        };
+        r.map(|mut out| {
+            out.extend(held);
+            out
+        })
     }
 
     /// The cells of a delivery to the designer with reply id `reply_id`.
@@ -562,7 +567,7 @@ impl Core {
         // Forward and backward bodies end with the commitment trailer
         // when the session is audited.
         let audited = s.auditor.is_some();
-        let trailed = audited && matches!(op, Op::Forward | Op::Backward);
+        let trailed = audited && matches!(op, Op::Forward | Op::Backward | Op::Test);
         let (body, trailer) = if trailed {
             let (p, t) = mixnn_proto::audit::split(&body)?;
             (p.to_vec(), t.to_vec())
@@ -590,10 +595,14 @@ impl Core {
                 let (y, cached) = self.forward(id, &peeled, n, &body, &trailer)?;
                 (y, Some(cached))
             }
-            SessionNote::Test { .. } => {
+            SessionNote::Test { step, batch } => {
                 self.admit_forward(id, op, &body, trailer_len)?;
+                let adversary = self.adversary();
                 let s = self.session_mut(id)?;
-                (s.stage.eval_bytes(&body)?, None)
+                (
+                    session::test(s, *step, *batch, &body, &trailer, &adversary)?,
+                    None,
+                )
             }
             SessionNote::Backward(n) => (
                 self.backward(id, &peeled, n, &body, &trailer, trailer_len)?,
@@ -601,20 +610,23 @@ impl Core {
             ),
             // A relay adds its layer to what it passes on (a transfer's
             // sealed body), so no two hops see the same bytes.
-            SessionNote::Loop { .. } => {
+            SessionNote::Loop { step } => {
                 let mut body = body;
                 if !body.is_empty() {
+                    let adversary = self.adversary();
                     let s = self.session_mut(id)?;
                     mixnn_proto::reply::relay_layer(&s.reply_key, &peeled.tag().0, &mut body);
+                    adversary.relayed(*step, &mut body);
                 }
                 (body, None)
             }
             // Transfers travel through other hops: their bodies are sealed
             // between the designer and this hop (mixnn_proto::reply).
             SessionNote::Load(n) => {
+                let adversary = self.adversary();
                 let s = self.session_mut(id)?;
                 let plain = s.reply_key.open(Sealed::Load, n.step, n.chunk, &body)?;
-                load_chunk(s, n, &plain)?;
+                load_chunk(s, n, &plain, &adversary)?;
                 (Vec::new(), None)
             }
             SessionNote::Fetch(n) => {
@@ -622,26 +634,20 @@ impl Core {
                 let adversary = self.adversary();
                 let s = self.session_mut(id)?;
                 let step = s.stage.steps();
+                if adversary.refetch(step, n.chunk) {
+                    s.fetched = None;
+                }
                 if s.fetched.as_ref().is_none_or(|(at, _)| *at != step) {
-                    #[cfg(feature = "adversary")]
-                    let state = match adversary {
-                        Some(a) => a.fetched(step, s.stage.state()),
-                        None => s.stage.state(),
-                    };
-                    #[cfg(not(feature = "adversary"))]
-                    let state = {
-                        let _ = adversary;
-                        s.stage.state()
-                    };
+                    let state = adversary.fetched(step, s.stage.state());
                     s.fetched = Some((step, encode_state(&state)));
                 }
                 let all = s.fetched.as_ref().map_or(&[][..], |(_, b)| b);
-                let chunk = state_chunk(all, n.chunk, &s.policy);
-                (
-                    s.reply_key
-                        .seal(Sealed::Fetch, n.step, n.chunk, &chunk, nonce),
-                    None,
-                )
+                let chunk =
+                    adversary.fetch_plain(step, n.chunk, state_chunk(all, n.chunk, &s.policy));
+                let sealed = s
+                    .reply_key
+                    .seal(Sealed::Fetch, n.step, n.chunk, &chunk, nonce);
+                (adversary.fetch_chunk(step, n.chunk, sealed), None)
             }
             SessionNote::Audit(n) => {
                 // A step no longer kept (or never run) is refused with an
@@ -649,23 +655,20 @@ impl Core {
                 let nonce = self.nonce();
                 let adversary = self.adversary();
                 let s = self.session_mut(id)?;
-                let all = s
-                    .auditor
-                    .as_mut()
-                    .and_then(|a| a.opening(n.step))
-                    .unwrap_or_default();
-                let chunk = state_chunk(all, n.chunk, &s.policy);
-                let sealed = s
-                    .reply_key
-                    .seal(Sealed::Audit, n.step, n.chunk, &chunk, nonce);
-                #[cfg(feature = "adversary")]
-                let sealed = match adversary {
-                    Some(a) => a.opening(n.step, sealed),
-                    None => sealed,
+                let (all, kind) = match (s.auditor.as_mut(), n.opens) {
+                    (Some(a), Opens::Step) => (a.opening(n.step), Sealed::Audit),
+                    (Some(a), Opens::Test { batch }) => {
+                        (a.test_opening(n.step, batch), Sealed::AuditTest { batch })
+                    }
+                    (None, _) => (None, Sealed::Audit),
                 };
-                #[cfg(not(feature = "adversary"))]
-                let _ = adversary;
-                (sealed, None)
+                let chunk = adversary.opening_plain(
+                    n.step,
+                    n.chunk,
+                    state_chunk(all.unwrap_or_default(), n.chunk, &s.policy),
+                );
+                let sealed = s.reply_key.seal(kind, n.step, n.chunk, &chunk, nonce);
+                (adversary.opening_chunk(n.step, n.chunk, sealed), None)
             }
             SessionNote::Close { .. } => {
                 return Err(NodeError::Refused(
@@ -681,7 +684,11 @@ impl Core {
             s.cached_bytes = s.cached_bytes.saturating_add(c.bytes);
             s.caches.insert(peeled.tag(), c);
         }
-        out.push(o);
+        let onward = self
+            .sessions
+            .get(&id)
+            .is_some_and(|s| s.routes.is_next(&o.expect));
+        out.extend(self.adversary().outbound(op, note.step(), onward, o));
         Ok(())
     }
 
@@ -694,9 +701,9 @@ impl Core {
 
     fn adversary(&self) -> MaybeAdversary {
         #[cfg(feature = "adversary")]
-        return self.adversary;
+        return self.adversary.clone();
         #[cfg(not(feature = "adversary"))]
-        NoAdversary
+        crate::adversary::NoAdversary
     }
 
     /// Checks a forward or test of `body` before any math: a matrix, the
@@ -761,7 +768,7 @@ impl Core {
     ) -> Result<(Vec<u8>, Cached), NodeError> {
         let adversary = self.adversary();
         let s = self.session_mut(id)?;
-        session::forward(s, peeled.tag(), note, body, trailer, adversary)
+        session::forward(s, peeled.tag(), note, body, trailer, &adversary)
     }
 
     /// A backward on the cache of its forward: its gradient's shape is
@@ -812,7 +819,7 @@ impl Core {
         let grads = s.params.saturating_mul(4);
         self.check_held(&id, grads)?;
         let s = self.session_mut(id)?;
-        session::backward(s, peeled.tag(), cache, note, body, trailer, adversary)
+        session::backward(s, peeled.tag(), cache, note, body, trailer, &adversary)
     }
 
     /// The message carrying `body` where `peeled` routes it, if its init
@@ -964,7 +971,7 @@ mod tests {
             tag: HopTag::random(rng),
         };
         let note = match op {
-            Op::Test => SessionNote::Test { step: 0 },
+            Op::Test => SessionNote::Test { step: 0, batch: 0 },
             _ => SessionNote::Forward(ForwardNote {
                 step: 0,
                 micro: mixnn_proto::Micro::WHOLE,

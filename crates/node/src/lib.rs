@@ -34,6 +34,7 @@
 //! ([`NodeConfig::replay_file`]), so an init recorded before a restart is
 //! refused after it.
 
+mod adversary;
 pub mod announce;
 pub mod audit;
 pub mod core;
@@ -69,7 +70,7 @@ pub use crate::error::NodeError;
 use crate::ingress::{read_loop, Admission, Reading};
 use crate::memory::Memory;
 #[cfg(feature = "adversary")]
-pub use audit::{Adversary, AdversaryMode};
+pub use adversary::{Adversary, AdversaryMode, Mutation, MutationKind};
 
 /// How a node runs.
 #[derive(Debug, Clone)]
@@ -129,7 +130,7 @@ pub struct NodeConfig {
     pub drop_after: Option<u64>,
     /// Misbehaviour for tests of audits (feature `adversary` only).
     #[cfg(feature = "adversary")]
-    pub adversary: Option<audit::Adversary>,
+    pub adversary: Option<adversary::Adversary>,
     /// A curious hop (feature `adversary`, collusion tests): every byte
     /// string the node receives outside the model's tensors — raw headers
     /// and notes, its peeled notes and tags, commitment trailers, relayed
@@ -189,7 +190,7 @@ pub async fn run(
     let memory = Memory::for_budget(config.limits.max_memory);
     core.set_memory(Arc::clone(&memory));
     #[cfg(feature = "adversary")]
-    core.set_adversary(config.adversary);
+    core.set_adversary(config.adversary.clone());
     #[cfg(feature = "adversary")]
     core.set_record(config.record.clone());
     let replay = match &config.replay_file {

@@ -90,6 +90,12 @@ impl Routes {
         self.designer.link
     }
 
+    /// Whether a message for the link key `key` goes on to the next hop
+    /// (forward through the cascade).
+    pub(crate) fn is_next(&self, key: &[u8; 32]) -> bool {
+        self.next.addr.is_some() && self.next.link == *key
+    }
+
     /// The link key of the hop that `op`, passed on to `addr`, goes to, if
     /// `addr` is where the init said that hop is: backward traffic goes
     /// back, forward, test, init and close traffic on, and loops and

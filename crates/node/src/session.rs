@@ -10,10 +10,12 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use mixnn_model::stage::{Stage, StageCache};
-use mixnn_proto::trailer::{add_layer, Direction, SlotContext};
+use mixnn_proto::trailer::{add_layer, check_received, SlotContext};
+use mixnn_proto::ProtoError;
 use mixnn_proto::{decode_state, BackwardNote, ChunkNote, ForwardNote, ParamChunk, SessionNote};
 use mixnn_wire::{HopTag, PaddingPolicy, Peeled};
 
+use crate::adversary::{Hooks, Pass};
 use crate::audit::Auditor;
 use crate::error::NodeError;
 use crate::routes::Routes;
@@ -163,73 +165,68 @@ pub(crate) fn short(bytes: &[u8]) -> String {
     mixnn_net::alias::id(bytes).tag().to_string()
 }
 
+/// The test adversary, if any (feature `adversary`), as the hooks see it.
+#[cfg(feature = "adversary")]
+pub(crate) type MaybeAdversary = Option<crate::adversary::Adversary>;
 /// No test adversary (builds without the `adversary` feature).
 #[cfg(not(feature = "adversary"))]
-#[derive(Clone, Copy)]
-pub(crate) struct NoAdversary;
-
-#[cfg(feature = "adversary")]
-pub(crate) type MaybeAdversary = Option<crate::audit::Adversary>;
-#[cfg(not(feature = "adversary"))]
-pub(crate) type MaybeAdversary = NoAdversary;
+pub(crate) type MaybeAdversary = crate::adversary::NoAdversary;
 
 /// Runs a training forward (admitted by the core), with its commitment
 /// when audited; returns the answer and the cache to keep once the answer
 /// is on its way.
-#[cfg_attr(not(feature = "adversary"), allow(unused_variables))]
 pub(crate) fn forward(
     s: &mut NodeSession,
     tag: HopTag,
     note: &ForwardNote,
     body: &[u8],
     trailer: &[u8],
-    adversary: MaybeAdversary,
+    adversary: &MaybeAdversary,
 ) -> Result<(Vec<u8>, Cached), NodeError> {
-    let labels = s.stage.spec().is_loss().then_some(note.labels.as_slice());
+    let step = note.step;
+    let ctx = SlotContext {
+        step,
+        pass: Pass::Forward,
+        index: u32::from(note.micro.index()),
+    };
+    // A trailer changed on its way is refused before any math.
+    if let Some(a) = &s.auditor {
+        check_received(a.trailer_keys(), &ctx, trailer).map_err(ProtoError::from)?;
+    }
+    let body = adversary.input(step, Pass::Forward, body.to_vec());
+    let loss = s.stage.spec().is_loss();
+    let labels = loss.then_some(note.labels.as_slice());
     let micro = mixnn_model::stage::Micro {
         index: u32::from(note.micro.index()),
         batch_rows: note.batch_rows as usize,
     };
-    let (y, cache) = s.stage.forward_step_bytes(body, labels, micro)?;
-    #[cfg(feature = "adversary")]
-    let y = match adversary {
-        Some(a) => a.forward(note.step, y),
-        None => y,
-    };
+    let (y, cache) = s.stage.forward_step_bytes(&body, labels, micro)?;
+    let y = adversary.computed(step, Pass::Forward, y);
     let cached = Cached {
-        step: note.step,
+        step,
         bytes: cache.bytes() as u64,
         cache,
     };
     let y = match s.auditor.as_mut() {
         Some(a) => {
-            let slot = a.forward(tag, note.step, body, &y);
-            #[cfg(feature = "adversary")]
-            let y = match adversary {
-                Some(adv) => adv.hidden(note.step, y),
-                None => y,
-            };
-            let ctx = SlotContext {
-                step: note.step,
-                direction: Direction::Forward,
-                micro: note.micro.index(),
-            };
-            #[cfg(feature = "adversary")]
-            let trailer = &match adversary {
-                Some(adv) => adv.trailer(note.step, trailer),
-                None => trailer.to_vec(),
-            };
-            with_layer(y, add_layer(a.trailer_keys(), &ctx, &slot, trailer)?)
+            let mut slot = a.forward(tag, step, &body, &y);
+            adversary.slot(step, Pass::Forward, &mut slot);
+            let mut trailer = trailer.to_vec();
+            adversary.received_trailer(step, Pass::Forward, &mut trailer);
+            let layer =
+                add_layer(a.trailer_keys(), &ctx, &slot, &trailer).map_err(ProtoError::from)?;
+            let y = adversary.sent(step, Pass::Forward, y, loss);
+            with_layer(y, layer)
         }
-        None => y,
+        None => adversary.sent(step, Pass::Forward, y, loss),
     };
+    let y = adversary.body_out(step, Pass::Forward, y, loss);
     Ok((y, cached))
 }
 
 /// Runs a backward (admitted by the core) on the cache of its forward;
 /// applies the update once the step's last micro-batch is in; returns the
 /// body to send on.
-#[cfg_attr(not(feature = "adversary"), allow(unused_variables))]
 pub(crate) fn backward(
     s: &mut NodeSession,
     tag: HopTag,
@@ -237,9 +234,19 @@ pub(crate) fn backward(
     note: &BackwardNote,
     body: &[u8],
     trailer: &[u8],
-    adversary: MaybeAdversary,
+    adversary: &MaybeAdversary,
 ) -> Result<Vec<u8>, NodeError> {
-    let grad = (!body.is_empty()).then_some(body);
+    let step = note.step;
+    let ctx = SlotContext {
+        step,
+        pass: Pass::Backward,
+        index: u32::from(note.micro.index()),
+    };
+    if let Some(a) = &s.auditor {
+        check_received(a.trailer_keys(), &ctx, trailer).map_err(ProtoError::from)?;
+    }
+    let body = adversary.input(step, Pass::Backward, body.to_vec());
+    let grad = (!body.is_empty()).then_some(body.as_slice());
     let dx = s
         .stage
         .backward_micro_bytes(
@@ -249,45 +256,68 @@ pub(crate) fn backward(
             u32::from(note.micro.index()),
         )?
         .unwrap_or_default();
-    #[cfg(feature = "adversary")]
-    let dx = match adversary {
-        Some(a) => a.backward(note.step, dx),
-        None => dx,
-    };
+    let dx = adversary.computed(step, Pass::Backward, dx);
     // The update waits for the gradients of every micro-batch of the step.
     let applied = s.stage.pending_micros() >= usize::from(note.micro.count());
     if applied {
-        #[cfg(feature = "adversary")]
-        match adversary {
-            Some(a) => a.apply(note.step, &mut s.stage),
-            None => s.stage.apply(),
-        }
-        #[cfg(not(feature = "adversary"))]
-        s.stage.apply();
+        adversary.apply(step, &mut s.stage);
     }
     let out = match s.auditor.as_mut() {
         Some(a) => {
-            let slot = a.backward(tag, note.step, body, &dx, &s.stage, applied);
-            let ctx = SlotContext {
-                step: note.step,
-                direction: Direction::Backward,
-                micro: note.micro.index(),
-            };
-            let out = with_layer(dx, add_layer(a.trailer_keys(), &ctx, &slot, trailer)?);
-            #[cfg(feature = "adversary")]
-            if let Some(adv) = adversary {
-                if applied && adv.between_steps(note.step, &mut s.stage) {
-                    a.resync(&s.stage);
-                }
+            let mut slot = a.backward(tag, &body, &dx, &s.stage, applied);
+            adversary.slot(step, Pass::Backward, &mut slot);
+            let mut trailer = trailer.to_vec();
+            adversary.received_trailer(step, Pass::Backward, &mut trailer);
+            let layer =
+                add_layer(a.trailer_keys(), &ctx, &slot, &trailer).map_err(ProtoError::from)?;
+            let out = with_layer(adversary.sent(step, Pass::Backward, dx, false), layer);
+            if applied {
+                adversary.between_steps(step, &mut s.stage, a);
             }
             out
         }
-        None => dx,
+        None => adversary.sent(step, Pass::Backward, dx, false),
     };
     if applied {
         s.drop_past_forwards();
     }
-    Ok(out)
+    Ok(adversary.body_out(step, Pass::Backward, out, false))
+}
+
+/// Runs a test forward (admitted by the core), with its commitment when
+/// audited; returns the body to send on.
+pub(crate) fn test(
+    s: &mut NodeSession,
+    step: u64,
+    batch: u32,
+    body: &[u8],
+    trailer: &[u8],
+    adversary: &MaybeAdversary,
+) -> Result<Vec<u8>, NodeError> {
+    let ctx = SlotContext {
+        step,
+        pass: Pass::Test,
+        index: batch,
+    };
+    if let Some(a) = &s.auditor {
+        check_received(a.trailer_keys(), &ctx, trailer).map_err(ProtoError::from)?;
+    }
+    adversary.before_test(step, &mut s.stage, s.auditor.as_mut());
+    let body = adversary.input(step, Pass::Test, body.to_vec());
+    let y = adversary.computed(step, Pass::Test, s.stage.eval_bytes(&body)?);
+    let out = match s.auditor.as_mut() {
+        Some(a) => {
+            let mut slot = a.test(step, batch, &body, &y);
+            adversary.slot(step, Pass::Test, &mut slot);
+            let mut trailer = trailer.to_vec();
+            adversary.received_trailer(step, Pass::Test, &mut trailer);
+            let layer =
+                add_layer(a.trailer_keys(), &ctx, &slot, &trailer).map_err(ProtoError::from)?;
+            with_layer(adversary.sent(step, Pass::Test, y, false), layer)
+        }
+        None => adversary.sent(step, Pass::Test, y, false),
+    };
+    Ok(adversary.body_out(step, Pass::Test, out, false))
 }
 
 /// `payload ‖ trailer`: what an audited hop sends on.
@@ -315,6 +345,7 @@ pub(crate) fn load_chunk(
     s: &mut NodeSession,
     note: &ChunkNote,
     body: &[u8],
+    adversary: &MaybeAdversary,
 ) -> Result<(), NodeError> {
     let chunk = ParamChunk::decode(body)?;
     // Weights and optimiser buffers (f32 each), with room for names and
@@ -347,6 +378,7 @@ pub(crate) fn load_chunk(
         if let Some(a) = s.auditor.as_mut() {
             a.reset(&s.stage);
         }
+        adversary.after_load(&mut s.stage, s.auditor.as_mut());
         s.caches.clear();
         s.cached_bytes = 0;
         s.parked.clear();

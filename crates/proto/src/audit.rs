@@ -1,28 +1,31 @@
 //! Audit commitments and openings (Byzantine hops, paper §4.2).
 //!
-//! In every training step each hop commits to what it did, with a key only
-//! it and the designer hold (sent in its [`crate::InitNote`]):
+//! In every forward, backward and test message each hop of an audited
+//! session commits to what it did: its [`Slot`] names the digest of its
+//! state (before a forward or test, after a backward's update:
+//! [`digest_state`]), the hash of the tensor it received and the hash of
+//! the tensor it sends ([`hash_tensor`]). Slots travel back to the
+//! designer in a fixed-size **trailer** at the end of every such body
+//! ([`TRAILER_LEN`] bytes), in onion layers under keys only the hop and
+//! the designer hold ([`crate::trailer`]): each hop strips the trailer
+//! before decoding the tensor, puts its slot and a tag over the slot and
+//! everything it wraps in front, and encrypts the whole under its own
+//! stream. So every hop receives random-looking bytes, no two hops see a
+//! common string, and no hop can forge, move or spoil another's slot
+//! without the damage showing at the layer of the hop before it.
 //!
-//! ```text
-//! forward  c_f = BLAKE3_key("mixnn audit fwd" ‖ step ‖ H(x) ‖ H(y) ‖ D(state before))
-//! backward c_b = BLAKE3_key("mixnn audit bwd" ‖ step ‖ H(g_in) ‖ H(g_out) ‖ D(state after))
-//! ```
-//!
-//! (`H` = BLAKE3 of the bytes, `D` = BLAKE3 of [`crate::encode_state`]).
-//! Commitments travel back to the designer in a fixed-size **trailer** at
-//! the end of every forward and backward body ([`TRAILER_LEN`] bytes), in
-//! onion layers ([`crate::trailer`]): each hop strips the trailer before
-//! decoding the tensor, puts its slot (state digest, commitment, tag) in
-//! front and encrypts the whole under a stream only it and the designer
-//! can compute. So every hop receives random-looking bytes, no two hops
-//! see a common string, and no hop can forge or move another's slot.
-//!
-//! An [`Opening`] of a step is what a hop reveals when audited: the state
-//! before it, the forward input and output, the backward gradient in and
-//! out, and the digest of the state after it claims.
+//! The designer checks at every delivery what needs no opening: what one
+//! hop says it sent is what the next says it received (and what the
+//! designer sent or received at the ends), and each state digest chains
+//! from the one before. An [`Opening`] of a step is what a hop reveals
+//! when audited: the state before it, the forward input and output, the
+//! backward gradient in and out, and the digest of the state after it
+//! claims; [`Opening::check`] ties every field to the hop's slots, and the
+//! designer re-executes the stage from it.
 
 use mixnn_model::stage::StageState;
 
+use crate::trailer::Slot;
 use crate::{ProtoError, Reader};
 
 /// The audit window: steps whose openings a hop keeps after running them,
@@ -31,14 +34,15 @@ use crate::{ProtoError, Reader};
 /// hop refuses (with an empty opening) an audit of an older step.
 pub const KEPT: usize = 16;
 
-/// Bytes of one commitment.
-pub const COMMIT_LEN: usize = 32;
-/// Bytes of the commitment trailer at the end of forward/backward bodies
-/// ([`crate::trailer`]).
+/// Bytes of the commitment trailer at the end of forward, backward and
+/// test bodies ([`crate::trailer`]).
 pub const TRAILER_LEN: usize = crate::trailer::TRAILER_LEN;
 
-/// One hop's commitment to one direction of one step.
-pub type Commitment = [u8; COMMIT_LEN];
+/// The hash of a tensor message (as sent, [`mixnn_model::tensor_bytes`])
+/// that slots name.
+pub fn hash_tensor(bytes: &[u8]) -> [u8; 32] {
+    *blake3::hash(bytes).as_bytes()
+}
 
 /// Digest of an encoded stage state ([`crate::encode_state`]).
 pub fn state_digest(encoded_state: &[u8]) -> [u8; 32] {
@@ -75,41 +79,8 @@ pub fn digest_state(state: &StageState) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-fn commit(key: &[u8; 32], label: &[u8], step: u64, a: &[u8], b: &[u8], d: &[u8; 32]) -> Commitment {
-    let mut h = blake3::Hasher::new_keyed(key);
-    h.update(label);
-    h.update(&step.to_le_bytes());
-    h.update(blake3::hash(a).as_bytes());
-    h.update(blake3::hash(b).as_bytes());
-    h.update(d);
-    *h.finalize().as_bytes()
-}
-
-/// The forward commitment of `step`: input `x`, output `y`, and the digest
-/// of the state the forward ran on.
-pub fn commit_forward(
-    key: &[u8; 32],
-    step: u64,
-    x: &[u8],
-    y: &[u8],
-    before: &[u8; 32],
-) -> Commitment {
-    commit(key, b"mixnn audit fwd", step, x, y, before)
-}
-
-/// The backward commitment of `step`: gradient in and out, and the digest
-/// of the state after the update.
-pub fn commit_backward(
-    key: &[u8; 32],
-    step: u64,
-    g_in: &[u8],
-    g_out: &[u8],
-    after: &[u8; 32],
-) -> Commitment {
-    commit(key, b"mixnn audit bwd", step, g_in, g_out, after)
-}
-
-/// Splits a forward/backward body into its payload and its trailer.
+/// Splits a forward, backward or test body into its payload and its
+/// trailer.
 pub fn split(body: &[u8]) -> Result<(&[u8], &[u8]), ProtoError> {
     let at = body
         .len()
@@ -177,20 +148,47 @@ impl Opening {
         })
     }
 
-    /// Whether this opening matches commitments `fwd` and `bwd` under
-    /// `key`: `Err` names the first that does not.
-    pub fn check(
-        &self,
-        key: &[u8; 32],
-        fwd: &Commitment,
-        bwd: &Commitment,
-    ) -> Result<(), &'static str> {
-        let d = state_digest(&self.before);
-        if commit_forward(key, self.step, &self.x, &self.y, &d) != *fwd {
-            return Err("the opening does not match the forward commitment");
+    /// Whether this opening of a training step is what the hop's forward
+    /// slot `fwd` and backward slot `bwd` of the step said: `Err` names
+    /// the first field that is not.
+    pub fn check(&self, fwd: &Slot, bwd: &Slot) -> Result<(), &'static str> {
+        if state_digest(&self.before) != fwd.digest {
+            return Err("the opened state is not the state its forward slot named");
         }
-        if commit_backward(key, self.step, &self.g_in, &self.g_out, &self.after) != *bwd {
-            return Err("the opening does not match the backward commitment");
+        if hash_tensor(&self.x) != fwd.input {
+            return Err("the opened input is not the input its forward slot named");
+        }
+        if hash_tensor(&self.y) != fwd.output {
+            return Err("the opened output is not the output its forward slot named");
+        }
+        if hash_tensor(&self.g_in) != bwd.input {
+            return Err("the opened gradient in is not the one its backward slot named");
+        }
+        if hash_tensor(&self.g_out) != bwd.output {
+            return Err("the opened gradient out is not the one its backward slot named");
+        }
+        if self.after != bwd.digest {
+            return Err("the opened state after is not the state its backward slot named");
+        }
+        Ok(())
+    }
+
+    /// Whether this opening of a test batch is what the hop's test slot
+    /// said (a test opening carries no gradients, and `after` is the
+    /// digest of `before`: no update).
+    pub fn check_test(&self, slot: &Slot) -> Result<(), &'static str> {
+        if !self.g_in.is_empty() || !self.g_out.is_empty() {
+            return Err("a test opening with gradients");
+        }
+        let before = state_digest(&self.before);
+        if before != slot.digest || self.after != before {
+            return Err("the opened state is not the state its test slot named");
+        }
+        if hash_tensor(&self.x) != slot.input {
+            return Err("the opened input is not the input its test slot named");
+        }
+        if hash_tensor(&self.y) != slot.output {
+            return Err("the opened output is not the output its test slot named");
         }
         Ok(())
     }
@@ -212,52 +210,63 @@ mod tests {
         }
     }
 
-    fn commitments(o: &Opening, key: &[u8; 32]) -> (Commitment, Commitment) {
-        let d = state_digest(&o.before);
+    fn slots(o: &Opening) -> (Slot, Slot) {
         (
-            commit_forward(key, o.step, &o.x, &o.y, &d),
-            commit_backward(key, o.step, &o.g_in, &o.g_out, &o.after),
+            Slot {
+                digest: state_digest(&o.before),
+                input: hash_tensor(&o.x),
+                output: hash_tensor(&o.y),
+            },
+            Slot {
+                digest: o.after,
+                input: hash_tensor(&o.g_in),
+                output: hash_tensor(&o.g_out),
+            },
         )
     }
 
     #[test]
-    fn opening_round_trips_and_matches_its_commitments() {
+    fn opening_round_trips_and_matches_its_slots() {
         let o = opening();
         assert_eq!(Opening::decode(&o.encode()).unwrap(), o);
-        let (f, b) = commitments(&o, &[1; 32]);
-        assert_eq!(o.check(&[1; 32], &f, &b), Ok(()));
+        let (f, b) = slots(&o);
+        assert_eq!(o.check(&f, &b), Ok(()));
     }
 
     #[test]
-    fn tampered_opening_is_detected() {
+    fn every_field_of_an_opening_is_tied_to_a_slot() {
         let o = opening();
-        let key = [1; 32];
-        let (f, b) = commitments(&o, &key);
-        let mut t = o.clone();
-        t.y[0] ^= 1;
-        assert!(t.check(&key, &f, &b).unwrap_err().contains("forward"));
-        let mut t = o.clone();
-        t.before.push(0);
-        assert!(t.check(&key, &f, &b).is_err());
-        let mut t = o.clone();
-        t.g_out[2] ^= 0x80;
-        assert!(t.check(&key, &f, &b).unwrap_err().contains("backward"));
-        let mut t = o.clone();
+        let (f, b) = slots(&o);
+        type Lie = (&'static str, fn(&mut Opening));
+        let changed: [Lie; 6] = [
+            ("state", |t| t.before.push(0)),
+            ("input", |t| t.x[0] ^= 1),
+            ("output", |t| t.y[0] ^= 1),
+            ("gradient in", |t| t.g_in.push(1)),
+            ("gradient out", |t| t.g_out[2] ^= 0x80),
+            ("state after", |t| t.after[0] ^= 1),
+        ];
+        for (what, change) in changed {
+            let mut t = o.clone();
+            change(&mut t);
+            let err = t.check(&f, &b).unwrap_err();
+            assert!(err.contains(what), "{what}: {err}");
+        }
+        // A test opening: no gradients, no update.
+        let test = Opening {
+            g_out: Vec::new(),
+            after: state_digest(&o.before),
+            ..o.clone()
+        };
+        let (slot, _) = slots(&test);
+        assert_eq!(test.check_test(&slot), Ok(()));
+        let mut t = test.clone();
         t.after[0] ^= 1;
-        assert!(t.check(&key, &f, &b).is_err());
-        // Another step, another key: no match either.
-        let mut t = o.clone();
-        t.step += 1;
-        assert!(t.check(&key, &f, &b).is_err());
-        assert!(o.check(&[2; 32], &f, &b).is_err());
-    }
-
-    #[test]
-    fn commitment_mismatch_is_detected() {
-        let o = opening();
-        let (f, mut b) = commitments(&o, &[1; 32]);
-        b[31] ^= 1;
-        assert!(o.check(&[1; 32], &f, &b).is_err());
+        assert!(t.check_test(&slot).is_err());
+        let mut t = test.clone();
+        t.y[1] ^= 1;
+        assert!(t.check_test(&slot).unwrap_err().contains("output"));
+        assert!(o.check_test(&slot).is_err(), "gradients in a test opening");
     }
 
     #[test]

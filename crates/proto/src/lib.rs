@@ -6,11 +6,11 @@
 //! | init | [`InitNote`]: stage spec, SGD, seed, padding and largest body, issue time, neighbours' link keys and addresses | empty | empty |
 //! | forward | [`ForwardNote`]: micro-batch, batch rows, labels for the loss stage | activation | activation, or the loss to the designer |
 //! | backward | [`BackwardNote`]: micro-batch, `need_input_grad` | gradient (empty at the loss stage) | gradient, or empty to the designer |
-//! | test | [`SessionNote::Test`] | activation | activation / output to the designer |
+//! | test | [`SessionNote::Test`]: the test batch | activation | activation / output to the designer |
 //! | loop | [`SessionNote::Loop`] | anything | unchanged |
 //! | fetch | [`ChunkNote`] | empty | [`ParamChunk`] of [`encode_state`], [sealed](reply), back along the route to the designer |
 //! | load | [`ChunkNote`] | [sealed](reply) [`ParamChunk`] of [`encode_state`] | empty, back along the route to the designer |
-//! | audit | [`ChunkNote`] | empty | [`ParamChunk`] of an [`audit::Opening`], [sealed](reply), back along the route to the designer |
+//! | audit | [`AuditNote`]: a training step or a test batch | empty | [`ParamChunk`] of an [`audit::Opening`], [sealed](reply), back along the route to the designer |
 //! | close | [`SessionNote::Close`] | empty | empty: passed on along the path, the last hop acknowledges to the designer; each hop drops its session |
 //!
 //! A session note is decoded for the op of the routing block it came with
@@ -31,7 +31,9 @@ mod state;
 pub mod trailer;
 
 pub use init::{InitNote, MAX_OPS};
-pub use note::{BackwardNote, ChunkNote, ForwardNote, Micro, SessionNote, MAX_LABELS};
+pub use note::{
+    AuditNote, BackwardNote, ChunkNote, ForwardNote, Micro, Opens, SessionNote, MAX_LABELS,
+};
 pub use state::{
     chunk_room, decode_params, decode_state, encode_params, encode_state, state_bound, ParamChunk,
 };

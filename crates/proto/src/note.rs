@@ -9,11 +9,12 @@
 //! ```text
 //! forward   step u64 ‖ micro u16 ‖ micros u16 ‖ batch_rows u32 ‖ n u16 ‖ labels u16 × n
 //! backward  step u64 ‖ micro u16 ‖ micros u16 ‖ need_input_grad u8 (0 or 1)
-//! test      step u64
+//! test      step u64 ‖ batch u32
 //! loop      step u64
 //! fetch     step u64 ‖ chunk u32
 //! load      step u64 ‖ chunk u32
-//! audit     step u64 ‖ chunk u32
+//! audit     step u64 ‖ chunk u32 ‖ 0            (the opening of a training step)
+//!           step u64 ‖ chunk u32 ‖ 1 ‖ batch u32 (the opening of a test batch)
 //! ```
 //!
 //! Notes travel inside the layered notes of the onion, which every hop
@@ -108,6 +109,30 @@ pub struct ChunkNote {
     pub chunk: u32,
 }
 
+/// What an audit opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Opens {
+    /// The training step of the note.
+    Step,
+    /// Test batch `batch` of the test phase at the note's step.
+    Test {
+        /// The test batch.
+        batch: u32,
+    },
+}
+
+/// The note of an audit: one chunk of the opening of a training step or
+/// of a test batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditNote {
+    /// The step opened (a test batch: the step the test ran at).
+    pub step: u64,
+    /// Which chunk of the opening this message asks for.
+    pub chunk: u32,
+    /// A training step or a test batch.
+    pub opens: Opens,
+}
+
 /// The note of one session message, by op.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionNote {
@@ -115,10 +140,13 @@ pub enum SessionNote {
     Forward(ForwardNote),
     /// A backward of one micro-batch.
     Backward(BackwardNote),
-    /// A test forward (no cache, no update) at `step`.
+    /// A test forward (no cache, no update) of test batch `batch` at
+    /// `step`.
     Test {
         /// Updates the stage must have applied.
         step: u64,
+        /// Which test batch (audited sessions commit to each).
+        batch: u32,
     },
     /// A loop (the hop forwards the body unchanged), sent at `step`.
     Loop {
@@ -129,8 +157,9 @@ pub enum SessionNote {
     Fetch(ChunkNote),
     /// One chunk of a state to load, from the designer.
     Load(ChunkNote),
-    /// One chunk of the opening of a past step, to the designer.
-    Audit(ChunkNote),
+    /// One chunk of the opening of a past step or test batch, to the
+    /// designer.
+    Audit(AuditNote),
     /// The designer ends the session: each hop passes it on and drops the
     /// session; the last hop acknowledges (`step` is the designer's step,
     /// not checked).
@@ -160,10 +189,11 @@ impl SessionNote {
         match self {
             SessionNote::Forward(n) => n.step,
             SessionNote::Backward(n) => n.step,
-            SessionNote::Test { step }
+            SessionNote::Test { step, .. }
             | SessionNote::Loop { step }
             | SessionNote::Close { step } => *step,
-            SessionNote::Fetch(n) | SessionNote::Load(n) | SessionNote::Audit(n) => n.step,
+            SessionNote::Fetch(n) | SessionNote::Load(n) => n.step,
+            SessionNote::Audit(n) => n.step,
         }
     }
 
@@ -187,9 +217,20 @@ impl SessionNote {
                 n.micro.write(&mut out);
                 out.push(u8::from(n.need_input_grad));
             }
-            SessionNote::Test { .. } | SessionNote::Loop { .. } | SessionNote::Close { .. } => {}
-            SessionNote::Fetch(n) | SessionNote::Load(n) | SessionNote::Audit(n) => {
+            SessionNote::Test { batch, .. } => out.extend_from_slice(&batch.to_le_bytes()),
+            SessionNote::Loop { .. } | SessionNote::Close { .. } => {}
+            SessionNote::Fetch(n) | SessionNote::Load(n) => {
                 out.extend_from_slice(&n.chunk.to_le_bytes());
+            }
+            SessionNote::Audit(n) => {
+                out.extend_from_slice(&n.chunk.to_le_bytes());
+                match n.opens {
+                    Opens::Step => out.push(0),
+                    Opens::Test { batch } => {
+                        out.push(1);
+                        out.extend_from_slice(&batch.to_le_bytes());
+                    }
+                }
             }
         }
         out
@@ -246,11 +287,27 @@ impl SessionNote {
                     need_input_grad,
                 })
             }
-            Op::Test => SessionNote::Test { step },
+            Op::Test => SessionNote::Test {
+                step,
+                batch: r.u32()?,
+            },
             Op::Loop => SessionNote::Loop { step },
             Op::Fetch => SessionNote::Fetch(chunk(&mut r)?),
             Op::Load => SessionNote::Load(chunk(&mut r)?),
-            Op::Audit => SessionNote::Audit(chunk(&mut r)?),
+            Op::Audit => {
+                let chunk = r.u32()?;
+                let opens = match r.u8()? {
+                    0 => Opens::Step,
+                    1 => Opens::Test { batch: r.u32()? },
+                    other => {
+                        return Err(ProtoError::Invalid {
+                            what,
+                            reason: format!("audit of kind {other}"),
+                        })
+                    }
+                };
+                SessionNote::Audit(AuditNote { step, chunk, opens })
+            }
             Op::Close => SessionNote::Close { step },
             other => {
                 return Err(ProtoError::Invalid {
@@ -303,9 +360,11 @@ mod tests {
     #[test]
     fn each_op_reads_only_its_own_note() {
         let fetch = SessionNote::Fetch(ChunkNote { step: 5, chunk: 2 }).encode();
-        // A fetch note is too short for a forward and too long for a test.
+        // A fetch note is too short for a forward or an audit and too
+        // long for a loop.
         assert!(SessionNote::decode(Op::Forward, &fetch).is_err());
-        assert!(SessionNote::decode(Op::Test, &fetch).is_err());
+        assert!(SessionNote::decode(Op::Audit, &fetch).is_err());
+        assert!(SessionNote::decode(Op::Loop, &fetch).is_err());
         assert_eq!(
             SessionNote::decode(Op::Load, &fetch).unwrap(),
             SessionNote::Load(ChunkNote { step: 5, chunk: 2 })
@@ -339,14 +398,23 @@ mod tests {
                     need_input_grad,
                 })
             }),
-            any::<u64>().prop_map(|step| SessionNote::Test { step }),
+            (any::<u64>(), any::<u32>())
+                .prop_map(|(step, batch)| SessionNote::Test { step, batch }),
             any::<u64>().prop_map(|step| SessionNote::Loop { step }),
             (any::<u64>(), any::<u32>())
                 .prop_map(|(step, chunk)| SessionNote::Fetch(ChunkNote { step, chunk })),
             (any::<u64>(), any::<u32>())
                 .prop_map(|(step, chunk)| SessionNote::Load(ChunkNote { step, chunk })),
-            (any::<u64>(), any::<u32>())
-                .prop_map(|(step, chunk)| SessionNote::Audit(ChunkNote { step, chunk })),
+            (
+                any::<u64>(),
+                any::<u32>(),
+                proptest::option::of(any::<u32>())
+            )
+                .prop_map(|(step, chunk, batch)| SessionNote::Audit(AuditNote {
+                    step,
+                    chunk,
+                    opens: batch.map_or(Opens::Step, |batch| Opens::Test { batch }),
+                })),
             any::<u64>().prop_map(|step| SessionNote::Close { step }),
         ]
     }

@@ -10,8 +10,9 @@
 //! hides.
 //!
 //! Format: `nonce (24) ‖ XChaCha20-Poly1305(key, nonce, aad, plain)`;
-//! `aad = "mixnn-reply-v1" ‖ kind ‖ step_le64 ‖ chunk_le32`, so a relay
-//! can neither read a chunk nor swap it for another step's, chunk's or
+//! `aad = "mixnn-reply-v2" ‖ kind ‖ step_le64 ‖ chunk_le32 ‖ batch_le32`
+//! (the test batch of a test opening, else 0), so a relay can neither
+//! read a chunk nor swap it for another step's, chunk's, batch's or
 //! kind's.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -37,22 +38,31 @@ impl std::fmt::Debug for ReplyKey {
 pub enum Sealed {
     /// A chunk of the hop's state, hop → designer.
     Fetch,
-    /// A chunk of the hop's audit opening, hop → designer.
+    /// A chunk of the hop's audit opening of a training step, hop →
+    /// designer.
     Audit,
+    /// A chunk of the hop's opening of a test batch, hop → designer.
+    AuditTest {
+        /// The test batch.
+        batch: u32,
+    },
     /// A chunk of a state to load, designer → hop.
     Load,
 }
 
-fn aad(kind: Sealed, step: u64, chunk: u32) -> [u8; 27] {
-    let mut a = [0u8; 27];
-    a[..14].copy_from_slice(b"mixnn-reply-v1");
-    a[14] = match kind {
-        Sealed::Fetch => 1,
-        Sealed::Audit => 2,
-        Sealed::Load => 3,
+fn aad(kind: Sealed, step: u64, chunk: u32) -> [u8; 31] {
+    let mut a = [0u8; 31];
+    a[..14].copy_from_slice(b"mixnn-reply-v2");
+    let (byte, batch) = match kind {
+        Sealed::Fetch => (1, 0),
+        Sealed::Audit => (2, 0),
+        Sealed::Load => (3, 0),
+        Sealed::AuditTest { batch } => (4, batch),
     };
+    a[14] = byte;
     a[15..23].copy_from_slice(&step.to_le_bytes());
     a[23..27].copy_from_slice(&chunk.to_le_bytes());
+    a[27..31].copy_from_slice(&batch.to_le_bytes());
     a
 }
 
@@ -141,6 +151,10 @@ mod tests {
         assert_eq!(s.len(), b"state bytes".len() + SEAL_OVERHEAD);
         assert_eq!(k.open(Sealed::Fetch, 3, 1, &s).unwrap(), b"state bytes");
         assert!(k.open(Sealed::Audit, 3, 1, &s).is_err());
+        let t = k.seal(Sealed::AuditTest { batch: 2 }, 3, 1, b"x", [9; 24]);
+        assert!(k.open(Sealed::AuditTest { batch: 2 }, 3, 1, &t).is_ok());
+        assert!(k.open(Sealed::AuditTest { batch: 3 }, 3, 1, &t).is_err());
+        assert!(k.open(Sealed::Audit, 3, 1, &t).is_err());
         assert!(k.open(Sealed::Fetch, 4, 1, &s).is_err());
         assert!(k.open(Sealed::Fetch, 3, 0, &s).is_err());
         assert!(ReplyKey([8; 32]).open(Sealed::Fetch, 3, 1, &s).is_err());

@@ -13,12 +13,14 @@
 //! | [`window`] | which steps are in flight, complete, and their losses |
 //! | [`transfer`] | chunked fetches, openings and loads |
 //! | [`loops`] | when loops are due, and when one is lost |
-//! | [`audit`] | commitments, which steps to audit, the test-phase check |
+//! | [`audit`] | which steps and test batches to audit, the test-phase check |
+//! | [`ledger`] | what each hop committed to, and the checks of every delivery (trailer layers, boundaries, state chain) |
 //! | [`opening`] | whether one audit passes: its openings against the commitments and a re-execution |
 //! | [`recovery`] | checkpoints, the detection bound, which hop failed, where to roll back to |
 
 pub mod audit;
 pub mod layout;
+pub mod ledger;
 pub mod loops;
 pub mod opening;
 pub mod pending;

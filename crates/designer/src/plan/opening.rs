@@ -7,34 +7,26 @@ use mixnn_model::seed::RunSeed;
 use mixnn_model::spec::ModelSpec;
 use mixnn_model::stage::{Micro, Stage};
 use mixnn_model::tensor_bytes::TensorBytes;
-use mixnn_model::trainer::stage_seed;
-use mixnn_model::trainer::Batch;
+use mixnn_model::trainer::{stage_seed, Batch};
 use mixnn_proto::audit::{state_digest, Opening};
 use mixnn_proto::{decode_state, encode_state};
 
 use crate::error::DesignerError;
+use crate::misbehaviour::{Culprit, Misbehaviour, MisbehaviourKind};
 use crate::plan::audit::Audits;
 use crate::plan::layout::Layout;
 
-/// What an audit found: nothing, or the hop to blame, why, and another
-/// one to replace with it (the two sides of a boundary that disagrees:
-/// either may have lied).
+/// What an audit found: nothing, or a misbehaviour (whom it is pinned
+/// on, why).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Every check passed.
     Pass,
     /// A check failed.
-    Fail {
-        /// The hop to blame.
-        hop: usize,
-        /// What did not check out.
-        reason: String,
-        /// The other side of a boundary that disagrees.
-        also: Option<usize>,
-    },
+    Fail(Misbehaviour),
 }
 
-/// What an audit checks openings against, besides the commitments.
+/// What an audit checks openings against, besides the slots.
 pub struct AuditContext<'a> {
     /// The cascade.
     pub layout: &'a Layout,
@@ -42,47 +34,65 @@ pub struct AuditContext<'a> {
     pub optimizer: Optimizer,
     /// The run's seed (a stage's seed decides its dropout masks).
     pub seed: &'a RunSeed,
-    /// The audited step's batch.
+    /// The audited step's batch (its labels, at the loss stage).
     pub batch: &'a Batch,
 }
 
-/// One audit of hop `hop` for `step`: its opening, then the openings of
-/// both its neighbours. Feed it the openings it asks for, in
-/// order ([`AuditCase::next`], [`AuditCase::on_opening`]); it returns the
+/// What one audit opens: a training step, or a test batch run at a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audited {
+    /// Training step `step`.
+    Step(u64),
+    /// Test batch `batch`, run at step `step`.
+    Test {
+        /// The step the test ran at.
+        step: u64,
+        /// The test batch.
+        batch: u32,
+    },
+}
+
+impl Audited {
+    /// The step concerned.
+    pub fn step(self) -> u64 {
+        match self {
+            Audited::Step(s) | Audited::Test { step: s, .. } => s,
+        }
+    }
+}
+
+/// One audit of hop `hop` for a step or a test batch: its opening, then
+/// the openings of both its neighbours (any kind of hop: a dummy, the
+/// loss, each re-run like any other, so a lie next to one is caught
+/// too). Feed it the openings it asks for, in order
+/// ([`AuditCase::next`], [`AuditCase::on_opening`]); it returns the
 /// verdict as soon as one is reached.
 #[derive(Debug)]
 pub struct AuditCase {
-    hop: usize,
-    step: u64,
+    of: Audited,
     /// Hops to open, in order: the audited hop, then its neighbours.
     order: Vec<usize>,
     at: usize,
-    opened: Option<Opening>,
 }
 
 impl AuditCase {
-    /// The audit of `hop` for `step` in `layout`.
+    /// The audit of `hop` for training step `step` in `layout`.
     pub fn new(hop: usize, step: u64, layout: &Layout) -> Self {
+        AuditCase::of(hop, Audited::Step(step), layout)
+    }
+
+    /// The audit of `hop` for `of` in `layout`.
+    pub fn of(hop: usize, of: Audited, layout: &Layout) -> Self {
         let n = layout.len();
         let neighbours = [hop.checked_sub(1), (hop + 1 < n).then_some(hop + 1)];
-        // Neighbours of every kind: a hop without parameters (a dummy,
-        // log-softmax, the loss) opens and is re-run like any other (its
-        // ops are cheap), so hidden noise next to one is caught too. Its
-        // answer comes back through the first hop like every transfer.
         let mut order = vec![hop];
         order.extend(neighbours.into_iter().flatten());
-        AuditCase {
-            hop,
-            step,
-            order,
-            at: 0,
-            opened: None,
-        }
+        AuditCase { of, order, at: 0 }
     }
 
     /// The audited step.
     pub fn step(&self) -> u64 {
-        self.step
+        self.of.step()
     }
 
     /// Every hop whose opening the audit may ask for, in order (fetch
@@ -97,7 +107,8 @@ impl AuditCase {
     }
 
     /// The opening of [`AuditCase::next`] (`None`: it refused); the
-    /// verdict once reached.
+    /// verdict once reached. Every opening is the hop's own (sealed with
+    /// its reply key): a failure is pinned on it.
     pub fn on_opening(
         &mut self,
         audits: &Audits,
@@ -106,51 +117,36 @@ impl AuditCase {
     ) -> Option<Verdict> {
         let k = self.next()?;
         self.at += 1;
-        let fail = |hop: usize, reason: String, also: Option<usize>| {
-            Some(Verdict::Fail { hop, reason, also })
+        let step = self.of.step();
+        let fail = |reason: String| {
+            Some(Verdict::Fail(Misbehaviour::new(
+                Culprit::Hop(k),
+                step,
+                MisbehaviourKind::Audit,
+                reason,
+            )))
         };
         let Some(o) = opening else {
-            return fail(k, format!("hop refused to open step {}", self.step), None);
-        };
-        if let Err(r) = verify(audits, ctx, k, self.step, &o) {
-            return fail(k, r, None);
-        }
-        if k == self.hop {
-            if k == 0 && !ctx.layout.keep.first() {
-                let x = TensorBytes::encode_pixels(
-                    &ctx.layout.input.batched(ctx.batch.rows),
-                    &ctx.batch.pixels,
-                );
-                if o.x != x {
-                    return fail(
-                        k,
-                        "forward input is not what the designer sent".into(),
-                        None,
-                    );
+            return fail(match self.of {
+                Audited::Step(_) => format!("it refused to open step {step}"),
+                Audited::Test { batch, .. } => {
+                    format!("it refused to open test batch {batch} at step {step}")
                 }
-            }
-            self.opened = Some(o);
-        } else if let Some(mine) = &self.opened {
-            // `a` sends the activation to `b`, `b` the gradient to `a`.
-            let j = self.hop;
-            let ((a, oa), (b, ob)) = if k < j {
-                ((k, &o), (j, mine))
-            } else {
-                ((j, mine), (k, &o))
-            };
-            if oa.y != ob.x || oa.g_in != ob.g_out {
-                return fail(
-                    a,
-                    format!("hop {a} and hop {b} disagree on what passed between them"),
-                    Some(b),
-                );
-            }
+            });
+        };
+        let checked = match self.of {
+            Audited::Step(step) => verify(audits, ctx, k, step, &o),
+            Audited::Test { step, batch } => verify_test(audits, ctx.layout, k, step, batch, &o)
+                .map_err(|r| format!("test batch {batch}: {r}")),
+        };
+        if let Err(r) = checked {
+            return fail(r);
         }
         self.next().is_none().then_some(Verdict::Pass)
     }
 }
 
-/// Checks hop `j`'s opening `o` of `step` against its commitments and a
+/// Checks hop `j`'s opening `o` of `step` against its slots and a
 /// re-execution of its stage.
 pub fn verify(
     audits: &Audits,
@@ -159,27 +155,14 @@ pub fn verify(
     step: u64,
     o: &Opening,
 ) -> Result<(), String> {
-    let (fwd, bwd, key) = audits.evidence(j, step)?;
+    let (fwd, bwd) = audits.evidence(j, step)?;
     if o.step != step {
         return Err(format!("an opening of step {} for step {step}", o.step));
     }
-    o.check(&key, &fwd, &bwd)?;
+    o.check(&fwd, &bwd)?;
     // Re-execution from the opened state.
-    let hop = ctx.layout.hops.get(j).ok_or("no such hop")?;
-    let spec = &hop.spec;
-    let before = decode_state(&o.before).map_err(|e| format!("opened state: {e}"))?;
-    if before.steps != step {
-        return Err(format!(
-            "a state at step {} opened for step {step}",
-            before.steps
-        ));
-    }
-    // The hop's seed matters only to dropout, which only real stages run.
-    let seed = hop.index.map_or(0, |i| stage_seed(ctx.seed, i));
-    let mut stage = Stage::new(spec, seed, ctx.optimizer);
-    stage
-        .load_state(&before)
-        .map_err(|e| format!("opened state: {e}"))?;
+    let mut stage = opened_stage(ctx.layout, ctx.optimizer, Some(ctx.seed), j, step, o)?;
+    let spec = stage.spec().clone();
     let labels = spec.is_loss().then_some(ctx.batch.labels.as_slice());
     let micro = Micro {
         index: 0,
@@ -204,6 +187,63 @@ pub fn verify(
         return Err("state after the update differs from the re-execution".into());
     }
     Ok(())
+}
+
+/// Checks hop `j`'s opening `o` of test batch `batch` at `step` against
+/// its slot and a re-execution of its stage (no update).
+pub fn verify_test(
+    audits: &Audits,
+    layout: &Layout,
+    j: usize,
+    step: u64,
+    batch: u32,
+    o: &Opening,
+) -> Result<(), String> {
+    let slot = audits.test_evidence(j, step, batch)?;
+    if o.step != step {
+        return Err(format!("an opening at step {} for step {step}", o.step));
+    }
+    o.check_test(&slot)?;
+    // Evaluation runs no dropout: the stage's seed does not matter.
+    let stage = opened_stage(layout, Optimizer::default(), None, j, step, o)?;
+    let y = stage
+        .eval_bytes(&o.x)
+        .map_err(|e| format!("opened input: {e}"))?;
+    if y != o.y {
+        return Err("test output differs from the re-execution".into());
+    }
+    Ok(())
+}
+
+/// Hop `j`'s stage in the state its opening of `step` says it ran on,
+/// seeded from the run's `seed` where its dropout masks matter.
+fn opened_stage(
+    layout: &Layout,
+    optimizer: Optimizer,
+    seed: Option<&RunSeed>,
+    j: usize,
+    step: u64,
+    o: &Opening,
+) -> Result<Stage, String> {
+    let hop = layout.hops.get(j).ok_or("no such hop")?;
+    let spec = &hop.spec;
+    let before = decode_state(&o.before).map_err(|e| format!("opened state: {e}"))?;
+    if before.steps != step {
+        return Err(format!(
+            "a state at step {} opened for step {step}",
+            before.steps
+        ));
+    }
+    // The hop's seed matters only to dropout, which only real stages run.
+    let seed = match (hop.index, seed) {
+        (Some(i), Some(seed)) => stage_seed(seed, i),
+        _ => 0,
+    };
+    let mut stage = Stage::new(spec, seed, optimizer);
+    stage
+        .load_state(&before)
+        .map_err(|e| format!("opened state: {e}"))?;
+    Ok(stage)
 }
 
 /// One training step of the whole `model` on tensor messages, as the
@@ -237,10 +277,8 @@ mod tests {
 
     use mixnn_model::stage::StageState;
     use mixnn_model::trainer::stage_seed;
-    use mixnn_proto::audit::{commit_backward, commit_forward, digest_state};
-    use mixnn_proto::trailer::{add_layer, Direction, Slot, SlotContext, TrailerKeys};
-
-    use mixnn_proto::audit::TRAILER_LEN;
+    use mixnn_proto::audit::{digest_state, hash_tensor, split};
+    use mixnn_proto::trailer::{add_layer, Pass, Slot, SlotContext, TrailerKeys};
     use rand_chacha::ChaCha8Rng;
     use rand_core::SeedableRng;
 
@@ -268,6 +306,8 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
         audits: Audits,
         batch: Batch,
         openings: Vec<Opening>,
+        /// What the deliveries of the step found.
+        found: Option<Misbehaviour>,
     }
 
     fn noisy(y: &[u8]) -> Vec<u8> {
@@ -275,6 +315,13 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
         let mut v = t.values.clone();
         v[0] += 0.5;
         TensorBytes::encode_f32(&t.shape, &v)
+    }
+
+    /// Adds hop `k`'s layer to the trailer at the end of `body`, the way
+    /// a node does.
+    fn layer(audits: &Audits, k: usize, ctx: &SlotContext, slot: &Slot, body: &[u8]) -> Vec<u8> {
+        let (_, t) = split(body).unwrap();
+        add_layer(&TrailerKeys::new(&audits.key(k).unwrap()), ctx, slot, t).unwrap()
     }
 
     /// Step 0 of the tiny model through three simulated hops that commit
@@ -290,7 +337,6 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
         };
         let mut audits = Audits::new(AuditRate::new(1.0), 1, 7).unwrap();
         audits.new_session(3, &mut ChaCha8Rng::seed_from_u64(9));
-        let key = |k: usize| audits.key(k).unwrap();
         let mut stages: Vec<Stage> = (0..3)
             .map(|i| {
                 Stage::new(
@@ -300,33 +346,44 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
                 )
             })
             .collect();
+        for (k, s) in stages.iter().enumerate() {
+            audits.know(k, 0, digest_state(&s.state()));
+        }
+        let fwd_ctx = SlotContext {
+            step: 0,
+            pass: Pass::Forward,
+            index: 0,
+        };
         let mut x = TensorBytes::encode_pixels(&[2, 4], &batch.pixels);
-        let mut fwd = Vec::new();
+        let mut body = audits.pad(Pass::Forward, 0, 0, 3, &x).unwrap();
         let mut kept = Vec::new();
         for (k, s) in stages.iter().enumerate() {
             let before: StageState = s.state();
             let labels = s.spec().is_loss().then_some(batch.labels.as_slice());
             let (y, cache) = s.forward_micro_bytes(&x, labels, batch.rows).unwrap();
-            let d = digest_state(&before);
-            fwd.push(Slot {
-                digest: d,
-                commitment: commit_forward(&key(k), 0, &x, &y, &d),
-            });
+            let slot = Slot {
+                digest: digest_state(&before),
+                input: hash_tensor(&x),
+                output: hash_tensor(&y),
+            };
+            let t = layer(&audits, k, &fwd_ctx, &slot, &body);
             let sent = if noise && k == 0 {
                 noisy(&y)
             } else {
                 y.clone()
             };
             kept.push((before, x, y, cache));
+            body = [sent.as_slice(), &t].concat();
             x = sent;
         }
-        let mut bwd = vec![
-            Slot {
-                digest: [0; 32],
-                commitment: [0; 32],
-            };
-            3
-        ];
+        let mut found = audits
+            .take(Await::Output { step: 0, micro: 0 }, body, 3)
+            .err();
+        let bwd_ctx = SlotContext {
+            pass: Pass::Backward,
+            ..fwd_ctx
+        };
+        let mut body = audits.pad(Pass::Backward, 0, 0, 3, &[]).unwrap();
         let mut openings = vec![None; 3];
         let mut g: Option<Vec<u8>> = None;
         for k in (0..3).rev() {
@@ -338,10 +395,12 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
             stages[k].apply();
             let after = digest_state(&stages[k].state());
             let g_in = g.clone().unwrap_or_default();
-            bwd[k] = Slot {
+            let slot = Slot {
                 digest: after,
-                commitment: commit_backward(&key(k), 0, &g_in, &dx, &after),
+                input: hash_tensor(&g_in),
+                output: hash_tensor(&dx),
             };
+            let t = layer(&audits, k, &bwd_ctx, &slot, &body);
             openings[k] = Some(Opening {
                 step: 0,
                 before: encode_state(&before),
@@ -351,35 +410,20 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
                 g_out: dx.clone(),
                 after,
             });
+            body = [dx.as_slice(), &t].concat();
             g = Some(dx);
         }
-        // The trailers as the designer receives them: hops add their
-        // layer in the order they are visited.
-        let deliver = |order: &[usize], slots: &[Slot], direction| {
-            let ctx = SlotContext {
-                step: 0,
-                direction,
-                micro: 0,
-            };
-            let mut t = vec![0u8; TRAILER_LEN];
-            for &k in order {
-                t = add_layer(&TrailerKeys::new(&key(k)), &ctx, &slots[k], &t).unwrap();
-            }
-            t
-        };
-        let out = deliver(&[0, 1, 2], &fwd, Direction::Forward);
-        let done = deliver(&[2, 1, 0], &bwd, Direction::Backward);
-        audits
-            .take(Await::Output { step: 0, micro: 0 }, out, 3)
-            .unwrap();
-        audits
-            .take(Await::Done { step: 0, micro: 0 }, done, 3)
-            .unwrap();
+        let done = audits.take(Await::Done { step: 0, micro: 0 }, body, 3);
+        found = found.or(done.err());
         Step {
             layout,
             audits,
             batch,
             openings: openings.into_iter().map(Option::unwrap).collect(),
+            found: found.map(|e| match e {
+                DesignerError::Misbehaved(m) => m,
+                other => panic!("{other}"),
+            }),
         }
     }
 
@@ -406,9 +450,9 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
         s.openings.iter().cloned().map(Some).collect()
     }
 
-    fn failed(v: &Verdict) -> (usize, &str, Option<usize>) {
+    fn failed(v: &Verdict) -> (usize, &str) {
         match v {
-            Verdict::Fail { hop, reason, also } => (*hop, reason.as_str(), *also),
+            Verdict::Fail(m) => (m.blamed().expect("pinned on one hop"), m.reason.as_str()),
             Verdict::Pass => panic!("passed"),
         }
     }
@@ -416,6 +460,7 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
     #[test]
     fn honest_openings_pass_and_every_neighbour_is_asked() {
         let s = step(false);
+        assert_eq!(s.found, None);
         assert_eq!(audit(&s, 0, &all(&s)), (Verdict::Pass, vec![0, 1]));
         // Hop 2 (the loss) has no parameters: opened and re-run too.
         assert_eq!(audit(&s, 1, &all(&s)), (Verdict::Pass, vec![1, 0, 2]));
@@ -423,18 +468,34 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
     }
 
     #[test]
-    fn a_forged_opening_fails_at_its_hop() {
+    fn every_field_of_an_opening_is_held_to_the_slots_and_the_re_execution() {
         let s = step(false);
-        let mut forged = all(&s);
-        forged[1].as_mut().unwrap().y[12] ^= 1;
-        let (v, asked) = audit(&s, 1, &forged);
-        let (hop, reason, also) = failed(&v);
-        assert_eq!((hop, also, asked), (1, None, vec![1]));
-        assert!(reason.contains("forward commitment"), "{reason}");
-        // As a neighbour, the forgery is caught too.
-        let (v, asked) = audit(&s, 0, &forged);
-        assert_eq!(failed(&v).0, 1);
-        assert_eq!(asked, vec![0, 1]);
+        type Lie = (&'static str, fn(&mut Opening));
+        let lies: [Lie; 4] = [
+            ("output its forward slot named", |o| o.y[12] ^= 1),
+            ("state its forward slot named", |o| {
+                // Another state, of the right step: what a hop that
+                // tampered between steps, naming the chained digest in
+                // its slot, would have to open.
+                let mut st = decode_state(&o.before).unwrap();
+                st.tensors[0].values[0] += 0.01;
+                o.before = encode_state(&st);
+            }),
+            ("gradient out", |o| o.g_out[12] ^= 1),
+            ("state after", |o| o.after[0] ^= 1),
+        ];
+        for (what, lie) in lies {
+            let mut forged = all(&s);
+            lie(forged[1].as_mut().unwrap());
+            let (v, asked) = audit(&s, 1, &forged);
+            let (hop, reason) = failed(&v);
+            assert_eq!((hop, asked), (1, vec![1]), "{what}");
+            assert!(reason.contains(what), "{what}: {reason}");
+            // As a neighbour, the forgery is caught too.
+            let (v, asked) = audit(&s, 0, &forged);
+            assert_eq!(failed(&v).0, 1, "{what}");
+            assert_eq!(asked, vec![0, 1]);
+        }
     }
 
     #[test]
@@ -444,22 +505,22 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
         refused[1] = None;
         for hop in [1, 0] {
             let (v, _) = audit(&s, hop, &refused);
-            let (blamed, reason, _) = failed(&v);
+            let (blamed, reason) = failed(&v);
             assert_eq!(blamed, 1);
-            assert_eq!(reason, "hop refused to open step 0");
+            assert_eq!(reason, "it refused to open step 0");
         }
     }
 
+    /// Hop 0 sends hop 1 another output than the one it computed and
+    /// names in its slot: the delivery shows it at once (no audit), and
+    /// pins it on the two of them, since either may lie about what
+    /// passed. Each one's opening still checks out.
     #[test]
-    fn a_boundary_that_disagrees_blames_both_sides() {
+    fn a_boundary_that_disagrees_is_found_at_delivery_and_pinned_on_the_pair() {
         let s = step(true);
-        // Each hop's own opening checks out: only the boundary shows it.
-        let (v, asked) = audit(&s, 0, &all(&s));
-        let (hop, reason, also) = failed(&v);
-        assert_eq!((hop, also, asked), (0, Some(1), vec![0, 1]));
-        assert!(reason.contains("disagree"), "{reason}");
-        let (v, _) = audit(&s, 1, &all(&s));
-        assert_eq!(failed(&v).2, Some(1));
+        let m = s.found.clone().expect("nothing found");
+        assert_eq!(m.culprit, Culprit::Pair(0, 1), "{m}");
+        assert_eq!(m.kind, MisbehaviourKind::Boundary);
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub enum Await {
     },
     /// The output of a micro-batch of a test batch.
     Test {
+        /// The step the test runs at.
+        step: u64,
         /// The test batch.
         batch: usize,
         /// The micro-batch.
@@ -47,8 +49,12 @@ pub enum Await {
         /// The chunk.
         chunk: u32,
     },
-    /// A loop through the hops up to this one came back.
+    /// A loop from the first hop through the hops up to this one came
+    /// back.
     Probe(usize),
+    /// A loop from the last hop through the hops down to this one came
+    /// back.
+    ProbeFromLast(usize),
     /// A chunk of an audit opening.
     Opening {
         /// The hop.
@@ -66,10 +72,11 @@ impl fmt::Display for Await {
             Await::Init => write!(f, "init reply"),
             Await::Output { step, micro } => write!(f, "output of step {step}.{micro}"),
             Await::Done { step, micro } => write!(f, "end of backward of step {step}.{micro}"),
-            Await::Test { batch, micro } => write!(f, "test output {batch}.{micro}"),
+            Await::Test { batch, micro, .. } => write!(f, "test output {batch}.{micro}"),
             Await::Chunk { hop, chunk } => write!(f, "state chunk {chunk} of hop {hop}"),
             Await::Loaded { hop, chunk } => write!(f, "load of chunk {chunk} at hop {hop}"),
             Await::Probe(hop) => write!(f, "probe through hop {hop}"),
+            Await::ProbeFromLast(hop) => write!(f, "probe from the last hop through hop {hop}"),
             Await::Opening { hop, chunk } => write!(f, "opening chunk {chunk} of hop {hop}"),
             Await::Closed => write!(f, "close acknowledgement"),
         }
@@ -130,7 +137,7 @@ impl Expected {
                 | (Expected::Test, Await::Test { .. })
                 | (Expected::State, Await::Chunk { .. })
                 | (Expected::Load, Await::Loaded { .. })
-                | (Expected::Probe, Await::Probe(_))
+                | (Expected::Probe, Await::Probe(_) | Await::ProbeFromLast(_))
                 | (Expected::Opening, Await::Opening { .. })
                 | (Expected::Close, Await::Closed)
         )

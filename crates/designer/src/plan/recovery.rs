@@ -14,8 +14,11 @@
 //!   instead of guessed). Without replacements a failure ends the run, so
 //!   T is the timeout.
 //! - **Which hop** ([`Probe`]). The designer probes the cascade with loops
-//!   through its first 1, 2, … n hops; the first prefix that does not come
-//!   back ends at the failed hop.
+//!   from each end: from the first hop through its first 1, 2, … n hops,
+//!   and from the last hop through its last 1, 2, … n; a hop that neither
+//!   end reaches, while both reach its neighbours, has failed. One that
+//!   one end reaches and the other not is not replaced (a neighbour may be
+//!   dropping what passes it).
 //! - **Recovery** (in the runner): it asks its
 //!   [`Replacements`](crate::Replacements) for a new node, sets up a fresh
 //!   session over the new cascade, loads the checkpoint into every stage
@@ -154,37 +157,86 @@ impl DetectionBound {
     }
 }
 
-/// Which hop failed: loops through the first 1, 2, … n hops were sent;
-/// the first that does not come back ends at the failed hop.
+/// Which hop failed: loops from the first hop through hops 0..=j, and
+/// from the last hop through hops j..n, for every j, were sent.
+///
+/// A hop is found dead only if neither end reaches it while both reach
+/// its neighbours: the shortest loop from the first hop that does not
+/// come back ends at it, and so does the shortest one from the last hop.
+/// A neighbour that drops only the loops going past it makes the loops
+/// of one end fail beyond it while the other end still reaches the hop
+/// behind it; that is no dead hop but a link that fails, and either of
+/// its two hops may be the one dropping: nobody is replaced.
 #[derive(Debug, Clone)]
 pub struct Probe {
-    back: Vec<bool>,
+    from_first: Vec<bool>,
+    from_last: Vec<bool>,
+}
+
+/// What a probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeVerdict {
+    /// Every loop came back (a transient failure).
+    AllBack,
+    /// Neither end reaches this hop.
+    Dead(usize),
+    /// The ends disagree: the loops fail between these two adjacent
+    /// hops, one of which drops what passes to the other.
+    Link(usize, usize),
+    /// The loops fail in a way no single dead hop or failing link
+    /// explains (several failures at once, or the designer's own links).
+    Unclear,
 }
 
 impl Probe {
-    /// A probe of `n` hops (all prefixes sent).
+    /// A probe of `n` hops (all loops sent).
     pub fn new(n: usize) -> Self {
         Probe {
-            back: vec![false; n],
+            from_first: vec![false; n],
+            from_last: vec![false; n],
         }
     }
 
-    /// The loop through hops `0..=j` came back.
+    /// The loop from the first hop through hops `0..=j` came back.
     pub fn back(&mut self, j: usize) {
-        if let Some(b) = self.back.get_mut(j) {
+        if let Some(b) = self.from_first.get_mut(j) {
             *b = true;
         }
     }
 
-    /// Every prefix came back.
-    pub fn all_back(&self) -> bool {
-        self.back.iter().all(|b| *b)
+    /// The loop from the last hop through hops `j..n` came back.
+    pub fn back_from_last(&mut self, j: usize) {
+        if let Some(b) = self.from_last.get_mut(j) {
+            *b = true;
+        }
     }
 
-    /// The failed hop (the end of the shortest prefix not back), `None` if
-    /// all came back (a transient failure).
+    /// Every loop came back.
+    pub fn all_back(&self) -> bool {
+        self.from_first.iter().chain(&self.from_last).all(|b| *b)
+    }
+
+    /// What the loops back say.
+    pub fn verdict(&self) -> ProbeVerdict {
+        let n = self.from_first.len();
+        let first = self.from_first.iter().position(|b| !b);
+        let last = self.from_last.iter().rposition(|b| !b);
+        match (first, last) {
+            (None, None) => ProbeVerdict::AllBack,
+            (Some(a), Some(b)) if a == b => ProbeVerdict::Dead(a),
+            // A one-hop cascade has nothing to tell apart.
+            (Some(a), _) | (_, Some(a)) if n == 1 => ProbeVerdict::Dead(a),
+            (Some(a), Some(b)) if a.abs_diff(b) == 1 => ProbeVerdict::Link(a.min(b), a.max(b)),
+            _ => ProbeVerdict::Unclear,
+        }
+    }
+
+    /// The failed hop, `None` if none is found dead.
     pub fn failed(&self) -> Option<usize> {
-        self.back.iter().position(|b| !b)
+        match self.verdict() {
+            ProbeVerdict::Dead(j) => Some(j),
+            _ => None,
+        }
     }
 }
 
@@ -392,21 +444,59 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
         assert_eq!(b.bound(), timeout);
     }
 
-    #[test]
-    fn the_probe_names_the_end_of_the_shortest_prefix_not_back() {
+    /// The probe of four hops where `dead` answers nothing and `dropper`
+    /// drops every loop it would send on to `towards` (a neighbour).
+    fn probe(dead: Option<usize>, dropper: Option<(usize, usize)>) -> Probe {
         let mut p = Probe::new(4);
-        assert_eq!(p.failed(), Some(0));
-        for j in [3, 0, 1] {
-            p.back(j);
+        let passes = |path: &[usize]| {
+            path.iter().all(|h| Some(*h) != dead)
+                && path
+                    .windows(2)
+                    .all(|w| dropper.is_none_or(|(d, t)| (w[0], w[1]) != (d, t)))
+        };
+        for j in 0..4 {
+            let out: Vec<usize> = (0..=j).chain((0..j).rev()).collect();
+            if passes(&out) {
+                p.back(j);
+            }
+            let back: Vec<usize> = (j..4).rev().chain(j + 1..4).collect();
+            if passes(&back) {
+                p.back_from_last(j);
+            }
         }
-        // Loops through 0..=2 and 0..=3 both cross hop 2; only the longer
-        // came back (a late one): hop 2 is still the first not back.
-        assert_eq!(p.failed(), Some(2));
-        assert!(!p.all_back());
-        p.back(2);
-        p.back(9);
+        p
+    }
+
+    #[test]
+    fn a_hop_is_dead_only_if_neither_end_reaches_it() {
+        // Nothing back: no one hop explains it.
+        assert_eq!(Probe::new(4).verdict(), ProbeVerdict::Unclear);
+        for dead in 0..4 {
+            assert_eq!(probe(Some(dead), None).verdict(), ProbeVerdict::Dead(dead));
+            assert_eq!(probe(Some(dead), None).failed(), Some(dead));
+        }
+        assert_eq!(probe(None, None).verdict(), ProbeVerdict::AllBack);
+        // Hop 1 drops what it would pass on to hop 2 (the loops from the
+        // first hop past it, and those from the last hop that turn at it):
+        // on the code before, hop 2, honest, was found dead and replaced.
+        assert_eq!(
+            probe(None, Some((1, 2))).verdict(),
+            ProbeVerdict::Link(1, 2)
+        );
+        assert_eq!(
+            probe(None, Some((2, 1))).verdict(),
+            ProbeVerdict::Link(1, 2)
+        );
+        for (d, t) in [(0, 1), (1, 0), (2, 3), (3, 2)] {
+            let v = probe(None, Some((d, t))).verdict();
+            assert_eq!(v, ProbeVerdict::Link(d.min(t), d.max(t)), "{d} → {t}");
+            assert_eq!(probe(None, Some((d, t))).failed(), None);
+        }
+        let mut p = probe(None, None);
         assert!(p.all_back());
-        assert_eq!(p.failed(), None);
+        p.back(9);
+        p.back_from_last(9);
+        assert!(p.all_back());
     }
 
     #[test]
@@ -423,13 +513,12 @@ ops = [{ op = "log_softmax" }, { op = "nll_loss" }]
             message: "x".into(),
         };
         assert!(!recoverable(&config));
-        let audit = DesignerError::Audit {
-            hop: 1,
-            addr: ([127, 0, 0, 1], 1).into(),
-            step: 3,
-            reason: "r".into(),
-            also: None,
-        };
+        let audit = DesignerError::Misbehaved(crate::misbehaviour::Misbehaviour::new(
+            crate::misbehaviour::Culprit::Hop(1),
+            3,
+            crate::misbehaviour::MisbehaviourKind::Audit,
+            "r",
+        ));
         assert!(!recoverable(&audit), "audits have their own recovery");
     }
 

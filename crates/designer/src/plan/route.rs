@@ -14,6 +14,7 @@
 //! | [`Route::whole_loop`] | 0, …, n−1 | a loop note each |
 //! | [`Route::close`] | 0, …, n−1 | a close note each (each hop drops the session) |
 //! | [`Route::probe`] | 0, …, j, j−1, …, 0 | a loop note each |
+//! | [`Route::probe_from_last`] | n−1, …, j, j+1, …, n−1 | a loop note each (enters at the last hop) |
 //! | [`Route::chunk`] | 0, …, j, j−1, …, 0 | loops, and a fetch, load or audit note at j (its body sealed, [`mixnn_proto::reply`]) |
 //!
 //! So only the first and the last hop ever deliver to the designer: the
@@ -27,7 +28,9 @@
 use std::net::SocketAddr;
 
 use mixnn_proto::reply::{relay_layer, ReplyKey, Sealed as SealedKind};
-use mixnn_proto::{BackwardNote, ChunkNote, ForwardNote, InitNote, Micro, SessionNote};
+use mixnn_proto::{
+    AuditNote, BackwardNote, ChunkNote, ForwardNote, InitNote, Micro, Opens, SessionNote,
+};
 use mixnn_wire::{
     encode_cells, wrap_init, CellKind, DesignerSession, HopAddr, HopLayer, HopTag, Next,
     OnionPublic, Op, PaddingPolicy, ReplyId, RoutingBlock,
@@ -114,9 +117,9 @@ impl Route {
         }
     }
 
-    /// A test forward through all `n` hops at `step`.
-    pub fn test(n: usize, step: u64) -> Route {
-        Route::through(n, SessionNote::Test { step })
+    /// Test batch `batch`'s forward through all `n` hops at `step`.
+    pub fn test(n: usize, step: u64, batch: u32) -> Route {
+        Route::through(n, SessionNote::Test { step, batch })
     }
 
     /// A loop through all `n` hops and back (cover and health probe).
@@ -128,6 +131,22 @@ impl Route {
     /// does the cascade answer up to `j`?
     pub fn probe(j: usize, step: u64) -> Route {
         Route::out_and_back(j, SessionNote::Loop { step })
+    }
+
+    /// A loop from the last of `n` hops down to hop `j` and back to the
+    /// last, which delivers: does the cascade answer from the other end
+    /// down to `j`? (A hop is dead only if neither end reaches it; one
+    /// reached from one end but not the other is cut off by a neighbour
+    /// or cuts itself off from one.)
+    pub fn probe_from_last(j: usize, n: usize, step: u64) -> Route {
+        let last = n.saturating_sub(1);
+        let visits: Vec<usize> = (j..=last).rev().chain(j + 1..=last).collect();
+        Route {
+            notes: vec![SessionNote::Loop { step }; visits.len()],
+            visits,
+            tags: None,
+            entry: Entry::Last,
+        }
     }
 
     /// `note` (a fetch, load or audit) for hop `j`: out through hops
@@ -164,7 +183,27 @@ impl Route {
 
     /// Chunk `chunk` of hop `j`'s opening of `step`.
     pub fn audit(j: usize, step: u64, chunk: u32) -> Route {
-        Route::chunk(j, SessionNote::Audit(ChunkNote { step, chunk }))
+        Route::chunk(
+            j,
+            SessionNote::Audit(AuditNote {
+                step,
+                chunk,
+                opens: Opens::Step,
+            }),
+        )
+    }
+
+    /// Chunk `chunk` of hop `j`'s opening of test batch `batch`, run at
+    /// `step`.
+    pub fn audit_test(j: usize, step: u64, batch: u32, chunk: u32) -> Route {
+        Route::chunk(
+            j,
+            SessionNote::Audit(AuditNote {
+                step,
+                chunk,
+                opens: Opens::Test { batch },
+            }),
+        )
     }
 
     /// The end of the session at `step`: through every hop, each drops

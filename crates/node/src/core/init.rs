@@ -10,6 +10,7 @@ use mixnn_proto::InitNote;
 use mixnn_wire::{encode_cells, peel_init, CellKind, InitTag, Message, Op, Peeled, WireError};
 
 use super::{describe, short, Core, NodeSession, Now, Outbound};
+use crate::adversary::Hooks;
 use crate::audit::{Auditor, KEPT};
 use crate::error::NodeError;
 use crate::limits::stage_params;
@@ -156,7 +157,8 @@ impl Core {
         // Every check passed: build the stage, then record the init.
         let mut stage = Stage::new(&note.stage, note.seed, note.optimizer);
         stage.start_at(note.start_step);
-        let auditor = note.audit_key.map(|k| Auditor::new(k, &stage));
+        let mut auditor = note.audit_key.map(|k| Auditor::new(k, &stage));
+        self.adversary().after_init(&mut stage, auditor.as_mut());
         let tag = hop.init_tag();
         self.init_seen.insert(tag, note.issued_at)?;
         self.accepted.push((tag, note.issued_at));
