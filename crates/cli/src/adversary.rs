@@ -96,6 +96,18 @@ pub struct AdversaryArgs {
     #[arg(long, default_value_t = 3000, value_name = "N")]
     pub attack_max_steps: usize,
 
+    /// Epochs of each regression of a hop the colluders do not hold.
+    #[arg(long, default_value_t = 20, value_name = "E")]
+    pub regress_epochs: usize,
+
+    /// Fewest batches of each regression.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub regress_min_steps: usize,
+
+    /// Most batches of each regression.
+    #[arg(long, default_value_t = 5000, value_name = "N")]
+    pub regress_max_steps: usize,
+
     /// Training images inverted by the inversion attack.
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub invert_images: usize,
@@ -196,7 +208,12 @@ pub fn run(args: &AdversaryArgs) -> anyhow::Result<()> {
     };
     let budgets = Budgets {
         train: budget,
-        regress: budget,
+        regress: Budget {
+            batch: cfg.batch,
+            epochs: args.regress_epochs,
+            min_steps: args.regress_min_steps,
+            max_steps: args.regress_max_steps,
+        },
         invert_images: args.invert_images,
         invert_steps: args.invert_steps,
     };
