@@ -24,11 +24,10 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use mixnn_model::init::derive_seed;
-use mixnn_model::spec::OpSpec;
+use mixnn_model::spec::{OpSpec, Shape, StageSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::chain::{Budget, Chain, Fit, Rows, REGRESSION};
+use crate::chain::{Budget, Chain, Fit, Piece, Rows, REGRESSION};
 use crate::data::{self, Key, LabelSource, Labeled};
 use crate::error::Result;
 use crate::plan::{Gap, Part, Positions, Skeleton, Truth};
@@ -48,9 +47,13 @@ pub struct Score {
 pub struct Inversion {
     /// Images inverted.
     pub images: usize,
-    /// PSNR (dB, pixels in [0, 1]) of the inverted images against the
-    /// designer's.
+    /// PSNR (dB, pixels in [0, 1]) against the designer's images of the
+    /// images found by gradient descent through the stand-in front
+    /// (UnSplit-style, from the mean auxiliary image).
     pub psnr_db: f64,
+    /// PSNR of the learned inverse: a linear decoder trained on the
+    /// auxiliary images from the stand-in front's outputs.
+    pub decoder_psnr_db: f64,
     /// PSNR of the colluders' prior alone (the mean auxiliary image).
     pub prior_psnr_db: f64,
 }
@@ -172,10 +175,10 @@ impl Scene<'_> {
         if let Some((_, v)) = first {
             train.extend(&data::recorded_images(v, &labels)?);
         }
-        let seed = derive_seed(
-            self.seed,
-            hops.iter().fold(0, |a, h| a * 31 + *h as u64 + 1),
-        );
+        // One seed for every plan: a stage the colluders fill starts from
+        // the same weights and sees the data in the same order whichever
+        // set they are, so plans differ only in what is held.
+        let seed = self.seed;
         let opt = self.truth.optimizer;
         let b = &self.budgets;
 
@@ -226,7 +229,7 @@ impl Scene<'_> {
 
         // 4. Inverting the front.
         let inversion = match (skeleton.parts.first(), held.first()) {
-            (Some(Part::Gap(Gap::Front, specs)), Some((_, v)))
+            (Some(Part::Gap(Gap::Front, specs, _)), Some((_, v)))
                 if specs.iter().any(|s| s.has_params()) && !aux.data.y.is_empty() =>
             {
                 self.invert(&mut best, ranges[0].clone(), v, aux.data)?
@@ -259,7 +262,7 @@ impl Scene<'_> {
         seed: u64,
     ) -> Result<()> {
         for (p, part) in skeleton.parts.iter().enumerate() {
-            let Part::Gap(Gap::Inner { after, before }, specs) = part else {
+            let Part::Gap(Gap::Inner { after, before }, specs, _) = part else {
                 continue;
             };
             if !specs.iter().any(|s| s.has_params()) {
@@ -328,7 +331,37 @@ impl Scene<'_> {
                 *m += v / aux.x.len() as f32;
             }
         }
-        let x = chain.invert(front, &target, &mean, self.budgets.invert_steps)?;
+        let x = chain.invert(front.clone(), &target, &mean, self.budgets.invert_steps)?;
+        // The learned inverse: a linear decoder from the stand-in front's
+        // outputs on the auxiliary images back to those images, applied
+        // to what the hop received.
+        let seen = chain.eval_rows(front, &aux.x)?;
+        let decoder = StageSpec {
+            input: Shape::flat(seen.dim),
+            ops: vec![OpSpec::Linear {
+                input: seen.dim,
+                output: aux.x.dim,
+            }],
+        };
+        let mut d = Chain {
+            pieces: vec![Piece::fresh(&decoder, self.seed, REGRESSION)],
+        };
+        d.regress(
+            0..1,
+            &seen,
+            &aux.x,
+            Fit::Squared,
+            &self.budgets.regress,
+            self.seed,
+        )?;
+        let flat = Rows {
+            dim: target.dim,
+            values: target.values.clone(),
+        };
+        let mut decoded = d.eval_rows(0..1, &flat)?;
+        for v in &mut decoded.values {
+            *v = v.clamp(0.0, 1.0);
+        }
         let psnr = |a: &[f32]| {
             let mse = a
                 .iter()
@@ -342,6 +375,7 @@ impl Scene<'_> {
         Ok(Some(Inversion {
             images: truth.len(),
             psnr_db: psnr(&x.values),
+            decoder_psnr_db: psnr(&decoded.values),
             prior_psnr_db: psnr(&prior),
         }))
     }
@@ -353,7 +387,7 @@ fn gaps(s: &Skeleton, which: impl Fn(Gap) -> bool) -> Vec<usize> {
         .iter()
         .enumerate()
         .filter_map(|(i, p)| match p {
-            Part::Gap(g, specs) if which(*g) && specs.iter().any(|s| s.has_params()) => Some(i),
+            Part::Gap(g, specs, _) if which(*g) && specs.iter().any(|s| s.has_params()) => Some(i),
             _ => None,
         })
         .collect()

@@ -113,8 +113,12 @@ pub enum Gap {
 pub enum Part {
     /// A stage held: hop `0` (0-based position).
     Held(usize),
-    /// Stages to fill.
-    Gap(Gap, Vec<StageSpec>),
+    /// Stages to fill, and where their initial weights come from: the
+    /// stream of the first one (the next ones follow). With positions
+    /// known it is the first stage's place in the model, so a stage
+    /// starts from the same weights in every plan (and in the baseline)
+    /// and plans differ only in what the colluders hold.
+    Gap(Gap, Vec<StageSpec>, u64),
 }
 
 /// The surrogate's plan.
@@ -163,16 +167,16 @@ impl Skeleton {
     ) -> Result<(Chain, Vec<std::ops::Range<usize>>)> {
         let mut chain = Chain::default();
         let mut ranges = Vec::new();
-        for (p, part) in self.parts.iter().enumerate() {
+        for part in &self.parts {
             let start = chain.pieces.len();
             match part {
                 Part::Held(h) => {
                     let v = view(views, *h)?;
                     chain.pieces.push(Piece::held(&v.spec, &v.state.tensors)?);
                 }
-                Part::Gap(gap, specs) => {
+                Part::Gap(gap, specs, first) => {
                     for (j, s) in specs.iter().enumerate() {
-                        let seed = mixnn_model::init::derive_seed(seed, (p * 64 + j) as u64);
+                        let seed = mixnn_model::init::derive_seed(seed, first + j as u64);
                         let o = if s.has_params() { opt(*gap) } else { FROZEN };
                         chain.pieces.push(Piece::fresh(s, seed, o));
                     }
@@ -198,8 +202,9 @@ fn known(truth: &Truth, held: &[usize]) -> Skeleton {
     let is_held = |u: &Unit| u.hop.is_some_and(|h| held.contains(&h));
     let mut parts = Vec::new();
     let mut gap: Vec<StageSpec> = Vec::new();
+    let mut gap_from = 0u64;
     let mut last_held: Option<usize> = None;
-    for u in f {
+    for (i, u) in f.iter().enumerate() {
         if is_held(u) {
             let hop = u.hop.unwrap_or_default();
             if !gap.is_empty() {
@@ -207,11 +212,14 @@ fn known(truth: &Truth, held: &[usize]) -> Skeleton {
                     None => Gap::Front,
                     Some(after) => Gap::Inner { after, before: hop },
                 };
-                parts.push(Part::Gap(at, std::mem::take(&mut gap)));
+                parts.push(Part::Gap(at, std::mem::take(&mut gap), gap_from));
             }
             parts.push(Part::Held(hop));
             last_held = Some(hop);
         } else {
+            if gap.is_empty() {
+                gap_from = i as u64;
+            }
             gap.push(u.spec.clone());
         }
     }
@@ -221,7 +229,7 @@ fn known(truth: &Truth, held: &[usize]) -> Skeleton {
         } else {
             Gap::Front
         };
-        parts.push(Part::Gap(at, gap));
+        parts.push(Part::Gap(at, gap, gap_from));
     }
     Skeleton {
         parts,
@@ -433,6 +441,10 @@ pub fn filler(from: &Shape, to: &Shape) -> Result<StageSpec> {
     Ok(spec)
 }
 
+/// Where the streams of stand-ins' initial weights start (positions
+/// unknown): away from the model's stage indices.
+const UNKNOWN_SEEDS: u64 = 1 << 20;
+
 /// The loss the colluders put at the end: log-softmax and NLL over the
 /// classes.
 fn loss(classes: usize) -> StageSpec {
@@ -469,11 +481,16 @@ fn unknown(truth: &Truth, views: &BTreeMap<usize, HopView>, held: &[usize]) -> R
                     filler(&data, &Shape::flat(truth.classes))?,
                     loss(truth.classes),
                 ],
+                UNKNOWN_SEEDS,
             ));
             return Ok(Skeleton { parts, order_right });
         }
         Some((_, v)) if !v.sees_pixels() => {
-            parts.push(Part::Gap(Gap::Front, vec![filler(&data, &in_shape(v))?]));
+            parts.push(Part::Gap(
+                Gap::Front,
+                vec![filler(&data, &in_shape(v))?],
+                UNKNOWN_SEEDS,
+            ));
         }
         Some(_) => {}
     }
@@ -497,6 +514,7 @@ fn unknown(truth: &Truth, views: &BTreeMap<usize, HopView>, held: &[usize]) -> R
                         before: *h,
                     },
                     vec![spec],
+                    UNKNOWN_SEEDS + 64 * i as u64,
                 ));
             }
         }
@@ -512,7 +530,11 @@ fn unknown(truth: &Truth, views: &BTreeMap<usize, HopView>, held: &[usize]) -> R
             back.push(filler(&out, &Shape::flat(truth.classes))?);
         }
         back.push(loss(truth.classes));
-        parts.push(Part::Gap(Gap::Back, back));
+        parts.push(Part::Gap(
+            Gap::Back,
+            back,
+            UNKNOWN_SEEDS + 64 * ordered.len() as u64,
+        ));
     }
     Ok(Skeleton { parts, order_right })
 }
@@ -572,22 +594,23 @@ mod tests {
         assert_eq!(
             s.parts,
             vec![
-                Part::Gap(Gap::Front, vec![lin(4, 4), lin(4, 3)]),
+                Part::Gap(Gap::Front, vec![lin(4, 4), lin(4, 3)], 0),
                 Part::Held(1),
                 Part::Gap(
                     Gap::Inner {
                         after: 1,
                         before: 3
                     },
-                    vec![lin(3, 2)]
+                    vec![lin(3, 2)],
+                    3
                 ),
                 Part::Held(3),
             ]
         );
         let s = known(&truth, &[]);
         assert_eq!(s.parts.len(), 1);
-        assert!(matches!(&s.parts[0], Part::Gap(Gap::Front, v) if v.len() == 5));
+        assert!(matches!(&s.parts[0], Part::Gap(Gap::Front, v, 0) if v.len() == 5));
         let s = known(&truth, &[0]);
-        assert!(matches!(&s.parts[2], Part::Gap(Gap::Back, v) if v.len() == 3));
+        assert!(matches!(&s.parts[2], Part::Gap(Gap::Back, v, 2) if v.len() == 3));
     }
 }

@@ -250,7 +250,7 @@ impl Report {
     /// and every attack's score.
     pub fn full(&self) -> String {
         let mut t = String::from(
-            "| cascade | set | hops | positions | aux | sees | order right | warm start | regression | head | best | inversion PSNR (prior) | s |\n|---|---|---|---|---:|---|---|---|---|---|---|---|---:|\n",
+            "| cascade | set | hops | positions | aux | sees | order right | warm start | regression | head | best | inversion PSNR: descent / decoder (prior) | s |\n|---|---|---|---|---:|---|---|---|---|---|---|---|---:|\n",
         );
         for r in &self.rows {
             let o = &r.outcome;
@@ -282,8 +282,8 @@ impl Report {
                 cell(o.head),
                 cell(Some(o.best())),
                 o.inversion.map_or("—".into(), |i| format!(
-                    "{:.1} dB ({:.1} dB), {} images",
-                    i.psnr_db, i.prior_psnr_db, i.images
+                    "{:.1} / {:.1} dB ({:.1} dB), {} images",
+                    i.psnr_db, i.decoder_psnr_db, i.prior_psnr_db, i.images
                 )),
                 o.seconds
             ));

@@ -255,6 +255,10 @@ pub fn run(args: &AdversaryArgs) -> anyhow::Result<()> {
         ));
         let (weights_sha, weights, views, truth) =
             record_cascade(&prepared, &run.opts, &dir, classes)?;
+        if args.records.is_none() {
+            // What the attacks use is in memory now; the files can be large.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         let predictions = designer_predictions(model, &weights, &eval_set)?;
         match &reference {
             None => {
