@@ -4,6 +4,7 @@
 //! line on stderr (`error: …`, the `anyhow` chain joined with `": "`, each
 //! cause once) and exit code 1. Each subcommand lives in its own module.
 
+mod adversary;
 mod bench;
 mod cascade;
 mod demo;
@@ -68,6 +69,11 @@ enum Command {
     /// Run a directory authority: nodes register and heartbeat, designers
     /// fetch the signed view of the live nodes.
     Directory(directory::DirectoryArgs),
+    /// What colluding hops can steal: train through recording nodes, mount
+    /// the attacks on what they saw, report accuracy and agreement of the
+    /// stolen models against the from-scratch baseline (needs a build
+    /// with `--features adversary`).
+    Adversary(adversary::AdversaryArgs),
     /// Check that this machine computes the MixNN arithmetic (every kernel
     /// path it supports) and show which path is active.
     Selftest(selftest::SelfTestArgs),
@@ -107,6 +113,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Node(args) => node::run(&args),
         Command::Directory(args) => directory::run(&args),
         Command::Selftest(args) => selftest::run(&args),
+        Command::Adversary(args) => adversary::run(&args),
     }
 }
 

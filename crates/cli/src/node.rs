@@ -190,6 +190,15 @@ pub struct NodeArgs {
     #[cfg(feature = "adversary")]
     #[arg(long, hide = true, value_name = "FILE")]
     pub record_received: Option<PathBuf>,
+    /// A curious hop, for the adversary simulator (`mixnn adversary`):
+    /// appends what it sees of the model to FILE — its stage, every
+    /// forward, backward and test it runs (tensors in and out, step,
+    /// micro-batch, labels, arrival time) and its stage's final state —
+    /// as `len u32 LE ‖ observation` records
+    /// (`mixnn_proto::observed`), within 50 ms.
+    #[cfg(feature = "adversary")]
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub record_tensors: Option<PathBuf>,
 }
 
 /// Starts appending what a curious hop receives to `path` (see
@@ -422,6 +431,8 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
             adversary: args.adversary.clone(),
             #[cfg(feature = "adversary")]
             record: args.record_received.as_deref().map(record_to).transpose()?,
+            #[cfg(feature = "adversary")]
+            observe: args.record_tensors.as_deref().map(record_to).transpose()?,
             ..NodeConfig::default()
         };
         let served = mixnn_node::run(listener, &keys, node_config, shutdown_signal()).await;

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
+use mixnn_proto::observed::Observation;
 use mixnn_proto::reply::Sealed;
 use mixnn_proto::{encode_state, BackwardNote, ForwardNote, Opens, SessionNote};
 use mixnn_wire::{
@@ -93,6 +94,10 @@ pub struct Core {
     adversary: Option<crate::adversary::Adversary>,
     #[cfg(feature = "adversary")]
     record: Option<Record>,
+    /// Where a curious hop writes down the model's tensors it sees
+    /// ([`mixnn_proto::observed`]).
+    #[cfg(feature = "adversary")]
+    observe: Option<Record>,
     /// Makes the stage code panic on this op (tests of panic isolation).
     #[cfg(test)]
     panic_on: Option<Op>,
@@ -120,6 +125,8 @@ impl Core {
             adversary: None,
             #[cfg(feature = "adversary")]
             record: None,
+            #[cfg(feature = "adversary")]
+            observe: None,
             #[cfg(test)]
             panic_on: None,
         }
@@ -225,7 +232,9 @@ impl Core {
 
     fn drop_session(&mut self, id: &SessionId) {
         self.table.remove(id);
-        self.sessions.remove(id);
+        if let Some(s) = self.sessions.remove(id) {
+            self.observe(|| Observation::Final(s.stage.state()));
+        }
     }
 
     /// Bytes all sessions hold beyond their parameters.
@@ -310,6 +319,27 @@ impl Core {
     #[cfg(feature = "adversary")]
     pub fn set_record(&mut self, record: Option<Record>) {
         self.record = record;
+    }
+
+    /// Writes down the model's tensors this node sees (a curious hop, the
+    /// adversary simulator): each an encoded
+    /// [`mixnn_proto::observed::Observation`].
+    #[cfg(feature = "adversary")]
+    pub fn set_observe(&mut self, observe: Option<Record>) {
+        self.observe = observe;
+    }
+
+    /// Appends what `what` makes to the tensor record, if recording (the
+    /// closure runs only then).
+    #[cfg_attr(not(feature = "adversary"), allow(unused_variables))]
+    pub(crate) fn observe(&self, what: impl FnOnce() -> Observation) {
+        #[cfg(feature = "adversary")]
+        if let Some(r) = &self.observe {
+            let bytes = what().encode();
+            if let Ok(mut r) = r.lock() {
+                r.push(bytes);
+            }
+        }
     }
 
     /// Appends `bytes` to the record, if recording.
@@ -559,6 +589,8 @@ impl Core {
             panic!("stage code panicked (test)");
         }
         let op = peeled.op();
+        #[cfg(feature = "adversary")]
+        let at_us = observed_at();
         // An answer is paid for before it is computed: the session must be
         // able to afford the largest message its padding allows.
         let s = self.session_mut(id)?;
@@ -574,6 +606,10 @@ impl Core {
         } else {
             (body, Vec::new())
         };
+        // A curious hop keeps what it was given to compute on.
+        #[cfg(feature = "adversary")]
+        let seen = (self.observe.is_some() && matches!(op, Op::Forward | Op::Backward | Op::Test))
+            .then(|| body.clone());
         self.record(&note.encode());
         self.record(&peeled.tag().0);
         self.record(&trailer);
@@ -676,6 +712,10 @@ impl Core {
                 ))
             }
         };
+        #[cfg(feature = "adversary")]
+        if let Some(body) = seen {
+            self.observe(|| observation(&note, at_us, &body, &result, trailed));
+        }
         // The message goes out before its cache is kept: a forward whose
         // answer cannot be sent leaves nothing behind.
         let o = self.outbound(id, &peeled, &result)?;
@@ -860,6 +900,58 @@ fn destination(routes: &Routes, peeled: &Peeled) -> Result<[u8; 32], NodeError> 
     match peeled {
         Peeled::Forward(f) => routes.pass_on(f.op, f.next.0),
         Peeled::Deliver(d) => routes.deliver(d.addr.0),
+    }
+}
+
+/// When a message reaches the stage, for the tensor record: µs since the
+/// Unix epoch. The core reads no clock for the protocol; this one is only
+/// written down by a curious hop (feature `adversary`), whose colluders
+/// order their hops by it.
+#[cfg(feature = "adversary")]
+fn observed_at() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// What a curious hop writes down of a forward, backward or test it ran:
+/// the tensors in and out (without commitment trailers), step,
+/// micro-batch, labels (called for those three ops only).
+#[cfg(feature = "adversary")]
+fn observation(
+    note: &SessionNote,
+    at_us: u64,
+    body: &[u8],
+    result: &[u8],
+    trailed: bool,
+) -> Observation {
+    let sent = if trailed {
+        mixnn_proto::audit::split(result).map_or(result, |(p, _)| p)
+    } else {
+        result
+    };
+    match note {
+        SessionNote::Forward(n) => Observation::Forward {
+            step: n.step,
+            micro: n.micro.index(),
+            at_us,
+            labels: n.labels.clone(),
+            input: body.to_vec(),
+            output: sent.to_vec(),
+        },
+        SessionNote::Backward(n) => Observation::Backward {
+            step: n.step,
+            micro: n.micro.index(),
+            at_us,
+            grad: body.to_vec(),
+            input_grad: sent.to_vec(),
+        },
+        other => Observation::Test {
+            step: other.step(),
+            at_us,
+            input: body.to_vec(),
+            output: sent.to_vec(),
+        },
     }
 }
 

@@ -137,6 +137,13 @@ pub struct NodeConfig {
     /// bodies — is appended here.
     #[cfg(feature = "adversary")]
     pub record: Option<core::Record>,
+    /// A curious hop that also writes down the model's tensors it sees
+    /// (feature `adversary`, the adversary simulator): its stage, every
+    /// forward, backward and test it runs (tensors in and out, step,
+    /// labels) and its final state, each an encoded
+    /// [`mixnn_proto::observed::Observation`].
+    #[cfg(feature = "adversary")]
+    pub observe: Option<core::Record>,
 }
 
 impl Default for NodeConfig {
@@ -160,6 +167,8 @@ impl Default for NodeConfig {
             adversary: None,
             #[cfg(feature = "adversary")]
             record: None,
+            #[cfg(feature = "adversary")]
+            observe: None,
         }
     }
 }
@@ -193,6 +202,8 @@ pub async fn run(
     core.set_adversary(config.adversary.clone());
     #[cfg(feature = "adversary")]
     core.set_record(config.record.clone());
+    #[cfg(feature = "adversary")]
+    core.set_observe(config.observe.clone());
     let replay = match &config.replay_file {
         Some(path) => {
             let state = |source| NodeError::State {

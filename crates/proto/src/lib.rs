@@ -22,10 +22,15 @@
 //! cascade computes exactly what the local trainer computes.
 //!
 //! All integers are little-endian.
+//!
+//! [`observed`] is not part of the protocol: it is the record format of a
+//! curious hop (the adversary simulator's input), shared by the node that
+//! writes it and the simulator that reads it.
 
 pub mod audit;
 mod init;
 mod note;
+pub mod observed;
 pub mod reply;
 mod state;
 pub mod trailer;

@@ -188,6 +188,11 @@ impl Core {
             },
         );
         self.learned.insert(out.addr);
+        self.observe(|| mixnn_proto::observed::Observation::Stage {
+            spec: note.stage.clone(),
+            first: note.prev_addr.is_none(),
+            last: note.next_addr.is_none(),
+        });
         tracing::info!(
             session = %short(&id.0),
             stage = %describe(&note.stage),
