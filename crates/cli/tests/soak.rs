@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mixnn_proto::trailer::{fill, Pass, SlotContext, TrailerKeys};
 use mixnn_proto::{BackwardNote, ChunkNote, ForwardNote, InitNote, Micro, SessionNote};
 use mixnn_wire::{HopAddr, HopTag, Next, Op, PaddingPolicy, ReplyId, CELL_SIZE};
 
@@ -198,8 +199,17 @@ fn attack(target: Target, stop: Arc<AtomicBool>, seed: u64) -> u64 {
         let (cells, mut audited, _) = probe.init(&target, &n.encode(), &ONE_CELL);
         send(&mut probe, &cells);
         std::thread::sleep(Duration::from_millis(300));
-        let trailer = vec![0x3c; mixnn_proto::audit::TRAILER_LEN];
-        let body = [rows(1, 512), trailer].concat();
+        // Trailers as the designer fills them (the probe holds the audit
+        // key), so that the node takes every message.
+        let keys = TrailerKeys::new(&[7; 32]);
+        let body = |step: u64, pass: Pass| {
+            let ctx = SlotContext {
+                step,
+                pass,
+                index: 0,
+            };
+            [rows(1, 512), fill(&[&keys], &ctx, &[0x3c; 32]).unwrap()].concat()
+        };
         for step in 0..24u64 {
             let forward = SessionNote::Forward(ForwardNote {
                 step,
@@ -217,7 +227,7 @@ fn attack(target: Target, stop: Arc<AtomicBool>, seed: u64) -> u64 {
                     &mut audited,
                     me.0,
                     (Op::Forward, tag, &forward),
-                    &body,
+                    &body(step, Pass::Forward),
                     &ONE_CELL,
                 );
                 send(&mut probe, &cells);
@@ -232,7 +242,7 @@ fn attack(target: Target, stop: Arc<AtomicBool>, seed: u64) -> u64 {
                 &mut audited,
                 me.0,
                 (Op::Backward, kept, &backward),
-                &body,
+                &body(step, Pass::Backward),
                 &ONE_CELL,
             );
             send(&mut probe, &cells);

@@ -142,6 +142,10 @@ pub struct Exchange {
     unmask: HashMap<ReplyId, Vec<(usize, HopTag)>>,
     loops: LoopSchedule,
     bound: DetectionBound,
+    /// The last init loop came back: every hop has the session. Until it
+    /// does, the hops after one that failed during set-up have none, so
+    /// no loop from the last hop can come back.
+    set_up: bool,
 }
 
 impl Exchange {
@@ -154,6 +158,7 @@ impl Exchange {
             unmask: HashMap::new(),
             loops,
             bound,
+            set_up: false,
         }
     }
 
@@ -210,10 +215,12 @@ impl Exchange {
         step: u64,
     ) -> Result<(), DesignerError> {
         self.loops.pause();
+        self.set_up = false;
         let sealed = seal(&mut self.router)?;
         self.pending.expect(sealed.reply, Await::Init);
         self.driver.send(sealed.entry, &sealed.cells)?;
         self.wait(Expected::Init, step)?;
+        self.set_up = true;
         self.loops.resume();
         Ok(())
     }
@@ -522,6 +529,15 @@ impl Exchange {
         self.unmask.clear();
         self.loops.pause();
         let mut probe = Probe::new(n);
+        // Before the session is set up, loops from the last hop cannot
+        // tell anything: the first hop that the loops from the first one
+        // do not pass is the failed one.
+        let from_last = self.set_up && n > 1;
+        if !from_last {
+            for j in 0..n {
+                probe.back_from_last(j);
+            }
+        }
         for j in 0..n {
             if self
                 .send(&Route::probe(j, step), &[], Await::Probe(j))
@@ -529,7 +545,7 @@ impl Exchange {
             {
                 return ProbeVerdict::Dead(0);
             }
-            if n > 1
+            if from_last
                 && self
                     .send(
                         &Route::probe_from_last(j, n, step),
@@ -541,24 +557,22 @@ impl Exchange {
                 return ProbeVerdict::Dead(n - 1);
             }
         }
-        if n == 1 {
-            probe.back_from_last(0);
-        }
         let deadline = Instant::now() + self.bound.bound();
         while !probe.all_back() {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.recv(left, step) {
                 Ok(Some((Await::Probe(j), _))) => {
                     probe.back(j);
-                    if n == 1 {
-                        probe.back_from_last(j);
-                    }
                 }
                 Ok(Some((Await::ProbeFromLast(j), _))) => probe.back_from_last(j),
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,
             }
         }
-        probe.verdict()
+        if from_last {
+            probe.verdict()
+        } else {
+            probe.verdict_from_first()
+        }
     }
 }

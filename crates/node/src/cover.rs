@@ -119,9 +119,12 @@ pub const SIZE_HALF_LIFE: Duration = Duration::from_secs(60);
 /// The cell counts of the real messages a node has sent, per link (an
 /// address and the link key it was sent to) and over all links. Only
 /// messages of sessions the link's peer has itself sent a message of are
-/// recorded ([`crate::core::Outbound::sizes_cover`]): a client that names
-/// a victim link's peer as its session's next hop, which that peer never
-/// answers, cannot set the cover size of that link.
+/// recorded for their link ([`crate::core::Outbound::sizes_cover`]): a
+/// client that names a victim link's peer as its session's next hop,
+/// which that peer never answers, cannot set the cover size of a link its
+/// cascade uses. Every real message counts over all links, and what each
+/// peer sends this node is kept too ([`LinkSizes::record_heard`]), for
+/// links without real messages of their own.
 #[derive(Debug, Default)]
 pub struct LinkSizes {
     inner: Mutex<Sizes>,
@@ -130,7 +133,29 @@ pub struct LinkSizes {
 #[derive(Debug, Default)]
 struct Sizes {
     links: HashMap<CoverPeer, Counts>,
+    /// What each peer (by link key) has sent this node in its sessions.
+    heard: HashMap<[u8; 32], Counts>,
     all: Counts,
+}
+
+/// Records `cells` under `key` in `map`, making room (the entry that
+/// weighs least goes) when it holds [`MAX_LINKS_SIZED`] keys.
+fn record_in<K: std::hash::Hash + Eq + Copy>(
+    map: &mut HashMap<K, Counts>,
+    key: K,
+    cells: usize,
+    now: Instant,
+) {
+    if !map.contains_key(&key) && map.len() >= MAX_LINKS_SIZED {
+        let fewest = map
+            .iter()
+            .min_by(|a, b| a.1.weight(now).total_cmp(&b.1.weight(now)))
+            .map(|(l, _)| *l);
+        if let Some(l) = fewest {
+            map.remove(&l);
+        }
+    }
+    map.entry(key).or_default().record(cells, now);
 }
 
 /// Messages per cell count, and how many in all, each weighing
@@ -189,29 +214,47 @@ impl LinkSizes {
         let Ok(mut s) = self.inner.lock() else {
             return;
         };
-        if !s.links.contains_key(&link) && s.links.len() >= MAX_LINKS_SIZED {
-            let fewest = s
-                .links
-                .iter()
-                .min_by(|a, b| a.1.weight(now).total_cmp(&b.1.weight(now)))
-                .map(|(l, _)| *l);
-            if let Some(l) = fewest {
-                s.links.remove(&l);
-            }
-        }
-        s.links.entry(link).or_default().record(cells, now);
+        record_in(&mut s.links, link, cells, now);
         s.all.record(cells, now);
+    }
+
+    /// Records one session message of `cells` cells that the peer of link
+    /// key `from` sent this node at `now` (the link is authenticated: no
+    /// one else can speak for that peer). A link to it that has carried no
+    /// real message of this node's yet sends cover of that size, the
+    /// size its cascade uses (before, the node's first hops of a cascade
+    /// that had only sent loops on sent no cover back at all).
+    pub fn record_heard(&self, from: [u8; 32], cells: usize, now: Instant) {
+        if let Ok(mut s) = self.inner.lock() {
+            record_in(&mut s.heard, from, cells, now);
+        }
+    }
+
+    /// Records one real message of `cells` cells sent on a link it does
+    /// not size ([`crate::core::Outbound::sizes_cover`] false: its peer
+    /// has sent nothing of the session yet, as the next hop of a cascade
+    /// that has only sent loops): it counts only over all links.
+    pub fn record_overall(&self, cells: usize, now: Instant) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.all.record(cells, now);
+        }
     }
 
     /// The cell count of a cover message on `link` at `now`: the most
     /// common count of that link's own recent real messages; for a link
-    /// without any, the most common over all links; 0 before any real
-    /// message.
+    /// without any, of what its peer has sent this node in sessions; else
+    /// the most common over all links; 0 before any real message.
     pub fn cover_cells(&self, link: &CoverPeer, now: Instant) -> usize {
         let Ok(mut s) = self.inner.lock() else {
             return 0;
         };
         if let Some(c) = s.links.get_mut(link) {
+            c.decay(now);
+            if c.total > 1e-9 {
+                return c.mode();
+            }
+        }
+        if let Some(c) = s.heard.get_mut(&link.1) {
             c.decay(now);
             if c.total > 1e-9 {
                 return c.mode();

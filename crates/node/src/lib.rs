@@ -470,6 +470,7 @@ impl Shared {
     pub(crate) fn handle(&mut self, from: [u8; 32], peer: SocketAddr, msg: Message) -> bool {
         let peer = alias::peer(&peer);
         let cover = msg.kind == CellKind::Cover;
+        let session_cells = (msg.kind == CellKind::Session).then_some(msg.cells);
         let now = Now::system();
         // Room for what the message will make the core hold.
         if self.memory.available() < self.memory.limit() / 8 {
@@ -493,14 +494,16 @@ impl Shared {
                 if !cover {
                     self.handled += 1;
                 }
+                if let Some(cells) = session_cells {
+                    self.sizes.record_heard(from, cells, now.mono);
+                }
                 if self.drop_after.is_none_or(|n| self.handled <= n) {
                     for o in outs {
+                        let cells = o.cells.len() / CELL_SIZE;
                         if o.sizes_cover {
-                            self.sizes.record(
-                                (o.addr, o.expect),
-                                o.cells.len() / CELL_SIZE,
-                                now.mono,
-                            );
+                            self.sizes.record((o.addr, o.expect), cells, now.mono);
+                        } else {
+                            self.sizes.record_overall(cells, now.mono);
                         }
                         self.queue(o, now.mono);
                     }

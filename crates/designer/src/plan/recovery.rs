@@ -231,6 +231,15 @@ impl Probe {
         }
     }
 
+    /// What the loops from the first hop alone say (before the session is
+    /// set up, or in a one-hop cascade): the first hop they do not pass.
+    pub fn verdict_from_first(&self) -> ProbeVerdict {
+        match self.from_first.iter().position(|b| !b) {
+            Some(a) => ProbeVerdict::Dead(a),
+            None => ProbeVerdict::AllBack,
+        }
+    }
+
     /// The failed hop, `None` if none is found dead.
     pub fn failed(&self) -> Option<usize> {
         match self.verdict() {
