@@ -7,7 +7,7 @@
 //!   (`docs/arithmetic.md`, [`arith::ARITH_VERSION`]): matrix kernels with a
 //!   fixed order of operations, `exp`/`ln` without libm, the self-test.
 //! - [`stage`]: forward/backward of one stage, with explicit per-op
-//!   gradients ([`layer`]) and the optimisers ([`optim`]).
+//!   gradients (`layer`) and the optimisers ([`optim`]).
 //! - [`tensor_bytes`]: the only form in which activations and gradients
 //!   cross a stage boundary (shape + little-endian bytes).
 //! - [`data`]: IDX files and the seeded batch order.

@@ -1,6 +1,6 @@
 //! The stage engine: what one node runs.
 //!
-//! A [`Stage`] holds the layers of its ops ([`crate::layer`]: parameters,
+//! A [`Stage`] holds the layers of its ops (`crate::layer`: parameters,
 //! running statistics) and the optimiser's buffers. Each op has an
 //! explicit backward (no autodiff graph), computed with the reproducible
 //! arithmetic of [`crate::arith`] (`docs/arithmetic.md`). Activations are

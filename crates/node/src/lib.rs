@@ -22,10 +22,10 @@
 //! anything on it; one memory budget ([`memory`]) covers the sessions, the
 //! messages being read (charged from their first cell, which the core
 //! looks at before the rest is read: [`Core::admit`]) and the messages
-//! queued for links ([`egress`]); when it is reached the session holding
+//! queued for links (`egress.rs`); when it is reached the session holding
 //! the oldest queued data is shed, never the node; writes that do not
 //! drain close their link; connections that never authenticate, or never
-//! deliver a whole accepted message, have slots of their own ([`door`]);
+//! deliver a whole accepted message, have slots of their own (`door.rs`);
 //! a message that makes the stage code panic fails alone (the session it
 //! was for is dropped, the node goes on); idle sessions expire (the I/O
 //! layer ticks the core's [`Core::expire`] every second); links that stay

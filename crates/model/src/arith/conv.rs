@@ -14,7 +14,7 @@
 //!   `dY` spread `s` apart (zeros between) with `k−1−p` zeros in front:
 //!   the transposed convolution, written as a convolution of stride 1.
 //!
-//! Each is `im2col` (a copy, no arithmetic) followed by [`Gemm::run`]; the
+//! Each is `im2col` (a copy, no arithmetic) followed by `Gemm::run`; the
 //! work is shared between threads by images (forward, input gradient) or
 //! by output rows of the product (weight gradient), never inside a dot
 //! product.

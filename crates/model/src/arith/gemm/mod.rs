@@ -15,15 +15,15 @@
 //! its partial value from one product to the next: `docs/arithmetic.md`).
 //!
 //! The fast kernels compute many outputs at once: a tile of `MR` rows by
-//! `NR` columns held in vector registers ([`Micro`]), each register lane one
+//! `NR` columns held in vector registers (`Micro`), each register lane one
 //! output, so each output still sees exactly this sequence and every tile
 //! size, vector width and thread count gives the same bits as
 //! [`reference`]. The micro-kernels are written with explicit vector types
-//! per instruction set ([`x86`]: AVX-512F, AVX2 + FMA3, and SSE2 with the
+//! per instruction set (`x86`: AVX-512F, AVX2 + FMA3, and SSE2 with the
 //! software FMA), not left to the compiler's auto-vectoriser, whose choices
 //! (gathers and scatters across rows, once) change with the compiler.
 //!
-//! [`gemm`] packs both operands into tile-shaped panels (zero-padded at
+//! `gemm` packs both operands into tile-shaped panels (zero-padded at
 //! the edges), and runs the tiles; with more than one thread
 //! ([`super::threads`]) the row blocks of `C` are shared out, never a
 //! reduction. Nothing here reads the CPU's cache sizes.
