@@ -55,11 +55,21 @@ fn nodes(dir: &Path, flags: &[&str]) -> Nodes {
 
 /// Trains through `nodes` and asserts the run equals the local one.
 fn serves_honestly(nodes: &Nodes, name: &str) {
+    serves_honestly_within(nodes, name, 10);
+}
+
+/// [`serves_honestly`] with `--timeout SECS`: a node still working
+/// through an attacker's backlog (each answer computed, then refused or
+/// dropped) may take longer than the default to take the honest init on
+/// a loaded machine; what is asserted is that it does, and that the run
+/// is the local one.
+fn serves_honestly_within(nodes: &Nodes, name: &str, secs: u32) {
     let file = nodes.cascade_file(&format!("{name}.toml"));
+    let timeout = secs.to_string();
     let run = train(
         &nodes.dir,
         name,
-        &["--cascade", file.to_str().unwrap()],
+        &["--cascade", file.to_str().unwrap(), "--timeout", &timeout],
         RUN,
     );
     assert_same_run(local(), &run);
@@ -202,7 +212,7 @@ fn answers_to_a_client_that_never_reads_stay_within_the_memory_budget() {
         peak / MIB
     );
     let t0 = std::time::Instant::now();
-    serves_honestly(&nodes, "after");
+    serves_honestly_within(&nodes, "after", 60);
     eprintln!("honest run {:.1} s", t0.elapsed().as_secs_f64());
     if std::env::var_os("LOAD_DEBUG").is_some() {
         eprintln!("{}", nodes.log(1));
