@@ -275,11 +275,24 @@ fn soak(runs: usize, epochs: u32) {
     let local = train(dir, "local", &["--local"], &args);
     let budget_mib = budget_mib(runs);
     let budget = budget_mib.to_string();
-    // The attacker's sessions, left idle, go after 30 s.
+    // The attacker's sessions, left idle, go after 30 s. Every honest
+    // session reaches node k + 1 over node k's one link key: the per-key
+    // session limit (default 16) must admit them all (with 20 runs and the
+    // default, node 2 refused the 17th to 21st inits and those designers
+    // waited out their init bound).
+    let per_key = (runs + 4).max(16).to_string();
     let nodes = Nodes::start_with(
         dir,
         5,
-        &["-v", "--max-memory-mib", &budget, "--session-idle", "30"],
+        &[
+            "-v",
+            "--max-memory-mib",
+            &budget,
+            "--session-idle",
+            "30",
+            "--max-sessions-per-key",
+            &per_key,
+        ],
     );
     let cascade = nodes.cascade_file("cascade.toml");
     let cascade = cascade.to_str().unwrap().to_string();
