@@ -304,16 +304,8 @@ fn an_audited_session_pins_no_more_states_than_its_weight_counts() {
     let before = rss_bytes(pid);
     // Trailers as the designer fills them (the probe holds the audit key):
     // the node refuses one whose tail is not its own before any math.
-    use mixnn_proto::trailer::{fill, Pass, SlotContext, TrailerKeys};
-    let keys = TrailerKeys::new(&[7; 32]);
-    let body = |rows_: Vec<u8>, step: u64, pass: Pass| {
-        let ctx = SlotContext {
-            step,
-            pass,
-            index: 0,
-        };
-        [rows_, fill(&[&keys], &ctx, &[0x3c; 32]).unwrap()].concat()
-    };
+    use mixnn_proto::trailer::Pass;
+    let body = |rows_: Vec<u8>, step: u64, pass: Pass| audited_body(&[7; 32], rows_, step, pass);
     let steps = 64u64;
     for step in 0..steps {
         let forward = SessionNote::Forward(ForwardNote {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mixnn_proto::trailer::{fill, Pass, SlotContext, TrailerKeys};
+use mixnn_proto::trailer::Pass;
 use mixnn_proto::{BackwardNote, ChunkNote, ForwardNote, InitNote, Micro, SessionNote};
 use mixnn_wire::{HopAddr, HopTag, Next, Op, PaddingPolicy, ReplyId, CELL_SIZE};
 
@@ -201,15 +201,7 @@ fn attack(target: Target, stop: Arc<AtomicBool>, seed: u64) -> u64 {
         std::thread::sleep(Duration::from_millis(300));
         // Trailers as the designer fills them (the probe holds the audit
         // key), so that the node takes every message.
-        let keys = TrailerKeys::new(&[7; 32]);
-        let body = |step: u64, pass: Pass| {
-            let ctx = SlotContext {
-                step,
-                pass,
-                index: 0,
-            };
-            [rows(1, 512), fill(&[&keys], &ctx, &[0x3c; 32]).unwrap()].concat()
-        };
+        let body = |step: u64, pass: Pass| audited_body(&[7; 32], rows(1, 512), step, pass);
         for step in 0..24u64 {
             let forward = SessionNote::Forward(ForwardNote {
                 step,

@@ -89,3 +89,22 @@ pub fn note_for(op: Op) -> SessionNote {
         _ => SessionNote::Loop { step: 0 },
     }
 }
+
+/// `payload` with the commitment trailer a designer holding `audit_key`
+/// fills for a one-hop session's message `pass` of `step` (micro-batch
+/// 0): what an audited node takes before any math.
+pub fn audited_body(
+    audit_key: &[u8; 32],
+    payload: Vec<u8>,
+    step: u64,
+    pass: mixnn_proto::trailer::Pass,
+) -> Vec<u8> {
+    use mixnn_proto::trailer::{fill, SlotContext, TrailerKeys};
+    let keys = TrailerKeys::new(audit_key);
+    let ctx = SlotContext {
+        step,
+        pass,
+        index: 0,
+    };
+    [payload, fill(&[&keys], &ctx, &[0x3c; 32]).unwrap()].concat()
+}
