@@ -128,7 +128,8 @@ fn public(c: &Colluders<'_>) -> Known {
                 .encode(),
             );
         }
-        for chunk in 0..64 {
+        // Chunk indices are counters every hop sees run up from zero.
+        for chunk in 0..256 {
             p.push(SessionNote::Fetch(ChunkNote { step, chunk }).encode());
             p.push(
                 SessionNote::Audit(AuditNote {
@@ -139,10 +140,14 @@ fn public(c: &Colluders<'_>) -> Known {
                 .encode(),
             );
         }
-        // Test batches (and their audits) are counted like steps.
+        // Test batches (and their audits) are counted like steps; an
+        // audited test batch's opening runs to as many chunks as a step's
+        // (the run of `crates/cli/tests/collusion.rs` reached chunk 16).
         for batch in 0..64 {
             p.push(SessionNote::Test { step, batch }.encode());
-            for chunk in 0..8 {
+        }
+        for batch in 0..16 {
+            for chunk in 0..256 {
                 p.push(
                     SessionNote::Audit(AuditNote {
                         step,
