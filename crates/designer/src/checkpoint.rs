@@ -19,6 +19,7 @@
 
 mod dir;
 mod format;
+pub mod fuzzing;
 
 pub use dir::{file_name, CheckpointDir};
 pub use format::{model_digest, Checkpoint, CheckpointError, Defect, MAGIC, VERSION};

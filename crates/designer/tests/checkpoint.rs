@@ -600,3 +600,38 @@ fn keep_below_two_is_refused() {
 fn files_start_with_the_magic() {
     assert!(sample(1).encode().starts_with(MAGIC));
 }
+
+/// The fuzz target body (`mixnn_designer::checkpoint::fuzzing`) on a
+/// valid file's contents, which it signs, and on arbitrary bytes.
+#[test]
+fn the_fuzz_body_accepts_a_valid_file() {
+    let bytes = sample(7).encode();
+    let contents = &bytes[..bytes.len() - 32];
+    // The body signs what it is given: the valid file decodes again.
+    mixnn_designer::checkpoint::fuzzing::checkpoint(contents);
+    mixnn_designer::checkpoint::fuzzing::checkpoint(&bytes);
+}
+
+mod props {
+    use super::*;
+    use mixnn_designer::checkpoint::fuzzing;
+    use mixnn_model::fuzzing::mutate;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            fuzzing::checkpoint(&bytes);
+        }
+
+        /// A file changed behind a checksum that still holds: every
+        /// mutation a fuzzer makes, not only one flipped byte.
+        #[test]
+        fn mutated_signed_files_never_panic(e in proptest::collection::vec(any::<u8>(), 3..24)) {
+            let bytes = sample(7).encode();
+            fuzzing::checkpoint(&mutate(&bytes[..bytes.len() - 32], &e));
+        }
+    }
+}

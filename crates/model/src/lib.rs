@@ -30,6 +30,7 @@
 pub mod arith;
 pub mod data;
 pub mod error;
+pub mod fuzzing;
 pub mod init;
 pub(crate) mod layer;
 pub mod optim;

@@ -28,6 +28,7 @@
 //! writes it and the simulator that reads it.
 
 pub mod audit;
+pub mod fuzzing;
 mod init;
 mod note;
 pub mod observed;
