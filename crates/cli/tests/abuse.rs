@@ -4,6 +4,9 @@
 //! attacks a real `mixnn node` process with the probe (`tests/probe`), a
 //! second protocol client written for these tests, then asserts that the
 //! node still serves an honest cascade byte-identically to `--local`.
+//!
+//! Over 600 lines: one test per attack on a node, each short, sharing the
+//! cascade and probe set-up at the top.
 
 use std::path::Path;
 use std::sync::OnceLock;

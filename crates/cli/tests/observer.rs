@@ -25,6 +25,9 @@
 //!   test on the designer's link to hop 1, which the designer paces too
 //!   (p > 0.01 / 9 for each of the 9 pairs, a 1 % level for the family,
 //!   with as many gaps per sample as the first run tells apart).
+//!
+//! Over 600 lines: the recording relays, the two runs and their assertions
+//! on frame sizes and timing belong to one experiment.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -6,6 +6,10 @@
 //! ([`crate::plan::recovery`]): probe for the failed hop, replace it, set
 //! up a new session from the last checkpoint, or, after a failed audit,
 //! from the last checkpoint a local re-execution reproduces.
+//!
+//! Over 600 lines: the builder, the training-loop adapter and the recovery
+//! loop all act on the runner's one state (session, checkpoints,
+//! replacements); the decisions are in `plan::recovery`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -3,10 +3,11 @@
 //! batches, state fetches and loads, and audits, until it fails or a
 //! recovery replaces it ([`Session::rebuild`]).
 //!
-//! (Length: about 650 lines. It is the one layer that holds a session's
-//! mutable state — step, tags, kept stages, audits — and every operation on
-//! it; the decisions it takes are in the pure `plan` modules, the messaging
-//! in `exchange`.)
+//! (Over 600 lines: it is the one layer that holds a session's mutable
+//! state — step, tags, kept stages, audits — and every operation on it;
+//! the decisions it takes are in the pure `plan` modules, the messaging in
+//! `exchange`. The step loop is the part to move into a core of the
+//! node's kind: events in, commands out.)
 //!
 //! Per step the session sends two onions per micro-batch: a forward
 //! through the hops in order (the last delivers the loss to the designer)

@@ -2,6 +2,10 @@
 //! Checkpoint files and directories: bit-exact round trips, detection of
 //! every truncation and flipped byte, fallback to the previous file, pruning
 //! and atomic writes.
+//!
+//! Over 600 lines: one test per way a checkpoint file can be wrong (and the
+//! fuzz body's property tests), sharing the awkward-float samples at the
+//! top.
 
 use mixnn_model::seed::RunSeed;
 use std::fs;

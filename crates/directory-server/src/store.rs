@@ -1,7 +1,7 @@
 //! The directory's SQLite store: registered nodes, their heartbeat history,
 //! and the failure reports designers sent about them.
 //!
-//! (Length: about 780 lines: every SQL statement of the directory lives
+//! (Over 600 lines: every SQL statement of the directory lives
 //! here, next to the schema and its migrations, so no query is written
 //! anywhere else.)
 //!

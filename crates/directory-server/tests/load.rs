@@ -5,6 +5,9 @@
 //! finish a request. Each test runs the attack from outside (HTTP from
 //! chosen source addresses, real node listeners, or the directory's public
 //! inputs), then checks what honest nodes and designers still get.
+//!
+//! Over 600 lines: one test per attack on the directory, sharing the
+//! raw-HTTP client and the node listeners at the top.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;

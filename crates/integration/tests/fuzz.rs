@@ -20,6 +20,10 @@
 //! short run (one trial per check of the designer, `fuzz_short`) runs in
 //! CI; the long run is
 //! `MIXNN_FUZZ_TRIALS=2000 cargo test -p mixnn-integration --test fuzz -- --ignored --nocapture`.
+//!
+//! Over 600 lines: one harness (the in-process cascade, every mutation
+//! kind, the invariant and its tally) that a split would only scatter; each
+//! mutation kind sits next to the code that applies it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -13,6 +13,10 @@
 //! parameter gradients, and batch norms' batch statistics, wait until
 //! [`Stage::apply`], which adds them up in micro-batch order and makes one
 //! optimiser update (GPipe; no stale weights).
+//!
+//! Over 600 lines: the stage's forward, backward, micro-batch accumulation,
+//! apply and state (checkpoint) form one life cycle over the same fields;
+//! the per-op code is in `layer.rs`.
 
 use crate::arith::matrix::Matrix;
 use crate::arith::norm;

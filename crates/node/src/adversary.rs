@@ -6,6 +6,10 @@
 //! to its state between steps or after a load, what it hands over when
 //! fetched or audited. Without the feature the hooks are the identity
 //! ([`NoAdversary`]) and compile away.
+//!
+//! Over 600 lines: one hook per point where a hop can deviate and one mode
+//! per way to cheat, listed together so that the fuzzer's and the audits'
+//! coverage can be read off one file (feature `adversary` only).
 
 use mixnn_model::stage::{Stage, StageState};
 pub(crate) use mixnn_proto::trailer::Pass;

@@ -1,6 +1,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The node's state machine without sockets: a designer built from the wire
 //! crate talks to one `Core` (a one-hop cascade) message by message.
+//!
+//! Over 600 lines: one message-by-message test per rule of the core,
+//! sharing the in-test designer at the top.
 
 use std::net::SocketAddr;
 
