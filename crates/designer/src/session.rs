@@ -45,10 +45,10 @@ use crate::plan::audit::Audits;
 use crate::plan::layout::Layout;
 use crate::plan::opening::{AuditCase, AuditContext, Verdict};
 use crate::plan::pending::{Await, Expected};
-use crate::plan::recovery::params_only;
+use crate::plan::recovery::{params_only, Checkpoints};
 use crate::plan::route::Route;
+use crate::plan::steps::{Command, Gates, PrefetchProgress, Reply, StepLoop};
 use crate::plan::transfer::state_bound;
-use crate::plan::window::Window;
 use crate::saver::Saver;
 
 mod predict;
@@ -286,108 +286,125 @@ impl Session {
         };
         let start = losses.len();
         debug_assert_eq!(self.step, base + start as u64);
-        if saver.policy.wanted(self.step) {
-            self.checkpoint(saver, losses)?;
-        }
-        let mut w = Window::new(batches, base, start, self.micro_batches, window);
+        // The order of things is the core's (`plan::steps`); this loop
+        // carries its commands out.
+        let mut core = StepLoop::new(
+            batches,
+            base,
+            start,
+            self.micro_batches,
+            window,
+            self.audits.on(),
+        );
         let mut first_caches: HashMap<(u64, u16), StageCache> = HashMap::new();
         // The openings of the oldest audited step, fetched while later
-        // steps run; off for the rest of the call after a bad reply.
+        // steps run.
         let mut prefetch: Option<Prefetch> = None;
-        let mut prefetching = self.audits.on();
-        while !w.finished() {
-            // Checkpoints and audits the prefetch did not take are run
-            // between steps: none in flight.
-            if w.drained() && w.waiting() > base + start as u64 {
-                let step = w.waiting();
-                self.finish_prefetch(&mut prefetch, batches, base, step)?;
-                if self.audits.queued() {
-                    self.step = step;
-                    self.run_audits(batches, base)?;
-                }
-                if saver.policy.wanted(step) {
+        loop {
+            let gates = SessionGates {
+                policy: &saver.policy,
+                audits: &self.audits,
+                window,
+            };
+            match core.poll(&gates) {
+                Command::Checkpoint { step } => {
                     self.step = step;
                     self.checkpoint(saver, losses)?;
                 }
-            }
-            while let Some(i) =
-                w.next_to_send(|s| saver.policy.wanted(s) || self.audits.due(s, window))
-            {
-                let step = base + i as u64;
-                for (m, c) in self.send_step(&batches[i], step)?.into_iter().enumerate() {
-                    first_caches.insert((step, m as u16), c);
+                Command::FinishPrefetch { waiting, .. } => {
+                    self.finish_prefetch(&mut prefetch, batches, base, waiting)?;
                 }
-                w.sent(i);
-            }
-            let expected = if prefetch.is_some() {
-                Expected::StepOrOpening
-            } else {
-                Expected::Step
-            };
-            let (kind, body) = self.ex.wait(expected, w.waiting())?;
-            let body = self.audits.take(kind, body, self.layout.len())?;
-            match kind {
-                Await::Output { step, micro } => {
-                    let loss = self.on_output(&w, batches, step, micro, &body)?;
-                    w.on_loss(step, micro, loss)?;
+                Command::RunAudits { step } => {
+                    self.step = step;
+                    self.run_audits(batches, base)?;
                 }
-                Await::Done { step, micro } => {
-                    let micros = w.micros(w.position(step)?);
-                    if let Some(first) = self.kept.first.as_mut() {
-                        let c = first_caches
-                            .remove(&(step, micro))
-                            .ok_or(BadReply::MicroBatch { step, micro })?;
-                        first
-                            .backward_micro_bytes(c, Some(&body), false, u32::from(micro))
-                            .map_err(|e| malformed(0, step, format!("its gradient: {e}")))?;
-                        if first.pending_micros() == micros {
-                            first.apply();
-                        }
-                    }
-                    w.on_done(step)?;
-                }
-                Await::Opening { .. } => {
-                    let Some(mut p) = prefetch.take() else {
-                        return Err(DesignerError::UnexpectedReply {
-                            expected,
-                            got: kind,
-                        });
-                    };
-                    match self.ex.on_transfer_reply(&mut p.transfer, kind, &body) {
-                        Ok(()) if p.transfer.complete() => {
-                            self.audit_prefetched(p, batches, base, true)?;
-                        }
-                        Ok(()) => prefetch = Some(p),
-                        Err(e) if route_fault(&e) => {
-                            // Left to the audits between steps, which
-                            // fetch each opening on its own and so pin a
-                            // failure to its hop.
-                            self.ex.forget(|a| p.transfer.what().answered_by(a));
-                            prefetching = false;
-                        }
-                        Err(e) => return Err(e),
+                Command::Send { index, step } => {
+                    for (m, c) in self
+                        .send_step(&batches[index], step)?
+                        .into_iter()
+                        .enumerate()
+                    {
+                        first_caches.insert((step, m as u16), c);
                     }
                 }
-                got => return Err(DesignerError::UnexpectedReply { expected, got }),
-            }
-            while let Some((i, loss)) = w.pop_completed() {
-                losses.push(loss);
-                self.audits.step_done(base + i as u64, &self.layout);
-                on_step(i, loss);
-            }
-            if prefetching && prefetch.is_none() {
-                prefetch = self.start_prefetch()?;
+                Command::Wait { expected, step } => {
+                    let (kind, body) = self.ex.wait(expected, step)?;
+                    let body = self.audits.take(kind, body, self.layout.len())?;
+                    match core.on_reply(kind)? {
+                        Reply::Output {
+                            step,
+                            micro,
+                            index,
+                            micros,
+                        } => {
+                            let rows = core.window().rows(index, micro);
+                            let loss =
+                                self.on_output(&batches[index], rows, micros, step, micro, &body)?;
+                            core.on_loss(step, micro, loss)?;
+                        }
+                        Reply::Done {
+                            step,
+                            micro,
+                            micros,
+                        } => {
+                            if let Some(first) = self.kept.first.as_mut() {
+                                let c = first_caches
+                                    .remove(&(step, micro))
+                                    .ok_or(BadReply::MicroBatch { step, micro })?;
+                                first
+                                    .backward_micro_bytes(c, Some(&body), false, u32::from(micro))
+                                    .map_err(|e| {
+                                        malformed(0, step, format!("its gradient: {e}"))
+                                    })?;
+                                if first.pending_micros() == micros {
+                                    first.apply();
+                                }
+                            }
+                            core.on_done(step)?;
+                        }
+                        Reply::Opening => {
+                            let Some(mut p) = prefetch.take() else {
+                                return Err(DesignerError::UnexpectedReply {
+                                    expected,
+                                    got: kind,
+                                });
+                            };
+                            let progress =
+                                match self.ex.on_transfer_reply(&mut p.transfer, kind, &body) {
+                                    Ok(()) if p.transfer.complete() => {
+                                        self.audit_prefetched(p, batches, base, true)?;
+                                        PrefetchProgress::Complete
+                                    }
+                                    Ok(()) => {
+                                        prefetch = Some(p);
+                                        PrefetchProgress::Pending
+                                    }
+                                    Err(e) if route_fault(&e) => {
+                                        // Left to the audits between steps,
+                                        // which fetch each opening on its
+                                        // own and so pin a failure to its hop.
+                                        self.ex.forget(|a| p.transfer.what().answered_by(a));
+                                        PrefetchProgress::Failed
+                                    }
+                                    Err(e) => return Err(e),
+                                };
+                            core.on_prefetch(progress);
+                        }
+                    }
+                }
+                Command::Completed { index, step, loss } => {
+                    losses.push(loss);
+                    self.audits.step_done(step, &self.layout);
+                    on_step(index, loss);
+                }
+                Command::StartPrefetch { step } => {
+                    prefetch = Some(self.start_prefetch(step)?);
+                    core.prefetch_started(step);
+                }
+                Command::Reached { step } => self.step = step,
+                Command::Finished => return Ok(()),
             }
         }
-        self.step = base + batches.len() as u64;
-        self.finish_prefetch(&mut prefetch, batches, base, self.step)?;
-        if self.audits.queued() {
-            self.run_audits(batches, base)?;
-        }
-        if saver.policy.enabled() {
-            self.checkpoint(saver, losses)?;
-        }
-        Ok(())
     }
 
     /// The loss of micro-batch `micro` of `step` from its output `body`:
@@ -395,26 +412,23 @@ impl Session {
     /// sends the backward).
     fn on_output(
         &mut self,
-        w: &Window,
-        batches: &[Batch],
+        batch: &Batch,
+        rows: Option<std::ops::Range<usize>>,
+        micros: usize,
         step: u64,
         micro: u16,
         body: &[u8],
     ) -> Result<f32, DesignerError> {
-        let i = w.position(step)?;
-        let micros = w.micros(i);
         // Only the last hop delivers outputs: one that does not parse is
         // its doing.
         let end = self.layout.len().saturating_sub(1);
         let loss = match self.kept.last.as_mut() {
             Some(last) => {
-                let rows = w
-                    .rows(i, micro)
-                    .ok_or(BadReply::MicroBatch { step, micro })?;
-                let labels = batches[i].slice(rows).labels;
+                let rows = rows.ok_or(BadReply::MicroBatch { step, micro })?;
+                let labels = batch.slice(rows).labels;
                 let place = mixnn_model::stage::Micro {
                     index: u32::from(micro),
-                    batch_rows: batches[i].rows,
+                    batch_rows: batch.rows,
                 };
                 let (l, c) = last
                     .forward_step_bytes(body, Some(&labels), place)
@@ -709,18 +723,15 @@ impl Session {
         asks
     }
 
-    /// Starts fetching the openings of the oldest step with audits
-    /// waiting, while later steps run (nothing waiting: `None`).
-    fn start_prefetch(&mut self) -> Result<Option<Prefetch>, DesignerError> {
-        let Some(step) = self.audits.oldest_queued() else {
-            return Ok(None);
-        };
+    /// Starts fetching the openings of `step`, the oldest with audits
+    /// waiting, while later steps run.
+    fn start_prefetch(&mut self, step: u64) -> Result<Prefetch, DesignerError> {
         let asks = self.asks(step, &self.audits.queued_at(step));
         let max: Vec<usize> = asks.iter().map(|&k| self.opening_bound(k)).collect();
         let transfer = self
             .ex
             .start_transfer(&asks, &max, Fetch::Opening { step })?;
-        Ok(Some(Prefetch { step, transfer }))
+        Ok(Prefetch { step, transfer })
     }
 
     /// Waits for the rest of `prefetch` (no step in flight) and runs its
@@ -862,6 +873,35 @@ impl Session {
 struct Prefetch {
     step: u64,
     transfer: Transfer,
+}
+
+/// The checkpoint policy and the audit queue, as the core asks them.
+struct SessionGates<'a> {
+    policy: &'a Checkpoints,
+    audits: &'a Audits,
+    window: usize,
+}
+
+impl Gates for SessionGates<'_> {
+    fn checkpoint_wanted(&self, step: u64) -> bool {
+        self.policy.wanted(step)
+    }
+
+    fn checkpoints_on(&self) -> bool {
+        self.policy.enabled()
+    }
+
+    fn audit_due(&self, step: u64) -> bool {
+        self.audits.due(step, self.window)
+    }
+
+    fn audits_queued(&self) -> bool {
+        self.audits.queued()
+    }
+
+    fn oldest_audit(&self) -> Option<u64> {
+        self.audits.oldest_queued()
+    }
 }
 
 /// A misbehaviour of hop `hop` at `step`: what it delivered does not

@@ -11,6 +11,7 @@
 //! | [`route`] | every onion: which hops a message visits and what each is told |
 //! | [`pending`] | which reply answers what |
 //! | [`window`] | which steps are in flight, complete, and their losses |
+//! | [`steps`] | the training loop of a call: what to send, await, audit, checkpoint, report, in which order |
 //! | [`transfer`] | chunked fetches, openings and loads |
 //! | [`loops`] | when loops are due, and when one is lost |
 //! | [`audit`] | which steps and test batches to audit, the test-phase check |
@@ -26,5 +27,6 @@ pub mod opening;
 pub mod pending;
 pub mod recovery;
 pub mod route;
+pub mod steps;
 pub mod transfer;
 pub mod window;
