@@ -16,6 +16,8 @@ use crate::reply::{ReplyKey, Sealed};
 use crate::trailer::{self, Pass, SlotContext, TrailerKeys};
 use crate::{decode_params, decode_state, encode_params, encode_state, ParamChunk};
 use crate::{InitNote, SessionNote};
+use mixnn_model::spec::{OpSpec, Shape, StageSpec};
+use mixnn_model::stage::{NamedParam, StageState};
 
 /// The ops a session note is decoded for.
 pub const SESSION_OPS: [Op; 8] = [
@@ -77,6 +79,53 @@ pub fn opening(data: &[u8]) {
         );
         let _ = o.check_test(&slot);
     }
+}
+
+/// One observation of each kind, valid (the seeds of [`observation`]'s
+/// mutations, and the samples of `observed`'s own tests).
+pub fn observation_samples() -> Vec<Observation> {
+    vec![
+        Observation::Stage {
+            spec: StageSpec {
+                input: Shape::flat(4),
+                ops: vec![OpSpec::Linear {
+                    input: 4,
+                    output: 3,
+                }],
+            },
+            first: true,
+            last: false,
+        },
+        Observation::Forward {
+            step: 7,
+            micro: 1,
+            at_us: 1_700_000_000_000_000,
+            labels: vec![3, 1, 4],
+            input: vec![1, 2, 3],
+            output: vec![9; 40],
+        },
+        Observation::Backward {
+            step: 7,
+            micro: 0,
+            at_us: 5,
+            grad: Vec::new(),
+            input_grad: vec![6; 12],
+        },
+        Observation::Test {
+            step: 9,
+            at_us: 6,
+            input: vec![0],
+            output: vec![1, 1],
+        },
+        Observation::Final(StageState {
+            steps: 9,
+            tensors: vec![NamedParam {
+                name: "0.weight".into(),
+                shape: vec![2],
+                values: vec![0.5, -1.0],
+            }],
+        }),
+    ]
 }
 
 /// `Observation::decode` and `observed::split_records` (a curious hop's

@@ -326,16 +326,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const OPS: [Op; 8] = [
-        Op::Forward,
-        Op::Backward,
-        Op::Test,
-        Op::Loop,
-        Op::Fetch,
-        Op::Load,
-        Op::Audit,
-        Op::Close,
-    ];
+    use crate::fuzzing::SESSION_OPS as OPS;
 
     #[test]
     fn a_micro_batch_outside_its_step_is_refused() {

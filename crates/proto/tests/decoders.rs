@@ -121,36 +121,7 @@ fn opening_samples() -> Vec<Vec<u8>> {
 }
 
 fn observations() -> Vec<Observation> {
-    let model = ModelSpec::parse(include_str!("../../../models/paper-mlp.toml"), "m").unwrap();
-    vec![
-        Observation::Stage {
-            spec: model.stages[0].clone(),
-            first: true,
-            last: false,
-        },
-        Observation::Forward {
-            step: 7,
-            micro: 1,
-            at_us: 1_700_000_000_000_000,
-            labels: vec![3, 1, 4],
-            input: vec![1, 2, 3],
-            output: vec![9; 40],
-        },
-        Observation::Backward {
-            step: 7,
-            micro: 0,
-            at_us: 5,
-            grad: Vec::new(),
-            input_grad: vec![6; 12],
-        },
-        Observation::Test {
-            step: 9,
-            at_us: 6,
-            input: vec![0],
-            output: vec![1, 1],
-        },
-        Observation::Final(state()),
-    ]
+    fuzzing::observation_samples()
 }
 
 /// A record file of two observations: `len u32 LE ‖ record` each.

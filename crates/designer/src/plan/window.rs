@@ -170,21 +170,26 @@ impl Window {
     }
 }
 
+/// `n` batches of `rows` four-pixel images, for the tests of the
+/// training loop's plan.
+#[cfg(test)]
+pub(crate) fn test_batches(n: usize, rows: usize) -> Vec<Batch> {
+    (0..n)
+        .map(|_| Batch {
+            pixels: vec![0; rows * 4],
+            labels: vec![0; rows],
+            rows,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
 
-    fn batches(n: usize, rows: usize) -> Vec<Batch> {
-        (0..n)
-            .map(|_| Batch {
-                pixels: vec![0; rows * 4],
-                labels: vec![0; rows],
-                rows,
-            })
-            .collect()
-    }
+    use crate::plan::window::test_batches as batches;
 
     #[test]
     fn steps_complete_in_order_whatever_the_reply_order() {

@@ -4,15 +4,7 @@ use std::collections::{BTreeSet, VecDeque};
 
 use super::*;
 
-fn batches(n: usize, rows: usize) -> Vec<Batch> {
-    (0..n)
-        .map(|_| Batch {
-            pixels: vec![0; rows * 4],
-            labels: vec![0; rows],
-            rows,
-        })
-        .collect()
-}
+use crate::plan::window::test_batches as batches;
 
 /// The checkpoint policy and the audit queue, as plain data a test sets.
 #[derive(Default)]
