@@ -175,14 +175,14 @@ fn hops() -> [TrailerKeys; 3] {
     ]
 }
 
-/// The slot every hop of [`trailer`] states.
+/// The slot every hop of [`trailer()`] states.
 const SLOT: trailer::Slot = trailer::Slot {
     digest: [4; 32],
     input: [5; 32],
     output: [6; 32],
 };
 
-/// What selector byte `sel` of [`trailer`] picks: the message's context and
+/// What selector byte `sel` of [`trailer()`] picks: the message's context and
 /// how many of the three hops it visited.
 fn trailer_case(sel: u8) -> (SlotContext, usize) {
     let pass = [Pass::Forward, Pass::Backward, Pass::Test][usize::from(sel % 3)];
@@ -213,7 +213,7 @@ fn honest_trailer(sel: u8) -> (Vec<u8>, Vec<u8>) {
     (sent, t)
 }
 
-/// A valid input of [`trailer`]: selector `sel` and the honest trailer.
+/// A valid input of [`trailer()`]: selector `sel` and the honest trailer.
 pub fn trailer_sample(sel: u8) -> Vec<u8> {
     [&[sel][..], &honest_trailer(sel).1].concat()
 }

@@ -3,7 +3,7 @@
 //! fetched while steps run) and returns commands (send a step, wait, run
 //! the audits or take a checkpoint with nothing in flight, report a
 //! completed step), and owns no socket, clock or stage. The session
-//! ([`crate::session`]) carries the commands out: it sends the onions,
+//! (`crate::session`) carries the commands out: it sends the onions,
 //! waits on the exchange, runs the kept stages and the audits.
 //!
 //! The order it gives them in, per call:
