@@ -96,11 +96,12 @@ pub struct NodeArgs {
     #[arg(long, default_value_t = 64, value_name = "MIB")]
     pub max_forward_mib: u64,
     /// Most MiB one session may hold (forward caches, parked messages,
-    /// gradients waiting for their update).
-    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    /// gradients waiting for their update, the openings of its last 16
+    /// steps when audited).
+    #[arg(long, default_value_t = 1024, value_name = "MIB")]
     pub max_session_mib: u64,
     /// Most MiB all sessions together may hold.
-    #[arg(long, default_value_t = 1024, value_name = "MIB")]
+    #[arg(long, default_value_t = 2048, value_name = "MIB")]
     pub max_node_mib: u64,
     /// Seconds an init may have been issued before (or after) this node's
     /// clock; accepted inits are remembered (in the state directory) for as

@@ -42,8 +42,9 @@ pub struct Limits {
     /// Bytes of activations one message may make a stage compute: its
     /// input and every op's output, as `f32`.
     pub max_forward_bytes: u64,
-    /// Bytes one session may hold: forward caches, parked messages and
-    /// the gradients of micro-batches waiting for their update.
+    /// Bytes one session may hold: forward caches, parked messages, the
+    /// gradients of micro-batches waiting for their update and, audited,
+    /// the openings of its last [`mixnn_proto::audit::KEPT`] steps.
     pub max_session_bytes: u64,
     /// The same over all sessions.
     pub max_node_bytes: u64,
@@ -90,8 +91,11 @@ impl Default for Limits {
             max_stage_params: 16 << 20,
             max_node_params: 128 << 20,
             max_forward_bytes: 64 * MIB,
-            max_session_bytes: 256 * MIB,
-            max_node_bytes: 1024 * MIB,
+            // An audited VGG-size session (batch 64, 6.4 MB activations)
+            // keeps 16 steps of openings: about 300 MiB at a hop that
+            // takes a stage's pooling (256 MiB stalled it at step 16).
+            max_session_bytes: 1024 * MIB,
+            max_node_bytes: 2048 * MIB,
             init_window: Duration::from_secs(600),
             init_replay_capacity: DEFAULT_INIT_REPLAY_CAPACITY,
             max_memory: 3072 * MIB,
@@ -218,5 +222,63 @@ mod tests {
             forward_bytes(&conv, &[2, 1, 28, 28]),
             4 * (2 * 784 + 2 * 8 * 784 + 9 * 784)
         );
+    }
+
+    /// What an audited session of `spec` holds at most, by the node's own
+    /// counts, with messages of `rows` rows: the openings of the last
+    /// [`mixnn_proto::audit::KEPT`] steps (input, output and both
+    /// gradients each) and the forward caches of the designer's default
+    /// window of 4 steps in flight.
+    fn audited_session_bytes(spec: &StageSpec, rows: usize) -> u64 {
+        let input = f32_message_len(&spec.input.batched(rows));
+        let output = answer_bytes(spec, &spec.input.batched(rows), false);
+        let kept = mixnn_proto::audit::KEPT as u64;
+        let openings = kept * 2 * (input + output);
+        let caches = 4 * forward_bytes(spec, &spec.input.batched(rows));
+        openings + caches
+    }
+
+    /// The default limits admit an audited session of every stage of the
+    /// shipped models at batch 64, and of both halves of every split a
+    /// dummy can make (a dummy takes the last op of the stage before it).
+    /// With 256 MiB a session, the VGG cascade's dummy after stage 1
+    /// (taking its pooling: 6.4 MB inputs) was refused at step 16 and the
+    /// run stalled.
+    #[test]
+    fn default_limits_admit_audited_sessions_of_the_shipped_models() {
+        let limits = Limits::default();
+        for (name, text) in [
+            ("paper-mlp", include_str!("../../../models/paper-mlp.toml")),
+            (
+                "vgg-fmnist",
+                include_str!("../../../models/vgg-fmnist.toml"),
+            ),
+        ] {
+            let model = mixnn_model::spec::ModelSpec::parse(text, name).unwrap();
+            let mut stages = Vec::new();
+            for stage in &model.stages {
+                stages.push(stage.clone());
+                if stage.ops.len() >= 2 {
+                    let mut kept = stage.clone();
+                    let last = kept.ops.pop().unwrap();
+                    stages.push(StageSpec {
+                        input: kept.output(),
+                        ops: vec![last],
+                    });
+                    stages.push(kept);
+                }
+            }
+            for spec in &stages {
+                let need = audited_session_bytes(spec, 64);
+                assert!(
+                    need <= limits.max_session_bytes,
+                    "{name}: a stage of {:?} holds up to {} MiB audited, above the default {} MiB",
+                    spec.ops,
+                    need >> 20,
+                    limits.max_session_bytes >> 20
+                );
+                assert!(need <= limits.max_node_bytes);
+            }
+        }
     }
 }
