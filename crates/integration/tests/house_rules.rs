@@ -1,6 +1,6 @@
 //! House rules that a reviewer would otherwise check by hand: no Rust
 //! source file of the workspace over 600 lines unless its module doc says
-//! why ("Over 600 lines: …"), as `../shared/STYLE.md` and issue 29 ask.
+//! why ("Over 600 lines: …"), as the house style and issue 29 ask.
 
 use std::path::{Path, PathBuf};
 
