@@ -6,15 +6,15 @@
 //! (Over 600 lines: it is the one layer that holds a session's mutable
 //! state — step, tags, kept stages, audits — and every operation on it;
 //! the decisions it takes are in the pure `plan` modules, the messaging in
-//! `exchange`. The step loop is the part to move into a core of the
-//! node's kind: events in, commands out.)
+//! `exchange`; the order of a call's training loop is the step core's,
+//! `plan::steps`.)
 //!
 //! Per step the session sends two onions per micro-batch: a forward
 //! through the hops in order (the last delivers the loss to the designer)
 //! and a backward in reverse order (the first hop tells the designer the
 //! step is done), the backward sent to the last hop right away, so the
 //! loss stage starts backward as soon as its forward is done. It keeps up
-//! to `window` steps in flight ([`Window`]): hops act on a step only after
+//! to `window` steps in flight (`plan::steps`, `plan::window`): hops act on a step only after
 //! applying the one before, so pipelining changes timing, never results.
 //! Audit openings of a completed step are fetched while later steps are
 //! in flight (a [`Prefetch`]: their chunks answer the same wait as the
