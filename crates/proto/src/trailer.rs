@@ -208,13 +208,7 @@ impl TrailerKeys {
         h.update(&ctx.bytes());
         let mut reader = h.finalize_xof();
         reader.set_position(at as u64);
-        let mut block = [0u8; 64];
-        for chunk in bytes.chunks_mut(64) {
-            reader.fill(&mut block[..chunk.len()]);
-            for (b, k) in chunk.iter_mut().zip(&block) {
-                *b ^= k;
-            }
-        }
+        crate::reply::xor_xof(&mut reader, bytes);
     }
 
     /// XORs this hop's keystream for `ctx` into `bytes` (from its start).
