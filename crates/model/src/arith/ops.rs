@@ -70,8 +70,35 @@ pub fn sum_rows(m: &Matrix) -> Vec<f32> {
 /// `relu(x) = x if x > 0 or x is NaN, else +0`.
 pub fn relu_forward(x: Matrix) -> Matrix {
     let mut y = x;
-    y.map_in_place(|v| if v > 0.0 || v.is_nan() { v } else { 0.0 });
+    for_blocks(y.as_mut_slice(), ELEMENTWISE_BLOCK, |block, _| {
+        for v in block {
+            *v = if *v > 0.0 || v.is_nan() { *v } else { 0.0 };
+        }
+    });
     y
+}
+
+/// Elements per task when an elementwise op shares its work between the
+/// kernel threads (a multiple of 64: a task owns whole mask words).
+const ELEMENTWISE_BLOCK: usize = 1 << 15;
+
+/// Runs `f(block, index)` over `data` in blocks of `len` items (the last
+/// one shorter), on the kernel threads when there is enough work.
+/// Elementwise ops only: every output is computed alone, so how the
+/// blocks are shared out changes no bit.
+fn for_blocks<T: Send>(data: &mut [T], len: usize, f: impl Fn(&mut [T], usize) + Sync + Send) {
+    use rayon::prelude::*;
+    if data.len() > len && super::threads::count() > 1 {
+        super::threads::install(|| {
+            data.par_chunks_mut(len)
+                .enumerate()
+                .for_each(|(i, b)| f(b, i))
+        });
+    } else {
+        for (i, b) in data.chunks_mut(len).enumerate() {
+            f(b, i);
+        }
+    }
 }
 
 /// Which values of a relu's output are `> 0`, one bit each (what its
@@ -79,23 +106,46 @@ pub fn relu_forward(x: Matrix) -> Matrix {
 pub fn relu_mask(y: &Matrix) -> Vec<u64> {
     let v = y.as_slice();
     let mut mask = vec![0u64; v.len().div_ceil(64)];
-    for (word, chunk) in mask.iter_mut().zip(v.chunks(64)) {
-        for (bit, x) in chunk.iter().enumerate() {
-            *word |= u64::from(*x > 0.0) << bit;
+    for_blocks(&mut mask, ELEMENTWISE_BLOCK / 64, |block, i| {
+        let values = &v[i * ELEMENTWISE_BLOCK..v.len().min((i + 1) * ELEMENTWISE_BLOCK)];
+        for (word, chunk) in block.iter_mut().zip(values.chunks(64)) {
+            *word = mask_word(chunk);
         }
-    }
+    });
     mask
+}
+
+/// Bit `k` of the word: `chunk[k] > 0` (at most 64 values), built a byte
+/// at a time so that the compiler turns each byte into one vector compare.
+#[inline]
+fn mask_word(chunk: &[f32]) -> u64 {
+    let mut word = 0u64;
+    for (k, eight) in chunk.chunks(8).enumerate() {
+        let mut byte = 0u64;
+        for (bit, x) in eight.iter().enumerate() {
+            byte |= u64::from(*x > 0.0) << bit;
+        }
+        word |= byte << (8 * k);
+    }
+    word
 }
 
 /// `dX = dY where the mask's bit is set, else +0` ([`relu_mask`]; the
 /// same as [`relu_backward`] with the output the mask was taken from).
 pub fn relu_backward_masked(mask: &[u64], dy: Matrix) -> Matrix {
     let mut dx = dy;
-    for (chunk, word) in dx.as_mut_slice().chunks_mut(64).zip(mask) {
-        for (bit, g) in chunk.iter_mut().enumerate() {
-            *g = if (word >> bit) & 1 == 1 { *g } else { 0.0 };
+    let words = ELEMENTWISE_BLOCK / 64;
+    for_blocks(dx.as_mut_slice(), ELEMENTWISE_BLOCK, |block, i| {
+        let bits = mask.get(i * words..).unwrap_or_default();
+        for (chunk, word) in block.chunks_mut(64).zip(bits) {
+            for (bit, g) in chunk.iter_mut().enumerate() {
+                // All ones where the bit is set (`g` kept, bit for bit,
+                // NaNs included), else all zeros (+0): no branch.
+                let keep = 0u32.wrapping_sub(((word >> bit) & 1) as u32);
+                *g = f32::from_bits(g.to_bits() & keep);
+            }
         }
-    }
+    });
     dx
 }
 
@@ -259,6 +309,78 @@ pub fn sgd_step(p: &mut [f32], velocity: &mut Option<Vec<f32>>, g: Vec<f32>, lr:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The relu ops against their one-loop definitions, on lengths around
+    /// the block and word sizes, with NaNs and signed zeros, on one and on
+    /// three threads: the same bits.
+    #[test]
+    fn relu_ops_match_their_definitions_on_any_thread_count() {
+        let special = [
+            f32::NAN,
+            -0.0,
+            0.0,
+            -1.5,
+            2.5,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e-40,
+        ];
+        for len in [
+            1usize,
+            63,
+            64,
+            65,
+            1000,
+            ELEMENTWISE_BLOCK,
+            ELEMENTWISE_BLOCK + 65,
+            3 * ELEMENTWISE_BLOCK + 7,
+        ] {
+            let x: Vec<f32> = (0..len)
+                .map(|i| {
+                    if i % 17 == 0 {
+                        special[(i / 17) % special.len()]
+                    } else {
+                        ((i * 7919) % 2001) as f32 / 1000.0 - 1.0
+                    }
+                })
+                .collect();
+            let dy: Vec<f32> = (0..len).map(|i| (i % 13) as f32 - 6.5).collect();
+            let want_y: Vec<u32> = x
+                .iter()
+                .map(|v| if *v > 0.0 || v.is_nan() { *v } else { 0.0 }.to_bits())
+                .collect();
+            let mut want_mask = vec![0u64; len.div_ceil(64)];
+            for (i, v) in want_y.iter().enumerate() {
+                want_mask[i / 64] |= u64::from(f32::from_bits(*v) > 0.0) << (i % 64);
+            }
+            let want_dx: Vec<u32> = dy
+                .iter()
+                .enumerate()
+                .map(|(i, g)| {
+                    let on = (want_mask[i / 64] >> (i % 64)) & 1 == 1;
+                    if on { *g } else { 0.0 }.to_bits()
+                })
+                .collect();
+            for threads in [1, 3] {
+                let (y, mask, dx) = crate::arith::threads::with_count(threads, || {
+                    let y = relu_forward(Matrix::new(1, len, x.clone()).unwrap());
+                    let mask = relu_mask(&y);
+                    let dx = relu_backward_masked(&mask, Matrix::new(1, len, dy.clone()).unwrap());
+                    (y, mask, dx)
+                })
+                .unwrap();
+                let bits =
+                    |m: &Matrix| m.as_slice().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y), want_y, "forward, {len} values, {threads} threads");
+                assert_eq!(mask, want_mask, "mask, {len} values, {threads} threads");
+                assert_eq!(
+                    bits(&dx),
+                    want_dx,
+                    "backward, {len} values, {threads} threads"
+                );
+            }
+        }
+    }
 
     #[test]
     fn log_softmax_rows_sum_to_one_and_survive_large_inputs() {
