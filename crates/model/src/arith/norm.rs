@@ -69,6 +69,33 @@ fn per_plane(
     }
 }
 
+/// [`per_plane`] writing two outputs of the same shape in one pass:
+/// `f(plane, channel, a, b)`.
+fn per_plane2(
+    a: &mut [f32],
+    b: &mut [f32],
+    c: usize,
+    hw: usize,
+    f: impl Fn(usize, usize, &mut [f32], &mut [f32]) + Sync + Send,
+) {
+    if hw == 0 || c == 0 {
+        return;
+    }
+    if a.len() >= 1 << 16 && threads::count() > 1 {
+        threads::install(|| {
+            a.par_chunks_mut(hw)
+                .zip(b.par_chunks_mut(hw))
+                .enumerate()
+                .for_each(|(i, (x, y))| f(i, i % c, x, y))
+        });
+    } else {
+        a.chunks_mut(hw)
+            .zip(b.chunks_mut(hw))
+            .enumerate()
+            .for_each(|(i, (x, y))| f(i, i % c, x, y));
+    }
+}
+
 /// Channels summed side by side: each channel's sum is one sequential
 /// reduction, but the [`BLOCK`] of a block are independent, so one loop
 /// keeps them all going (a single sum waits on each addition).
@@ -98,6 +125,28 @@ fn block_sums(
         }
     }
     acc
+}
+
+/// `(Σ g, Σ g ⊗ h)` for each channel of the block starting at `ch0`, in
+/// one pass over `g` and `h` (the backward's `dβ` and `dγ`): each sum
+/// takes its terms in the order [`block_sums`] does, so the bits are those
+/// of two separate passes.
+fn block_sums_pair(g: &[f32], h: &[f32], c: usize, hw: usize, ch0: usize) -> [[f32; 2]; BLOCK] {
+    let mut plain = [0.0f32; BLOCK];
+    let mut product = [0.0f32; BLOCK];
+    let n = g.len().checked_div(c * hw).unwrap_or(0);
+    let chs: [usize; BLOCK] = std::array::from_fn(|b| (ch0 + b).min(c.saturating_sub(1)));
+    for img in 0..n {
+        let starts: [usize; BLOCK] = std::array::from_fn(|b| (img * c + chs[b]) * hw);
+        for j in 0..hw {
+            for b in 0..BLOCK {
+                let at = starts[b] + j;
+                plain[b] += g[at];
+                product[b] += g[at] * h[at];
+            }
+        }
+    }
+    std::array::from_fn(|b| [plain[b], product[b]])
 }
 
 /// [`block_sums`] over every channel, in blocks, on the kernel threads
@@ -141,18 +190,20 @@ pub fn forward_train(
         .collect();
     let var_unbiased: Vec<f32> = squares.iter().map(|s| *s / mf1).collect();
     let mut xhat = Matrix::zeros(x.rows(), x.cols());
-    per_plane(xhat.as_mut_slice(), c, hw, |i, ch, out| {
-        for (o, v) in out.iter_mut().zip(&data[i * hw..(i + 1) * hw]) {
-            *o = (*v - mean[ch]) * inv[ch];
-        }
-    });
     let mut y = Matrix::zeros(x.rows(), x.cols());
-    let xh = xhat.as_slice();
-    per_plane(y.as_mut_slice(), c, hw, |i, ch, out| {
-        for (o, v) in out.iter_mut().zip(&xh[i * hw..(i + 1) * hw]) {
-            *o = *v * gamma[ch] + beta[ch];
-        }
-    });
+    per_plane2(
+        xhat.as_mut_slice(),
+        y.as_mut_slice(),
+        c,
+        hw,
+        |i, ch, xh, out| {
+            let src = &data[i * hw..(i + 1) * hw];
+            for ((h, o), v) in xh.iter_mut().zip(out.iter_mut()).zip(src) {
+                *h = (*v - mean[ch]) * inv[ch];
+                *o = *h * gamma[ch] + beta[ch];
+            }
+        },
+    );
     BnForward {
         y,
         xhat,
@@ -201,8 +252,15 @@ pub fn backward(
 ) -> (Option<Matrix>, Vec<f32>, Vec<f32>) {
     let m = (dy.rows() * hw) as f32;
     let (g, xh) = (dy.as_slice(), xhat.as_slice());
-    let dbeta = channel_sums(g, c, hw, |v, _, _| v);
-    let dgamma = channel_sums(g, c, hw, |v, at, _| v * xh[at]);
+    let pairs: Vec<[f32; 2]> = per_channel(c.div_ceil(BLOCK), g.len(), |bi| {
+        block_sums_pair(g, xh, c, hw, bi * BLOCK)
+    })
+    .into_iter()
+    .flatten()
+    .take(c)
+    .collect();
+    let dbeta: Vec<f32> = pairs.iter().map(|p| p[0]).collect();
+    let dgamma: Vec<f32> = pairs.iter().map(|p| p[1]).collect();
     let dx = need_dx.then(|| {
         let a: Vec<f32> = dbeta.iter().map(|v| *v / m).collect();
         let b: Vec<f32> = dgamma.iter().map(|v| *v / m).collect();
