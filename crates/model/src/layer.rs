@@ -401,7 +401,7 @@ fn forward_one(layer: &Layer, h: Matrix, ctx: &Ctx<'_>) -> Result<(Matrix, Saved
                         actual: format!("{} rows of {hw} values per channel", h.rows()),
                     });
                 }
-                let f = norm::forward_train(&h, *c, *hw, &gamma.value, &beta.value, *eps);
+                let f = norm::forward_train(h, *c, *hw, &gamma.value, &beta.value, *eps);
                 (
                     f.y,
                     Saved::Bn {
@@ -413,7 +413,7 @@ fn forward_one(layer: &Layer, h: Matrix, ctx: &Ctx<'_>) -> Result<(Matrix, Saved
                 )
             } else {
                 let y = norm::forward_eval(
-                    &h,
+                    h,
                     *c,
                     *hw,
                     &gamma.value,
@@ -611,7 +611,7 @@ fn backward_one(
         ) => {
             let dy = need(g)?;
             let (dx, dgamma, dbeta) =
-                norm::backward(&dy, &xhat, &inv, &gamma.value, *c, *hw, need_dx);
+                norm::backward(dy, &xhat, &inv, &gamma.value, *c, *hw, need_dx);
             grads.push(Grad::Param(gamma.id, dgamma));
             grads.push(Grad::Param(beta.id, dbeta));
             grads.push(Grad::Stats(layer.id, mean, var_unbiased));

@@ -166,7 +166,7 @@ fn channel_sums(
 /// The training forward, with batch statistics. `m = rows·hw` must be at
 /// least 2 (the caller checks: PyTorch refuses one value per channel too).
 pub fn forward_train(
-    x: &Matrix,
+    x: Matrix,
     c: usize,
     hw: usize,
     gamma: &[f32],
@@ -189,18 +189,19 @@ pub fn forward_train(
         .map(|s| 1.0 / (*s / mf + eps).sqrt())
         .collect();
     let var_unbiased: Vec<f32> = squares.iter().map(|s| *s / mf1).collect();
+    // Y takes X's buffer (X is not needed after this op): one buffer
+    // fewer to allocate and clear.
     let mut xhat = Matrix::zeros(x.rows(), x.cols());
-    let mut y = Matrix::zeros(x.rows(), x.cols());
+    let mut y = x;
     per_plane2(
         xhat.as_mut_slice(),
         y.as_mut_slice(),
         c,
         hw,
-        |i, ch, xh, out| {
-            let src = &data[i * hw..(i + 1) * hw];
-            for ((h, o), v) in xh.iter_mut().zip(out.iter_mut()).zip(src) {
+        |_, ch, xh, out| {
+            for (h, v) in xh.iter_mut().zip(out.iter_mut()) {
                 *h = (*v - mean[ch]) * inv[ch];
-                *o = *h * gamma[ch] + beta[ch];
+                *v = *h * gamma[ch] + beta[ch];
             }
         },
     );
@@ -216,7 +217,7 @@ pub fn forward_train(
 /// The evaluation forward, with the running statistics.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_eval(
-    x: &Matrix,
+    x: Matrix,
     c: usize,
     hw: usize,
     gamma: &[f32],
@@ -229,11 +230,10 @@ pub fn forward_eval(
         .iter()
         .map(|v| 1.0 / (*v + eps).sqrt())
         .collect();
-    let data = x.as_slice();
-    let mut y = Matrix::zeros(x.rows(), x.cols());
-    per_plane(y.as_mut_slice(), c, hw, |i, ch, out| {
-        for (o, v) in out.iter_mut().zip(&data[i * hw..(i + 1) * hw]) {
-            *o = ((*v - running_mean[ch]) * inv[ch]) * gamma[ch] + beta[ch];
+    let mut y = x;
+    per_plane(y.as_mut_slice(), c, hw, |_, ch, out| {
+        for v in out.iter_mut() {
+            *v = ((*v - running_mean[ch]) * inv[ch]) * gamma[ch] + beta[ch];
         }
     });
     y
@@ -242,7 +242,7 @@ pub fn forward_eval(
 /// The backward: `(dX if need_dx, dγ, dβ)`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
-    dy: &Matrix,
+    dy: Matrix,
     xhat: &Matrix,
     inv: &[f32],
     gamma: &[f32],
@@ -265,11 +265,11 @@ pub fn backward(
         let a: Vec<f32> = dbeta.iter().map(|v| *v / m).collect();
         let b: Vec<f32> = dgamma.iter().map(|v| *v / m).collect();
         let k: Vec<f32> = gamma.iter().zip(inv).map(|(g, i)| *g * *i).collect();
-        let mut dx = Matrix::zeros(dy.rows(), dy.cols());
+        // dX takes dY's buffer (the sums above were its last readers).
+        let mut dx = dy;
         per_plane(dx.as_mut_slice(), c, hw, |i, ch, out| {
-            let range = i * hw..(i + 1) * hw;
-            for ((o, gv), xv) in out.iter_mut().zip(&g[range.clone()]).zip(&xh[range]) {
-                *o = ((*gv - a[ch]) - *xv * b[ch]) * k[ch];
+            for (gv, xv) in out.iter_mut().zip(&xh[i * hw..(i + 1) * hw]) {
+                *gv = ((*gv - a[ch]) - *xv * b[ch]) * k[ch];
             }
         });
         dx
@@ -293,7 +293,7 @@ mod tests {
     fn batch_statistics_normalise_each_channel() {
         // Two images, two channels of 2 values.
         let x = Matrix::new(2, 4, vec![1.0, 3.0, 10.0, 10.0, 5.0, 7.0, 20.0, 30.0]).unwrap();
-        let f = forward_train(&x, 2, 2, &[1.0, 2.0], &[0.0, 1.0], 0.0);
+        let f = forward_train(x, 2, 2, &[1.0, 2.0], &[0.0, 1.0], 0.0);
         assert_eq!(f.mean, vec![4.0, 17.5]);
         // channel 0: values 1 3 5 7, var 5, unbiased 20/3.
         assert_eq!(f.var_unbiased[0], 20.0 / 3.0);
