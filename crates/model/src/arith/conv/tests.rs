@@ -212,3 +212,50 @@ fn the_input_gradient_is_the_adjoint_of_the_forward() {
         "{lhs} vs {rhs}"
     );
 }
+
+/// The weight gradient keeps its padded inputs and packed gradients from
+/// one call to the next on a thread: calls of other geometries in between
+/// (larger, smaller, other padding) change no bit of the result, which is
+/// the one a fresh thread computes.
+#[test]
+fn weight_gradients_do_not_depend_on_earlier_calls_on_the_thread() {
+    let case = |c, h, w, o, k, s, p, seed: u32| {
+        let g = ConvGeom::new(c, h, w, o, k, s, p).unwrap();
+        let batch = 3;
+        let val =
+            |i: usize| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 250.0 - 2.0;
+        let x = Matrix::new(batch, c * h * w, (0..batch * c * h * w).map(val).collect()).unwrap();
+        let dy_len = g.out_len();
+        let dy = Matrix::new(
+            batch,
+            dy_len,
+            (0..batch * dy_len).map(|i| val(i + 7)).collect(),
+        )
+        .unwrap();
+        (x, dy, g)
+    };
+    let cases = [
+        case(3, 9, 8, 5, 3, 1, 1, 1),
+        case(6, 14, 14, 9, 3, 1, 1, 2),
+        case(2, 5, 5, 4, 3, 1, 0, 3),
+        case(4, 11, 7, 3, 3, 2, 1, 4),
+    ];
+    let run = |(x, dy, g): &(Matrix, Matrix, ConvGeom)| conv2d_backward_weight(x, dy, g, true);
+    let fresh: Vec<_> = cases
+        .iter()
+        .map(|c| std::thread::scope(|s| s.spawn(|| run(c)).join().unwrap()))
+        .collect();
+    // One thread, every case after every other, twice over.
+    for order in [[0, 1, 2, 3], [3, 2, 1, 0]] {
+        for &i in &order {
+            let got = run(&cases[i]);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.0), bits(&fresh[i].0), "case {i}: weight gradient");
+            assert_eq!(
+                got.1.map(|b| bits(&b)),
+                fresh[i].1.as_ref().map(|b| bits(b)),
+                "case {i}: bias"
+            );
+        }
+    }
+}
