@@ -112,19 +112,8 @@ fn block_sums(
     ch0: usize,
     f: impl Fn(f32, usize, usize) -> f32,
 ) -> [f32; BLOCK] {
-    let mut acc = [0.0f32; BLOCK];
     let n = x.len().checked_div(c * hw).unwrap_or(0);
-    let chs: [usize; BLOCK] = std::array::from_fn(|b| (ch0 + b).min(c.saturating_sub(1)));
-    for img in 0..n {
-        let starts: [usize; BLOCK] = std::array::from_fn(|b| (img * c + chs[b]) * hw);
-        for j in 0..hw {
-            for b in 0..BLOCK {
-                let at = starts[b] + j;
-                acc[b] += f(x[at], at, chs[b]);
-            }
-        }
-    }
-    acc
+    block_sums_n(n, c, hw, ch0, |at, ch| [f(x[at], at, ch)]).map(|[s]| s)
 }
 
 /// `(Σ g, Σ g ⊗ h)` for each channel of the block starting at `ch0`, in
@@ -132,21 +121,34 @@ fn block_sums(
 /// takes its terms in the order [`block_sums`] does, so the bits are those
 /// of two separate passes.
 fn block_sums_pair(g: &[f32], h: &[f32], c: usize, hw: usize, ch0: usize) -> [[f32; 2]; BLOCK] {
-    let mut plain = [0.0f32; BLOCK];
-    let mut product = [0.0f32; BLOCK];
     let n = g.len().checked_div(c * hw).unwrap_or(0);
+    block_sums_n(n, c, hw, ch0, |at, _| [g[at], g[at] * h[at]])
+}
+
+/// `S` sums side by side for each channel of the block starting at `ch0`
+/// over `n` images: sum `s` of channel `ch` is `Σ_(n, y, x) f(at, ch)[s]`
+/// (`at = n·c·hw + ch·hw + y·w + x`) in that order from `+0`.
+fn block_sums_n<const S: usize>(
+    n: usize,
+    c: usize,
+    hw: usize,
+    ch0: usize,
+    f: impl Fn(usize, usize) -> [f32; S],
+) -> [[f32; S]; BLOCK] {
+    let mut acc = [[0.0f32; S]; BLOCK];
     let chs: [usize; BLOCK] = std::array::from_fn(|b| (ch0 + b).min(c.saturating_sub(1)));
     for img in 0..n {
         let starts: [usize; BLOCK] = std::array::from_fn(|b| (img * c + chs[b]) * hw);
         for j in 0..hw {
             for b in 0..BLOCK {
                 let at = starts[b] + j;
-                plain[b] += g[at];
-                product[b] += g[at] * h[at];
+                for (a, v) in acc[b].iter_mut().zip(f(at, chs[b])) {
+                    *a += v;
+                }
             }
         }
     }
-    std::array::from_fn(|b| [plain[b], product[b]])
+    acc
 }
 
 /// [`block_sums`] over every channel, in blocks, on the kernel threads
