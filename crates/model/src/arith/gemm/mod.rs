@@ -579,29 +579,54 @@ pub(crate) fn gemm<K: Micro>(kernel: K, a: View<'_>, b: View<'_>, c: &mut [f32],
     }
     let (mr, nr) = (K::MR, K::NR);
     let panels = n.div_ceil(nr);
-    let mut packed_b = vec![0.0f32; panels * k * nr];
+    let mut packed_b = take_packed_b(panels * k * nr);
     for (panel, out) in packed_b.chunks_exact_mut(k * nr).enumerate() {
         pack_b(b, panel * nr, nr, out);
     }
-    let packed_b = &packed_b;
+    let packed = &packed_b;
     // One task per block of MR rows of C: its rows are its own, so tasks
-    // never share an output (nor a reduction).
-    let block = |(bi, rows): (usize, &mut [f32])| {
-        let mut packed_a = vec![0.0f32; k * mr];
-        pack_a(a, bi * mr, mr, &mut packed_a);
+    // never share an output (nor a reduction). `pack_a` rewrites every
+    // value of its buffer, so one buffer serves a thread's blocks.
+    let block = |packed_a: &mut Vec<f32>, (bi, rows): (usize, &mut [f32])| {
+        pack_a(a, bi * mr, mr, packed_a);
         let height = rows.len() / n;
-        for (panel, bp) in packed_b.chunks_exact(k * nr).enumerate() {
+        for (panel, bp) in packed.chunks_exact(k * nr).enumerate() {
             let j0 = panel * nr;
             let width = nr.min(n - j0);
-            tile_into(kernel, k, &packed_a, bp, rows, n, j0, height, width, init);
+            tile_into(kernel, k, packed_a, bp, rows, n, j0, height, width, init);
         }
     };
     let blocks = m.div_ceil(mr);
     if blocks > 1 && m * n * k >= PARALLEL_MIN_WORK && threads::count() > 1 {
-        threads::install(|| c.par_chunks_mut(mr * n).enumerate().for_each(block));
+        threads::install(|| {
+            c.par_chunks_mut(mr * n)
+                .enumerate()
+                .for_each_init(|| vec![0.0f32; k * mr], block)
+        });
     } else {
-        c.chunks_mut(mr * n).enumerate().for_each(block);
+        let mut packed_a = vec![0.0f32; k * mr];
+        for job in c.chunks_mut(mr * n).enumerate() {
+            block(&mut packed_a, job);
+        }
     }
+    PACKED_B.with(|s| *s.borrow_mut() = packed_b);
+}
+
+thread_local! {
+    /// [`gemm`]'s packed right operand, kept on the calling thread from
+    /// one product to the next (the paper MLP packs its 784 × 128 weights
+    /// three times a step): `pack_b` writes every value of its panels, so
+    /// the buffer needs no clearing.
+    static PACKED_B: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// This thread's packed-operand buffer, `len` values long; its values are
+/// whatever the last product left (zeros where it grew), all rewritten by
+/// the caller.
+fn take_packed_b(len: usize) -> Vec<f32> {
+    let mut v = PACKED_B.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    v.resize(len, 0.0);
+    v
 }
 
 #[cfg(test)]
