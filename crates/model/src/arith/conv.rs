@@ -339,7 +339,11 @@ impl KernelTask for WeightGrad<'_> {
         // Every image padded, and dY_nᵀ (hw × o) of every image packed,
         // once, shared.
         let blen = packed_b_len(hw, o, nr);
-        let (mut padded, mut packed) = take_space(batch * plen, batch * blen);
+        // Every value of both is rewritten below (`pad_into` clears each
+        // image's block first, `pack_b_into` writes every value of its
+        // panels), so they come from this thread's scratch uncleared.
+        let mut padded = threads::take_scratch(&PADDED, batch * plen);
+        let mut packed = threads::take_scratch(&PACKED, batch * blen);
         let prepare = |(n, (pad, pack)): (usize, (&mut [f32], &mut [f32]))| {
             pad_into(self.x.row(n), (g.c, g.h, g.w), (hp, wp), (g.p, g.p), pad);
             pack_b_into(View::rows_of(self.dy.row(n), o, hw).t(), nr, pack);
@@ -411,7 +415,8 @@ impl KernelTask for WeightGrad<'_> {
                 dw[oi * kk + r] = *v;
             }
         }
-        SPACE.with(|s| *s.borrow_mut() = (padded, packed));
+        threads::keep_scratch(&PADDED, padded);
+        threads::keep_scratch(&PACKED, packed);
         dw
     }
 }
@@ -421,20 +426,8 @@ thread_local! {
     /// kept on this thread from one call to the next: a step of the VGG
     /// model cleared about 14 MB of fresh buffers for them per layer, on
     /// the calling thread while the others waited.
-    static SPACE: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
-}
-
-/// This thread's two buffers, `a` and `b` values long. Their values are
-/// whatever the last call left (zeros where they grew): the caller
-/// rewrites every one (`pad_into` clears each image's block first;
-/// `pack_b_into` writes every value of its panels), so no stale value is
-/// ever read.
-fn take_space(a: usize, b: usize) -> (Vec<f32>, Vec<f32>) {
-    let (mut x, mut y) = SPACE.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    x.resize(a, 0.0);
-    y.resize(b, 0.0);
-    (x, y)
+    static PADDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The weight gradient `[o, c, k, k]` and the bias gradient `[o]` (if

@@ -53,20 +53,11 @@ fn per_plane(
     hw: usize,
     f: impl Fn(usize, usize, &mut [f32]) + Sync + Send,
 ) {
-    if hw == 0 || c == 0 {
+    if c == 0 {
         return;
     }
-    if out.len() >= 1 << 16 && threads::count() > 1 {
-        threads::install(|| {
-            out.par_chunks_mut(hw)
-                .enumerate()
-                .for_each(|(i, o)| f(i, i % c, o))
-        });
-    } else {
-        out.chunks_mut(hw)
-            .enumerate()
-            .for_each(|(i, o)| f(i, i % c, o));
-    }
+    let work = out.len();
+    threads::for_chunks(out, hw, work, |i, o| f(i, i % c, o));
 }
 
 /// [`per_plane`] writing two outputs of the same shape in one pass:
@@ -81,7 +72,7 @@ fn per_plane2(
     if hw == 0 || c == 0 {
         return;
     }
-    if a.len() >= 1 << 16 && threads::count() > 1 {
+    if a.len() >= threads::PARALLEL_VALUES && threads::count() > 1 {
         threads::install(|| {
             a.par_chunks_mut(hw)
                 .zip(b.par_chunks_mut(hw))

@@ -8,6 +8,7 @@ use crate::arith::dispatch::gemm_into;
 use crate::arith::gemm::{Init, View};
 use crate::arith::math;
 use crate::arith::matrix::Matrix;
+use crate::arith::threads::for_chunks;
 
 /// The one NaN that leaves a stage (messages, states, weights files):
 /// `0x7FC0_0000`. Which NaN an operation produces differs between CPUs
@@ -70,7 +71,8 @@ pub fn sum_rows(m: &Matrix) -> Vec<f32> {
 /// `relu(x) = x if x > 0 or x is NaN, else +0`.
 pub fn relu_forward(x: Matrix) -> Matrix {
     let mut y = x;
-    for_blocks(y.as_mut_slice(), ELEMENTWISE_BLOCK, |block, _| {
+    let work = y.as_slice().len();
+    for_chunks(y.as_mut_slice(), ELEMENTWISE_BLOCK, work, |_, block| {
         for v in block {
             *v = if *v > 0.0 || v.is_nan() { *v } else { 0.0 };
         }
@@ -82,31 +84,12 @@ pub fn relu_forward(x: Matrix) -> Matrix {
 /// kernel threads (a multiple of 64: a task owns whole mask words).
 const ELEMENTWISE_BLOCK: usize = 1 << 15;
 
-/// Runs `f(block, index)` over `data` in blocks of `len` items (the last
-/// one shorter), on the kernel threads when there is enough work.
-/// Elementwise ops only: every output is computed alone, so how the
-/// blocks are shared out changes no bit.
-fn for_blocks<T: Send>(data: &mut [T], len: usize, f: impl Fn(&mut [T], usize) + Sync + Send) {
-    use rayon::prelude::*;
-    if data.len() > len && super::threads::count() > 1 {
-        super::threads::install(|| {
-            data.par_chunks_mut(len)
-                .enumerate()
-                .for_each(|(i, b)| f(b, i))
-        });
-    } else {
-        for (i, b) in data.chunks_mut(len).enumerate() {
-            f(b, i);
-        }
-    }
-}
-
 /// Which values of a relu's output are `> 0`, one bit each (what its
 /// backward needs, 32 times smaller than the output).
 pub fn relu_mask(y: &Matrix) -> Vec<u64> {
     let v = y.as_slice();
     let mut mask = vec![0u64; v.len().div_ceil(64)];
-    for_blocks(&mut mask, ELEMENTWISE_BLOCK / 64, |block, i| {
+    for_chunks(&mut mask, ELEMENTWISE_BLOCK / 64, v.len(), |i, block| {
         let values = &v[i * ELEMENTWISE_BLOCK..v.len().min((i + 1) * ELEMENTWISE_BLOCK)];
         for (word, chunk) in block.iter_mut().zip(values.chunks(64)) {
             *word = mask_word(chunk);
@@ -135,7 +118,8 @@ fn mask_word(chunk: &[f32]) -> u64 {
 pub fn relu_backward_masked(mask: &[u64], dy: Matrix) -> Matrix {
     let mut dx = dy;
     let words = ELEMENTWISE_BLOCK / 64;
-    for_blocks(dx.as_mut_slice(), ELEMENTWISE_BLOCK, |block, i| {
+    let work = dx.as_slice().len();
+    for_chunks(dx.as_mut_slice(), ELEMENTWISE_BLOCK, work, |i, block| {
         let bits = mask.get(i * words..).unwrap_or_default();
         for (chunk, word) in block.chunks_mut(64).zip(bits) {
             for (bit, g) in chunk.iter_mut().enumerate() {

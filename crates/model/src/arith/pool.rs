@@ -79,18 +79,8 @@ impl PoolGeom {
 /// Runs `f(plane_index, out_plane)` over the planes of `out` (each `len`
 /// values), on the kernel threads when the work is large.
 fn per_plane(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
-    if len == 0 {
-        return;
-    }
-    if out.len() >= 1 << 16 && threads::count() > 1 {
-        threads::install(|| {
-            out.par_chunks_mut(len)
-                .enumerate()
-                .for_each(|(i, o)| f(i, o))
-        });
-    } else {
-        out.chunks_mut(len).enumerate().for_each(|(i, o)| f(i, o));
-    }
+    let work = out.len();
+    threads::for_chunks(out, len, work, f);
 }
 
 /// `max_pool2d`: the output `[batch, c·ho·wo]` and, per output, the index

@@ -84,6 +84,54 @@ pub(crate) fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// Work below this many values stays on the calling thread: waking the
+/// pool costs more than it saves.
+pub(crate) const PARALLEL_VALUES: usize = 1 << 16;
+
+/// Runs `f(index, chunk)` over `data` in chunks of `len` items (the last
+/// one shorter), on the kernel threads when the call touches at least
+/// [`PARALLEL_VALUES`] values (`work`), else on the calling thread. Only
+/// for work whose chunks compute their outputs alone: how the chunks are
+/// shared out then changes no bit.
+pub(crate) fn for_chunks<T: Send>(
+    data: &mut [T],
+    len: usize,
+    work: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    if len == 0 {
+        return;
+    }
+    if work >= PARALLEL_VALUES && data.len() > len && count() > 1 {
+        install(|| {
+            data.par_chunks_mut(len)
+                .enumerate()
+                .for_each(|(i, c)| f(i, c))
+        });
+    } else {
+        data.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// A buffer kept on each thread from one call of a kernel to the next.
+pub(crate) type Scratch = std::thread::LocalKey<std::cell::RefCell<Vec<f32>>>;
+
+/// This thread's buffer of `key`, `len` values long. Its values are
+/// whatever the last user left (zeros where it grew): only for a caller
+/// that rewrites every value before reading any. Give it back with
+/// [`keep_scratch`] (a buffer not given back is simply allocated again).
+pub(crate) fn take_scratch(key: &'static Scratch, len: usize) -> Vec<f32> {
+    let mut v = key.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    v.resize(len, 0.0);
+    v
+}
+
+/// Keeps `v` as this thread's buffer of `key`.
+pub(crate) fn keep_scratch(key: &'static Scratch, v: Vec<f32>) {
+    key.with(|s| *s.borrow_mut() = v);
+}
+
 /// Runs `f` with the kernels on a pool of `n` threads of its own.
 pub fn with_count<R: Send>(n: usize, f: impl FnOnce() -> R + Send) -> Result<R> {
     let pool = rayon::ThreadPoolBuilder::new()

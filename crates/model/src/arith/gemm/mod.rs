@@ -579,7 +579,7 @@ pub(crate) fn gemm<K: Micro>(kernel: K, a: View<'_>, b: View<'_>, c: &mut [f32],
     }
     let (mr, nr) = (K::MR, K::NR);
     let panels = n.div_ceil(nr);
-    let mut packed_b = take_packed_b(panels * k * nr);
+    let mut packed_b = threads::take_scratch(&PACKED_B, panels * k * nr);
     for (panel, out) in packed_b.chunks_exact_mut(k * nr).enumerate() {
         pack_b(b, panel * nr, nr, out);
     }
@@ -609,7 +609,7 @@ pub(crate) fn gemm<K: Micro>(kernel: K, a: View<'_>, b: View<'_>, c: &mut [f32],
             block(&mut packed_a, job);
         }
     }
-    PACKED_B.with(|s| *s.borrow_mut() = packed_b);
+    threads::keep_scratch(&PACKED_B, packed_b);
 }
 
 thread_local! {
@@ -618,15 +618,6 @@ thread_local! {
     /// three times a step): `pack_b` writes every value of its panels, so
     /// the buffer needs no clearing.
     static PACKED_B: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// This thread's packed-operand buffer, `len` values long; its values are
-/// whatever the last product left (zeros where it grew), all rewritten by
-/// the caller.
-fn take_packed_b(len: usize) -> Vec<f32> {
-    let mut v = PACKED_B.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    v.resize(len, 0.0);
-    v
 }
 
 #[cfg(test)]
